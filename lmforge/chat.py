@@ -1,0 +1,95 @@
+"""`lmforge chat`: talk to a model lmforge saved, through the chat template it was trained with.
+
+    lmforge chat out/ --prompt "What is 2 + 3?"     # one answer
+    lmforge chat out/                               # interactive; an empty line quits
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import transformers
+
+from lmforge.config import parse
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class Reply:
+    text: str
+    stopped: bool
+    """True when generation ended on an end-of-turn / EOS token, not at the token limit."""
+
+
+def load_for_chat(path: str, device: str | None = None):
+    if not os.path.isdir(path):
+        raise LmforgeError(f"{path}: no such model directory")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise LmforgeError(f"{path}: the tokenizer has no chat template (was it saved by lmforge sft?)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def stop_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, do_sample: bool = False) -> Reply:
+    """Greedy (or sampled) answer to `messages`, and whether it stopped on its own."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+    )
+    new = out[0, ids.shape[1]:].tolist()
+    stops = stop_ids(model)
+    stopped = bool(new) and new[-1] in stops
+    if stopped:
+        new = new[:-1]
+    return Reply(tokenizer.decode(new, skip_special_tokens=True), stopped)
+
+
+@dataclass
+class ChatArguments:
+    model: str = field(metadata={"help": "Directory written by lmforge sft (or any chat model directory)."})
+    prompt: Optional[str] = field(default=None, metadata={"help": "Answer this one prompt and exit."})
+    system: Optional[str] = field(default=None, metadata={"help": "A system message to start the conversation."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+
+
+def main(argv: Sequence[str]) -> None:
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", argv[0]] + argv[1:]
+    (args,) = parse((ChatArguments,), argv)
+    model, tokenizer = load_for_chat(args.model)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        reply = generate(model, tokenizer, messages + [{"role": "user", "content": args.prompt}],
+                         args.max_new_tokens, args.do_sample)
+        print(reply.text)
+        return
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, messages, args.max_new_tokens, args.do_sample)
+        messages.append({"role": "assistant", "content": reply.text})
+        print(f"model> {reply.text}")

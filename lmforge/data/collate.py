@@ -1,0 +1,32 @@
+"""Batches: records padded on the right to the longest in the batch (not to model_max_length,
+which is what makes the seed scripts slow), labels padded with -100, an attention mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.data.render import IGNORE_INDEX
+
+
+@dataclass
+class PaddedCollator:
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+    """Round the batch length up to a multiple of this (8 helps tensor cores on GPU)."""
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of
+        length = (longest + m - 1) // m * m
+        batch = len(features)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

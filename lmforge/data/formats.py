@@ -1,0 +1,324 @@
+"""Readers: data files (.json, .jsonl, .parquet) in ShareGPT, OpenAI-messages or Alpaca format,
+normalised into one `Conversation` type.
+
+Every record is checked here, before any tokenizer sees it: roles, their order, non-empty string
+contents, at least one assistant turn. A bad record raises `RecordError`; `iter_conversations`
+turns that into a `DataError` naming the file and the record, or counts it as a skip when the
+user asked for skipping.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from lmforge.errors import DataError, RecordError
+
+SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated conversation: an optional system message, then user/assistant turns
+    alternating, starting with a user turn and holding at least one assistant turn."""
+
+    messages: tuple[Message, ...]
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        """The `[{role, content}]` list that `tokenizer.apply_chat_template` takes."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class DataFormat(str, enum.Enum):
+    AUTO = "auto"
+    SHAREGPT = "sharegpt"
+    OPENAI = "openai"
+    ALPACA = "alpaca"
+
+
+class OnBadRecord(str, enum.Enum):
+    ERROR = "error"
+    SKIP = "skip"
+
+
+# ShareGPT / Vicuna role names as they occur in FastChat-style data, mapped to lmforge roles.
+SHAREGPT_ROLES = {
+    "system": SYSTEM,
+    "human": USER,
+    "user": USER,
+    "gpt": ASSISTANT,
+    "assistant": ASSISTANT,
+    "chatgpt": ASSISTANT,
+    "bard": ASSISTANT,
+    "bing": ASSISTANT,
+}
+OPENAI_ROLES = {SYSTEM: SYSTEM, USER: USER, ASSISTANT: ASSISTANT}
+
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files → raw records
+# ---------------------------------------------------------------------------------------------
+
+
+def read_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield `(location, record)` from one file, in file order. `location` names the record in
+    messages ("record 3" for JSON lists and Parquet rows, "line 12" for JSONL)."""
+    if not os.path.exists(path):
+        raise DataError(path, None, "file does not exist")
+    if os.path.isdir(path):
+        raise DataError(path, None, "is a directory, expected a .json, .jsonl or .parquet file")
+    if os.path.getsize(path) == 0:
+        raise DataError(path, None, "file is empty")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise DataError(path, None, f"unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}")
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, f"line {line}", f"not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def _read_json(path: str) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(path, None, "file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}") from None
+    if isinstance(data, dict):
+        # Accept one object holding the list, as some exports do ({"data": [...]}).
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(path, None, "expected a JSON list of records (or one object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise DataError(path, None, "the JSON list holds no records")
+    for i, record in enumerate(data):
+        yield f"record {i}", record
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(path, None, "file is empty")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
+        yield f"line {lineno}", record
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, None, f"not a readable Parquet file: {e}") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"record {index}", record
+            index += 1
+    if index == 0:
+        raise DataError(path, None, "the Parquet file holds no rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw records → Conversation
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_format(record: Any) -> DataFormat:
+    """The format of a record, from its keys."""
+    if isinstance(record, dict):
+        if "conversations" in record:
+            return DataFormat.SHAREGPT
+        if "messages" in record:
+            return DataFormat.OPENAI
+        if "instruction" in record or "output" in record:
+            return DataFormat.ALPACA
+        keys = sorted(record)
+        raise RecordError(
+            "unknown_format",
+            f"cannot tell the format from the keys {keys}: expected 'conversations' (ShareGPT), "
+            "'messages' (OpenAI) or 'instruction'/'output' (Alpaca); or pass --data_format",
+        )
+    raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+
+
+def _require_str(value: Any, what: str) -> str:
+    if value is None:
+        raise RecordError("missing_field", f"{what} is missing")
+    if not isinstance(value, str):
+        raise RecordError("non_string_content", f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(record: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise RecordError("missing_field", f"field '{key}' is missing (keys: {sorted(record)})")
+    turns = record[key]
+    if not isinstance(turns, list):
+        raise RecordError("missing_field", f"field '{key}' must be a list of turns, got {type(turns).__name__}")
+    messages = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError("malformed_turn", f"{key}[{t}] must be an object, got {type(turn).__name__}")
+        if role_key not in turn:
+            raise RecordError("missing_field", f"{key}[{t}] has no '{role_key}'")
+        role = turn[role_key]
+        if role not in roles:
+            raise RecordError(
+                "unknown_role", f"{key}[{t}] has unknown role {role!r}; known roles: {sorted(roles)}"
+            )
+        if content_key not in turn:
+            raise RecordError("missing_field", f"{key}[{t}] has no '{content_key}'")
+        content = _require_str(turn[content_key], f"{key}[{t}].{content_key}")
+        messages.append(Message(roles[role], content))
+    return messages
+
+
+def from_sharegpt(record: Any) -> list[Message]:
+    return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def from_openai(record: Any) -> list[Message]:
+    return _turns(record, "messages", "role", "content", OPENAI_ROLES)
+
+
+def from_alpaca(record: Any) -> list[Message]:
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+    instruction = _require_str(record.get("instruction"), "field 'instruction'")
+    output = _require_str(record.get("output"), "field 'output'")
+    extra = record.get("input") or ""
+    extra = _require_str(extra, "field 'input'")
+    messages = []
+    system = record.get("system")
+    if system:
+        messages.append(Message(SYSTEM, _require_str(system, "field 'system'")))
+    for h, pair in enumerate(record.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RecordError("malformed_turn", f"history[{h}] must be a [question, answer] pair")
+        messages.append(Message(USER, _require_str(pair[0], f"history[{h}][0]")))
+        messages.append(Message(ASSISTANT, _require_str(pair[1], f"history[{h}][1]")))
+    # The instruction and its input are joined by a newline, the usual Alpaca convention.
+    messages.append(Message(USER, instruction + ("\n" + extra if extra else "")))
+    messages.append(Message(ASSISTANT, output))
+    return messages
+
+
+NORMALISERS: dict[DataFormat, Callable[[Any], list[Message]]] = {
+    DataFormat.SHAREGPT: from_sharegpt,
+    DataFormat.OPENAI: from_openai,
+    DataFormat.ALPACA: from_alpaca,
+}
+
+
+def validate(messages: list[Message]) -> Conversation:
+    """Check roles, order and contents; return the conversation or raise `RecordError`."""
+    if not messages:
+        raise RecordError("no_turns", "the conversation has no turns")
+    for i, m in enumerate(messages):
+        if not m.content.strip():
+            raise RecordError("empty_content", f"turn {i} ({m.role}) is empty")
+    body = messages[1:] if messages[0].role == SYSTEM else messages
+    for i, m in enumerate(body):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if m.role != expected:
+            offset = len(messages) - len(body)
+            raise RecordError(
+                "roles_out_of_order",
+                f"turn {i + offset} is {m.role!r} where {expected!r} was expected "
+                "(an optional system turn, then user and assistant turns alternating)",
+            )
+    if not any(m.role == ASSISTANT for m in body):
+        raise RecordError("no_assistant_turn", "the conversation has no assistant turn to train on")
+    return Conversation(tuple(messages))
+
+
+def to_conversation(record: Any, fmt: DataFormat) -> Conversation:
+    if fmt == DataFormat.AUTO:
+        fmt = detect_format(record)
+    return validate(NORMALISERS[fmt](record))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files → Conversations, with the error / skip policy
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkipCounter:
+    """Records skipped, by reason; the first example of each reason is kept for the report."""
+
+    counts: Counter
+    examples: dict[str, str]
+
+    @classmethod
+    def new(cls) -> "SkipCounter":
+        return cls(Counter(), {})
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def iter_conversations(
+    path: str,
+    fmt: DataFormat = DataFormat.AUTO,
+    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, Conversation]]:
+    """Yield `(location, Conversation)` for each good record of `path`.
+
+    The format is fixed from the first record when `fmt` is auto, so a file that mixes formats
+    is reported rather than half-read under two interpretations.
+    """
+    for location, record in read_records(path):
+        try:
+            if fmt == DataFormat.AUTO:
+                fmt = detect_format(record)
+            yield location, to_conversation(record, fmt)
+        except RecordError as e:
+            if on_bad_record == OnBadRecord.SKIP and skips is not None:
+                skips.add(e.kind, f"{path}, {location}: {e.reason}")
+                continue
+            raise DataError(path, location, e.reason) from None

@@ -1,0 +1,1 @@
+"""One entry per training method, each read top to bottom: prepare (tokenize only), sft."""

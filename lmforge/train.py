@@ -1,0 +1,118 @@
+"""The engine around the HF Trainer: output-directory policy, auto-resume, and the final save.
+
+The Trainer runs the loop (DDP, FSDP, DeepSpeed, logging, checkpoints); lmforge decides what
+goes in and checks what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import transformers
+
+from lmforge.errors import LmforgeError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+# What an lmforge run writes before its first checkpoint: a rerun of the same command may
+# start over in a directory holding only these.
+OWN_FILES = {"lmforge_run.json", "runs"}
+
+
+def checkpoint_is_complete(path: str) -> bool:
+    """The Trainer writes trainer_state.json last; a checkpoint whose state file parses and
+    that holds model weights was finished."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return False
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES) or os.path.isdir(
+        os.path.join(path, "pytorch_model_fsdp_0")
+    )
+
+
+def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-N directory, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
+    """The newest complete checkpoint; incomplete ones newer than it are reported and ignored."""
+    for step, path in reversed(find_checkpoints(output_dir)):
+        if checkpoint_is_complete(path):
+            return path
+        log(f"lmforge: ignoring incomplete checkpoint {path} (no readable trainer_state.json or weights)")
+    return None
+
+
+def resolve_resume(output_dir: str, resume: bool, overwrite: bool) -> str | None:
+    """Where to resume from, or None to start fresh; refuses to train over unrelated files."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        return checkpoint
+    foreign = set(os.listdir(output_dir)) - OWN_FILES if os.path.isdir(output_dir) else set()
+    if foreign and not overwrite:
+        raise LmforgeError(
+            f"--output_dir {output_dir} is not empty and holds no complete checkpoint to resume from; "
+            "pass --overwrite_output_dir True to train into it anyway, or choose another directory"
+        )
+    return None
+
+
+def set_generation_defaults(model, tokenizer, end_of_turn_id: int | None) -> None:
+    """Make generation stop at the template's end-of-turn token (and the tokenizer's EOS)."""
+    stop = [t for t in (end_of_turn_id, tokenizer.eos_token_id) if t is not None]
+    stop = list(dict.fromkeys(stop))
+    gen = model.generation_config
+    if stop:
+        gen.eos_token_id = stop if len(stop) > 1 else stop[0]
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+
+
+def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | None, output_dir: str) -> None:
+    """Write the trained model (safetensors), its tokenizer with the chat template it was
+    trained with, a generation config that stops at the end of a turn, and trainer_state.json."""
+    model = trainer.model
+    unwrapped = getattr(model, "module", model)
+    unwrapped.config.use_cache = True
+    set_generation_defaults(unwrapped, tokenizer, end_of_turn_id)
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+
+
+def write_run_info(output_dir: str, info: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    info = {"argv": sys.argv, **info}
+    tmp = os.path.join(output_dir, ".lmforge_run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(output_dir, "lmforge_run.json"))
