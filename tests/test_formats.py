@@ -1,0 +1,164 @@
+"""Readers and normalisation: every format gives the same Conversation; bad input names the
+file and the record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.data.formats import (
+    Conversation,
+    DataFormat,
+    Message,
+    OnBadRecord,
+    SkipCounter,
+    iter_conversations,
+    to_conversation,
+)
+from lmforge.errors import DataError
+
+EXPECTED = Conversation((
+    Message("system", "Be brief."),
+    Message("user", "Hi"),
+    Message("assistant", "Hello!"),
+    Message("user", "2+2?"),
+    Message("assistant", "4"),
+))
+
+SHAREGPT = {"id": "a", "conversations": [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+    {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
+]}
+OPENAI = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+]}
+ALPACA = {"system": "Be brief.", "history": [["Hi", "Hello!"]], "instruction": "2+2?", "input": "", "output": "4"}
+
+
+@pytest.mark.parametrize("record", [SHAREGPT, OPENAI, ALPACA], ids=["sharegpt", "openai", "alpaca"])
+def test_every_format_normalises_to_the_same_conversation(record):
+    assert to_conversation(record, DataFormat.AUTO) == EXPECTED
+
+
+def test_alpaca_input_is_joined_to_the_instruction_by_a_newline():
+    conv = to_conversation({"instruction": "Translate", "input": "bonjour", "output": "hello"}, DataFormat.AUTO)
+    assert conv.messages == (Message("user", "Translate\nbonjour"), Message("assistant", "hello"))
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_file_types_read_the_same_records(tmp_path, suffix):
+    records = [OPENAI, OPENAI]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    got = list(iter_conversations(str(path)))
+    assert [c for _, c in got] == [EXPECTED, EXPECTED]
+    assert got[1][0] == ("line 2" if suffix == ".jsonl" else "record 1")
+
+
+def error_of(path, fmt=DataFormat.AUTO) -> str:
+    with pytest.raises(DataError) as e:
+        list(iter_conversations(path, fmt))
+    return str(e.value)
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = write(tmp_path, "d.jsonl", json.dumps(OPENAI) + "\n{\"messages\": [\n")
+    assert error_of(path) == f"{path}, line 2: malformed JSON: Expecting value (column 15)"
+
+
+def test_malformed_json_is_located(tmp_path):
+    path = write(tmp_path, "d.json", '[\n {"messages": []},\n {"messages": ]\n]')
+    msg = error_of(path)
+    assert msg.startswith(f"{path}, line 3 column 15: malformed JSON")
+
+
+def test_unknown_role(tmp_path):
+    bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}
+    path = write(tmp_path, "d.json", json.dumps([SHAREGPT, bad]))
+    assert error_of(path) == f"{path}, record 1: conversations[1] has unknown role 'robot'; known roles: " \
+        "['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human', 'system', 'user']"
+
+
+def test_empty_turn(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}
+    path = write(tmp_path, "d.json", json.dumps([bad]))
+    assert error_of(path) == f"{path}, record 0: turn 1 (assistant) is empty"
+
+
+def test_conversation_without_assistant_turn(tmp_path):
+    bad = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+    path = write(tmp_path, "d.jsonl", json.dumps(bad))
+    assert error_of(path) == f"{path}, line 1: the conversation has no assistant turn to train on"
+
+
+def test_roles_out_of_order(tmp_path):
+    bad = {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
+    path = write(tmp_path, "d.json", json.dumps([bad]))
+    assert "record 0: turn 0 is 'assistant' where 'user' was expected" in error_of(path)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0] has no 'content'"),
+    ({"messages": [{"content": "q"}]}, "messages[0] has no 'role'"),
+    ({"instruction": "q"}, "field 'output' is missing"),
+    ({"conversations": "hello"}, "field 'conversations' must be a list of turns, got str"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+     "messages[0].content must be a string, got int"),
+])
+def test_missing_fields_and_wrong_types(tmp_path, record, reason):
+    path = write(tmp_path, "d.json", json.dumps([record]))
+    assert error_of(path) == f"{path}, record 0: {reason}"
+
+
+def test_unrecognised_format_names_the_keys(tmp_path):
+    path = write(tmp_path, "d.json", json.dumps([{"prompt": "q", "completion": "a"}]))
+    assert "record 0: cannot tell the format from the keys ['completion', 'prompt']" in error_of(path)
+
+
+def test_file_problems(tmp_path):
+    missing = str(tmp_path / "nope.json")
+    assert error_of(missing) == f"{missing}: file does not exist"
+    empty = write(tmp_path, "e.jsonl", "")
+    assert error_of(empty) == f"{empty}: file is empty"
+    latin = write(tmp_path, "l.jsonl", b'{"messages": "caf\xe9"}\n')
+    assert error_of(latin).startswith(f"{latin}, line 1: not valid UTF-8 (byte 17")
+    txt = write(tmp_path, "d.txt", "hello")
+    assert error_of(txt) == f"{txt}: unsupported file type '.txt'; use one of ('.json', '.jsonl', '.parquet')"
+
+
+def test_skip_counts_bad_records_by_reason(tmp_path):
+    records = [OPENAI, {"messages": [{"role": "user", "content": "q"}]}, {"messages": [{"role": "bot", "content": "q"}]},
+               OPENAI, {"messages": [{"role": "user", "content": "q"}]}]
+    path = write(tmp_path, "d.json", json.dumps(records))
+    skips = SkipCounter.new()
+    got = list(iter_conversations(path, DataFormat.AUTO, OnBadRecord.SKIP, skips))
+    assert [loc for loc, _ in got] == ["record 0", "record 3"]
+    assert dict(skips.counts) == {"no_assistant_turn": 2, "unknown_role": 1}
+    assert skips.examples["unknown_role"].startswith(f"{path}, record 2: messages[0] has unknown role 'bot'")
+
+
+def test_forced_format_reports_missing_key(tmp_path):
+    path = write(tmp_path, "d.json", json.dumps([OPENAI]))
+    assert error_of(path, DataFormat.SHAREGPT) == \
+        f"{path}, record 0: field 'conversations' is missing (keys: ['messages'])"

@@ -1,0 +1,198 @@
+"""Rendering and loss masks: exact input_ids / labels on the Qwen2.5 tokenizer, equality with
+`apply_chat_template`, built-in templates against their reference renderings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.data.formats import Conversation, DataFormat, Message, to_conversation
+from lmforge.data.render import IGNORE_INDEX as X
+from lmforge.data.render import MaskingStrategy, Renderer, end_of_turn_token_id
+from lmforge.data.templates import BUILTIN_TEMPLATES, VICUNA_SYSTEM, resolve_template
+from lmforge.errors import LmforgeError, RecordError
+
+from conftest import DUMMY_CONVERSATIONS
+
+# Qwen2.5 ids used below.
+START, END, NL = 151644, 151645, 198
+SYSTEM, USER, ASSISTANT = 8948, 872, 77091
+DEFAULT_SYSTEM = [2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950, 17847, 13]
+BE_BRIEF = [3430, 9814, 13]
+HI, HELLO, Q2, A2 = [13048], [9707, 0], [17, 10, 17, 30], [19]  # "Hi", "Hello!", "2+2?", "4"
+
+TWO_TURNS_IDS = (
+    [START, USER, NL] + HI + [END, NL]
+    + [START, ASSISTANT, NL] + HELLO + [END, NL]
+    + [START, USER, NL] + Q2 + [END, NL]
+    + [START, ASSISTANT, NL] + A2 + [END, NL]
+)
+TWO_TURNS_LABELS = (
+    [X] * (5 + len(HI))
+    + [X] * 3 + HELLO + [END, X]
+    + [X] * (5 + len(Q2))
+    + [X] * 3 + A2 + [END, X]
+)
+QWEN_DEFAULT_SYSTEM_TURN = [START, SYSTEM, NL] + DEFAULT_SYSTEM + [END, NL]
+
+RECORDS = {
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                                   {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    "openai": {"messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+    "alpaca": {"history": [["Hi", "Hello!"]], "instruction": "2+2?", "input": "", "output": "4"},
+}
+EXPECTED = {
+    # No system turn in the record: Qwen's template writes its default one.
+    "sharegpt": (QWEN_DEFAULT_SYSTEM_TURN + TWO_TURNS_IDS, [X] * len(QWEN_DEFAULT_SYSTEM_TURN) + TWO_TURNS_LABELS),
+    "openai": ([START, SYSTEM, NL] + BE_BRIEF + [END, NL] + TWO_TURNS_IDS, [X] * 8 + TWO_TURNS_LABELS),
+    "alpaca": (QWEN_DEFAULT_SYSTEM_TURN + TWO_TURNS_IDS, [X] * len(QWEN_DEFAULT_SYSTEM_TURN) + TWO_TURNS_LABELS),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_exact_ids_and_labels_on_qwen(qwen_tokenizer, fmt):
+    conv = to_conversation(RECORDS[fmt], DataFormat.AUTO)
+    out = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)(conv)
+    ids, labels = EXPECTED[fmt]
+    assert out.input_ids == ids
+    assert out.labels == labels
+    assert out.input_ids == qwen_tokenizer.apply_chat_template(conv.as_dicts())["input_ids"]
+
+
+def test_masking_strategies(qwen_tokenizer):
+    conv = to_conversation(RECORDS["openai"], DataFormat.AUTO)
+    head = [X] * 8
+    last = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template, MaskingStrategy.LAST_ASSISTANT)(conv)
+    assert last.labels == head + [X] * (len(TWO_TURNS_IDS) - 3) + A2 + [END, X]
+    every = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template, MaskingStrategy.ALL)(conv)
+    assert every.labels == every.input_ids
+
+
+def fastchat_vicuna_prompt(conv: Conversation, system: str = VICUNA_SYSTEM) -> str:
+    """Reference: FastChat's `Conversation.get_prompt` for vicuna_v1.1 (sep_style
+    ADD_COLON_TWO, roles USER / ASSISTANT, sep " ", sep2 "</s>")."""
+    messages = list(conv.messages)
+    if messages and messages[0].role == "system":
+        system = messages.pop(0).content
+    roles = {"user": "USER", "assistant": "ASSISTANT"}
+    seps = [" ", "</s>"]
+    text = system + seps[0]
+    for i, m in enumerate(messages):
+        text += roles[m.role] + ": " + m.content + seps[i % 2]
+    return text
+
+
+def happy_llm_ids(tokenizer, conv: Conversation) -> list[int]:
+    """Reference: happy-llm's Qwen SFT `preprocess` (chapter 6.2): pieces tokenized one by one
+    and concatenated, system "You are a helpful assistant.", user turns as "human"."""
+    im_start = tokenizer("<|im_start|>").input_ids
+    im_end = tokenizer("<|im_end|>").input_ids
+    nl = tokenizer("\n").input_ids
+    system_message = "You are a helpful assistant."
+    ids = im_start + tokenizer("system").input_ids + nl + tokenizer(system_message).input_ids + im_end + nl
+    roles = {"user": "<|im_start|>human", "assistant": "<|im_start|>assistant"}
+    for m in conv.messages:
+        ids += tokenizer(roles[m.role]).input_ids + nl + tokenizer(m.content).input_ids + im_end + nl
+    return ids
+
+
+def dummy_conversations(n: int) -> list[Conversation]:
+    records = json.loads(DUMMY_CONVERSATIONS.read_text())[:n]
+    return [to_conversation(r, DataFormat.SHAREGPT) for r in records]
+
+
+def test_vicuna_renders_as_fastchat(fresh_qwen_tokenizer):
+    tok = fresh_qwen_tokenizer
+    template = resolve_template(tok, "vicuna_v1.1")
+    for conv in dummy_conversations(30):
+        text = tok.apply_chat_template(conv.as_dicts(), chat_template=template, tokenize=False, eos_token="</s>")
+        assert text == fastchat_vicuna_prompt(conv)
+    # With a system turn and the generation prompt.
+    conv = Conversation((Message("system", "Sys."), Message("user", "Hi"), Message("assistant", "Yo")))
+    text = tok.apply_chat_template(conv.as_dicts()[:2], chat_template=template, tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "Sys. USER: Hi ASSISTANT:"
+    # A tokenizer with a BOS token gets it first, as the Llama tokenizer adds it in FastChat.
+    assert tok.apply_chat_template(conv.as_dicts(), chat_template=template, tokenize=False, bos_token="<s>",
+                                   eos_token="</s>") == "<s>Sys. USER: Hi ASSISTANT: Yo</s>"
+
+
+def test_vicuna_labels_are_the_answers_and_eos(fresh_qwen_tokenizer):
+    tok = fresh_qwen_tokenizer
+    renderer = Renderer(tok, resolve_template(tok, "vicuna_v1.1"))
+    conv = dummy_conversations(1)[0]
+    out = renderer(conv)
+    spans = labelled_spans(out.labels)
+    # "ASSISTANT:" ends the prompt, so each answer starts with its space.
+    assert [tok.decode(s) for s in spans] == [" " + m.content + "<|im_end|>" for m in conv.messages
+                                               if m.role == "assistant"]
+
+
+def test_chatml_matches_happy_llm_token_for_token(fresh_qwen_tokenizer):
+    tok = fresh_qwen_tokenizer
+    renderer = Renderer(tok, resolve_template(tok, "chatml"))
+    for conv in dummy_conversations(50):
+        out = renderer(conv)
+        assert out.input_ids == happy_llm_ids(tok, conv)
+        assert [tok.decode(s) for s in labelled_spans(out.labels)] == [
+            m.content + "<|im_end|>" for m in conv.messages if m.role == "assistant"]
+
+
+def test_chatml_user_text():
+    from jinja2 import Template
+
+    text = Template(BUILTIN_TEMPLATES["chatml_user"]).render(
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], add_generation_prompt=False)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+
+
+def labelled_spans(labels: list[int]) -> list[list[int]]:
+    spans, current = [], []
+    for t in labels:
+        if t == X:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(t)
+    if current:
+        spans.append(current)
+    return spans
+
+
+def test_end_of_turn_token(qwen_tokenizer):
+    assert end_of_turn_token_id(Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)) == END
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(qwen_tokenizer):
+    # A template that only shows the last assistant answer (as reasoning templates drop old
+    # thoughts): prefixes no longer match, and the record is refused, not mis-masked.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n'"
+        " + '...' + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    conv = to_conversation(RECORDS["openai"], DataFormat.AUTO)
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, template)(conv)
+    assert e.value.kind == "template_mismatch"
+    assert "assistant turn 2 does not tokenize to a prefix" in str(e.value)
+
+
+def test_template_errors_are_record_errors(qwen_tokenizer):
+    conv = Conversation((Message("user", "q"), Message("assistant", "a")))
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, "{{ raise_exception('no users here') }}")(conv)
+    assert e.value.kind == "template_error" and "no users here" in str(e.value)
+
+
+def test_template_resolution_errors(fresh_qwen_tokenizer):
+    tok = fresh_qwen_tokenizer
+    with pytest.raises(LmforgeError, match="unknown --template 'llama9'"):
+        resolve_template(tok, "llama9")
+    tok.chat_template = None
+    with pytest.raises(LmforgeError, match="the tokenizer has no chat template; pass --template"):
+        resolve_template(tok, "auto")
