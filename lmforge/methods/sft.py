@@ -16,13 +16,14 @@ import transformers
 from lmforge.config import DataArguments, ModelArguments, TrainingArguments, parse
 from lmforge.data.collate import PaddedCollator
 from lmforge.methods.prepare import prepare_sft_data, print_stats
-from lmforge.model import load_model
+from lmforge.model import load_config, load_model
 from lmforge.train import resolve_resume, save_final, write_run_info
 
 
 def main(argv: Sequence[str]) -> str:
     model_args, data_args, args = parse((ModelArguments, DataArguments, TrainingArguments), argv)
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir)
+    load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
     # Rank 0 tokenizes into the cache; the other ranks then find it there.
     with args.main_process_first(desc="tokenizing the data"):
@@ -32,6 +33,7 @@ def main(argv: Sequence[str]) -> str:
         if checkpoint:
             print(f"lmforge: resuming from {checkpoint}")
 
+    transformers.set_seed(args.seed)  # a model built from a config starts from the same weights
     model = load_model(model_args, data.tokenizer, flash_attn=args.flash_attn)
     collator = PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=8 if args.bf16 or args.fp16 else 1)
     trainer = transformers.Trainer(

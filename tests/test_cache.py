@@ -1,0 +1,141 @@
+"""The token cache and `lmforge prepare`: built once, reused, keyed by content and options;
+length policy counted; --dump writes aligned JSONL in source order."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lmforge.cli import main as cli
+from lmforge.data import cache as cache_mod
+from lmforge.data.cache import LongRecords, PrepareOptions, prepare
+from lmforge.data.formats import OnBadRecord
+from lmforge.data.render import Renderer
+from lmforge.data.templates import BUILTIN_TEMPLATES
+from lmforge.errors import DataError, LmforgeError
+
+from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
+
+
+def records(n: int, answer_words: int = 1) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": " ".join(["answer"] * answer_words) + f" {i}"}]}
+            for i in range(n)]
+
+
+def write_json(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypatch):
+    data = write_json(tmp_path / "d.json", records(5))
+    template = qwen_tokenizer.chat_template
+    first = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    assert first.stats.kept == 5 and len(first.dataset()) == 5
+
+    # Same inputs: found in the cache, nothing is rendered again.
+    def no_render(*a, **k):
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(cache_mod, "_rendered_records", no_render)
+    again = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    assert again.path == first.path and again.stats == first.stats
+    monkeypatch.undo()
+
+    # Changed content, options or template: a new entry.
+    write_json(tmp_path / "d.json", records(6))
+    changed = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    assert changed.path != first.path and changed.stats.kept == 6
+    shorter = prepare([data], qwen_tokenizer, template, PrepareOptions(model_max_length=64))
+    assert shorter.path != changed.path
+    other_template = prepare([data], qwen_tokenizer, BUILTIN_TEMPLATES["chatml"], PrepareOptions())
+    assert other_template.path != changed.path
+    # No temporary directories are left behind.
+    assert not [d for d in os.listdir(os.path.dirname(first.path)) if d.startswith(".tmp")]
+
+
+def test_cached_rows_equal_the_renderer(tmp_path, qwen_tokenizer):
+    data = write_json(tmp_path / "d.json", records(4))
+    entry = prepare([data], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
+    from lmforge.data.formats import iter_conversations
+
+    renderer = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)
+    expected = [renderer(c) for _, c in iter_conversations(data)]
+    got = entry.dataset()
+    assert [r["input_ids"] for r in got] == [e.input_ids for e in expected]
+    assert [r["labels"] for r in got] == [e.labels for e in expected]
+    assert entry.stats.tokens == sum(len(e.input_ids) for e in expected)
+    assert entry.stats.trained_tokens == sum(e.num_trained for e in expected)
+
+
+def test_worker_processes_give_the_same_cache(tmp_path, qwen_tokenizer):
+    single = prepare([str(DUMMY_CONVERSATIONS)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+                     cache_dir=str(tmp_path / "a"))
+    multi = prepare([str(DUMMY_CONVERSATIONS)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+                    cache_dir=str(tmp_path / "b"), num_workers=2)
+    assert single.dataset()["input_ids"] == multi.dataset()["input_ids"]
+    assert single.dataset()["labels"] == multi.dataset()["labels"]
+    assert single.stats == multi.stats
+
+
+def test_long_records_truncated_or_dropped_and_counted(tmp_path, qwen_tokenizer):
+    long_question = {"messages": [{"role": "user", "content": "why " * 200},
+                                  {"role": "assistant", "content": "because"}]}
+    data = records(3) + records(2, answer_words=200) + [long_question]
+    path = write_json(tmp_path / "d.json", data)
+    t = qwen_tokenizer.chat_template
+    cut = prepare([path], qwen_tokenizer, t, PrepareOptions(model_max_length=64))
+    assert (cut.stats.records, cut.stats.kept, cut.stats.truncated) == (6, 5, 2)
+    assert max(len(r) for r in cut.dataset()["input_ids"]) == 64
+    # Truncation that leaves no answer token is a counted skip, not a record with no loss.
+    assert cut.stats.skipped == {"no_trained_tokens_after_truncation": 1}
+    assert "d.json, record 5:" in cut.stats.skip_examples["no_trained_tokens_after_truncation"]
+    dropped = prepare([path], qwen_tokenizer, t, PrepareOptions(model_max_length=64, long_records=LongRecords.DROP))
+    assert (dropped.stats.records, dropped.stats.kept, dropped.stats.skipped) == (6, 3, {"too_long": 3})
+
+
+def test_bad_record_error_or_skip(tmp_path, qwen_tokenizer):
+    data = records(2) + [{"messages": [{"role": "user", "content": "only a question"}]}]
+    path = write_json(tmp_path / "d.json", data)
+    with pytest.raises(DataError, match=r"d.json, record 2: the conversation has no assistant turn"):
+        prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
+    skipped = prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template,
+                      PrepareOptions(on_bad_record=OnBadRecord.SKIP))
+    assert (skipped.stats.records, skipped.stats.kept, skipped.stats.skipped) == (3, 2, {"no_assistant_turn": 1})
+
+
+def test_nothing_usable_is_an_error(tmp_path, qwen_tokenizer):
+    path = write_json(tmp_path / "d.json", [{"messages": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(LmforgeError, match="no usable record"):
+        prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(on_bad_record=OnBadRecord.SKIP))
+
+
+def test_prepare_command_counts_and_dumps(tmp_path, capsys):
+    dump = tmp_path / "first.jsonl"
+    code = cli(["prepare", "--data_path", str(DUMMY_CONVERSATIONS), "--tokenizer_name", str(QWEN_TOKENIZER),
+                "--template", "chatml", "--output_dir", str(tmp_path / "out"), "--dump", str(dump), "--dump_n", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "records: 500  kept: 500  truncated: 0" in out
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(rows) == 3
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+    source = json.loads(DUMMY_CONVERSATIONS.read_text())
+    for row, record in zip(rows, source):
+        assert len(row["input_ids"]) == len(row["labels"])
+        # Source order: the first dumped record is the first conversation of the file.
+        assert record["conversations"][0]["value"] in tok.decode(row["input_ids"])
+        first_answer = [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]
+        assert tok.decode(first_answer).startswith(record["conversations"][1]["value"])
+
+
+def test_prepare_command_reports_bad_file(tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    code = cli(["prepare", "--data_path", str(missing), "--tokenizer_name", str(QWEN_TOKENIZER)])
+    assert code == 2
+    assert f"lmforge prepare: error: {missing}: file does not exist" in capsys.readouterr().err
