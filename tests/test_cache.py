@@ -139,3 +139,14 @@ def test_prepare_command_reports_bad_file(tmp_path, capsys):
     code = cli(["prepare", "--data_path", str(missing), "--tokenizer_name", str(QWEN_TOKENIZER)])
     assert code == 2
     assert f"lmforge prepare: error: {missing}: file does not exist" in capsys.readouterr().err
+
+
+def test_several_files_in_order_with_mixed_formats(tmp_path, qwen_tokenizer):
+    first = write_json(tmp_path / "a.json", records(2))
+    second = tmp_path / "b.jsonl"
+    second.write_text("\n".join(json.dumps({"instruction": f"alpaca {i}", "output": f"out {i}"}) for i in range(3)))
+    entry = prepare([first, str(second)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
+    assert (entry.stats.records, entry.stats.kept) == (5, 5)
+    texts = [qwen_tokenizer.decode(ids) for ids in entry.dataset()["input_ids"]]
+    assert ["question 0" in texts[0], "question 1" in texts[1]] == [True, True]
+    assert all(f"alpaca {i}" in texts[2 + i] for i in range(3))

@@ -14,7 +14,7 @@ import pytest
 
 from lmforge.cli import main as cli
 
-from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
+from conftest import ALPACA_DEMO, DUMMY_CONVERSATIONS, QWEN_TOKENIZER
 
 TINY_QWEN = {
     "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -101,15 +101,20 @@ def test_non_empty_output_dir_is_refused(tmp_path, tiny_config, capsys):
 
 def test_yaml_run_file_with_override(tmp_path, tiny_config):
     out = tmp_path / "out"
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(json.loads(ALPACA_DEMO.read_text())[:8]))
     run = tmp_path / "run.yaml"
     run.write_text(
         f"config_name: {tiny_config}\ntokenizer_name: {QWEN_TOKENIZER}\ndata_path:\n  - {DUMMY_CONVERSATIONS}\n"
         f"output_dir: {out}\nmax_steps: 5\nper_device_train_batch_size: 2\nmodel_max_length: 64\n"
         "report_to: none\ndisable_tqdm: true\nsave_strategy: 'no'\ndataloader_pin_memory: false\n"
+        f"eval_data_path: {held_out}\neval_strategy: steps\neval_steps: 2\n"
     )
     assert cli(["sft", str(run), "--max_steps", "2"]) == 0
     with open(out / "trainer_state.json") as f:
-        assert json.load(f)["global_step"] == 2
+        state = json.load(f)
+    assert state["global_step"] == 2
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
 
 

@@ -170,8 +170,10 @@ def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips:
         for chunk in chunks:
             yield from _render_chunk(chunk)
         return
-    # fork keeps the already-loaded tokenizer; imap keeps source order.
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a process that already runs torch / tokenizers threads can
+    # deadlock. The renderer (tokenizer + template) is pickled once per worker; imap keeps
+    # source order.
+    ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=(renderer,)) as pool:
         for results in pool.imap(_render_chunk, chunks):
             yield from results
