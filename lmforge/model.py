@@ -15,20 +15,28 @@ from lmforge.errors import LmforgeError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def _check_path(path: str, flag: str) -> None:
+def _from_local(loader, flags: list[tuple[str, str | None]], what: str, missing: str, trust_remote_code: bool):
+    """`loader.from_pretrained` on the first of `flags` that is set, with an error naming the
+    flag and the path for a path that does not exist or does not load."""
+    flag, path = next(((f, p) for f, p in flags if p), (None, None))
+    if path is None:
+        raise LmforgeError(missing)
     if not os.path.exists(path):
         raise LmforgeError(f"{flag} {path}: no such file or directory (lmforge loads models from local paths only)")
+    try:
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise LmforgeError(f"{flag} {path}: cannot load a {what}: {e}") from None
 
 
 def load_tokenizer(args: ModelArguments):
-    path = args.tokenizer_name or args.model_name_or_path
-    if path is None:
-        raise LmforgeError("no tokenizer: pass --tokenizer_name (required with --config_name) or --model_name_or_path")
-    _check_path(path, "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except Exception as e:
-        raise LmforgeError(f"cannot load a tokenizer from {path}: {e}") from None
+    tokenizer = _from_local(
+        transformers.AutoTokenizer,
+        [("--tokenizer_name", args.tokenizer_name), ("--model_name_or_path", args.model_name_or_path)],
+        "tokenizer",
+        "no tokenizer: pass --tokenizer_name (required with --config_name) or --model_name_or_path",
+        args.trust_remote_code,
+    )
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token serves.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -36,14 +44,13 @@ def load_tokenizer(args: ModelArguments):
 
 
 def load_config(args: ModelArguments):
-    path = args.config_name or args.model_name_or_path
-    if path is None:
-        raise LmforgeError("no model: pass --model_name_or_path (weights) or --config_name (a config, random init)")
-    _check_path(path, "--config_name" if args.config_name else "--model_name_or_path")
-    try:
-        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except Exception as e:
-        raise LmforgeError(f"cannot read a model config from {path}: {e}") from None
+    return _from_local(
+        transformers.AutoConfig,
+        [("--config_name", args.config_name), ("--model_name_or_path", args.model_name_or_path)],
+        "model config",
+        "no model: pass --model_name_or_path (weights) or --config_name (a config, random init)",
+        args.trust_remote_code,
+    )
 
 
 def attention_implementation(args: ModelArguments, flash_attn: bool = False) -> str:

@@ -196,3 +196,39 @@ def test_template_resolution_errors(fresh_qwen_tokenizer):
     tok.chat_template = None
     with pytest.raises(LmforgeError, match="the tokenizer has no chat template; pass --template"):
         resolve_template(tok, "auto")
+
+
+# Template shapes other families use, written with tokens the Qwen vocabulary has as specials:
+# a header / end-of-turn family (end token, no separator), an [INST] family (answer closed by
+# EOS, next turn opened by BOS), a family that writes a newline after its end-of-turn token.
+SHAPES = {
+    "header_eot": (
+        "{{ '<|endoftext|>' }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_end|>\n\n' + m['content']"
+        " + '<|quad_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_end|>\n\n' }}{% endif %}",
+        "<|quad_end|>",
+    ),
+    "inst": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|endoftext|>[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + '<|im_end|>' }}{% endif %}{% endfor %}",
+        "<|im_end|>",
+    ),
+    "end_then_newline": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|quad_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "<|quad_end|>",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_other_template_shapes(qwen_tokenizer, shape):
+    template, end = SHAPES[shape]
+    renderer = Renderer(qwen_tokenizer, template)
+    conv = to_conversation(RECORDS["sharegpt"], DataFormat.AUTO)
+    out = renderer(conv)
+    assert out.input_ids == qwen_tokenizer.apply_chat_template(conv.as_dicts(), chat_template=template)["input_ids"]
+    spans = [qwen_tokenizer.decode(s) for s in labelled_spans(out.labels)]
+    # [INST] templates have no generation prompt: the answer's leading space is trained.
+    space = " " if shape == "inst" else ""
+    assert spans == [space + "Hello!" + end, space + "4" + end]
+    assert end_of_turn_token_id(renderer) == qwen_tokenizer.convert_tokens_to_ids(end)

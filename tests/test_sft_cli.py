@@ -116,6 +116,8 @@ def test_yaml_run_file_with_override(tmp_path, tiny_config):
     assert state["global_step"] == 2
     assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    run_info = json.loads((out / "lmforge_run.json").read_text())
+    assert run_info["train_data"]["records"] == 500 and run_info["eval_data"]["records"] == 8
 
 
 def test_unknown_flag_and_missing_model_are_errors(tmp_path, tiny_config, capsys):
@@ -125,3 +127,8 @@ def test_unknown_flag_and_missing_model_are_errors(tmp_path, tiny_config, capsys
     argv[argv.index("--config_name") + 1] = str(tmp_path / "missing")
     assert cli(argv) == 2
     assert f"--config_name {tmp_path / 'missing'}: no such file or directory" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "qwen2", ')
+    argv[argv.index("--config_name") + 1] = str(broken)
+    assert cli(argv) == 2
+    assert f"--config_name {broken}: cannot load a model config" in capsys.readouterr().err

@@ -202,6 +202,7 @@ def _write_entry(tmp: str, records, options: PrepareOptions, skips: SkipCounter,
         batch_ids: list[list[int]] = []
         batch_labels: list[list[int]] = []
         for path, location, result in records:
+            truncated = False
             if isinstance(result, Rendered):
                 truncated = len(result.input_ids) > options.model_max_length
                 result = _apply_length_policy(result, options)

@@ -9,6 +9,7 @@ with its chat template + a generation config that stops at the end of a turn.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Sequence
 
 import transformers
@@ -45,7 +46,11 @@ def main(argv: Sequence[str]) -> str:
         processing_class=data.tokenizer,
     )
     if args.process_index == 0:
-        write_run_info(args.output_dir, {"train_data": data.train.stats, "cache": data.train.path})
+        write_run_info(args.output_dir, {
+            "train_data": asdict(data.train.stats),
+            "eval_data": asdict(data.eval.stats) if data.eval else None,
+            "cache": data.train.path,
+        })
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final(trainer, data.tokenizer, data.end_of_turn_id, args.output_dir)
     if args.process_index == 0:
