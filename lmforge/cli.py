@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lmforge.errors import LmforgeError
 
 COMMANDS = {
-    "sft": ("lmforge.methods.sft", "full-parameter supervised fine-tuning on chat data"),
+    "sft": ("lmforge.methods.sft", "supervised fine-tuning on chat data (full, or --lora / --q_lora)"),
+    "lora": ("lmforge.methods.lora", "sft with LoRA on (FastChat's train_lora.py command lines)"),
+    "pretrain": ("lmforge.methods.pretrain", "causal-LM pretraining on text, from a config or from weights"),
+    "tokenizer": ("lmforge.tokenizer", "`lmforge tokenizer train`: a byte-level BPE tokenizer from text"),
+    "merge": ("lmforge.export", "merge a LoRA adapter into its base model"),
     "prepare": ("lmforge.methods.prepare", "tokenize data into the cache; print counts; --dump records"),
     "chat": ("lmforge.chat", "generate with a trained model through its chat template"),
     "demo": ("lmforge.demo", "build a tiny chat model end to end on CPU and measure it"),
@@ -35,12 +39,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmforge: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    return _call(command, module.main, rest)
+
+
+def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -> int:
     try:
-        module.main(rest)
+        entry(argv)
     except LmforgeError as e:
         print(f"lmforge {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_entry(command: str, entry: Callable[[list[str]], object]) -> None:
+    """`python -m lmforge.<command>` (and torchrun -m / deepspeed --module): the same entry and
+    error handling as `lmforge <command>`."""
+    sys.exit(_call(command, entry, sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 
 import transformers
 
-from lmforge.data.cache import LongRecords
-from lmforge.data.formats import DataFormat, OnBadRecord
+from lmforge.data.formats import DataFormat, OnBadRecord, TextSplit
+from lmforge.data.pretrain import Remainder
+from lmforge.data.sft import LongRecords
 from lmforge.data.render import MaskingStrategy
 from lmforge.errors import LmforgeError
 
@@ -100,8 +101,106 @@ class DataArguments:
 
 
 @dataclass
+class PretrainDataArguments:
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "Training text: .txt, or .json / .jsonl / .parquet with a text field."}
+    )
+    validation_files: list[str] = field(
+        default_factory=list, metadata={"help": "Held-out text evaluated at --eval_steps (same formats)."}
+    )
+    block_size: int = field(default=2048, metadata={"help": "Tokens per training block."})
+    text_field: str = field(default="text", metadata={"help": "The field holding the text in json/jsonl/parquet."})
+    text_split: TextSplit = field(
+        default=TextSplit.FILE,
+        metadata={"help": "Documents in a .txt file: file (the whole file), blank_line (paragraphs) or line. "
+                          "An EOS token follows every document."},
+    )
+    remainder: Remainder = field(
+        default=Remainder.DROP,
+        metadata={"help": "The corpus' last tokens that fill no block: drop (counted) or pad (a shorter last "
+                          "block, padding masked)."},
+    )
+    on_bad_record: OnBadRecord = field(
+        default=OnBadRecord.ERROR, metadata={"help": "error: stop at a bad record, naming it; skip: count and skip."}
+    )
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Context the model must support; defaults to --block_size (RoPE scaling)."}
+    )
+    data_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=1, metadata={"help": "Processes that tokenize the text into the cache."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get adapters: all-linear (every linear layer of the blocks, not the "
+                          "output head), or names such as q_proj v_proj (also q_proj,v_proj)."},
+    )
+    lora_bias: str = field(default="none", metadata={"help": "Biases to train: none, all or lora_only."})
+    q_lora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantisation, "
+                          "bf16 compute) and prepared for k-bit training. Implies --lora."},
+    )
+    modules_to_save: list[str] = field(
+        default_factory=list, metadata={"help": "Modules trained in full and saved beside the adapter (e.g. lm_head)."}
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "Accepted for FastChat compatibility; unused."})
+
+    def __post_init__(self):
+        self.lora_target_modules = [m for item in self.lora_target_modules for m in item.split(",") if m]
+        self.modules_to_save = [m for item in self.modules_to_save for m in item.split(",") if m]
+        if self.q_lora:
+            self.lora = True
+
+
+REPORT_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard", "mlflow": "mlflow",
+                   "trackio": "trackio", "comet_ml": "comet_ml", "clearml": "clearml"}
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def shipped_deepspeed_config(name: str) -> str:
+    """`--deepspeed zero2` (or zero2_offload, zero3, zero3_offload) names a config shipped in
+    lmforge/configs; anything else is a path."""
+    path = os.path.join(SHIPPED_CONFIGS, f"ds_{name}.json")
+    return path if os.path.isfile(path) else name
+
+
+def _check_reporters(report_to) -> None:
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        package = REPORT_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise LmforgeError(f"--report_to {name} needs the {package} package: pip install {package}")
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """transformers' TrainingArguments, plus the flags lmforge's runs add."""
+    """transformers' TrainingArguments, plus the flags lmforge's runs add and the seeds' flags
+    that transformers 5 renamed or removed."""
+
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "The seeds' name for --eval_strategy (renamed in transformers 5)."}
+    )
+    logging_dir: Optional[str] = field(
+        default=None, metadata={"help": "TensorBoard log directory (default: OUTPUT_DIR/runs/...)."}
+    )
+    fsdp_transformer_layer_cls_to_wrap: Optional[str] = field(
+        default=None,
+        metadata={"help": "FastChat's flag: the decoder layer class FSDP wraps (e.g. LlamaDecoderLayer); "
+                          "goes into fsdp_config."},
+    )
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -114,8 +213,41 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     flash_attn: bool = field(
         default=False,
-        metadata={"help": "FastChat's flag: the same as --attn_implementation flash_attention_2."},
+        metadata={"help": "FastChat's flag: use the fastest attention this install has (flash_attention_2 "
+                          "when flash-attn is installed, else PyTorch SDPA, whose CUDA backend is a flash "
+                          "kernel); the choice is logged."},
     )
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.logging_dir:
+            # transformers 5 reads the TensorBoard directory from the environment.
+            os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
+        if self.fsdp_transformer_layer_cls_to_wrap:
+            self.fsdp_config = self._fsdp_config_with_layer_class()
+        if self.deepspeed and isinstance(self.deepspeed, str):
+            self.deepspeed = shipped_deepspeed_config(self.deepspeed)
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise LmforgeError(f"--deepspeed {self.deepspeed} needs the deepspeed package: pip install deepspeed")
+            if not os.path.isfile(self.deepspeed):
+                raise LmforgeError(f"--deepspeed {self.deepspeed}: no such file (shipped: zero2, zero2_offload, "
+                                   "zero3, zero3_offload)")
+        if self.fsdp and self.deepspeed:
+            raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
+        _check_reporters(self.report_to)
+        super().__post_init__()
+
+    def _fsdp_config_with_layer_class(self) -> dict:
+        config = self.fsdp_config
+        if isinstance(config, str):
+            with open(config) as f:
+                config = json.load(f)
+        config = dict(config or {})
+        config["transformer_layer_cls_to_wrap"] = [c for c in self.fsdp_transformer_layer_cls_to_wrap.split(",") if c]
+        return config
 
 
 def yaml_to_argv(path: str) -> list[str]:

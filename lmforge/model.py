@@ -4,12 +4,13 @@ is patched."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import transformers
 
-from lmforge.config import ModelArguments
+from lmforge.config import LoraArguments, ModelArguments
 from lmforge.errors import LmforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -53,20 +54,82 @@ def load_config(args: ModelArguments):
     )
 
 
-def attention_implementation(args: ModelArguments, flash_attn: bool = False) -> str:
-    return "flash_attention_2" if flash_attn else args.attn_implementation
+def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=print) -> str:
+    """The attention kernel. `--flash_attn True` (FastChat's flag) asks for the fastest one this
+    install has: flash-attn's kernels when the package is there and a GPU is, else PyTorch's
+    SDPA, whose CUDA backend is itself a flash kernel. The choice is logged."""
+    if not flash_attn:
+        return args.attn_implementation
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        choice, why = "flash_attention_2", "flash-attn is installed"
+    elif torch.cuda.is_available():
+        choice, why = "sdpa", "flash-attn is not installed; PyTorch SDPA runs its fused flash kernel on this GPU"
+    else:
+        choice, why = "sdpa", "no GPU: flash kernels need CUDA"
+    log(f"lmforge: --flash_attn: using {choice} attention ({why})")
+    return choice
 
 
-def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False):
+def apply_rope_scaling(config, model_max_length: int | None, log=print) -> None:
+    """Linear RoPE scaling when training past the model's native context: factor =
+    ceil(model_max_length / max_position_embeddings), as FastChat's train.py does. Written as
+    transformers 5 `rope_parameters` (keeping rope_theta), which the older `rope_scaling` dict
+    of the seed no longer fills in."""
+    native = getattr(config, "max_position_embeddings", None)
+    if not native or not model_max_length or model_max_length <= native:
+        return
+    factor = float(math.ceil(model_max_length / native))
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({"rope_type": "linear", "factor": factor})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    config.rope_parameters = params
+    log(f"lmforge: model_max_length {model_max_length} > max_position_embeddings {native}: linear RoPE scaling, "
+        f"factor {factor:g}")
+
+
+def quantization_config(lora: LoraArguments):
+    """4-bit NF4 with double quantisation and bf16 compute: QLoRA's recipe."""
+    if not lora.q_lora:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LmforgeError("--q_lora needs bitsandbytes (pip install 'lmforge[qlora]'), which runs on CUDA GPUs")
+    if not torch.cuda.is_available():
+        raise LmforgeError("--q_lora needs a CUDA GPU: bitsandbytes' 4-bit training kernels do not run on CPU")
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_max_length: int | None = None,
+               lora: LoraArguments | None = None):
     """The causal LM to train, with `use_cache` off (training recomputes every position)."""
     config = load_config(args)
+    apply_rope_scaling(config, model_max_length)
     dtype = DTYPES[args.torch_dtype]
     attn = attention_implementation(args, flash_attn)
+    quant = quantization_config(lora) if lora else None
+    from_weights = bool(args.model_name_or_path and not args.config_name)
+    if lora and lora.lora and not from_weights:
+        raise LmforgeError("--lora needs a base model with weights (--model_name_or_path); a model built from "
+                           "--config_name has random weights that an adapter cannot be saved against")
     try:
-        if args.model_name_or_path and not args.config_name:
+        if from_weights:
+            extra = {}
+            if quant is not None:
+                # 4-bit weights are placed on this process' GPU at load time.
+                extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+                dtype = torch.bfloat16
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 args.model_name_or_path, config=config, dtype=dtype, attn_implementation=attn,
-                trust_remote_code=args.trust_remote_code,
+                trust_remote_code=args.trust_remote_code, **extra,
             )
         else:
             model = transformers.AutoModelForCausalLM.from_config(
@@ -79,4 +142,30 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False):
         # A config smaller than the tokenizer would index past the embedding table.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False):
+    """Wrap `model` with LoRA adapters through PEFT (k-bit preparation first under QLoRA)."""
+    import peft
+
+    if lora.q_lora:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = peft.LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.lora_target_modules[0] if lora.lora_target_modules == ["all-linear"]
+        else lora.lora_target_modules,
+        bias=lora.lora_bias,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise LmforgeError(f"cannot add LoRA adapters ({lora.lora_target_modules}): {e}") from None
+    if gradient_checkpointing:
+        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph.
+        model.enable_input_require_grads()
     return model

@@ -1,14 +1,21 @@
-"""Train a byte-level BPE tokenizer with a ChatML chat template (through `tokenizers`), saved so
-that `AutoTokenizer.from_pretrained` loads it: the from-scratch path, where no pretrained
-tokenizer fits the data."""
+"""`lmforge tokenizer train`: a byte-level BPE tokenizer with a ChatML chat template (through
+`tokenizers`), saved so that `AutoTokenizer.from_pretrained` loads it: the from-scratch path,
+where no pretrained tokenizer fits the data.
+
+    lmforge tokenizer train --train_files corpus.txt --vocab_size 8192 --output_dir tok
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmforge.data.templates import CHATML_USER
+from lmforge.config import parse
+from lmforge.data.formats import TextSplit, iter_documents
+from lmforge.data.templates import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES, CHATML_USER
+from lmforge.errors import LmforgeError
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 DEFAULT_SPECIAL_TOKENS = (PAD, IM_START, IM_END)
@@ -45,3 +52,37 @@ def train_bpe_tokenizer(
     )
     fast.chat_template = chat_template
     return fast
+
+
+@dataclass
+class TokenizerTrainArguments:
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "Text to learn the vocabulary from (.txt, .json, .jsonl, .parquet)."}
+    )
+    output_dir: str = field(default="tokenizer", metadata={"help": "Where the tokenizer is saved."})
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size, special tokens included."})
+    special_tokens: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
+        metadata={"help": "Special tokens, first ids: <|endoftext|> (padding), <|im_start|>, <|im_end|> (EOS)."},
+    )
+    text_field: str = field(default="text", metadata={"help": "The field holding the text in json/jsonl/parquet."})
+    text_split: TextSplit = field(default=TextSplit.LINE, metadata={"help": "Documents in .txt: file, blank_line, line."})
+    template: str = field(default="chatml_user", metadata={"help": "The chat template saved with it (a built-in)."})
+
+
+def main(argv: Sequence[str]) -> None:
+    argv = list(argv)
+    if not argv or argv[0] != "train":
+        raise LmforgeError("usage: lmforge tokenizer train --train_files FILE [FILE ...] --vocab_size N --output_dir DIR")
+    (args,) = parse((TokenizerTrainArguments,), argv[1:])
+    if not args.train_files:
+        raise LmforgeError("no text given (--train_files)")
+    if args.template not in BUILTIN_TEMPLATES:
+        raise LmforgeError(f"unknown --template {args.template!r}; choose one of {sorted(BUILTIN_TEMPLATES)}")
+    needed = [t for t in BUILTIN_SPECIAL_TOKENS[args.template] if t not in args.special_tokens]
+    if needed:
+        raise LmforgeError(f"--template {args.template} needs the special tokens {needed}")
+    texts = (text for path in args.train_files for _, text in iter_documents(path, args.text_field, args.text_split))
+    tokenizer = train_bpe_tokenizer(texts, args.vocab_size, tuple(args.special_tokens), BUILTIN_TEMPLATES[args.template])
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"lmforge: saved a byte-level BPE tokenizer of {len(tokenizer)} tokens to {args.output_dir}")

@@ -96,8 +96,13 @@ def set_generation_defaults(model, tokenizer, end_of_turn_id: int | None) -> Non
         gen.bos_token_id = tokenizer.bos_token_id
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | None, output_dir: str) -> None:
-    """Write the trained model (safetensors), its tokenizer with the chat template it was
+    """Write the trained model (safetensors; for LoRA the adapter, which
+    `PeftModel.from_pretrained(base, out)` loads), its tokenizer with the chat template it was
     trained with, a generation config that stops at the end of a turn, and trainer_state.json."""
     model = trainer.model
     unwrapped = getattr(model, "module", model)
@@ -107,6 +112,31 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
     trainer.save_state()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
+        if is_peft(unwrapped):
+            unwrapped.generation_config.save_pretrained(output_dir)
+
+
+def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
+                   end_of_turn_id: int | None, run_info: dict) -> str:
+    """The part every method shares: the Trainer, auto-resume, the final save."""
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    if args.process_index == 0:
+        if is_peft(model):
+            trainable, total = model.get_nb_trainable_parameters()
+            print(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
+        write_run_info(args.output_dir, run_info)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+    if args.process_index == 0:
+        print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir}")
+    return args.output_dir
 
 
 def write_run_info(output_dir: str, info: dict) -> None:

@@ -1,5 +1,6 @@
 """Batches: records padded on the right to the longest in the batch (not to model_max_length,
-which is what makes the seed scripts slow), labels padded with -100, an attention mask."""
+which is what makes the seed scripts slow), labels padded with -100, an attention mask.
+Rows without labels (pretraining blocks) are trained on every token."""
 
 from __future__ import annotations
 
@@ -27,6 +28,6 @@ class PaddedCollator:
         for row, f in enumerate(features):
             n = len(f["input_ids"])
             input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

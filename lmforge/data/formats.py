@@ -322,3 +322,77 @@ def iter_conversations(
                 skips.add(e.kind, f"{path}, {location}: {e.reason}")
                 continue
             raise DataError(path, location, e.reason) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-text documents for pretraining
+# ---------------------------------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+
+
+class TextSplit(str, enum.Enum):
+    """How a .txt file is cut into documents (an EOS token follows each document)."""
+
+    FILE = "file"
+    """The whole file is one document."""
+    BLANK_LINE = "blank_line"
+    """Paragraphs separated by one or more blank lines are documents."""
+    LINE = "line"
+    """Every non-empty line is a document."""
+
+
+def _split_text(text: str, split: TextSplit) -> list[str]:
+    if split == TextSplit.FILE:
+        return [text]
+    if split == TextSplit.LINE:
+        return [line for line in text.splitlines() if line.strip()]
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
+
+
+def iter_documents(
+    path: str,
+    text_field: str = "text",
+    split: TextSplit = TextSplit.FILE,
+    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Yield `(location, text)` documents from .txt, or from .json / .jsonl / .parquet records
+    holding a `text_field` string."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".txt":
+        if not os.path.isfile(path):
+            raise DataError(path, None, "file does not exist")
+        text = _read_text(path)
+        if not text.strip():
+            raise DataError(path, None, "file is empty")
+        for i, doc in enumerate(_split_text(text, TextSplit(split))):
+            yield f"document {i}", doc
+        return
+    if suffix not in TEXT_SUFFIXES:
+        raise DataError(path, None, f"unsupported file type {suffix!r}; use one of {TEXT_SUFFIXES}")
+    for location, record in read_records(path):
+        try:
+            if not isinstance(record, dict):
+                raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+            if text_field not in record:
+                raise RecordError("missing_field", f"field '{text_field}' is missing (keys: {sorted(record)}); "
+                                                   "see --text_field")
+            text = _require_str(record[text_field], f"field '{text_field}'")
+            if not text.strip():
+                raise RecordError("empty_content", f"field '{text_field}' is empty")
+        except RecordError as e:
+            if on_bad_record == OnBadRecord.SKIP and skips is not None:
+                skips.add(e.kind, f"{path}, {location}: {e.reason}")
+                continue
+            raise DataError(path, location, e.reason) from None
+        yield location, text

@@ -139,3 +139,14 @@ def end_of_turn_token_id(renderer: Renderer) -> int | None:
         if token in renderer.special_ids:
             return token
     return None
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The end-of-turn token of the tokenizer's own chat template, or None without one (a
+    pretraining tokenizer); a model saved with it stops generating there."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return end_of_turn_token_id(Renderer(tokenizer, tokenizer.chat_template))
+    except LmforgeError:
+        return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from lmforge.config import DataArguments, ModelArguments, parse
-from lmforge.data.cache import PrepareOptions, TokenCache, dump_records, prepare
+from lmforge.data.sft import PrepareOptions, SftCache, dump_records, prepare
 from lmforge.data.render import Renderer, end_of_turn_token_id
 from lmforge.data.templates import resolve_template
 from lmforge.model import load_tokenizer
@@ -22,8 +22,8 @@ class SftData:
     tokenizer: object
     chat_template: str
     end_of_turn_id: Optional[int]
-    train: TokenCache
-    eval: Optional[TokenCache]
+    train: SftCache
+    eval: Optional[SftCache]
 
 
 def prepare_options(data_args: DataArguments) -> PrepareOptions:

@@ -1,10 +1,12 @@
-"""`lmforge sft`: full-parameter supervised fine-tuning on chat data through the HF Trainer.
+"""`lmforge sft`: supervised fine-tuning on chat data through the HF Trainer, full-parameter or
+LoRA / QLoRA (`lmforge lora` is `lmforge sft --lora True`).
 
     lmforge sft --model_name_or_path MODEL --data_path data.json --output_dir out --bf16 True
     lmforge sft run.yaml --learning_rate 1e-5        # a YAML run file, flags override it
+    torchrun --nproc_per_node 4 -m lmforge.sft ...   # the same entry under a launcher
 
-Data → cache (exact masks) → padded batches → Trainer (auto-resume) → safetensors + tokenizer
-with its chat template + a generation config that stops at the end of a turn.
+Data → cache (exact masks) → padded batches → Trainer (auto-resume) → safetensors (or the
+adapter) + tokenizer with its chat template + a generation config that stops at the end of a turn.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ from typing import Sequence
 
 import transformers
 
-from lmforge.config import DataArguments, ModelArguments, TrainingArguments, parse
+from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse
 from lmforge.data.collate import PaddedCollator
 from lmforge.methods.prepare import prepare_sft_data, print_stats
-from lmforge.model import load_config, load_model
-from lmforge.train import resolve_resume, save_final, write_run_info
+from lmforge.model import apply_lora, load_config, load_model
+from lmforge.train import resolve_resume, train_and_save
 
 
-def main(argv: Sequence[str]) -> str:
-    model_args, data_args, args = parse((ModelArguments, DataArguments, TrainingArguments), argv)
+def main(argv: Sequence[str], lora_default: bool = False) -> str:
+    model_args, data_args, lora_args, args = parse(
+        (ModelArguments, DataArguments, LoraArguments, TrainingArguments), argv)
+    lora_args.lora = lora_args.lora or lora_default
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir)
     load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
@@ -35,24 +39,15 @@ def main(argv: Sequence[str]) -> str:
             print(f"lmforge: resuming from {checkpoint}")
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights
-    model = load_model(model_args, data.tokenizer, flash_attn=args.flash_attn)
+    model = load_model(model_args, data.tokenizer, args.flash_attn, data_args.model_max_length, lora_args)
+    if lora_args.lora:
+        model = apply_lora(model, lora_args, args.gradient_checkpointing)
     collator = PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=8 if args.bf16 or args.fp16 else 1)
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=data.train.dataset(),
-        eval_dataset=data.eval.dataset() if data.eval else None,
-        data_collator=collator,
-        processing_class=data.tokenizer,
-    )
-    if args.process_index == 0:
-        write_run_info(args.output_dir, {
-            "train_data": asdict(data.train.stats),
-            "eval_data": asdict(data.eval.stats) if data.eval else None,
-            "cache": data.train.path,
-        })
-    trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, data.tokenizer, data.end_of_turn_id, args.output_dir)
-    if args.process_index == 0:
-        print(f"lmforge: saved the model to {args.output_dir}")
-    return args.output_dir
+    run_info = {
+        "train_data": asdict(data.train.stats),
+        "eval_data": asdict(data.eval.stats) if data.eval else None,
+        "cache": data.train.path,
+    }
+    return train_and_save(model, args, data.tokenizer, data.train.dataset(),
+                          data.eval.dataset() if data.eval else None, collator, checkpoint,
+                          data.end_of_turn_id, run_info)

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from lmforge.cli import main as cli
-from lmforge.data import cache as cache_mod
-from lmforge.data.cache import LongRecords, PrepareOptions, prepare
+from lmforge.data import sft as sft_data
+from lmforge.data.sft import LongRecords, PrepareOptions, prepare
 from lmforge.data.formats import OnBadRecord
 from lmforge.data.render import Renderer
 from lmforge.data.templates import BUILTIN_TEMPLATES
@@ -40,7 +40,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypa
     def no_render(*a, **k):
         raise AssertionError("rendered again")
 
-    monkeypatch.setattr(cache_mod, "_rendered_records", no_render)
+    monkeypatch.setattr(sft_data, "_rendered_records", no_render)
     again = prepare([data], qwen_tokenizer, template, PrepareOptions())
     assert again.path == first.path and again.stats == first.stats
     monkeypatch.undo()

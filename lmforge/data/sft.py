@@ -1,0 +1,187 @@
+"""Conversations → cached (input_ids, labels) records for SFT: render each conversation with
+exact masks (`render.py`), apply the length policy, count every skip by reason."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+from lmforge.data.cache import CacheEntry, RowWriter, build_or_load, cache_key, chunked, ordered_map
+from lmforge.data.formats import Conversation, DataFormat, OnBadRecord, SkipCounter, iter_conversations
+from lmforge.data.render import MaskingStrategy, Rendered, Renderer
+from lmforge.errors import DataError, LmforgeError, RecordError
+
+CHUNK = 256
+
+
+class LongRecords(str, enum.Enum):
+    """What to do with a record longer than `model_max_length`."""
+
+    TRUNCATE = "truncate"
+    """Keep its first `model_max_length` tokens (skipped if no trained token remains)."""
+    DROP = "drop"
+    """Leave it out, counted as a skip."""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything besides the files and the tokenizer that changes the cached tokens."""
+
+    data_format: DataFormat = DataFormat.AUTO
+    masking: MaskingStrategy = MaskingStrategy.ASSISTANT
+    model_max_length: int = 2048
+    long_records: LongRecords = LongRecords.TRUNCATE
+    on_bad_record: OnBadRecord = OnBadRecord.ERROR
+
+
+@dataclass
+class PrepareStats:
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skip_examples: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [
+            f"records: {self.records}  kept: {self.kept}  truncated: {self.truncated}",
+            f"tokens: {self.tokens}  trained tokens: {self.trained_tokens}",
+        ]
+        lines.append(f"skipped: {sum(self.skipped.values())}")
+        for kind, n in sorted(self.skipped.items()):
+            lines.append(f"  {kind}: {n}  (e.g. {self.skip_examples.get(kind, '')})")
+        return "\n".join(lines)
+
+
+@dataclass
+class SftCache:
+    entry: CacheEntry
+    stats: PrepareStats
+
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
+    def dataset(self):
+        return self.entry.dataset()
+
+
+# Worker side: one renderer per process.
+_RENDERER: Renderer | None = None
+
+
+def _init_worker(renderer: Renderer) -> None:
+    global _RENDERER
+    _RENDERER = renderer
+
+
+def _render_chunk(chunk: list[tuple[str, str, Conversation]]) -> list[tuple[str, str, Rendered | RecordError]]:
+    assert _RENDERER is not None
+    out: list[tuple[str, str, Rendered | RecordError]] = []
+    for path, location, conversation in chunk:
+        try:
+            out.append((path, location, _RENDERER(conversation)))
+        except RecordError as e:
+            out.append((path, location, e))
+    return out
+
+
+def _conversations(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
+    """(path, location, Conversation) over all files; bad records are raised or counted."""
+    for path in paths:
+        for location, conversation in iter_conversations(path, options.data_format, options.on_bad_record, skips):
+            yield path, location, conversation
+
+
+def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips: SkipCounter,
+                      num_workers: int) -> Iterator[tuple[str, str, Rendered | RecordError]]:
+    """(path, location, Rendered | RecordError) in source order."""
+    chunks = chunked(_conversations(paths, options, skips), CHUNK)
+    for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer,)):
+        yield from results
+
+
+def _apply_length_policy(r: Rendered, options: PrepareOptions) -> Rendered | RecordError:
+    limit = options.model_max_length
+    if len(r.input_ids) <= limit:
+        if r.num_trained == 0:
+            return RecordError("no_trained_tokens", "no token carries loss under this masking strategy")
+        return r
+    if options.long_records == LongRecords.DROP:
+        return RecordError("too_long", f"{len(r.input_ids)} tokens, longer than model_max_length={limit}")
+    cut = Rendered(r.input_ids[:limit], r.labels[:limit])
+    if cut.num_trained == 0:
+        return RecordError(
+            "no_trained_tokens_after_truncation",
+            f"{len(r.input_ids)} tokens; truncated to model_max_length={limit}, no trained token is left",
+        )
+    return cut
+
+
+# Length skips are always counted, never errors: the user chose the policy.
+LENGTH_SKIPS = ("too_long", "no_trained_tokens", "no_trained_tokens_after_truncation")
+
+
+def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> PrepareStats:
+    stats = PrepareStats()
+    with RowWriter(tmp, ("input_ids", "labels")) as writer:
+        for path, location, result in records:
+            truncated = False
+            if isinstance(result, Rendered):
+                truncated = len(result.input_ids) > options.model_max_length
+                result = _apply_length_policy(result, options)
+            if isinstance(result, RecordError):
+                if options.on_bad_record == OnBadRecord.SKIP or result.kind in LENGTH_SKIPS:
+                    skips.add(result.kind, f"{path}, {location}: {result.reason}")
+                    continue
+                raise DataError(path, location, result.reason)
+            stats.truncated += int(truncated)
+            stats.kept += 1
+            stats.tokens += len(result.input_ids)
+            stats.trained_tokens += result.num_trained
+            writer.add(result.input_ids, result.labels)
+    # Every record read is either kept or counted under a skip reason.
+    stats.records = stats.kept + skips.total
+    stats.skipped = dict(skips.counts)
+    stats.skip_examples = dict(skips.examples)
+    return stats
+
+
+def prepare(
+    paths: Sequence[str],
+    tokenizer,
+    chat_template: str,
+    options: PrepareOptions,
+    cache_dir: str | None = None,
+    num_workers: int = 1,
+) -> SftCache:
+    """Render `paths` into the cache (or find them there)."""
+    if not paths:
+        raise LmforgeError("no data file given (--data_path)")
+    key = cache_key("sft", paths, tokenizer, {"template": chat_template, **asdict(options)})
+
+    def build(tmp: str) -> dict:
+        skips = SkipCounter(Counter(), {})
+        renderer = Renderer(tokenizer, chat_template, options.masking)
+        stats = _write(tmp, _rendered_records(paths, renderer, options, skips, num_workers), options, skips)
+        if stats.kept == 0:
+            raise LmforgeError(f"no usable record in {', '.join(paths)}:\n{stats.summary()}")
+        return asdict(stats)
+
+    entry = build_or_load(cache_dir, "sft", key, build)
+    return SftCache(entry, PrepareStats(**entry.stats))
+
+
+def dump_records(cache: SftCache, path: str, n: int) -> int:
+    """Write the first `n` cached records, in source order, as JSONL {input_ids, labels}."""
+    ds = cache.dataset()
+    n = min(n, len(ds))
+    with open(path, "w") as f:
+        for row in ds.select(range(n)):
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    return n

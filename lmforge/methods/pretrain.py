@@ -1,0 +1,82 @@
+"""`lmforge pretrain`: causal-LM pretraining on text through the HF Trainer, from a config
+(random init, "from scratch") or from weights (continued pretraining); LoRA / QLoRA too.
+
+    lmforge pretrain --config_name CONFIG --tokenizer_name TOK --train_files corpus.jsonl \\
+        --block_size 2048 --output_dir out --bf16 True
+
+Text → documents (+ EOS) → one token stream cut into block_size blocks (cache) → Trainer
+(auto-resume) → safetensors + tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import transformers
+
+from lmforge.config import LoraArguments, ModelArguments, PretrainDataArguments, TrainingArguments, parse
+from lmforge.data.collate import PaddedCollator
+from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
+from lmforge.data.render import template_end_of_turn
+from lmforge.model import apply_lora, load_config, load_model, load_tokenizer
+from lmforge.train import resolve_resume, train_and_save
+
+
+@dataclass
+class PretrainData:
+    tokenizer: object
+    train: PretrainCache
+    eval: Optional[PretrainCache]
+
+
+def prepare_pretrain_data(model_args: ModelArguments, data_args: PretrainDataArguments) -> PretrainData:
+    tokenizer = load_tokenizer(model_args)
+    options = PretrainOptions(
+        block_size=data_args.block_size,
+        text_field=data_args.text_field,
+        text_split=data_args.text_split,
+        remainder=data_args.remainder,
+        on_bad_record=data_args.on_bad_record,
+    )
+    kwargs = dict(cache_dir=data_args.data_cache_dir, num_workers=data_args.preprocessing_num_workers or 1)
+    train = prepare_pretrain(data_args.train_files, tokenizer, options, **kwargs)
+    eval_ = prepare_pretrain(data_args.validation_files, tokenizer, options, **kwargs) \
+        if data_args.validation_files else None
+    return PretrainData(tokenizer, train, eval_)
+
+
+def main(argv: Sequence[str], lora_default: bool = False) -> str:
+    model_args, data_args, lora_args, args = parse(
+        (ModelArguments, PretrainDataArguments, LoraArguments, TrainingArguments), argv)
+    lora_args.lora = lora_args.lora or lora_default
+    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir)
+    load_config(model_args)  # a wrong model path fails now, not after tokenizing
+
+    with args.main_process_first(desc="tokenizing the text"):
+        data = prepare_pretrain_data(model_args, data_args)
+    if args.process_index == 0:
+        print(f"lmforge: training text ({data.train.path})\n{data.train.stats.summary()}")
+        if data.eval is not None:
+            print(f"lmforge: validation text ({data.eval.path})\n{data.eval.stats.summary()}")
+        if checkpoint:
+            print(f"lmforge: resuming from {checkpoint}")
+
+    transformers.set_seed(args.seed)
+    model = load_model(model_args, data.tokenizer, args.flash_attn,
+                       data_args.model_max_length or data_args.block_size, lora_args)
+    if args.process_index == 0 and model_args.config_name:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"lmforge: pretraining a new model from {model_args.config_name}: {n / 1e6:.2f}M parameters")
+    if lora_args.lora:
+        model = apply_lora(model, lora_args, args.gradient_checkpointing)
+    collator = PaddedCollator(data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None
+                              else data.tokenizer.eos_token_id)
+    run_info = {
+        "train_data": asdict(data.train.stats),
+        "eval_data": asdict(data.eval.stats) if data.eval else None,
+        "cache": data.train.path,
+    }
+    return train_and_save(model, args, data.tokenizer, data.train.dataset(),
+                          data.eval.dataset() if data.eval else None, collator, checkpoint,
+                          template_end_of_turn(data.tokenizer), run_info)
