@@ -238,7 +238,17 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.fsdp and self.deepspeed:
             raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
         _check_reporters(self.report_to)
+        self._cpu_fallback()
         super().__post_init__()
+
+    def _cpu_fallback(self) -> None:
+        """A GPU command line (--bf16 True) on a machine without a GPU trains on the CPU, with
+        bf16 autocast there, instead of stopping: the seeds' commands run anywhere as written."""
+        import torch
+
+        if self.bf16 and not self.use_cpu and not torch.cuda.is_available():
+            self.use_cpu = True
+            print("lmforge: no GPU: training on the CPU (bf16 autocast)")
 
     def _fsdp_config_with_layer_class(self) -> dict:
         config = self.fsdp_config

@@ -21,7 +21,7 @@ from lmforge.config import parse
 from lmforge.data.render import template_end_of_turn
 from lmforge.errors import LmforgeError
 from lmforge.model import DTYPES
-from lmforge.train import set_generation_defaults
+from lmforge.train import BASE_CONFIG, set_generation_defaults
 
 
 @dataclass
@@ -49,7 +49,12 @@ def merge(base: str, adapter: str, output: str, torch_dtype: str = "float32"):
         raise LmforgeError(f"--adapter {adapter}: no adapter_config.json; not a LoRA adapter directory")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise LmforgeError(f"--output {output} exists and is not an empty directory")
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[torch_dtype])
+    config = transformers.AutoConfig.from_pretrained(base)
+    trained = os.path.join(adapter, BASE_CONFIG)
+    if os.path.isfile(trained):
+        config = type(config).from_json_file(trained)
+    config.quantization_config = None  # QLoRA: merge into the unquantised base
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[torch_dtype])
     tokenizer = _tokenizer_for(adapter, base)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)

@@ -11,10 +11,12 @@ import os
 import re
 import sys
 
+import torch
 import transformers
 
 from lmforge.errors import LmforgeError
 
+BASE_CONFIG = "lmforge_base_config.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = (
     "model.safetensors",
@@ -114,6 +116,9 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
         tokenizer.save_pretrained(output_dir)
         if is_peft(unwrapped):
             unwrapped.generation_config.save_pretrained(output_dir)
+            # The base config as trained (RoPE scaling, use_cache): `lmforge merge` builds the
+            # merged model with it, so the merged model computes what the adapter run did.
+            unwrapped.get_base_model().config.to_json_file(os.path.join(output_dir, BASE_CONFIG))
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
@@ -136,6 +141,8 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
     if args.process_index == 0:
         print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir}")
+        if torch.cuda.is_available():
+            print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return args.output_dir
 
 

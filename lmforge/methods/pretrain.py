@@ -19,7 +19,7 @@ from lmforge.config import LoraArguments, ModelArguments, PretrainDataArguments,
 from lmforge.data.collate import PaddedCollator
 from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
 from lmforge.data.render import template_end_of_turn
-from lmforge.model import apply_lora, load_config, load_model, load_tokenizer
+from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.train import resolve_resume, train_and_save
 
 
@@ -70,6 +70,8 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
         print(f"lmforge: pretraining a new model from {model_args.config_name}: {n / 1e6:.2f}M parameters")
     if lora_args.lora:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
+    if args.process_index == 0 and gpu_memory_gib() is not None:
+        print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
     collator = PaddedCollator(data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None
                               else data.tokenizer.eos_token_id)
     run_info = {

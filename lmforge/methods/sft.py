@@ -19,7 +19,7 @@ import transformers
 from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse
 from lmforge.data.collate import PaddedCollator
 from lmforge.methods.prepare import prepare_sft_data, print_stats
-from lmforge.model import apply_lora, load_config, load_model
+from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model
 from lmforge.train import resolve_resume, train_and_save
 
 
@@ -42,6 +42,8 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     model = load_model(model_args, data.tokenizer, args.flash_attn, data_args.model_max_length, lora_args)
     if lora_args.lora:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
+    if args.process_index == 0 and gpu_memory_gib() is not None:
+        print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
     collator = PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=8 if args.bf16 or args.fp16 else 1)
     run_info = {
         "train_data": asdict(data.train.stats),

@@ -1,0 +1,149 @@
+"""LoRA / QLoRA through PEFT: only adapter weights train, the adapter reloads with PEFT,
+`lmforge merge` gives the same logits, a LoRA run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from lmforge.cli import main as cli
+from lmforge.config import LoraArguments, ModelArguments, TrainingArguments
+from lmforge.data.collate import PaddedCollator
+from lmforge.data.sft import PrepareOptions, prepare
+from lmforge.model import apply_lora, load_model, load_tokenizer
+from lmforge.train import train_and_save
+
+from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
+
+TINY = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=151936, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+@pytest.fixture
+def base_model(tmp_path) -> str:
+    """A tiny model with weights on disk, and the Qwen tokenizer beside them."""
+    path = str(tmp_path / "base")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER)).save_pretrained(path)
+    return path
+
+
+def lora_argv(base: str, out: str, *extra: str) -> list[str]:
+    return ["lora", "--model_name_or_path", base, "--data_path", str(DUMMY_CONVERSATIONS), "--output_dir", out,
+            "--model_max_length", "128", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+            "--report_to", "none", "--disable_tqdm", "True", "--dataloader_pin_memory", "False", *extra]
+
+
+def ids_for(tokenizer) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
+                                         return_tensors="pt")["input_ids"]
+
+
+def test_only_adapters_train_and_merge_matches(tmp_path, base_model):
+    out, merged = str(tmp_path / "out"), str(tmp_path / "merged")
+    model_args = ModelArguments(model_name_or_path=base_model)
+    lora_args = LoraArguments(lora=True, lora_target_modules=["q_proj,v_proj"], modules_to_save=[])
+    args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to="none", disable_tqdm=True, save_strategy="no", dataloader_pin_memory=False)
+    tokenizer = load_tokenizer(model_args)
+    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    model = apply_lora(load_model(model_args, tokenizer, model_max_length=128, lora=lora_args), lora_args)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
+                   tokenizer.convert_tokens_to_ids("<|im_end|>"), {})
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora_" in n for n in changed)
+    assert {n for n in before if "lora_" in n and "lora_B" in n} <= changed
+    # The base weights are bit-identical; only q_proj / v_proj carry adapters.
+    assert all(torch.equal(before[n], after[n].detach()) for n in before if "lora_" not in n)
+    assert all(("q_proj" in n or "v_proj" in n) for n in before if "lora_" in n)
+
+    # The output is an adapter PEFT loads, giving the trained model's logits.
+    import peft
+
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = ids_for(tok)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_model)
+        reloaded = peft.PeftModel.from_pretrained(base, out).eval()
+        assert torch.allclose(reloaded(input_ids=ids).logits, trained, atol=1e-5)
+    assert set(os.listdir(out)) >= {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
+                                    "chat_template.jinja", "trainer_state.json", "generation_config.json"}
+
+    # Merged: a full model whose logits equal the adapter model's.
+    assert cli(["merge", "--base", base_model, "--adapter", out, "--output", merged]) == 0
+    full = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        assert (full(input_ids=ids).logits - trained).abs().max().item() <= 1e-4
+    assert not any("lora" in k for k in full.state_dict())
+    assert full.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert transformers.AutoTokenizer.from_pretrained(merged).chat_template == tok.chat_template
+
+
+def test_lora_run_resumes_from_its_checkpoint(tmp_path, base_model, capsys):
+    out = str(tmp_path / "out")
+    assert cli(lora_argv(base_model, out, "--max_steps", "2", "--save_steps", "2")) == 0
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "checkpoint-2", "model.safetensors"))
+    capsys.readouterr()
+    assert cli(lora_argv(base_model, out, "--max_steps", "4", "--save_steps", "2")) == 0
+    assert f"lmforge: resuming from {os.path.join(out, 'checkpoint-2')}" in capsys.readouterr().out
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 4
+
+
+def test_lora_needs_weights_and_known_modules(tmp_path, base_model, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(TINY))
+    argv = lora_argv(base_model, str(tmp_path / "o"), "--max_steps", "1")
+    argv[argv.index("--model_name_or_path"):argv.index("--model_name_or_path") + 2] = [
+        "--config_name", str(config), "--tokenizer_name", str(QWEN_TOKENIZER)]
+    assert cli(argv) == 2
+    assert "--lora needs a base model with weights" in capsys.readouterr().err
+    assert cli(lora_argv(base_model, str(tmp_path / "o2"), "--max_steps", "1", "--lora_target_modules", "nope")) == 2
+    assert "cannot add LoRA adapters (['nope'])" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; the GPU test below runs QLoRA")
+def test_qlora_on_cpu_is_refused_clearly(tmp_path, base_model, capsys):
+    assert cli(lora_argv(base_model, str(tmp_path / "o"), "--max_steps", "1", "--q_lora", "True")) == 2
+    err = capsys.readouterr().err
+    assert "--q_lora needs" in err and ("CUDA GPU" in err or "bitsandbytes" in err)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has_bitsandbytes(),
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes (verified on the GPU device)")
+def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
+    import bitsandbytes as bnb
+
+    out = str(tmp_path / "out")
+    model_args = ModelArguments(model_name_or_path=base_model)
+    lora_args = LoraArguments(q_lora=True)
+    args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to="none", disable_tqdm=True, save_strategy="no", bf16=True)
+    tokenizer = load_tokenizer(model_args)
+    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    model = apply_lora(load_model(model_args, tokenizer, model_max_length=128, lora=lora_args), lora_args)
+    quantized = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized, "no 4-bit layers"
+    train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
+                   None, {})
+    for n, m in model.named_modules():
+        if n in quantized:
+            assert not m.weight.requires_grad
+            assert torch.equal(m.weight.data, quantized[n])
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
