@@ -56,6 +56,7 @@ def test_only_adapters_train_and_merge_matches(tmp_path, base_model):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
                    tokenizer.convert_tokens_to_ids("<|im_end|>"), {})
+    model = model.cpu()  # the Trainer moved it to the GPU, where there is one
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert changed and all("lora_" in n for n in changed)
