@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
+	# DeepSpeed for the seed command-line tests; its CUDA ops are not built (they JIT-compile
+	# on first use, and on a CPU machine only the small CPU ops are used).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed
 	touch $@
 
 .PHONY: install demo test

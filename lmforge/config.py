@@ -60,6 +60,12 @@ class DataArguments:
     eval_data_path: list[str] = field(
         default_factory=list, metadata={"help": "Held-out data evaluated at --eval_steps (same formats)."}
     )
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "happy-llm's name for --data_path (its finetune.py)."}
+    )
+    block_size: Optional[int] = field(
+        default=None, metadata={"help": "happy-llm's finetune.py flag; when given it sets --model_max_length."}
+    )
     data_format: DataFormat = field(
         default=DataFormat.AUTO,
         metadata={"help": "sharegpt (conversations/from/value), openai (messages/role/content), alpaca "
@@ -98,6 +104,11 @@ class DataArguments:
         metadata={"help": "Accepted for FastChat compatibility. lmforge always tokenizes once into a "
                           "memory-mapped cache, which is both lazy in memory and fast."},
     )
+
+    def __post_init__(self):
+        self.data_path = list(self.data_path) + [p for p in self.train_files if p not in self.data_path]
+        if self.block_size:
+            self.model_max_length = self.block_size
 
 
 @dataclass
@@ -193,6 +204,10 @@ class TrainingArguments(transformers.TrainingArguments):
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "The seeds' name for --eval_strategy (renamed in transformers 5)."}
     )
+    warmup_ratio: Optional[float] = field(
+        default=None, metadata={"help": "The seeds' warmup as a fraction of all steps (transformers 5: "
+                                        "--warmup_steps below 1)."}
+    )
     logging_dir: Optional[str] = field(
         default=None, metadata={"help": "TensorBoard log directory (default: OUTPUT_DIR/runs/...)."}
     )
@@ -221,6 +236,8 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio:
+            self.warmup_steps = self.warmup_ratio
         if self.logging_dir:
             # transformers 5 reads the TensorBoard directory from the environment.
             os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
@@ -246,9 +263,13 @@ class TrainingArguments(transformers.TrainingArguments):
         bf16 autocast there, instead of stopping: the seeds' commands run anywhere as written."""
         import torch
 
-        if self.bf16 and not self.use_cpu and not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            return
+        if self.bf16 and not self.use_cpu:
             self.use_cpu = True
             print("lmforge: no GPU: training on the CPU (bf16 autocast)")
+        if self.tf32:
+            self.tf32 = None  # TF32 is a mode of NVIDIA matrix units; nothing to set on a CPU
 
     def _fsdp_config_with_layer_class(self) -> dict:
         config = self.fsdp_config

@@ -70,7 +70,7 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
         print(f"lmforge: pretraining a new model from {model_args.config_name}: {n / 1e6:.2f}M parameters")
     if lora_args.lora:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
-    if args.process_index == 0 and gpu_memory_gib() is not None:
+    if args.process_index == 0 and next(model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
     collator = PaddedCollator(data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None
                               else data.tokenizer.eos_token_id)

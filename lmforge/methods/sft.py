@@ -42,7 +42,7 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     model = load_model(model_args, data.tokenizer, args.flash_attn, data_args.model_max_length, lora_args)
     if lora_args.lora:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
-    if args.process_index == 0 and gpu_memory_gib() is not None:
+    if args.process_index == 0 and next(model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
     collator = PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=8 if args.bf16 or args.fp16 else 1)
     run_info = {
