@@ -37,7 +37,11 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 def launch(argv: list[str], tmp_path) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
+    # The environment's own bin (deepspeed's launcher, ninja for its CPU ops) comes first on
+    # PATH, as it does in an activated environment.
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": str(tmp_path / "cache"),
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
