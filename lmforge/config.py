@@ -243,6 +243,8 @@ class TrainingArguments(transformers.TrainingArguments):
             os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
         if self.fsdp_transformer_layer_cls_to_wrap:
             self.fsdp_config = self._fsdp_config_with_layer_class()
+        if self.fsdp and self.deepspeed:
+            raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
         if self.deepspeed and isinstance(self.deepspeed, str):
             self.deepspeed = shipped_deepspeed_config(self.deepspeed)
             import importlib.util
@@ -252,8 +254,6 @@ class TrainingArguments(transformers.TrainingArguments):
             if not os.path.isfile(self.deepspeed):
                 raise LmforgeError(f"--deepspeed {self.deepspeed}: no such file (shipped: zero2, zero2_offload, "
                                    "zero3, zero3_offload)")
-        if self.fsdp and self.deepspeed:
-            raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
         _check_reporters(self.report_to)
         self._cpu_fallback()
         super().__post_init__()

@@ -1,0 +1,40 @@
+"""Every shipped config parses into the arguments it is meant for."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lmforge.config import SHIPPED_CONFIGS, TrainingArguments, parse, shipped_deepspeed_config
+
+DEEPSPEED = {"zero2": 2, "zero2_offload": 2, "zero3": 3, "zero3_offload": 3}
+
+
+@pytest.mark.parametrize("name, stage", sorted(DEEPSPEED.items()))
+def test_deepspeed_configs(name, stage):
+    path = shipped_deepspeed_config(name)
+    assert path == os.path.join(SHIPPED_CONFIGS, f"ds_{name}.json")
+    config = json.load(open(path))
+    assert config["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in config["zero_optimization"]) == name.endswith("offload")
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # the Trainer fills in its own values
+    assert shipped_deepspeed_config("my/own.json") == "my/own.json"
+
+
+def test_fsdp_config_with_layer_class(tmp_path):
+    (args,) = parse((TrainingArguments,), [
+        "--output_dir", str(tmp_path), "--fsdp", "full_shard auto_wrap",
+        "--fsdp_config", os.path.join(SHIPPED_CONFIGS, "fsdp_full_shard.json"),
+        "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"])
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert args.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_fsdp_with_deepspeed_is_refused(tmp_path):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="--fsdp and --deepspeed"):
+        parse((TrainingArguments,), ["--output_dir", str(tmp_path), "--fsdp", "full_shard",
+                                     "--deepspeed", os.path.join(SHIPPED_CONFIGS, "ds_zero2.json")])
