@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 
@@ -76,6 +76,24 @@ class CacheEntry:
         import datasets
 
         return datasets.Dataset.from_file(os.path.join(self.path, "tokens.arrow"), in_memory=False)
+
+
+S = TypeVar("S")
+
+
+@dataclass
+class Cached(Generic[S]):
+    """A cache entry with its statistics in their typed form."""
+
+    entry: CacheEntry
+    stats: S
+
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
+    def dataset(self):
+        return self.entry.dataset()
 
 
 def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict]) -> CacheEntry:

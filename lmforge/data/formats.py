@@ -301,6 +301,14 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
+def skip_summary(skipped: dict[str, int], examples: dict[str, str]) -> list[str]:
+    """Report lines: the number skipped, then each reason with its count and first example."""
+    lines = [f"skipped: {sum(skipped.values())}"]
+    for kind, n in sorted(skipped.items()):
+        lines.append(f"  {kind}: {n}  (e.g. {examples.get(kind, '')})")
+    return lines
+
+
 def iter_conversations(
     path: str,
     fmt: DataFormat = DataFormat.AUTO,

@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from lmforge.data.cache import CacheEntry, RowWriter, build_or_load, cache_key, chunked, ordered_map
-from lmforge.data.formats import OnBadRecord, SkipCounter, TextSplit, iter_documents
+from lmforge.data.cache import Cached, RowWriter, build_or_load, cache_key, chunked, ordered_map
+from lmforge.data.formats import OnBadRecord, SkipCounter, TextSplit, iter_documents, skip_summary
 from lmforge.errors import LmforgeError
 
 CHUNK = 64
@@ -54,24 +54,11 @@ class PretrainStats:
             f"documents: {self.documents}  tokens (with EOS): {self.tokens}",
             f"blocks: {self.blocks}  trained tokens: {self.trained_tokens}  "
             f"dropped tail tokens: {self.dropped_tail_tokens}",
-            f"skipped: {sum(self.skipped.values())}",
         ]
-        for kind, n in sorted(self.skipped.items()):
-            lines.append(f"  {kind}: {n}  (e.g. {self.skip_examples.get(kind, '')})")
-        return "\n".join(lines)
+        return "\n".join(lines + skip_summary(self.skipped, self.skip_examples))
 
 
-@dataclass
-class PretrainCache:
-    entry: CacheEntry
-    stats: PretrainStats
-
-    @property
-    def path(self) -> str:
-        return self.entry.path
-
-    def dataset(self):
-        return self.entry.dataset()
+PretrainCache = Cached[PretrainStats]
 
 
 _TOKENIZER = None

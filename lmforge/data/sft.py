@@ -9,8 +9,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from lmforge.data.cache import CacheEntry, RowWriter, build_or_load, cache_key, chunked, ordered_map
-from lmforge.data.formats import Conversation, DataFormat, OnBadRecord, SkipCounter, iter_conversations
+from lmforge.data.cache import Cached, RowWriter, build_or_load, cache_key, chunked, ordered_map
+from lmforge.data.formats import (
+    Conversation,
+    DataFormat,
+    OnBadRecord,
+    SkipCounter,
+    iter_conversations,
+    skip_summary,
+)
 from lmforge.data.render import MaskingStrategy, Rendered, Renderer
 from lmforge.errors import DataError, LmforgeError, RecordError
 
@@ -52,23 +59,10 @@ class PrepareStats:
             f"records: {self.records}  kept: {self.kept}  truncated: {self.truncated}",
             f"tokens: {self.tokens}  trained tokens: {self.trained_tokens}",
         ]
-        lines.append(f"skipped: {sum(self.skipped.values())}")
-        for kind, n in sorted(self.skipped.items()):
-            lines.append(f"  {kind}: {n}  (e.g. {self.skip_examples.get(kind, '')})")
-        return "\n".join(lines)
+        return "\n".join(lines + skip_summary(self.skipped, self.skip_examples))
 
 
-@dataclass
-class SftCache:
-    entry: CacheEntry
-    stats: PrepareStats
-
-    @property
-    def path(self) -> str:
-        return self.entry.path
-
-    def dataset(self):
-        return self.entry.dataset()
+SftCache = Cached[PrepareStats]
 
 
 # Worker side: one renderer per process.
