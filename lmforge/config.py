@@ -104,6 +104,12 @@ class DataArguments:
         metadata={"help": "Accepted for FastChat compatibility. lmforge always tokenizes once into a "
                           "memory-mapped cache, which is both lazy in memory and fast."},
     )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Pack whole records into rows of --model_max_length tokens (best-fit decreasing), "
+                          "each record with its own positions and attention; same loss as unpacked, far "
+                          "less padding. False: one record per row, padded to the longest in the batch."},
+    )
 
     def __post_init__(self):
         self.data_path = list(self.data_path) + [p for p in self.train_files if p not in self.data_path]

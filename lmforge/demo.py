@@ -137,7 +137,8 @@ class DemoScale:
 
 
 # Measured on 2 CPU cores: 156 held-out questions, 97-100 % exact answers over seeds 0-2, in
-# 80-130 s. Smaller variants (2 layers, 8 epochs) stayed at 50-70 %: the arithmetic needs the steps.
+# 80-130 s without packing; 98.1 % in about 100 s packed (the default). Smaller variants
+# (2 layers, 8 epochs) stayed at 50-70 %: the arithmetic needs the steps.
 SCALE = DemoScale(n_countries=30, copies=3, epochs=30, hidden=128, layers=4, learning_rate=3e-3)
 
 

@@ -14,6 +14,7 @@ import sys
 import torch
 import transformers
 
+from lmforge.attention import document_attention_mask
 from lmforge.errors import LmforgeError
 
 BASE_CONFIG = "lmforge_base_config.json"
@@ -121,10 +122,25 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
             unwrapped.get_base_model().config.to_json_file(os.path.join(output_dir, BASE_CONFIG))
 
 
+class Trainer(transformers.Trainer):
+    """The HF Trainer with one hook filled: a packed batch (one carrying document_ids) gets
+    the attention mask that keeps each record to itself, in the form the model's attention
+    implementation takes."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        document_ids = inputs.pop("document_ids", None)
+        if document_ids is not None:
+            config = getattr(model, "module", model).config
+            mask = document_attention_mask(document_ids, config._attn_implementation, torch.float32)
+            if mask is not None:
+                inputs["attention_mask"] = mask
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict) -> str:
     """The part every method shares: the Trainer, auto-resume, the final save."""
-    trainer = transformers.Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

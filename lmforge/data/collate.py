@@ -31,3 +31,31 @@ class PaddedCollator:
             labels[row, :n] = torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long)
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows (see `packing.py`) padded to the longest row; padding gets document id -1,
+    label -100 and positions of its own. No attention_mask: the trainer builds the
+    per-document mask from document_ids for the model's attention implementation."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        m = self.pad_to_multiple_of
+        length = (longest + m - 1) // m * m
+        batch = len(rows)
+        out = {
+            "input_ids": torch.full((batch, length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.arange(length, dtype=torch.long).repeat(batch, 1),
+            "document_ids": torch.full((batch, length), -1, dtype=torch.long),
+        }
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            for key in ("input_ids", "labels", "position_ids", "document_ids"):
+                out[key][i, :n] = torch.as_tensor(r[key], dtype=torch.long)
+            out["position_ids"][i, n:] = torch.arange(length - n)
+        return out

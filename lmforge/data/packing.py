@@ -1,0 +1,103 @@
+"""Packing: whole records placed into bins of `model_max_length` tokens by best-fit decreasing,
+so a batch holds almost no padding, while every record keeps its own positions and attention.
+
+A packed row carries, besides input_ids and labels:
+  - position_ids restarting at 0 for every record, so RoPE sees each one as if alone;
+  - document_ids (0, 1, 2, ... per record in the row), from which the trainer builds the
+    attention mask that confines every token to its own record (see `attention.py`);
+  - the label of each record's first token set to -100: unpacked, the model never predicts a
+    record's first token (there is nothing before it); packed, the token before it belongs to
+    the previous record, and that prediction would cross the boundary.
+With these, packed training computes exactly the unpacked loss (tested to 1e-5 in fp32).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Sequence
+
+import torch
+
+from lmforge.data.render import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, seed: int = 0) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins whose total length is at most `capacity`.
+
+    Records are placed longest first, each into the fullest bin it still fits in (a new bin
+    when none has room). Ties in length are ordered by a seeded shuffle and the bins are
+    shuffled with the same seed, so the result is deterministic for a seed and a run resumes
+    with the same bins. No record is split; one longer than `capacity` is an error (the cache
+    has already truncated or dropped those).
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: the shuffle decides among equal lengths
+    bins: list[list[int]] = []
+    # Bins with room, as sorted (remaining space, bin index) pairs: the first pair whose space
+    # is >= the record's length is the fullest bin that fits.
+    open_bins: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"record {i} has {n} tokens, more than the bin capacity {capacity}")
+        k = bisect.bisect_left(open_bins, (n, -1))
+        if k == len(open_bins):
+            bins.append([i])
+            space, b = capacity - n, len(bins) - 1
+        else:
+            space, b = open_bins.pop(k)
+            bins[b].append(i)
+            space -= n
+        if space > 0:
+            bisect.insort(open_bins, (space, b))
+    rng.shuffle(bins)
+    return bins
+
+
+def record_lengths(dataset) -> list[int]:
+    """Token count of every row of a cached dataset, read from the Arrow list offsets (the
+    tokens themselves are not touched)."""
+    import pyarrow.compute as pc
+
+    column = dataset.data.column("input_ids")
+    return pc.list_value_length(column).to_pylist()
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows made of whole records of `dataset`, one row per bin."""
+
+    def __init__(self, dataset, capacity: int, seed: int = 0):
+        self.dataset = dataset
+        self.capacity = capacity
+        self.bins = best_fit_decreasing(record_lengths(dataset), capacity, seed)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return pack_records([self.dataset[j] for j in self.bins[i]])
+
+
+def pack_records(records: list[dict]) -> dict[str, list[int]]:
+    """One packed row from records with input_ids (and labels; without, every token trains)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    document_ids: list[int] = []
+    for doc, record in enumerate(records):
+        ids = list(record["input_ids"])
+        doc_labels = list(record.get("labels", ids))
+        doc_labels[0] = IGNORE_INDEX
+        input_ids += ids
+        labels += doc_labels
+        position_ids += range(len(ids))
+        document_ids += [doc] * len(ids)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+
+
+def efficiency(bins: list[list[int]], lengths: Sequence[int], capacity: int) -> float:
+    """Fraction of bin capacity filled with tokens."""
+    return sum(lengths) / (len(bins) * capacity) if bins else 0.0
