@@ -80,7 +80,7 @@ def flops_per_token(config, n_params: int, mean_context: float) -> float:
 
 
 def run(name: str, config, rows, collator, batch: int, steps: int, gradient_checkpointing: bool, attn: str,
-        useful_per_row: list[int], context_per_row: list[float], out_dir: str) -> dict:
+        useful_per_row: list[int], context_per_row: list[float], out_dir: str, liger: bool = False) -> dict:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
@@ -89,7 +89,7 @@ def run(name: str, config, rows, collator, batch: int, steps: int, gradient_chec
         learning_rate=1e-4, bf16=True, tf32=True, gradient_checkpointing=gradient_checkpointing,
         report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=steps,
         remove_unused_columns=False, train_sampling_strategy="sequential", dataloader_num_workers=2,
-        optim="adamw_torch_fused", overwrite_output_dir=True)
+        optim="adamw_torch_fused", overwrite_output_dir=True, use_liger_kernel=liger)
     clock = Clock(warmup=3)
     torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=Rows(rows), data_collator=collator, callbacks=[clock]).train()
@@ -105,7 +105,7 @@ def run(name: str, config, rows, collator, batch: int, steps: int, gradient_chec
     return {"run": name, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak, "params": n_params}
 
 
-def bench_shape(shape: str, steps: int, batch: int, attn: str, out_dir: str) -> list[dict]:
+def bench_shape(shape: str, steps: int, batch: int, attn: str, out_dir: str, liger: bool = False) -> list[dict]:
     config = transformers.AutoConfig.for_model(**json.load(open(f"bench/configs/{shape}.json")))
     need = batch * steps
     records = synthetic_records(need * 6, config.vocab_size)
@@ -128,10 +128,13 @@ def bench_shape(shape: str, steps: int, batch: int, attn: str, out_dir: str) -> 
     packed = [pack_records([records[i] for i in b]) for b in bins]
     packed_useful = [len(p["input_ids"]) for p in packed]
     packed_context = [sum(lengths[i] ** 2 for i in b) / 2 / max(1, sum(lengths[i] for i in b)) for b in bins]
-    ours = run(f"{shape}-lmforge-packed-{attn}", config, packed, PackedCollator(0), batch, steps, False, attn,
-               packed_useful, packed_context, out_dir)
-    ours["ratio"] = ours["tokens_per_s"] / seed["tokens_per_s"]
-    return [seed, ours]
+    rows = [seed]
+    for use_liger in ([False, True] if liger else [False]):
+        ours = run(f"{shape}-lmforge-packed-{attn}{'-liger' if use_liger else ''}", config, packed,
+                   PackedCollator(0), batch, steps, False, attn, packed_useful, packed_context, out_dir, use_liger)
+        ours["ratio"] = ours["tokens_per_s"] / seed["tokens_per_s"]
+        rows.append(ours)
+    return rows
 
 
 def main() -> None:
@@ -141,11 +144,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--attn", default="sdpa", help="lmforge's attention: sdpa (boolean document mask) "
                                                      "or flex_attention (BlockMask)")
+    parser.add_argument("--liger", action="store_true", help="also run lmforge with Liger kernels (fused linear "
+                                                                 "cross-entropy, RMSNorm, RoPE, SwiGLU)")
     parser.add_argument("--out", default="/tmp/lmforge-bench")
     args = parser.parse_args()
     results = []
     for shape in args.shapes:
-        results += bench_shape(shape, args.steps, args.batch, args.attn, args.out)
+        results += bench_shape(shape, args.steps, args.batch, args.attn, args.out, args.liger)
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; transformers {transformers.__version__}")
     print(f"{'run':<44} {'useful tok/s':>12} {'MFU':>6} {'peak GiB':>9} {'ratio':>6}")
     for r in results:

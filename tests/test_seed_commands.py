@@ -36,6 +36,15 @@ def tiny_llama(tmp_path_factory) -> str:
     return path
 
 
+def free_port() -> int:
+    """A free local port for the launcher's rendezvous, so parallel runs never share 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(argv: list[str], tmp_path) -> str:
     # The environment's own bin (deepspeed's launcher, ninja for its CPU ops) comes first on
     # PATH, as it does in an activated environment.
@@ -56,6 +65,7 @@ def final_step(out) -> int:
 def test_fastchat_train_fsdp_command(tmp_path, tiny_llama):
     out = str(tmp_path / "output" / "vicuna-7b-sft")
     launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnode=1",
+            f"--master_port={free_port()}",
             "-m", "lmforge.sft",
             "--model_name_or_path", tiny_llama,
             "--data_path", str(DUMMY_CONVERSATIONS),
@@ -90,7 +100,7 @@ FASTCHAT_ZERO2 = {
 def test_fastchat_train_lora_deepspeed_command(tmp_path, tiny_llama):
     (tmp_path / "playground").mkdir()
     (tmp_path / "playground" / "deepspeed_config_s2.json").write_text(json.dumps(FASTCHAT_ZERO2))
-    launch(["deepspeed", "--num_gpus", "1", "--module", "lmforge.lora",
+    launch(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "lmforge.lora",
             "--model_name_or_path", tiny_llama,
             "--data_path", str(DUMMY_CONVERSATIONS),
             "--bf16", "True",
@@ -150,7 +160,7 @@ def test_happy_llm_pretrain_command(tmp_path, small_tokenizer):
     config.mkdir()
     (config / "config.json").write_text(json.dumps({**TINY_LLAMA, "model_type": "qwen2", "vocab_size": 512,
                                                     "max_position_embeddings": 2048}))
-    launch(["deepspeed", "--module", "lmforge.pretrain",
+    launch(["deepspeed", "--master_port", str(free_port()), "--module", "lmforge.pretrain",
             "--config_name", str(config), "--tokenizer_name", small_tokenizer,
             "--train_files", str(SHARED_DATA / "pretrain_text" / "tinyshakespeare.txt"),
             *happy_llm_flags("none"), "--max_steps", "2"], tmp_path)
@@ -184,6 +194,6 @@ def test_happy_llm_finetune_command(tmp_path, tiny_llama):
     data.write_text("\n".join(json.dumps(r) for r in records))
     flags = happy_llm_flags("none")
     flags[flags.index("--per_device_train_batch_size") + 1] = "4"  # 16 x 2048 x 152k fp32 logits: too big for CI
-    launch(["deepspeed", "--module", "lmforge.sft", "--model_name_or_path", tiny_llama, "--train_files", str(data),
+    launch(["deepspeed", "--master_port", str(free_port()), "--module", "lmforge.sft", "--model_name_or_path", tiny_llama, "--train_files", str(data),
             *flags, "--max_steps", "2"], tmp_path)
     assert final_step(tmp_path / "autodl-tmp" / "output" / "run") == 2
