@@ -19,9 +19,25 @@ import transformers
 from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import PackedDataset
-from lmforge.methods.prepare import prepare_sft_data, print_stats
+from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats
 from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model
 from lmforge.train import resolve_resume, train_and_save
+
+
+def batches(data: SftData, data_args: DataArguments, args: TrainingArguments):
+    """Train / eval datasets and the collator: packed rows (default) or one record per row."""
+    multiple = 8 if args.bf16 or args.fp16 else 1
+    train = data.train.dataset()
+    eval_ = data.eval.dataset() if data.eval else None
+    if not data_args.packing:
+        return train, eval_, PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+    train = PackedDataset(train, data_args.model_max_length, seed=args.seed)
+    eval_ = PackedDataset(eval_, data_args.model_max_length, seed=args.seed) if eval_ is not None else None
+    args.remove_unused_columns = False  # keep document_ids for the attention mask
+    if args.process_index == 0:
+        print(f"lmforge: packing: {len(train.dataset)} records into {len(train)} rows of up to "
+              f"{data_args.model_max_length} tokens")
+    return train, eval_, PackedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
 
 
 def main(argv: Sequence[str], lora_default: bool = False) -> str:
@@ -45,24 +61,12 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
     if args.process_index == 0 and next(model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
-    multiple = 8 if args.bf16 or args.fp16 else 1
-    train_dataset = data.train.dataset()
-    eval_dataset = data.eval.dataset() if data.eval else None
-    if data_args.packing:
-        train_dataset = PackedDataset(train_dataset, data_args.model_max_length, seed=args.seed)
-        eval_dataset = PackedDataset(eval_dataset, data_args.model_max_length, seed=args.seed) if eval_dataset else None
-        collator = PackedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
-        args.remove_unused_columns = False  # keep document_ids for the attention mask
-        if args.process_index == 0:
-            print(f"lmforge: packing: {len(train_dataset.dataset)} records into {len(train_dataset)} rows of "
-                  f"up to {data_args.model_max_length} tokens")
-    else:
-        collator = PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+    train_dataset, eval_dataset, collator = batches(data, data_args, args)
     run_info = {
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
         "cache": data.train.path,
-        "packed_rows": len(train_dataset) if data_args.packing else None,
+        "rows": len(train_dataset),
     }
     return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
                           data.end_of_turn_id, run_info)
