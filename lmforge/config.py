@@ -143,6 +143,11 @@ class PretrainDataArguments:
     model_max_length: Optional[int] = field(
         default=None, metadata={"help": "Context the model must support; defaults to --block_size (RoPE scaling)."}
     )
+    pretrain_document_mask: bool = field(
+        default=False,
+        metadata={"help": "Confine attention to each document inside a block (documents end at EOS), with "
+                          "positions restarting at each document, as packed SFT does."},
+    )
     data_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
     )

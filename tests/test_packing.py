@@ -147,3 +147,20 @@ def test_accumulation_8x1_equals_2x4(tmp_path):
     assert any(not torch.equal(a[n], initial[n]) for n in a)  # the step moved the weights
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_pretrain_blocks_split_at_eos():
+    from lmforge.data.packing import split_block
+
+    eos = 2
+    row = split_block([7, 8, eos, 9, 10, eos, 11], eos)
+    assert row == {"input_ids": [7, 8, eos, 9, 10, eos, 11], "labels": [7, 8, eos, X, 10, eos, X],
+                   "position_ids": [0, 1, 2, 0, 1, 2, 0], "document_ids": [0, 0, 0, 1, 1, 1, 2]}
+    # A document inside the block computes what it computes alone.
+    model = tiny_model("sdpa").eval()
+    batch = PackedCollator(0)([row])
+    mask = document_attention_mask(batch.pop("document_ids"), "sdpa", torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+        alone = model(input_ids=torch.tensor([[9, 10, eos]])).logits
+    assert torch.allclose(logits[0, 3:6], alone[0], atol=1e-5)

@@ -109,3 +109,17 @@ def test_rope_scaling_as_fastchat_sets_it():
     assert config.rope_parameters["rope_theta"] == 5e5
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert model.model.rotary_emb.rope_type == "linear"
+
+
+def test_pretrain_with_document_mask_runs(tmp_path, trained_tokenizer):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 512,
+                                  "max_position_embeddings": 256}))
+    out = tmp_path / "out"
+    assert cli(["pretrain", "--config_name", str(config), "--tokenizer_name", trained_tokenizer,
+                "--train_files", str(SHAKESPEARE), "--text_split", "blank_line", "--block_size", "128",
+                "--pretrain_document_mask", "True", "--output_dir", str(out), "--max_steps", "3",
+                "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "True",
+                "--save_strategy", "no", "--dataloader_pin_memory", "False"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3

@@ -11,6 +11,11 @@ import torch
 from lmforge.data.render import IGNORE_INDEX
 
 
+def padded_length(longest: int, multiple: int) -> int:
+    """`longest` rounded up to a multiple of `multiple`."""
+    return (longest + multiple - 1) // multiple * multiple
+
+
 @dataclass
 class PaddedCollator:
     pad_token_id: int
@@ -18,9 +23,7 @@ class PaddedCollator:
     """Round the batch length up to a multiple of this (8 helps tensor cores on GPU)."""
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        m = self.pad_to_multiple_of
-        length = (longest + m - 1) // m * m
+        length = padded_length(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         batch = len(features)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
@@ -43,9 +46,7 @@ class PackedCollator:
     pad_to_multiple_of: int = 1
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        m = self.pad_to_multiple_of
-        length = (longest + m - 1) // m * m
+        length = padded_length(max(len(r["input_ids"]) for r in rows), self.pad_to_multiple_of)
         batch = len(rows)
         out = {
             "input_ids": torch.full((batch, length), self.pad_token_id, dtype=torch.long),

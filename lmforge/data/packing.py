@@ -101,3 +101,35 @@ def pack_records(records: list[dict]) -> dict[str, list[int]]:
 def efficiency(bins: list[list[int]], lengths: Sequence[int], capacity: int) -> float:
     """Fraction of bin capacity filled with tokens."""
     return sum(lengths) / (len(bins) * capacity) if bins else 0.0
+
+
+def split_block(input_ids: Sequence[int], eos_token_id: int) -> dict[str, list[int]]:
+    """A pretraining block as a packed row: documents end at EOS, so each token after an EOS
+    starts a new document with its own positions and attention (`--pretrain_document_mask`).
+    A block starts mid-document more often than not; its first part is a document of its own."""
+    ids = list(input_ids)
+    labels, position_ids, document_ids = [], [], []
+    doc, position = 0, 0
+    for t, token in enumerate(ids):
+        starts = t > 0 and ids[t - 1] == eos_token_id
+        if starts:
+            doc, position = doc + 1, 0
+        labels.append(IGNORE_INDEX if starts else token)
+        position_ids.append(position)
+        document_ids.append(doc)
+        position += 1
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+
+
+class DocumentBlocks(torch.utils.data.Dataset):
+    """Pretraining blocks whose attention stops at document boundaries (EOS)."""
+
+    def __init__(self, dataset, eos_token_id: int):
+        self.dataset = dataset
+        self.eos_token_id = eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return split_block(self.dataset[i]["input_ids"], self.eos_token_id)

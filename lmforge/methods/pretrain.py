@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import transformers
 
 from lmforge.config import LoraArguments, ModelArguments, PretrainDataArguments, TrainingArguments, parse
-from lmforge.data.collate import PaddedCollator
+from lmforge.data.collate import PackedCollator, PaddedCollator
+from lmforge.data.packing import DocumentBlocks
 from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
 from lmforge.data.render import template_end_of_turn
 from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model, load_tokenizer
@@ -72,13 +73,21 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
         model = apply_lora(model, lora_args, args.gradient_checkpointing)
     if args.process_index == 0 and next(model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
-    collator = PaddedCollator(data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None
-                              else data.tokenizer.eos_token_id)
+    pad = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else data.tokenizer.eos_token_id
+    train_dataset = data.train.dataset()
+    eval_dataset = data.eval.dataset() if data.eval else None
+    if data_args.pretrain_document_mask:
+        eos = data.tokenizer.eos_token_id
+        train_dataset = DocumentBlocks(train_dataset, eos)
+        eval_dataset = DocumentBlocks(eval_dataset, eos) if eval_dataset is not None else None
+        collator = PackedCollator(pad)
+        args.remove_unused_columns = False  # keep document_ids for the attention mask
+    else:
+        collator = PaddedCollator(pad)
     run_info = {
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
         "cache": data.train.path,
     }
-    return train_and_save(model, args, data.tokenizer, data.train.dataset(),
-                          data.eval.dataset() if data.eval else None, collator, checkpoint,
+    return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
                           template_end_of_turn(data.tokenizer), run_info)
