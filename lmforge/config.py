@@ -16,8 +16,8 @@ import transformers
 
 from lmforge.data.formats import DataFormat, OnBadRecord, TextSplit
 from lmforge.data.pretrain import Remainder
-from lmforge.data.sft import LongRecords
 from lmforge.data.render import MaskingStrategy
+from lmforge.data.sft import LongRecords
 from lmforge.errors import LmforgeError
 
 

@@ -14,7 +14,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import parse
 from lmforge.data.formats import TextSplit, iter_documents
-from lmforge.data.templates import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES, CHATML_USER
+from lmforge.data.templates import (
+    BUILTIN_SPECIAL_TOKENS,
+    BUILTIN_TEMPLATES,
+    CHATML_USER,
+)
 from lmforge.errors import LmforgeError
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

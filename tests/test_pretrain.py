@@ -16,7 +16,7 @@ from lmforge.data.pretrain import PretrainOptions, Remainder, prepare_pretrain
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model import apply_rope_scaling
 
-from conftest import QWEN_TOKENIZER, SHARED_DATA
+from conftest import SHARED_DATA
 
 SHAKESPEARE = SHARED_DATA / "pretrain_text" / "tinyshakespeare.txt"
 C4 = SHARED_DATA / "llama_factory" / "c4_demo.jsonl"

@@ -14,8 +14,21 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from lmforge.data.cache import Cached, RowWriter, build_or_load, cache_key, chunked, ordered_map
-from lmforge.data.formats import OnBadRecord, SkipCounter, TextSplit, iter_documents, skip_summary
+from lmforge.data.cache import (
+    Cached,
+    RowWriter,
+    build_or_load,
+    cache_key,
+    chunked,
+    ordered_map,
+)
+from lmforge.data.formats import (
+    OnBadRecord,
+    SkipCounter,
+    TextSplit,
+    iter_documents,
+    skip_summary,
+)
 from lmforge.errors import LmforgeError
 
 CHUNK = 64

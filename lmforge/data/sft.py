@@ -9,7 +9,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from lmforge.data.cache import Cached, RowWriter, build_or_load, cache_key, chunked, ordered_map
+from lmforge.data.cache import (
+    Cached,
+    RowWriter,
+    build_or_load,
+    cache_key,
+    chunked,
+    ordered_map,
+)
 from lmforge.data.formats import (
     Conversation,
     DataFormat,

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from lmforge.config import DataArguments, ModelArguments, parse
-from lmforge.data.sft import PrepareOptions, SftCache, dump_records, prepare
 from lmforge.data.render import Renderer, end_of_turn_token_id
+from lmforge.data.sft import PrepareOptions, SftCache, dump_records, prepare
 from lmforge.data.templates import resolve_template
 from lmforge.model import load_tokenizer
 

@@ -15,12 +15,24 @@ from typing import Optional, Sequence
 
 import transformers
 
-from lmforge.config import LoraArguments, ModelArguments, PretrainDataArguments, TrainingArguments, parse
+from lmforge.config import (
+    LoraArguments,
+    ModelArguments,
+    PretrainDataArguments,
+    TrainingArguments,
+    parse,
+)
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import DocumentBlocks
 from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
 from lmforge.data.render import template_end_of_turn
-from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model, load_tokenizer
+from lmforge.model import (
+    apply_lora,
+    gpu_memory_gib,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from lmforge.train import resolve_resume, train_and_save
 
 

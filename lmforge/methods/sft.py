@@ -16,7 +16,13 @@ from typing import Sequence
 
 import transformers
 
-from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse
+from lmforge.config import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse,
+)
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import PackedDataset
 from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats
