@@ -122,6 +122,39 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
             unwrapped.get_base_model().config.to_json_file(os.path.join(output_dir, BASE_CONFIG))
 
 
+class NonFiniteGradients(LmforgeError):
+    pass
+
+
+class NonFiniteGuard(transformers.TrainerCallback):
+    """Stops a run at the first optimizer step whose gradients hold NaN or inf (a non-finite
+    loss gives those too), before the step is applied: the weights stay finite and the newest
+    checkpoint on disk stays the last good one. The error names the step.
+
+    Checked here rather than from logged losses because the Trainer's default
+    `logging_nan_inf_filter` replaces a NaN loss by the running mean, and a checkpoint written
+    between two logs would already hold NaN weights."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads:  # DeepSpeed keeps its gradients to itself; it has its own overflow checks
+            return
+        try:
+            finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            # Sharded (DTensor) gradients under FSDP: the engine's own norm is what to read
+            # there; issue "Several GPUs" wires that in.
+            return
+        if not finite:
+            step = state.global_step + 1
+            newest = last_complete_checkpoint(args.output_dir, log=lambda *_: None)
+            raise NonFiniteGradients(
+                f"non-finite gradients (NaN or inf) at step {step}; stopped before applying it. "
+                f"The last good checkpoint is {newest or 'none (no checkpoint was written yet)'}. "
+                "Lower the learning rate, check the data of this step, or resume from the checkpoint."
+            )
+
+
 class Trainer(transformers.Trainer):
     """The HF Trainer with one hook filled: a packed batch (one carrying document_ids) gets
     the attention mask that keeps each record to itself, in the form the model's attention
@@ -147,6 +180,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[NonFiniteGuard()],
     )
     if args.process_index == 0:
         if is_peft(model):

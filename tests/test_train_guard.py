@@ -1,0 +1,60 @@
+"""The non-finite guard: a NaN gradient stops the run at that step, before the update, with
+the last good checkpoint left as the newest one and no final model written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+from lmforge.config import TrainingArguments
+from lmforge.data.collate import PaddedCollator
+from lmforge.train import NonFiniteGradients, train_and_save
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = [(i * 7 + k) % 50 + 1 for k in range(12)]
+        return {"input_ids": ids, "labels": ids}
+
+
+class PoisonAt(transformers.TrainerCallback):
+    """Puts a NaN into one weight after `step` steps, as a blown-up update would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.norm.weight[0] = float("nan")  # used by every token
+
+
+def test_nan_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    config = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(
+        __import__("tokenizers").models.WordLevel({"<pad>": 0, "x": 1}, unk_token="<pad>")), pad_token="<pad>")
+    out = str(tmp_path / "out")
+    args = TrainingArguments(output_dir=out, max_steps=6, save_steps=1, per_device_train_batch_size=4,
+                             report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
+    import lmforge.train as train_mod
+
+    original = train_mod.Trainer
+
+    class PoisonedTrainer(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [PoisonAt(2)]
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(train_mod, "Trainer", PoisonedTrainer)
+    with pytest.raises(NonFiniteGradients, match=r"non-finite gradients \(NaN or inf\) at step 3; .*"
+                                                 r"The last good checkpoint is .*checkpoint-2"):
+        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "lmforge_run.json"]
