@@ -32,8 +32,9 @@ def allowed(document_ids: torch.Tensor) -> torch.Tensor:
 
 def additive_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, T, T] additive mask for sdpa / eager."""
-    mask = torch.zeros(allowed(document_ids).shape, dtype=dtype, device=document_ids.device)
-    mask.masked_fill_(~allowed(document_ids), torch.finfo(dtype).min)
+    ok = allowed(document_ids)
+    mask = torch.zeros(ok.shape, dtype=dtype, device=document_ids.device)
+    mask.masked_fill_(~ok, torch.finfo(dtype).min)
     return mask[:, None]
 
 
