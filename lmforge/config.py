@@ -173,6 +173,12 @@ class LoraArguments:
         metadata={"help": "QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantisation, "
                           "bf16 compute) and prepared for k-bit training. Implies --lora."},
     )
+    q_lora_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Under QLoRA, also store the frozen input embedding and output head in 4-bit NF4 (one "
+                          "shared copy when they are tied). With a large vocabulary they are a fifth or more of "
+                          "the model; False keeps them in bf16, as plain HF QLoRA does."},
+    )
     modules_to_save: list[str] = field(
         default_factory=list, metadata={"help": "Modules trained in full and saved beside the adapter (e.g. lm_head)."}
     )
@@ -242,6 +248,17 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "FastChat's flag: use the fastest attention this install has (flash_attention_2 "
                           "when flash-attn is installed, else PyTorch SDPA, whose CUDA backend is a flash "
                           "kernel); the choice is logged."},
+    )
+    fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the loss from the final hidden states at the labelled positions only, the "
+                          "vocabulary projection and cross-entropy fused in chunks (Liger's kernel when "
+                          "installed): the full logits tensor is never built. False: the model's own loss."},
+    )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder block (regional compilation: one compiled graph reused "
+                          "by every layer, a short compile); fuses the elementwise work small models are bound by."},
     )
 
     def __post_init__(self):

@@ -141,8 +141,27 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # A config smaller than the tokenizer would index past the embedding table.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if quant is not None and lora.q_lora_embeddings:
+        quantize_frozen_embeddings(model, lora)
     model.config.use_cache = False
     return model
+
+
+def quantize_frozen_embeddings(model, lora: LoraArguments, log=print) -> None:
+    """QLoRA: the embedding and head in 4-bit too (lmforge.quantize says why), unless one of
+    them is trained through --modules_to_save or cannot be stored that way; either is logged."""
+    from lmforge.quantize import embeddings_quantizable, quantize_embeddings
+
+    names = {n for n, m in model.named_modules() if m is model.get_input_embeddings()
+             or m is model.get_output_embeddings()}
+    trained = [m for m in lora.modules_to_save if any(n == m or n.endswith("." + m) for n in names)]
+    why = (f"--modules_to_save {','.join(trained)} trains them" if trained else embeddings_quantizable(model))
+    if why:
+        log(f"lmforge: QLoRA: embedding and head kept in bf16: {why}")
+        return
+    # The same storage dtype as the quantised linear layers (bf16, which FSDP can shard).
+    done = quantize_embeddings(model, quant_storage=torch.bfloat16)
+    log(f"lmforge: QLoRA: 4-bit NF4 {' and '.join(done)}")
 
 
 def prepare_kbit_model(model) -> None:
@@ -186,6 +205,19 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False)
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph.
         model.enable_input_require_grads()
     return model
+
+
+def compile_blocks(model, log=print) -> int:
+    """torch.compile every decoder block in place (regional compilation: the blocks share one
+    compiled graph, so compiling costs about one block's time, not the model's). Returns how
+    many were compiled; the block classes are the model's `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in base.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile()
+    log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'})")
+    return len(blocks)
 
 
 def gpu_memory_gib() -> float | None:

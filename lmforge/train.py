@@ -16,6 +16,8 @@ import transformers
 
 from lmforge.attention import document_attention_mask
 from lmforge.errors import LmforgeError
+from lmforge.loss import fused_causal_lm_loss, fused_head_supported, has_liger
+from lmforge.model import compile_blocks
 
 BASE_CONFIG = "lmforge_base_config.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -156,23 +158,55 @@ class NonFiniteGuard(transformers.TrainerCallback):
 
 
 class Trainer(transformers.Trainer):
-    """The HF Trainer with one hook filled: a packed batch (one carrying document_ids) gets
-    the attention mask that keeps each record to itself, in the form the model's attention
-    implementation takes."""
+    """The HF Trainer with its loss hook filled: a packed batch (one carrying document_ids)
+    gets the attention mask that keeps each record to itself, in the form the model's
+    attention implementation takes; and the loss is computed without the full logits tensor
+    (lmforge.loss) unless --fused_loss False or the model does not allow it."""
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_head = self._fused_head()
+
+    def _fused_head(self):
+        if not getattr(self.args, "fused_loss", False):
+            return None
+        base = self.model.get_base_model() if is_peft(self.model) else self.model
+        why = fused_head_supported(base)
+        if why is None and (self.label_smoother is not None or self.compute_loss_func is not None):
+            why = "a custom loss (label smoothing or compute_loss_func) is set"
+        if self.args.process_index == 0:
+            if why:
+                print(f"lmforge: loss: the model's own ({why})")
+            else:
+                kernel = "Liger's kernel" if self.args.device.type == "cuda" and has_liger() else "chunks"
+                print(f"lmforge: loss: labelled positions only, projection and cross-entropy fused ({kernel})")
+        return None if why else base.get_output_embeddings()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         document_ids = inputs.pop("document_ids", None)
         if document_ids is not None:
             config = getattr(model, "module", model).config
             mask = document_attention_mask(document_ids, config._attn_implementation, torch.float32)
             if mask is not None:
                 inputs["attention_mask"] = mask
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if self.fused_head is None or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None  # the Trainer then averages over accumulation steps itself
+        loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # As the Trainer does for a model's own loss: the gradients are averaged over
+            # processes, while num_items_in_batch counts the labelled tokens of all of them.
+            loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict) -> str:
     """The part every method shares: the Trainer, auto-resume, the final save."""
+    if getattr(args, "compile_blocks", False):
+        compile_blocks(model, log=print if args.process_index == 0 else lambda *_: None)
     trainer = Trainer(
         model=model,
         args=args,

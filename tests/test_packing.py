@@ -123,7 +123,7 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def one_step(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+def one_step(tmp_path, batch_size: int, accumulation: int, fused_loss: bool = True) -> dict[str, torch.Tensor]:
     from lmforge.config import TrainingArguments
     from lmforge.train import Trainer
 
@@ -135,14 +135,16 @@ def one_step(tmp_path, batch_size: int, accumulation: int) -> dict[str, torch.Te
                              per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                              optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0,
                              report_to="none", disable_tqdm=True, save_strategy="no", remove_unused_columns=False,
-                             train_sampling_strategy="sequential", dataloader_pin_memory=False)
+                             train_sampling_strategy="sequential", dataloader_pin_memory=False,
+                             fused_loss=fused_loss)
     Trainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator(0)).train()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_accumulation_8x1_equals_2x4(tmp_path):
-    a = one_step(tmp_path, 8, 1)
-    b = one_step(tmp_path, 2, 4)
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_accumulation_8x1_equals_2x4(tmp_path, fused_loss):
+    a = one_step(tmp_path, 8, 1, fused_loss)
+    b = one_step(tmp_path, 2, 4, fused_loss)
     initial = {n: p for n, p in tiny_model("sdpa").named_parameters()}
     assert any(not torch.equal(a[n], initial[n]) for n in a)  # the step moved the weights
     for n in a:

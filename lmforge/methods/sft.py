@@ -33,6 +33,9 @@ from lmforge.train import resolve_resume, train_and_save
 def batches(data: SftData, data_args: DataArguments, args: TrainingArguments):
     """Train / eval datasets and the collator: packed rows (default) or one record per row."""
     multiple = 8 if args.bf16 or args.fp16 else 1
+    if args.compile_blocks and data_args.packing:
+        # Every packed row the same length: the compiled blocks then see one shape only.
+        multiple = data_args.model_max_length
     train = data.train.dataset()
     eval_ = data.eval.dataset() if data.eval else None
     if not data_args.packing:

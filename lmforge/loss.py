@@ -1,0 +1,170 @@
+"""The training loss without the full logits tensor.
+
+A causal LM computes logits for every position, (batch x length x vocab), upcasts them to
+fp32 and takes the cross-entropy over the positions that carry labels. With Qwen's 151,936
+tokens and 8 x 2048 positions that is 10 GB in fp32, written, read, and again for its gradient;
+it made most of the peak memory and a large share of the step time of a 0.5B model. In SFT
+only the assistant tokens carry labels, often half of them or fewer.
+
+lmforge computes the loss from the final hidden states instead: only at the labelled
+positions, vocabulary projection and cross-entropy fused chunk by chunk (Liger's Triton kernel
+when liger-kernel is installed, else the chunked function below), so at most one
+chunk of logits exists at a time. The model still runs through its own `forward` (so DDP,
+FSDP and DeepSpeed hooks fire as usual): for the duration of one call the output head's
+`forward` is redirected to compute the loss from what it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 2**28  # fp32 logits per chunk: 1 GiB
+
+
+def has_liger() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, target), gradients computed in the
+    forward pass chunk by chunk (the backward only scales them), so no more than one chunk of
+    logits is ever held. The fallback where liger-kernel is not installed (CPU included).
+    `hidden` and `weight` come in one dtype; logits and the weight gradient sum in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                   device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = target[start:start + chunk]
+            logits = (h @ weight.T).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(summed loss)/d(logits) = softmax - one-hot
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(t.shape[0], device=t.device), t] -= 1
+            g = g.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = g @ weight
+            if grad_weight is not None:
+                grad_weight += g.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on, else the tensor's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `target` ([N, H], [V, H], [N]):
+    Liger's fused kernel on GPU when installed, else the chunked function above."""
+    dtype = compute_dtype(hidden)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if hidden.is_cuda and has_liger() and chunk is None:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(hidden, weight, target, reduction="sum")
+        chunk = chunk or max(256, CHUNK_LOGITS // weight.shape[0])
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, chunk)
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The (vocab, hidden) matrix of an output head; a 4-bit head (QLoRA) is dequantised."""
+    weight = head.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(weight.data, state)
+    return weight
+
+
+def fused_head_supported(model) -> str | None:
+    """Why the fused loss cannot be used with this model, or None when it can."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        return "the model soft-caps its logits"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        return "the model has no plain output head (it may be wrapped by --modules_to_save)"
+    if getattr(head, "bias", None) is not None:
+        return "the output head has a bias"
+    return None
+
+
+@contextlib.contextmanager
+def head_computes_loss(head: nn.Module, labels: torch.Tensor):
+    """Within this block, `head(hidden)` returns the summed next-token cross-entropy of the
+    positions whose shifted label is not -100, instead of the logits. Yields a list that
+    receives the loss tensor the head returned."""
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    keep = shifted != IGNORE_INDEX
+    target = shifted[keep]
+    returned: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != keep.shape:
+            raise RuntimeError(f"fused loss: the head got hidden states of shape {tuple(hidden.shape)}, "
+                               f"labels are {tuple(keep.shape)}")
+        if target.numel() == 0:
+            # No labelled token in this micro-batch: zero, with the head's weight still in the
+            # graph (DDP expects a gradient for every parameter it manages).
+            loss = (hidden.sum() + head_weight(head).sum()) * 0.0
+        else:
+            loss = linear_cross_entropy(hidden[keep], head_weight(head), target)
+        returned.append(loss)
+        return loss
+
+    head.forward = forward  # an instance attribute: the module's hooks still run around it
+    try:
+        yield returned
+    finally:
+        del head.forward
+
+
+def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
+                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
+    positions and divided by `num_items_in_batch` (the labelled tokens of the whole
+    accumulation window, as the Trainer counts them) or, when None, by this batch's count."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    with head_computes_loss(head, labels) as returned:
+        outputs = model(**inputs)
+    loss = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if len(returned) != 1 or loss is not returned[0]:
+        raise RuntimeError("fused loss: the model changed what its output head returned (it post-processes "
+                           "logits); train with --fused_loss False")
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels[:, 1:] != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
