@@ -255,6 +255,11 @@ class TrainingArguments(transformers.TrainingArguments):
                           "vocabulary projection and cross-entropy fused in chunks (Liger's kernel when "
                           "installed): the full logits tensor is never built. False: the model's own loss."},
     )
+    loss_kernel: str = field(
+        default="auto",
+        metadata={"help": "The fused loss's kernel: auto (Liger's on a GPU where liger-kernel is installed, else "
+                          "chunks), liger, or chunked (plain PyTorch, chunks of at most 1 GiB of logits)."},
+    )
     compile_blocks: bool = field(
         default=False,
         metadata={"help": "torch.compile each decoder block (regional compilation: one compiled graph reused "
@@ -282,6 +287,8 @@ class TrainingArguments(transformers.TrainingArguments):
             if not os.path.isfile(self.deepspeed):
                 raise LmforgeError(f"--deepspeed {self.deepspeed}: no such file (shipped: zero2, zero2_offload, "
                                    "zero3, zero3_offload)")
+        if self.loss_kernel not in ("auto", "liger", "chunked"):
+            raise LmforgeError(f"--loss_kernel {self.loss_kernel}: choose auto, liger or chunked")
         _check_reporters(self.report_to)
         self._cpu_fallback()
         super().__post_init__()

@@ -22,6 +22,8 @@ import importlib.util
 import torch
 from torch import nn
 
+from lmforge.errors import LmforgeError
+
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**28  # fp32 logits per chunk: 1 GiB
 
@@ -81,14 +83,23 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def use_liger(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel` (auto, liger or chunked) means Liger's kernel on `device`."""
+    if kernel == "liger":
+        if not has_liger():
+            raise LmforgeError("--loss_kernel liger needs liger-kernel: pip install 'lmforge[liger]'")
+        return True
+    return kernel == "auto" and device.type == "cuda" and has_liger()
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, kernel: str = "auto") -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `target` ([N, H], [V, H], [N]):
-    Liger's fused kernel on GPU when installed, else the chunked function above."""
+    Liger's fused kernel or the chunked function above (`use_liger`)."""
     dtype = compute_dtype(hidden)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        if hidden.is_cuda and has_liger() and chunk is None:
+        if use_liger(kernel, hidden.device) and chunk is None:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             return liger_fused_linear_cross_entropy(hidden, weight, target, reduction="sum")
@@ -121,7 +132,7 @@ def fused_head_supported(model) -> str | None:
 
 
 @contextlib.contextmanager
-def head_computes_loss(head: nn.Module, labels: torch.Tensor):
+def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "auto"):
     """Within this block, `head(hidden)` returns the summed next-token cross-entropy of the
     positions whose shifted label is not -100, instead of the logits. Yields a list that
     receives the loss tensor the head returned."""
@@ -139,7 +150,7 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor):
             # graph (DDP expects a gradient for every parameter it manages).
             loss = (hidden.sum() + head_weight(head).sum()) * 0.0
         else:
-            loss = linear_cross_entropy(hidden[keep], head_weight(head), target)
+            loss = linear_cross_entropy(hidden[keep], head_weight(head), target, kernel=kernel)
         returned.append(loss)
         return loss
 
@@ -151,13 +162,13 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor):
 
 
 def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
-                         num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+                         num_items_in_batch: torch.Tensor | int | None, kernel: str = "auto") -> torch.Tensor:
     """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
     positions and divided by `num_items_in_batch` (the labelled tokens of the whole
     accumulation window, as the Trainer counts them) or, when None, by this batch's count."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    with head_computes_loss(head, labels) as returned:
+    with head_computes_loss(head, labels, kernel) as returned:
         outputs = model(**inputs)
     loss = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     if len(returned) != 1 or loss is not returned[0]:

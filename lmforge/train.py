@@ -16,7 +16,7 @@ import transformers
 
 from lmforge.attention import document_attention_mask
 from lmforge.errors import LmforgeError
-from lmforge.loss import fused_causal_lm_loss, fused_head_supported, has_liger
+from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
 
 BASE_CONFIG = "lmforge_base_config.json"
@@ -166,6 +166,8 @@ class Trainer(transformers.Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_head = self._fused_head()
+        if getattr(self.args, "compile_blocks", False):
+            compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None)
 
     def _fused_head(self):
         if not getattr(self.args, "fused_loss", False):
@@ -178,7 +180,7 @@ class Trainer(transformers.Trainer):
             if why:
                 print(f"lmforge: loss: the model's own ({why})")
             else:
-                kernel = "Liger's kernel" if self.args.device.type == "cuda" and has_liger() else "chunks"
+                kernel = "Liger's kernel" if use_liger(self.args.loss_kernel, self.args.device) else "chunks"
                 print(f"lmforge: loss: labelled positions only, projection and cross-entropy fused ({kernel})")
         return None if why else base.get_output_embeddings()
 
@@ -194,7 +196,7 @@ class Trainer(transformers.Trainer):
                                         num_items_in_batch=num_items_in_batch)
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None  # the Trainer then averages over accumulation steps itself
-        loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch)
+        loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # As the Trainer does for a model's own loss: the gradients are averaged over
             # processes, while num_items_in_batch counts the labelled tokens of all of them.
@@ -205,8 +207,6 @@ class Trainer(transformers.Trainer):
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict) -> str:
     """The part every method shares: the Trainer, auto-resume, the final save."""
-    if getattr(args, "compile_blocks", False):
-        compile_blocks(model, log=print if args.process_index == 0 else lambda *_: None)
     trainer = Trainer(
         model=model,
         args=args,

@@ -22,5 +22,7 @@ def loaded_gib(model_args: ModelArguments, lora: LoraArguments) -> float:
 
 base = sys.argv[1]
 bf16 = loaded_gib(ModelArguments(model_name_or_path=base, torch_dtype="bfloat16"), LoraArguments(lora=True))
+linear_only = loaded_gib(ModelArguments(model_name_or_path=base), LoraArguments(q_lora=True, q_lora_embeddings=False))
 nf4 = loaded_gib(ModelArguments(model_name_or_path=base), LoraArguments(q_lora=True))
-print(f"base after loading: bf16 {bf16:.2f} GiB, 4-bit NF4 {nf4:.2f} GiB = {100 * nf4 / bf16:.1f} % of bf16")
+print(f"base after loading: bf16 {bf16:.2f} GiB; 4-bit linear layers only {linear_only:.2f} GiB "
+      f"= {100 * linear_only / bf16:.1f} %; 4-bit with embedding and head {nf4:.2f} GiB = {100 * nf4 / bf16:.1f} %")

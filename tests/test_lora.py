@@ -149,3 +149,44 @@ def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
             # Packed 4-bit storage read as bf16 holds NaN bit patterns: compare the bytes.
             assert torch.equal(m.weight.data.view(torch.uint8), quantized[n].view(torch.uint8))
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has_bitsandbytes(),
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes (verified on the GPU device)")
+def test_qlora_stores_tied_embedding_and_head_in_one_4bit_copy(tmp_path):
+    import bitsandbytes as bnb
+
+    from lmforge.quantize import TiedEmbedding4bit
+
+    base = str(tmp_path / "base64")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**{**TINY, "hidden_size": 64, "num_attention_heads": 4})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER)).save_pretrained(base)
+    model_args = ModelArguments(model_name_or_path=base)
+    tokenizer = load_tokenizer(model_args)
+    quantized = load_model(model_args, tokenizer, lora=LoraArguments(q_lora=True))
+    emb, head = quantized.get_input_embeddings(), quantized.get_output_embeddings()
+    assert isinstance(emb, TiedEmbedding4bit) and isinstance(head, bnb.nn.Linear4bit)
+    assert emb.weight is head.weight  # one 4-bit copy
+    full = bnb.functional.dequantize_4bit(head.weight.data, head.weight.quant_state)
+    ids = torch.randint(0, config.vocab_size, (3, 17), device=full.device)
+    assert torch.equal(emb(ids), full[ids])  # a lookup dequantises exactly those rows
+    # The same model with bf16 embeddings holding the dequantised values computes the same logits.
+    plain = load_model(model_args, tokenizer, lora=LoraArguments(q_lora=True, q_lora_embeddings=False))
+    with torch.no_grad():
+        plain.get_input_embeddings().weight.copy_(full)
+        a, b = quantized(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
+    assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+    # It trains (the fused loss reads the 4-bit head) and saves an adapter.
+    out = str(tmp_path / "out")
+    lora_args = LoraArguments(q_lora=True)
+    model = apply_lora(quantized, lora_args)
+    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to="none", disable_tqdm=True, save_strategy="no", bf16=True)
+    packed_before = head.weight.data.clone()
+    train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
+                   None, {})
+    assert torch.equal(head.weight.data.view(torch.uint8), packed_before.view(torch.uint8))
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))

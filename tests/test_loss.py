@@ -79,3 +79,20 @@ def test_soft_capped_logits_keep_the_models_own_loss():
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert fused_head_supported(model) == "the model soft-caps its logits"
     assert fused_head_supported(tiny_model("sdpa")) is None
+
+
+def test_compiled_blocks_compute_the_same_loss_and_gradients():
+    from lmforge.model import compile_blocks
+
+    model = tiny_model("sdpa")
+    batch = packed_batch(records(12), capacity=64, attn="sdpa")
+    ref = model(**batch).loss
+    ref.backward()
+    expected = grads(model)
+    model.zero_grad()
+    assert compile_blocks(model, log=lambda *_: None) == 2
+    ours = fused_causal_lm_loss(model, model.get_output_embeddings(), batch, None)
+    ours.backward()
+    assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for name, grad in grads(model).items():
+        assert torch.allclose(grad, expected[name], rtol=1e-3, atol=1e-6), name

@@ -1,0 +1,83 @@
+"""Where a training step's time goes: torch.profiler over a few steps of the bench's runs.
+
+    python bench/profile_sft.py --shape qwen2.5-0.5b
+
+For each variant: wall time per step, GPU kernel time per step (their ratio says whether the
+GPU or the host is the bottleneck), kernel launches per step, and the kernels that take the
+most time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sft_throughput import MAX_LEN, Variant, run, synthetic_records  # noqa: E402
+
+from lmforge.data.packing import best_fit_decreasing, pack_records  # noqa: E402
+
+
+class Profile(transformers.TrainerCallback):
+    def __init__(self, first: int, steps: int):
+        self.first, self.steps, self.prof, self.t0 = first, steps, None, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and state.global_step == self.first + self.steps:
+            torch.cuda.synchronize()
+            self.wall = (time.perf_counter() - self.t0) / self.steps
+            self.prof.__exit__(None, None, None)
+            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu = sum(e.device_time for e in events) / 1e6 / self.steps
+            print(f"  wall {1000 * self.wall:.1f} ms/step; GPU kernels {1000 * gpu:.1f} ms/step "
+                  f"({100 * gpu / self.wall:.0f} % busy); {len(events) / self.steps:.0f} kernels/step")
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70)
+            print("\n".join(table.splitlines()[:24]))
+            self.prof = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen2.5-0.5b")
+    parser.add_argument("--variants", nargs="+", default=["eager-liger", "eager-chunked", "compile-chunked"])
+    args = parser.parse_args()
+    config = transformers.AutoConfig.for_model(**json.load(open(f"bench/configs/{args.shape}.json")))
+    batch, steps = 8, 10
+    records = synthetic_records(batch * steps * 6, config.vocab_size)
+    lengths = [len(r["input_ids"]) for r in records]
+    bins = best_fit_decreasing(lengths, MAX_LEN, seed=0)[:batch * steps]
+    rows = [pack_records([records[i] for i in b]) for b in bins]
+    useful = [len(r["input_ids"]) for r in rows]
+    context = [1.0] * len(rows)
+    named = {
+        "eager-liger": Variant("eager-liger", extra={"loss_kernel": "liger"}),
+        "eager-chunked": Variant("eager-chunked", extra={"loss_kernel": "chunked"}),
+        "compile-chunked": Variant("compile-chunked", compile_blocks=True, extra={"loss_kernel": "chunked"}),
+        "compile-liger": Variant("compile-liger", compile_blocks=True, extra={"loss_kernel": "liger"}),
+        "model-loss": Variant("model-loss", lmforge=False),
+    }
+    for name in args.variants:
+        print(f"== {args.shape} {name}", flush=True)
+        r = run(args.shape, "full", named[name], config, rows, useful, context, batch, steps, "/tmp/lmforge-prof",
+                None, callbacks=[Profile(first=6, steps=3)])
+        print(f"  {r['tokens_per_s']:,.0f} useful tokens/s, peak {r['peak_gib']:.1f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
