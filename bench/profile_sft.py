@@ -71,6 +71,8 @@ def main() -> None:
         "compile-chunked": Variant("compile-chunked", compile_blocks=True, extra={"loss_kernel": "chunked"}),
         "compile-liger": Variant("compile-liger", compile_blocks=True, extra={"loss_kernel": "liger"}),
         "model-loss": Variant("model-loss", lmforge=False),
+        "compile-flex-chunked": Variant("compile-flex-chunked", compile_blocks=True, attn="flex_attention",
+                                        extra={"loss_kernel": "chunked"}),
     }
     for name in args.variants:
         print(f"== {args.shape} {name}", flush=True)

@@ -202,18 +202,21 @@ def variants(method: str, liger: bool) -> list[Variant]:
     if method == "full":
         out = [Variant("seed-style", packed=False, lmforge=False, gradient_checkpointing=True),
                Variant("lmforge"), Variant("lmforge+compile", compile_blocks=True),
-               Variant("lmforge+compile+chunked-loss", compile_blocks=True, extra={"loss_kernel": "chunked"}),
-               Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
+               Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention"),
+               Variant("lmforge+compile+flex+liger-loss", compile_blocks=True, attn="flex_attention",
+                       extra={"loss_kernel": "liger"})]
         if liger:
-            out.append(Variant("lmforge+compile+liger", compile_blocks=True, liger=True))
             out.append(Variant("lmforge+compile+flex+liger", compile_blocks=True, liger=True,
                                attn="flex_attention"))
         return out
     if method == "lora":
         return [Variant("hf-peft-padded", packed=False, lmforge=False, gradient_checkpointing=True),
-                Variant("lmforge"), Variant("lmforge+compile", compile_blocks=True)]
+                Variant("lmforge"), Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
     return [Variant("hf-peft-padded", packed=False, lmforge=False, gradient_checkpointing=True),
-            Variant("lmforge", gradient_checkpointing=True), Variant("lmforge-no-ckpt")]
+            Variant("lmforge+ckpt", gradient_checkpointing=True),
+            Variant("lmforge+compile+flex+ckpt", gradient_checkpointing=True, compile_blocks=True,
+                    attn="flex_attention"),
+            Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
 
 
 def save_base(config, path: str) -> str:
@@ -255,7 +258,7 @@ def bench_shape(shape: str, methods: list[str], steps: int, batch: int, out_dir:
                 gc.collect()
                 torch.cuda.empty_cache()
             baseline = baseline or (row if not variant.lmforge else None)
-            if "error" not in row and "error" not in baseline and row is not baseline:
+            if baseline is not None and "error" not in row and "error" not in baseline and row is not baseline:
                 row["ratio"] = row["tokens_per_s"] / baseline["tokens_per_s"]
             print(json.dumps(row), flush=True)
             results.append(row)
