@@ -4,6 +4,7 @@ traceback, with exit status 2."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import Callable, Sequence
@@ -47,6 +48,14 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
         entry(argv)
     except LmforgeError as e:
         print(f"lmforge {command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A full disk can strike any write (a checkpoint, the final save, a log); wherever it
+        # does, the user needs the one line that names it, not a traceback through the Trainer.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"lmforge {command}: error: {e.strerror or 'no space left on device'}{where}", file=sys.stderr)
         return 2
     return 0
 

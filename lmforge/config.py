@@ -115,6 +115,10 @@ class DataArguments:
         self.data_path = list(self.data_path) + [p for p in self.train_files if p not in self.data_path]
         if self.block_size:
             self.model_max_length = self.block_size
+        # A length below 1 would truncate every record to nothing and end in "no usable record",
+        # which hides the cause.
+        if self.model_max_length < 1:
+            raise LmforgeError(f"--model_max_length must be at least 1, got {self.model_max_length}")
 
 
 @dataclass
@@ -167,7 +171,10 @@ class LoraArguments:
         metadata={"help": "Modules that get adapters: all-linear (every linear layer of the blocks, not the "
                           "output head), or names such as q_proj v_proj (also q_proj,v_proj)."},
     )
-    lora_bias: str = field(default="none", metadata={"help": "Biases to train: none, all or lora_only."})
+    lora_bias: str = field(
+        default="none",
+        metadata={"help": "Biases to train: none, all or lora_only.", "choices": ["none", "all", "lora_only"]},
+    )
     q_lora: bool = field(
         default=False,
         metadata={"help": "QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double quantisation, "
@@ -189,6 +196,11 @@ class LoraArguments:
         self.modules_to_save = [m for item in self.modules_to_save for m in item.split(",") if m]
         if self.q_lora:
             self.lora = True
+        # Checked here, before any data is tokenized; PEFT would refuse them only once the model is built.
+        if self.lora_r < 1:
+            raise LmforgeError(f"--lora_r must be a positive integer, got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LmforgeError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 REPORT_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard", "mlflow": "mlflow",
@@ -267,6 +279,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.output_dir is None:
+            # transformers would default to ./trainer_output, a directory the user never named.
+            raise LmforgeError("--output_dir is required: the directory checkpoints and the trained model go to")
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio:
@@ -287,6 +302,7 @@ class TrainingArguments(transformers.TrainingArguments):
             if not os.path.isfile(self.deepspeed):
                 raise LmforgeError(f"--deepspeed {self.deepspeed}: no such file (shipped: zero2, zero2_offload, "
                                    "zero3, zero3_offload)")
+            read_json_object(self.deepspeed, "--deepspeed")
         if self.loss_kernel not in ("auto", "liger", "chunked"):
             raise LmforgeError(f"--loss_kernel {self.loss_kernel}: choose auto, liger or chunked")
         _check_reporters(self.report_to)
@@ -316,6 +332,21 @@ class TrainingArguments(transformers.TrainingArguments):
         return config
 
 
+def read_json_object(path: str, flag: str) -> dict:
+    """A JSON config file named by `flag`, which must hold an object; a file that does not
+    parse is named with the line and column, instead of a JSONDecodeError deep in the loader."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{flag} {path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{flag} {path}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    if not isinstance(value, dict):
+        raise LmforgeError(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def yaml_to_argv(path: str) -> list[str]:
     """Turn a YAML run file into flags, so flags after it on the command line override it."""
     import yaml
@@ -326,7 +357,11 @@ def yaml_to_argv(path: str) -> list[str]:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise LmforgeError(f"{path}: not valid YAML: {e}") from None
+        # PyYAML's own text spans several lines and repeats the file name; keep its position
+        # and its one-line reason.
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise LmforgeError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(values, dict):
         raise LmforgeError(f"{path}: a run file must map flag names to values")
     argv: list[str] = []
@@ -349,12 +384,52 @@ def expand_argv(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+class _ArgumentParser(transformers.HfArgumentParser):
+    """argparse prints the whole usage (hundreds of TrainingArguments flags) above a bad value;
+    raised as an LmforgeError the one line that matters is printed on its own."""
+
+    def error(self, message: str):
+        raise LmforgeError(message)
+
+
+def check_combinations(objs: Sequence[Any]) -> None:
+    """Flags that are each valid but cannot work together, refused before any data is read."""
+    by_type = {type(o): o for o in objs}
+    lora = next((o for t, o in by_type.items() if issubclass(t, LoraArguments)), None)
+    args = next((o for t, o in by_type.items() if issubclass(t, TrainingArguments)), None)
+    data = next((o for t, o in by_type.items() if issubclass(t, (DataArguments, PretrainDataArguments))), None)
+    if args is None:
+        return
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if lora is not None and lora.q_lora and ds_config is not None and ds_config.is_zero3():
+        # lmforge's QLoRA loads the whole 4-bit base onto each process' GPU (a device_map), which
+        # ZeRO-3 refuses: it partitions (and with offload moves to CPU) the parameters itself.
+        offload = " with CPU offload" if ds_config.is_offload() else ""
+        raise LmforgeError(
+            f"--q_lora cannot run under --deepspeed {args.deepspeed} (ZeRO stage 3{offload}): QLoRA keeps the "
+            "4-bit base model whole on every GPU, ZeRO-3 partitions parameters; use --deepspeed zero2 or "
+            "zero2_offload")
+    if data is not None and args.eval_strategy != transformers.IntervalStrategy.NO:
+        held_out, flag = ((data.eval_data_path, "--eval_data_path") if isinstance(data, DataArguments)
+                          else (data.validation_files, "--validation_files"))
+        if not held_out:
+            # The Trainer would refuse this only after the data is tokenized, with a traceback.
+            raise LmforgeError(f"--eval_strategy {args.eval_strategy.value} needs held-out data: pass {flag} "
+                               "(or --eval_strategy no)")
+
+
 def parse(dataclasses_: tuple[type, ...], argv: Sequence[str]) -> tuple[Any, ...]:
-    """Parse flags (and a leading YAML file) into the given dataclasses; unknown flags are an
-    error that names them."""
-    parser = transformers.HfArgumentParser(dataclasses_)
-    parsed = parser.parse_args_into_dataclasses(args=expand_argv(argv), return_remaining_strings=True)
+    """Parse flags (and a leading YAML file) into the given dataclasses; an unknown flag, a bad
+    value or an impossible combination is an LmforgeError that names it."""
+    parser = _ArgumentParser(dataclasses_)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=expand_argv(argv), return_remaining_strings=True)
+    except ValueError as e:
+        # transformers' TrainingArguments checks its values in __post_init__ with ValueError
+        # (e.g. --bf16 with --fp16); those are about the flags given here.
+        raise LmforgeError(str(e).strip()) from None
     *objs, remaining = parsed
     if remaining:
         raise LmforgeError(f"unknown arguments: {' '.join(remaining)}")
+    check_combinations(objs)
     return tuple(objs)

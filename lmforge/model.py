@@ -4,16 +4,35 @@ is patched."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import torch
 import transformers
 
-from lmforge.config import LoraArguments, ModelArguments
+from lmforge.config import LoraArguments, ModelArguments, read_json_object
 from lmforge.errors import LmforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def custom_code_requests(path: str) -> list[str]:
+    """The `auto_map` entries (class references into Python files shipped with the model) that
+    the config and tokenizer config at `path` ask transformers to import, as "file: Auto -> ref"."""
+    names = ("config.json", "tokenizer_config.json")
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in names]
+    requests = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                auto_map = json.load(f).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # a file that does not parse is reported by the loader itself
+        for auto, ref in sorted(auto_map.items()):
+            refs = ref if isinstance(ref, str) else ", ".join(map(str, ref))  # tokenizers map to [slow, fast]
+            requests.append(f"{os.path.basename(file)}: {auto} -> {refs}")
+    return requests
 
 
 def _from_local(loader, flags: list[tuple[str, str | None]], what: str, missing: str, trust_remote_code: bool):
@@ -27,6 +46,13 @@ def _from_local(loader, flags: list[tuple[str, str | None]], what: str, missing:
     try:
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
+        # transformers decides when custom code is needed (a model type it lacks); when it
+        # refuses, say which file asks for which code and the one flag that allows it.
+        requests = [] if trust_remote_code else custom_code_requests(path)
+        if requests and "trust_remote_code" in str(e):
+            raise LmforgeError(
+                f"{flag} {path}: the {what} needs Python code shipped with the model ({'; '.join(requests)}); "
+                "lmforge runs no code from a model directory unless you pass --trust_remote_code True") from None
         raise LmforgeError(f"{flag} {path}: cannot load a {what}: {e}") from None
 
 
@@ -44,7 +70,20 @@ def load_tokenizer(args: ModelArguments):
     return tokenizer
 
 
+def _check_config_json(args: ModelArguments) -> None:
+    """A model config that is not JSON, named with its line and column (transformers says only
+    "not a valid JSON file")."""
+    flag, path = next(((f, p) for f, p in (("--config_name", args.config_name),
+                                           ("--model_name_or_path", args.model_name_or_path)) if p), (None, None))
+    if path is None:
+        return
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if os.path.isfile(file):
+        read_json_object(file, flag)
+
+
 def load_config(args: ModelArguments):
+    _check_config_json(args)
     return _from_local(
         transformers.AutoConfig,
         [("--config_name", args.config_name), ("--model_name_or_path", args.model_name_or_path)],
@@ -181,9 +220,25 @@ def prepare_kbit_model(model) -> None:
             module.to(torch.float32)
 
 
+def check_module_names(model, names: list[str], flag: str) -> None:
+    """Every name of `names` must match a module of `model` the way PEFT matches a list entry
+    (the whole module path, or its tail after a dot). PEFT itself only refuses a list of which
+    no name matches: `q_proj,qproj` would train q_proj alone and say nothing of the typo."""
+    paths = [name for name, _ in model.named_modules() if name]
+    unknown = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    if unknown:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and not any(m.children())})
+        raise LmforgeError(f"{flag}: the model has no module named {', '.join(map(repr, unknown))}; "
+                           f"its layer names are {', '.join(leaves)}")
+
+
 def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False):
     """Wrap `model` with LoRA adapters through PEFT (k-bit preparation first under QLoRA)."""
     import peft
+
+    if lora.lora_target_modules != ["all-linear"]:
+        check_module_names(model, lora.lora_target_modules, "--lora_target_modules")
+    check_module_names(model, lora.modules_to_save, "--modules_to_save")
 
     if lora.q_lora:
         prepare_kbit_model(model)

@@ -131,4 +131,5 @@ def test_unknown_flag_and_missing_model_are_errors(tmp_path, tiny_config, capsys
     broken.write_text('{"model_type": "qwen2", ')
     argv[argv.index("--config_name") + 1] = str(broken)
     assert cli(argv) == 2
-    assert f"--config_name {broken}: cannot load a model config" in capsys.readouterr().err
+    assert f"--config_name {broken}: not valid JSON: Expecting property name enclosed in double quotes at line 1 " \
+        "column 25" in capsys.readouterr().err

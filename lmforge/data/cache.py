@@ -4,15 +4,21 @@ rerun, a resume and every rank open the same file instead of tokenizing again, a
 never sits in Python lists in memory (FastChat and happy-llm hold it all in RAM).
 
 Layout: `<cache_dir>/<kind>/<key>/tokens.arrow` (an Arrow IPC stream, opened with
-`datasets.Dataset.from_file`, which memory-maps it) and `stats.json`. An entry is built in a
-temporary directory and renamed into place when complete, so a crash leaves no entry that
-looks finished. This module is the generic part; `data/sft.py` and `data/pretrain.py` say what
-goes into an entry.
+`datasets.Dataset.from_file`, which memory-maps it), `stats.json` and `entry.json` (the row
+count and byte size of tokens.arrow). An entry is built in a temporary directory and renamed
+into place when complete, so a crash leaves no entry that looks finished. This module is the
+generic part; `data/sft.py` and `data/pretrain.py` say what goes into an entry.
+
+Nothing in the cache is a pickle: an entry is Arrow (columns of int32 lists, checked) and
+JSON, read as data only, so whoever can write to a cache directory can change token ids but
+cannot make lmforge run code. An entry that does not check out against `entry.json`
+(truncated, replaced, edited) is reported and rebuilt.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -24,9 +30,12 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 
-from lmforge.errors import DataError, LmforgeError
+from lmforge.data.formats import SUPPORTED_SUFFIXES, require_file
+from lmforge.errors import LmforgeError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: entries carry entry.json
+TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_cache_dir() -> str:
@@ -50,13 +59,14 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def cache_key(kind: str, paths: Sequence[str], tokenizer, options: dict[str, Any]) -> str:
-    """Digest of the data files' bytes, the tokenizer, and the options (template included)."""
+def cache_key(kind: str, paths: Sequence[str], tokenizer, options: dict[str, Any],
+              suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> str:
+    """Digest of the data files' bytes, the tokenizer, and the options (template included).
+    `suffixes` are the file types this kind reads, named when a path is not a file."""
     h = hashlib.sha256()
     h.update(f"lmforge-{kind}-cache-v{CACHE_VERSION}\n".encode())
     for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(path, None, "file does not exist")
+        require_file(path, suffixes)
         h.update(b"file\n")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -75,7 +85,7 @@ class CacheEntry:
         """The cached rows as a memory-mapped `datasets.Dataset`."""
         import datasets
 
-        return datasets.Dataset.from_file(os.path.join(self.path, "tokens.arrow"), in_memory=False)
+        return datasets.Dataset.from_file(os.path.join(self.path, TOKENS), in_memory=False)
 
 
 S = TypeVar("S")
@@ -96,27 +106,108 @@ class Cached(Generic[S]):
         return self.entry.dataset()
 
 
-def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict]) -> CacheEntry:
-    """Return the entry `key`, building it with `build(tmp_dir) -> stats` when absent.
+class DamagedEntry(Exception):
+    """A cache entry whose files do not check out; the message says which file and how."""
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DamagedEntry(f"{os.path.basename(path)} does not read as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DamagedEntry(f"{os.path.basename(path)} holds {type(value).__name__}, not an object")
+    return value
+
+
+TOKEN_COLUMN = pa.list_(pa.int32())
+
+
+def _count_rows(tokens: str) -> int:
+    """Rows of an Arrow IPC stream of token columns; anything else (a truncated stream, another
+    format, a pickle, a stream with other column types) raises ValueError here. Memory-mapped,
+    so only the batch headers are read."""
+    with pa.memory_map(tokens) as source:
+        reader = pa.ipc.open_stream(source)
+        odd = [f"{f.name}: {f.type}" for f in reader.schema if f.type != TOKEN_COLUMN]
+        if odd:
+            raise ValueError(f"columns that are not lists of int32 ({', '.join(odd)})")
+        return sum(batch.num_rows for batch in reader)
+
+
+def _manifest(directory: str) -> dict:
+    tokens = os.path.join(directory, TOKENS)
+    return {"rows": _count_rows(tokens), "bytes": os.path.getsize(tokens)}
+
+
+def load_entry(path: str) -> dict:
+    """The stats of the finished entry at `path`, after checking that tokens.arrow is the Arrow
+    stream entry.json describes (same size, same row count); raises `DamagedEntry` if not."""
+    stats = _read_json_object(os.path.join(path, STATS))
+    manifest = _read_json_object(os.path.join(path, MANIFEST))
+    tokens = os.path.join(path, TOKENS)
+    if not os.path.isfile(tokens):
+        raise DamagedEntry(f"{TOKENS} is missing")
+    size = os.path.getsize(tokens)
+    if size != manifest.get("bytes"):
+        raise DamagedEntry(f"{TOKENS} holds {size} bytes, {MANIFEST} records {manifest.get('bytes')}")
+    try:
+        rows = _count_rows(tokens)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DamagedEntry(f"{TOKENS} is not an Arrow stream of token columns ({e})") from None
+    if rows != manifest.get("rows"):
+        raise DamagedEntry(f"{TOKENS} holds {rows} rows, {MANIFEST} records {manifest.get('rows')}")
+    return stats
+
+
+def _is_disk_full(e: OSError) -> bool:
+    # pyarrow's writers raise OSError with the message but not always the errno set.
+    return e.errno in DISK_FULL or "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+
+
+def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict], log=print) -> CacheEntry:
+    """Return the entry `key`, building it with `build(tmp_dir) -> stats` when absent or damaged.
 
     `build` writes `tokens.arrow` into the temporary directory; the directory is renamed into
-    place only after it returns, so a failed or killed build leaves nothing that looks done."""
+    place only after it returns, so a failed or killed build leaves nothing that looks done. A
+    full disk is reported naming the cache directory, with nothing left behind."""
     cache_dir = cache_dir or default_cache_dir()
     final = os.path.join(cache_dir, kind, key)
-    stats_path = os.path.join(final, "stats.json")
-    if os.path.isfile(stats_path):
-        with open(stats_path) as f:
-            return CacheEntry(final, json.load(f))
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=os.path.dirname(final))
+    parent = os.path.dirname(final)
+    if os.path.isdir(final):
+        try:
+            return CacheEntry(final, load_entry(final))
+        except DamagedEntry as e:
+            log(f"lmforge: the cache entry {final} is damaged ({e}); rebuilding it")
+            shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
+    except OSError as e:
+        raise LmforgeError(f"cannot write the token cache under {parent}: {e.strerror}; "
+                           "point --data_cache_dir (or $LMFORGE_CACHE) at a writable directory") from None
     try:
         stats = build(tmp)
-        with open(os.path.join(tmp, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=1)
+        _write_json(os.path.join(tmp, STATS), stats)
+        _write_json(os.path.join(tmp, MANIFEST), _manifest(tmp))
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same entry first; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            writing = f" (writing {e.filename})" if e.filename else ""
+            raise LmforgeError(
+                f"cannot write the token cache under {parent}: no space left on device{writing}; nothing "
+                "was kept. Free space, or point --data_cache_dir (or $LMFORGE_CACHE) at a larger disk") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,8 +218,8 @@ class RowWriter:
     """Streams rows (lists of ints per column) into `tokens.arrow`, a batch at a time."""
 
     def __init__(self, directory: str, columns: Sequence[str], batch_rows: int = 1024):
-        self.schema = pa.schema([(c, pa.list_(pa.int32())) for c in columns])
-        self.sink = pa.OSFile(os.path.join(directory, "tokens.arrow"), "wb")
+        self.schema = pa.schema([(c, TOKEN_COLUMN) for c in columns])
+        self.sink = pa.OSFile(os.path.join(directory, TOKENS), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
         self.rows: list[Sequence[list[int]]] = []
         self.batch_rows = batch_rows

@@ -72,13 +72,21 @@ SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
 # ---------------------------------------------------------------------------------------------
 
 
+def require_file(path: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> None:
+    """Raise a `DataError` unless `path` is an existing regular file; one place for the wording
+    so the cache key, the readers and the text reader all say the same thing."""
+    if os.path.isdir(path):
+        raise DataError(path, None, f"is a directory, expected a {', '.join(suffixes)} file")
+    if not os.path.exists(path):
+        raise DataError(path, None, "file does not exist")
+    if not os.path.isfile(path):
+        raise DataError(path, None, "is not a regular file")
+
+
 def read_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield `(location, record)` from one file, in file order. `location` names the record in
     messages ("record 3" for JSON lists and Parquet rows, "line 12" for JSONL)."""
-    if not os.path.exists(path):
-        raise DataError(path, None, "file does not exist")
-    if os.path.isdir(path):
-        raise DataError(path, None, "is a directory, expected a .json, .jsonl or .parquet file")
+    require_file(path)
     if os.path.getsize(path) == 0:
         raise DataError(path, None, "file is empty")
     suffix = os.path.splitext(path)[1].lower()
@@ -92,9 +100,24 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError(path, None, f"unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}")
 
 
+# Byte-order marks of the encodings a text editor or PowerShell's `>` writes instead of UTF-8.
+# Without this check a UTF-16 file is reported as "invalid start byte" at byte 0, which does not
+# tell the user what to do.
+WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
 def _read_text(path: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
+    for bom, encoding in WIDE_BOMS:
+        if raw.startswith(bom):
+            raise DataError(path, None, f"is {encoding}-encoded (it starts with a {encoding} byte-order mark); "
+                                        "lmforge reads UTF-8: convert the file to UTF-8")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -378,8 +401,7 @@ def iter_documents(
     holding a `text_field` string."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".txt":
-        if not os.path.isfile(path):
-            raise DataError(path, None, "file does not exist")
+        require_file(path, TEXT_SUFFIXES)
         text = _read_text(path)
         if not text.strip():
             raise DataError(path, None, "file is empty")

@@ -23,6 +23,7 @@ from lmforge.data.cache import (
     ordered_map,
 )
 from lmforge.data.formats import (
+    TEXT_SUFFIXES,
     OnBadRecord,
     SkipCounter,
     TextSplit,
@@ -134,7 +135,7 @@ def prepare_pretrain(
         raise LmforgeError("the tokenizer has no EOS token to separate documents with")
     if options.block_size < 2:
         raise LmforgeError(f"--block_size must be at least 2, got {options.block_size}")
-    key = cache_key("pretrain", paths, tokenizer, asdict(options))
+    key = cache_key("pretrain", paths, tokenizer, asdict(options), suffixes=TEXT_SUFFIXES)
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})

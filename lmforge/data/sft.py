@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -179,10 +180,20 @@ def prepare(
 
 
 def dump_records(cache: SftCache, path: str, n: int) -> int:
-    """Write the first `n` cached records, in source order, as JSONL {input_ids, labels}."""
+    """Write the first `n` cached records, in source order, as JSONL {input_ids, labels}.
+
+    Written to a temporary file renamed into place, so a failed write (a full disk) leaves no
+    truncated dump that looks complete."""
     ds = cache.dataset()
     n = min(n, len(ds))
-    with open(path, "w") as f:
-        for row in ds.select(range(n)):
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            for row in ds.select(range(n)):
+                f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise LmforgeError(f"--dump {path}: cannot write it: {e.strerror or e}") from None
     return n

@@ -88,7 +88,7 @@ def resolve_template(tokenizer, template: str) -> str:
     if template == "auto":
         if not getattr(tokenizer, "chat_template", None):
             raise LmforgeError(
-                "the tokenizer has no chat template; pass --template with one of "
+                f"{tokenizer.name_or_path}: the tokenizer has no chat template; pass --template with one of "
                 f"{sorted(BUILTIN_TEMPLATES)} (or use a tokenizer that ships one)"
             )
         return tokenizer.chat_template
