@@ -1,4 +1,5 @@
-"""The engine around the HF Trainer: output-directory policy, auto-resume, and the final save.
+"""The engine around the HF Trainer: output-directory policy, auto-resume, atomic checkpoints,
+and the final save.
 
 The Trainer runs the loop (DDP, FSDP, DeepSpeed, logging, checkpoints); lmforge decides what
 goes in and checks what comes out.
@@ -8,74 +9,46 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
+import time
 
 import torch
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmforge.attention import document_attention_mask
+from lmforge.checkpoint import (
+    STAGING_DIR,
+    clear_staged,
+    last_complete_checkpoint,
+    publish,
+    remove_staging_leftovers,
+    rotate,
+    say,
+    staging_root,
+    tidy_staging,
+    write_manifest,
+)
 from lmforge.errors import LmforgeError
 
 BASE_CONFIG = "lmforge_base_config.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "adapter_model.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+
+# What an lmforge run writes before its first checkpoint (and the staging directory a killed
+# first save leaves): a rerun of the same command may start over in a directory holding only these.
+OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR}
 
 
-# What an lmforge run writes before its first checkpoint: a rerun of the same command may
-# start over in a directory holding only these.
-OWN_FILES = {"lmforge_run.json", "runs"}
-
-
-def checkpoint_is_complete(path: str) -> bool:
-    """The Trainer writes trainer_state.json last; a checkpoint whose state file parses and
-    that holds model weights was finished."""
-    state = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state):
-        return False
-    try:
-        with open(state) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES) or os.path.isdir(
-        os.path.join(path, "pytorch_model_fsdp_0")
-    )
-
-
-def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N directory, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isdir(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
-    """The newest complete checkpoint; incomplete ones newer than it are reported and ignored."""
-    for step, path in reversed(find_checkpoints(output_dir)):
-        if checkpoint_is_complete(path):
-            return path
-        log(f"lmforge: ignoring incomplete checkpoint {path} (no readable trainer_state.json or weights)")
-    return None
-
-
-def resolve_resume(output_dir: str, resume: bool, overwrite: bool) -> str | None:
-    """Where to resume from, or None to start fresh; refuses to train over unrelated files."""
+def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
+    """Where to resume from (the newest complete checkpoint; newer incomplete ones are named and
+    skipped), or None to start fresh; refuses to train over unrelated files. The main process
+    also deletes what a killed save left in the staging directory."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if main_process:
+        remove_staging_leftovers(output_dir)
+    checkpoint = last_complete_checkpoint(output_dir, log=say if main_process else lambda _: None) \
+        if resume else None
     if checkpoint is not None:
         return checkpoint
     foreign = set(os.listdir(output_dir)) - OWN_FILES if os.path.isdir(output_dir) else set()
@@ -155,10 +128,32 @@ class NonFiniteGuard(transformers.TrainerCallback):
             )
 
 
+PAUSE_SAVE_ENV = "LMFORGE_TEST_PAUSE_SAVE"
+
+
+def pause_for_tests(step: int, staged: str) -> None:
+    """LMFORGE_TEST_PAUSE_SAVE=STEP:SECONDS holds the save of checkpoint-STEP for SECONDS after
+    its files are written and before its manifest, so a test can kill a run inside a save
+    deterministically (it waits for the line printed here)."""
+    spec = os.environ.get(PAUSE_SAVE_ENV)
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if int(at) == step:
+        say(f"lmforge: {PAUSE_SAVE_ENV}: pausing {seconds} s inside the save of {staged}")
+        time.sleep(float(seconds))
+
+
 class Trainer(transformers.Trainer):
-    """The HF Trainer with one hook filled: a packed batch (one carrying document_ids) gets
-    the attention mask that keeps each record to itself, in the form the model's attention
-    implementation takes."""
+    """The HF Trainer with a few hooks filled:
+      - a packed batch (one carrying document_ids) gets the attention mask that keeps each
+        record to itself, in the form the model's attention implementation takes;
+      - checkpoints are written under a staging name, listed in a manifest and renamed when
+        complete, and rotation never deletes a good checkpoint for an incomplete one
+        (`lmforge/checkpoint.py`).
+    """
+
+    _staging_for: str | None = None
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         document_ids = inputs.pop("document_ids", None)
@@ -168,6 +163,43 @@ class Trainer(transformers.Trainer):
             if mask is not None:
                 inputs["attention_mask"] = mask
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _get_output_dir(self, trial):
+        # Overridden so that, while `_save_checkpoint` runs, the Trainer writes the checkpoint
+        # into the staging directory instead of OUTPUT_DIR (it derives the path from this).
+        return self._staging_for or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        # Overridden to make the save atomic: the Trainer writes everything (weights, DeepSpeed
+        # or FSDP shards, optimizer, scheduler, RNG, trainer_state.json) under the staging
+        # name; once all ranks are done the main process adds the manifest, renames, rotates.
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = clear_staged(run_dir, name) if self.args.should_save else None
+        self.accelerator.wait_for_everyone()  # no rank writes before the place is clear
+        self._staging_for = staging_root(run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_for = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if staged is not None:
+            self._complete_checkpoint(staged, os.path.join(run_dir, name), run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _complete_checkpoint(self, staged: str, final: str, run_dir: str) -> None:
+        if self.state.best_model_checkpoint == staged:
+            # The Trainer recorded the best checkpoint under its staging path; record the name
+            # it is about to get (in the state saved inside it too).
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        pause_for_tests(self.state.global_step, staged)
+        write_manifest(staged, self.state.global_step)
+        publish(staged, final)
+        # The Trainer's own rotation ran inside the staging directory (nothing to rotate
+        # there); this one counts complete checkpoints only.
+        rotate(run_dir, self.args.save_total_limit, [final, self.state.best_model_checkpoint])
+        tidy_staging(run_dir)
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,

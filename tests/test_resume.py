@@ -1,0 +1,182 @@
+"""Checkpoints are complete or absent: the manifest lists every file, incomplete checkpoints
+(a killed save's staging directory, no manifest, a truncated or missing file) are skipped or
+removed with a message, and with save_total_limit=1 a corrupt newest checkpoint never costs
+the good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from lmforge.checkpoint import (
+    MANIFEST_NAME,
+    STAGING_DIR,
+    checkpoint_problem,
+    find_checkpoints,
+    rotate,
+    write_manifest,
+)
+from lmforge.config import TrainingArguments
+from lmforge.data.collate import PaddedCollator
+from lmforge.train import last_complete_checkpoint, resolve_resume, train_and_save
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        ids = [(i * 7 + k) % 50 + 1 for k in range(12)]
+        return {"input_ids": ids, "labels": ids}
+
+
+def tiny_run(out: str, max_steps: int, **kwargs) -> None:
+    import tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "x": 1}, unk_token="<pad>")),
+        pad_token="<pad>")
+    args = TrainingArguments(output_dir=out, max_steps=max_steps, per_device_train_batch_size=4, report_to="none",
+                             disable_tqdm=True, dataloader_pin_memory=False, **kwargs)
+    checkpoint = resolve_resume(out, resume=True, overwrite=False)
+    train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), checkpoint, None, {})
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> str:
+    """A finished run's output with checkpoint-2 and checkpoint-4 (both complete)."""
+    out = str(tmp_path_factory.mktemp("ckpt") / "out")
+    tiny_run(out, 4, save_steps=2)
+    return out
+
+
+def copy_of(path: str, tmp_path) -> str:
+    out = str(tmp_path / "out")
+    shutil.copytree(path, out)
+    return out
+
+
+def test_checkpoint_manifest_lists_every_file(two_checkpoints):
+    newest = os.path.join(two_checkpoints, "checkpoint-4")
+    with open(os.path.join(newest, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    on_disk = {name: os.path.getsize(os.path.join(newest, name)) for name in os.listdir(newest) if name != MANIFEST_NAME}
+    assert manifest["step"] == 4 and manifest["files"] == on_disk
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(on_disk)
+    assert not os.path.exists(os.path.join(two_checkpoints, STAGING_DIR))
+
+
+def test_sharded_checkpoint_directories_are_listed_recursively(tmp_path):
+    """DeepSpeed / FSDP write their shards into subdirectories; a missing shard is caught."""
+    ckpt = tmp_path / "checkpoint-7"
+    (ckpt / "global_step7").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step7")
+    (ckpt / "global_step7" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+    (ckpt / "global_step7" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 12)
+    files = write_manifest(str(ckpt), 7)
+    assert files == {"latest": 12, "global_step7/zero_pp_rank_0_mp_rank_00_optim_states.pt": 10,
+                     "global_step7/zero_pp_rank_1_mp_rank_00_optim_states.pt": 12}
+    assert checkpoint_problem(str(ckpt)) is None
+    (ckpt / "global_step7" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problem(str(ckpt)) == "global_step7/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("no_manifest", f"no {MANIFEST_NAME}"),
+    ("truncated", "model.safetensors has {} bytes, its manifest says {}"),
+    ("missing_file", "optimizer.pt is missing"),
+    ("bad_manifest", f"unreadable {MANIFEST_NAME}"),
+])
+def test_incomplete_newest_checkpoint_is_skipped_with_a_message(two_checkpoints, tmp_path, capsys, damage, reason):
+    out = copy_of(two_checkpoints, tmp_path)
+    newest = os.path.join(out, "checkpoint-4")
+    if damage == "no_manifest":
+        os.remove(os.path.join(newest, MANIFEST_NAME))
+    elif damage == "truncated":
+        weights = os.path.join(newest, "model.safetensors")
+        size = os.path.getsize(weights)
+        with open(weights, "r+b") as f:
+            f.truncate(size // 2)
+        reason = reason.format(size // 2, size)
+    elif damage == "missing_file":
+        os.remove(os.path.join(newest, "optimizer.pt"))
+    else:
+        with open(os.path.join(newest, MANIFEST_NAME), "w") as f:
+            f.write('{"format": 1, "step": 4, "fil')
+    assert resolve_resume(out, resume=True, overwrite=False) == os.path.join(out, "checkpoint-2")
+    assert f"lmforge: ignoring incomplete checkpoint {newest}: {reason}" in capsys.readouterr().out
+
+
+def test_leftover_of_a_killed_save_is_removed_with_a_message(two_checkpoints, tmp_path, capsys):
+    out = copy_of(two_checkpoints, tmp_path)
+    leftover = os.path.join(out, STAGING_DIR, "checkpoint-6")
+    shutil.copytree(os.path.join(out, "checkpoint-4"), leftover)
+    os.remove(os.path.join(leftover, MANIFEST_NAME))
+    assert resolve_resume(out, resume=True, overwrite=False) == os.path.join(out, "checkpoint-4")
+    assert f"lmforge: removing {leftover}, left by a save that did not finish" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, STAGING_DIR))
+
+
+def test_killed_first_save_does_not_block_the_rerun(tmp_path, capsys):
+    """A run killed while writing its first checkpoint leaves only its own files: the same
+    command starts over instead of refusing a non-empty output directory."""
+    out = tmp_path / "out"
+    (out / STAGING_DIR / "checkpoint-2").mkdir(parents=True)
+    (out / "lmforge_run.json").write_text("{}")
+    assert resolve_resume(str(out), resume=True, overwrite=False) is None
+    assert "left by a save that did not finish" in capsys.readouterr().out
+
+
+def test_save_total_limit_1_never_deletes_the_good_checkpoint_for_a_corrupt_newer_one(two_checkpoints, tmp_path,
+                                                                                        capsys, monkeypatch):
+    out = copy_of(two_checkpoints, tmp_path)
+    # checkpoint-6: complete once, then truncated (a disk that filled up, a bad copy).
+    corrupt = os.path.join(out, "checkpoint-6")
+    shutil.copytree(os.path.join(out, "checkpoint-4"), corrupt)
+    with open(os.path.join(corrupt, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    manifest["step"] = 6
+    with open(os.path.join(corrupt, MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f)
+    with open(os.path.join(corrupt, "optimizer.pt"), "r+b") as f:
+        f.truncate(100)
+
+    # The Trainer's own rotation (checkpoints within a second of each other are ordered by
+    # number) keeps only the "newest", the corrupt one: this is what must not happen.
+    from transformers.trainer_utils import rotate_checkpoints
+
+    hf = copy_of(out, tmp_path / "hf")
+    rotate_checkpoints(hf, save_total_limit=1, use_mtime=True)
+    assert [os.path.basename(p) for _, p in find_checkpoints(hf)] == ["checkpoint-6"]
+
+    # lmforge's rotation counts complete checkpoints only.
+    assert rotate(out, 1, [None]) == [os.path.join(out, "checkpoint-2")]
+    assert os.path.isdir(os.path.join(out, "checkpoint-4")) and os.path.isdir(corrupt)
+
+    # Resuming with save_total_limit=1: the run resumes from checkpoint-4, and at every save a
+    # complete checkpoint is on disk; the corrupt checkpoint-6 is replaced by a good one.
+    import lmforge.train as train_module
+
+    def checked_rotate(run_dir, limit, protected):
+        deleted = rotate(run_dir, limit, protected)
+        assert last_complete_checkpoint(run_dir, log=lambda _: None) is not None
+        return deleted
+
+    monkeypatch.setattr(train_module, "rotate", checked_rotate)
+    capsys.readouterr()
+    tiny_run(out, 8, save_steps=1, save_total_limit=1)
+    log = capsys.readouterr().out
+    assert f"lmforge: ignoring incomplete checkpoint {corrupt}: optimizer.pt has 100 bytes" in log
+    assert f"lmforge: replacing {corrupt} (optimizer.pt has 100 bytes" in log
+    assert [os.path.basename(p) for _, p in find_checkpoints(out)] == ["checkpoint-8"]
+    assert checkpoint_problem(os.path.join(out, "checkpoint-8")) is None
