@@ -1,5 +1,5 @@
-"""The engine around the HF Trainer: output-directory policy, auto-resume, atomic checkpoints,
-and the final save.
+"""The engine around the HF Trainer: output-directory policy, exact auto-resume, atomic
+checkpoints, and the final save.
 
 The Trainer runs the loop (DDP, FSDP, DeepSpeed, logging, checkpoints); lmforge decides what
 goes in and checks what comes out.
@@ -30,6 +30,7 @@ from lmforge.checkpoint import (
     tidy_staging,
     write_manifest,
 )
+from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 
 BASE_CONFIG = "lmforge_base_config.json"
@@ -148,9 +149,24 @@ class Trainer(transformers.Trainer):
     """The HF Trainer with a few hooks filled:
       - a packed batch (one carrying document_ids) gets the attention mask that keeps each
         record to itself, in the form the model's attention implementation takes;
+      - the training order is a function of (seed, epoch) only (`EpochShuffle`);
       - checkpoints are written under a staging name, listed in a manifest and renamed when
         complete, and rotation never deletes a good checkpoint for an incomplete one
         (`lmforge/checkpoint.py`).
+
+    What resume restores, and from where (transformers 5 Trainer + these hooks): weights,
+    optimizer, LR scheduler, grad scaler (the Trainer's checkpoint files); global step, epoch,
+    logs (trainer_state.json); the python / numpy / torch CPU and CUDA RNG states, restored
+    after the skipped batches are read and before the first resumed forward pass, so dropout
+    draws what it drew; the gradient-accumulation position (checkpoints are written only at
+    optimizer-step boundaries, and the Trainer skips global_step x accumulation micro-batches
+    of the epoch); the data order (the epoch's permutation from `EpochShuffle`, packing fixed
+    by the seed). On a CPU in fp32 a resumed run therefore reproduces the uninterrupted one
+    bit for bit (tests/test_resume.py). On a GPU the data order, optimizer, scheduler and RNG
+    states (CUDA included) are restored the same way, but kernels (atomic adds in attention and
+    matmul backward, NCCL reductions) are not guaranteed to be bitwise deterministic from run to
+    run, so a resumed curve agrees with the uninterrupted one to floating-point noise, not
+    bit for bit.
     """
 
     _staging_for: str | None = None
@@ -163,6 +179,16 @@ class Trainer(transformers.Trainer):
             if mask is not None:
                 inputs["attention_mask"] = mask
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Overridden so that the order of an epoch does not depend on the global RNG or on
+        # accelerate's `use_seedable_sampler` (see lmforge/data/sampler.py). Only the default
+        # shuffled order is replaced; group_by_length and the others stay the Trainer's.
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochShuffle(len(sampler.data_source), seed)
+        return sampler
 
     def _get_output_dir(self, trial):
         # Overridden so that, while `_save_checkpoint` runs, the Trainer writes the checkpoint
