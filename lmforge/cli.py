@@ -47,7 +47,7 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
         entry(argv)
     except LmforgeError as e:
         print(f"lmforge {command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # a run stopped by a signal exits with 128 + signal
     return 0
 
 

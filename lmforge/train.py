@@ -1,5 +1,5 @@
 """The engine around the HF Trainer: output-directory policy, exact auto-resume, atomic
-checkpoints, and the final save.
+checkpoints, a checkpoint on SIGTERM / SIGINT, and the final save.
 
 The Trainer runs the loop (DDP, FSDP, DeepSpeed, logging, checkpoints); lmforge decides what
 goes in and checks what comes out.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -228,9 +230,74 @@ class Trainer(transformers.Trainer):
         tidy_staging(run_dir)
 
 
+class TrainingStopped(LmforgeError):
+    """SIGTERM / SIGINT stopped the run after a checkpoint; the exit status is 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(transformers.TrainerCallback):
+    """SIGTERM (a scheduler's notice before preemption) or SIGINT (Ctrl-C) stops the run at
+    the next optimizer-step boundary with a checkpoint, through the Trainer's own controls
+    (should_save, should_training_stop). A second signal stops at once.
+
+    The handler only records the signal: printing or saving from inside a handler could
+    interrupt the Trainer's own writes. With several ranks, the ranks agree at every step on
+    whether any was signalled (one all-reduce of an int), so all save the same step."""
+
+    def __init__(self):
+        self.received: int | None = None  # the signal this process got
+        self.signum: int | None = None  # the signal the run stops for (from any rank)
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)  # the handler there before: KeyboardInterrupt, or exit
+            return
+        self.received = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # a launcher that ignores it (a background job's SIGINT) keeps ignoring it
+            self._previous[signum] = signal.signal(signum, self.handle)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _signalled_on_any_rank(self, args) -> int | None:
+        if args.world_size <= 1 or not torch.distributed.is_initialized():
+            return self.received
+        flag = torch.tensor([self.received or 0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._signalled_on_any_rank(args)
+        if signum is None or self.stopped_at is not None:
+            return
+        self.signum = signum
+        self.stopped_at = state.global_step
+        control.should_save = True
+        control.should_training_stop = True
+        if state.is_world_process_zero:
+            say(f"lmforge: {signal.Signals(signum).name} received: writing a checkpoint at step "
+                f"{state.global_step}, then stopping")
+
+
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict) -> str:
-    """The part every method shares: the Trainer, auto-resume, the final save."""
+    """The part every method shares: the Trainer, auto-resume, the final save. SIGTERM / SIGINT
+    during training end it with a checkpoint and `TrainingStopped`."""
+    stop = StopOnSignal()
     trainer = Trainer(
         model=model,
         args=args,
@@ -238,20 +305,35 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard()],
+        callbacks=[NonFiniteGuard(), stop],
     )
     if args.process_index == 0:
         if is_peft(model):
             trainable, total = model.get_nb_trainable_parameters()
             print(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
         write_run_info(args.output_dir, run_info)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+    stop.install()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+            raise stopped_error(stop, args.output_dir)
+        # A signal after the last step does not stop the short final save.
+        save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+    finally:
+        stop.restore()
     if args.process_index == 0:
         print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir}")
         if torch.cuda.is_available():
             print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return args.output_dir
+
+
+def stopped_error(stop: StopOnSignal, output_dir: str) -> TrainingStopped:
+    name = signal.Signals(stop.signum).name
+    newest = last_complete_checkpoint(output_dir, log=lambda _: None)
+    where = f"checkpoint written to {newest}" if newest else "no complete checkpoint could be written"
+    return TrainingStopped(f"stopped by {name} at step {stop.stopped_at}, {where}; "
+                           "run the same command again to resume", stop.signum)
 
 
 def write_run_info(output_dir: str, info: dict) -> None:

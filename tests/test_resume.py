@@ -5,6 +5,9 @@ the good one.
 
 An epoch's row order does not depend on the global RNG (the Trainer's does without
 accelerate's seedable sampler).
+
+SIGINT stops a run at the next step with a checkpoint (exit status 130); a second one stops
+at once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -231,3 +235,51 @@ def test_epoch_order_does_not_depend_on_the_global_rng(tmp_path):
     # Without that sampler, the Trainer's epoch order comes from the global RNG, so a run
     # resumed in epoch 1 would read other rows.
     assert epoch_rows(transformers.Trainer, out, 2, 2, False) != epoch_rows(transformers.Trainer, out, 1, 0, False)[4:]
+
+
+# ---- SIGINT, in-process -----------------------------------------------------------------------
+
+
+class SignalAt(transformers.TrainerCallback):
+    """Sends this process `signum` (`times` times) during step `step`, as Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int, times: int = 1):
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
+
+
+def with_callback(monkeypatch, callback) -> None:
+    import lmforge.train as train_module
+
+    class Signalled(train_module.Trainer):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [callback]
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(train_module, "Trainer", Signalled)
+
+
+def test_sigint_stops_with_a_checkpoint_and_restores_the_handler(tmp_path, monkeypatch):
+    from lmforge.train import TrainingStopped
+
+    out = str(tmp_path / "out")
+    before = signal.getsignal(signal.SIGINT)
+    with_callback(monkeypatch, SignalAt(3, signal.SIGINT))
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGINT at step 3, checkpoint written to .*checkpoint-3;") as e:
+        tiny_run(out, 8, save_steps=5)
+    assert e.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert checkpoint_problem(os.path.join(out, "checkpoint-3")) is None
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    with_callback(monkeypatch, SignalAt(3, signal.SIGINT, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(out, 8, save_steps=5)
+    assert find_checkpoints(out) == []
