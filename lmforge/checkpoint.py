@@ -72,6 +72,8 @@ def write_manifest(path: str, step: int) -> dict[str, int]:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    for root, _, _ in os.walk(path):  # the directory entries of those files
+        _fsync(root)
     return files
 
 
