@@ -48,7 +48,7 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
         entry(argv)
     except LmforgeError as e:
         print(f"lmforge {command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # a run stopped by a signal exits with 128 + signal
     except OSError as e:
         # A full disk can strike any write (a checkpoint, the final save, a log); wherever it
         # does, the user needs the one line that names it, not a traceback through the Trainer.

@@ -1,4 +1,5 @@
-"""The engine around the HF Trainer: output-directory policy, auto-resume, and the final save.
+"""The engine around the HF Trainer: output-directory policy, exact auto-resume, atomic
+checkpoints, a checkpoint on SIGTERM / SIGINT, and the final save.
 
 The Trainer runs the loop (DDP, FSDP, DeepSpeed, logging, checkpoints); lmforge decides what
 goes in and checks what comes out.
@@ -8,76 +9,51 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import signal
 import sys
+import threading
+import time
 
 import torch
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmforge.attention import document_attention_mask
+from lmforge.checkpoint import (
+    STAGING_DIR,
+    clear_staged,
+    last_complete_checkpoint,
+    publish,
+    remove_staging_leftovers,
+    rotate,
+    say,
+    staging_root,
+    tidy_staging,
+    write_manifest,
+)
+from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
 
 BASE_CONFIG = "lmforge_base_config.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "adapter_model.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+
+# What an lmforge run writes before its first checkpoint (and the staging directory a killed
+# first save leaves): a rerun of the same command may start over in a directory holding only these.
+OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR}
 
 
-# What an lmforge run writes before its first checkpoint: a rerun of the same command may
-# start over in a directory holding only these.
-OWN_FILES = {"lmforge_run.json", "runs"}
-
-
-def checkpoint_is_complete(path: str) -> bool:
-    """The Trainer writes trainer_state.json last; a checkpoint whose state file parses and
-    that holds model weights was finished."""
-    state = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state):
-        return False
-    try:
-        with open(state) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES) or os.path.isdir(
-        os.path.join(path, "pytorch_model_fsdp_0")
-    )
-
-
-def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N directory, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isdir(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
-    """The newest complete checkpoint; incomplete ones newer than it are reported and ignored."""
-    for step, path in reversed(find_checkpoints(output_dir)):
-        if checkpoint_is_complete(path):
-            return path
-        log(f"lmforge: ignoring incomplete checkpoint {path} (no readable trainer_state.json or weights)")
-    return None
-
-
-def resolve_resume(output_dir: str, resume: bool, overwrite: bool) -> str | None:
-    """Where to resume from, or None to start fresh; refuses to train over unrelated files."""
+def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
+    """Where to resume from (the newest complete checkpoint; newer incomplete ones are named and
+    skipped), or None to start fresh; refuses to train over unrelated files. The main process
+    also deletes what a killed save left in the staging directory."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if main_process:
+        remove_staging_leftovers(output_dir)
+    checkpoint = last_complete_checkpoint(output_dir, log=say if main_process else lambda _: None) \
+        if resume else None
     if checkpoint is not None:
         return checkpoint
     foreign = set(os.listdir(output_dir)) - OWN_FILES if os.path.isdir(output_dir) else set()
@@ -157,11 +133,49 @@ class NonFiniteGuard(transformers.TrainerCallback):
             )
 
 
+PAUSE_SAVE_ENV = "LMFORGE_TEST_PAUSE_SAVE"
+
+
+def pause_for_tests(step: int, staged: str) -> None:
+    """LMFORGE_TEST_PAUSE_SAVE=STEP:SECONDS holds the save of checkpoint-STEP for SECONDS after
+    its files are written and before its manifest, so a test can kill a run inside a save
+    deterministically (it waits for the line printed here)."""
+    spec = os.environ.get(PAUSE_SAVE_ENV)
+    if not spec:
+        return
+    at, seconds = spec.split(":")
+    if int(at) == step:
+        say(f"lmforge: {PAUSE_SAVE_ENV}: pausing {seconds} s inside the save of {staged}")
+        time.sleep(float(seconds))
+
+
 class Trainer(transformers.Trainer):
-    """The HF Trainer with its loss hook filled: a packed batch (one carrying document_ids)
-    gets the attention mask that keeps each record to itself, in the form the model's
-    attention implementation takes; and the loss is computed without the full logits tensor
-    (lmforge.loss) unless --fused_loss False or the model does not allow it."""
+    """The HF Trainer with a few hooks filled:
+      - a packed batch (one carrying document_ids) gets the attention mask that keeps each
+        record to itself, in the form the model's attention implementation takes;
+      - the loss is computed without the full logits tensor (lmforge.loss) unless
+        --fused_loss False or the model does not allow it; --compile_blocks compiles the blocks;
+      - the training order is a function of (seed, epoch) only (`EpochShuffle`);
+      - checkpoints are written under a staging name, listed in a manifest and renamed when
+        complete, and rotation never deletes a good checkpoint for an incomplete one
+        (`lmforge/checkpoint.py`).
+
+    What resume restores, and from where (transformers 5 Trainer + these hooks): weights,
+    optimizer, LR scheduler, grad scaler (the Trainer's checkpoint files); global step, epoch,
+    logs (trainer_state.json); the python / numpy / torch CPU and CUDA RNG states, restored
+    after the skipped batches are read and before the first resumed forward pass, so dropout
+    draws what it drew; the gradient-accumulation position (checkpoints are written only at
+    optimizer-step boundaries, and the Trainer skips global_step x accumulation micro-batches
+    of the epoch); the data order (the epoch's permutation from `EpochShuffle`, packing fixed
+    by the seed). On a CPU in fp32 a resumed run therefore reproduces the uninterrupted one
+    bit for bit (tests/test_resume.py). On a GPU the data order, optimizer, scheduler and RNG
+    states (CUDA included) are restored the same way, but kernels (atomic adds in attention and
+    matmul backward, NCCL reductions) are not guaranteed to be bitwise deterministic from run to
+    run, so a resumed curve agrees with the uninterrupted one to floating-point noise, not
+    bit for bit.
+    """
+
+    _staging_for: str | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -203,10 +217,122 @@ class Trainer(transformers.Trainer):
             loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Overridden so that the order of an epoch does not depend on the global RNG or on
+        # accelerate's `use_seedable_sampler` (see lmforge/data/sampler.py). Only the default
+        # shuffled order is replaced; group_by_length and the others stay the Trainer's.
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochShuffle(len(sampler.data_source), seed)
+        return sampler
+
+    def _get_output_dir(self, trial):
+        # Overridden so that, while `_save_checkpoint` runs, the Trainer writes the checkpoint
+        # into the staging directory instead of OUTPUT_DIR (it derives the path from this).
+        return self._staging_for or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        # Overridden to make the save atomic: the Trainer writes everything (weights, DeepSpeed
+        # or FSDP shards, optimizer, scheduler, RNG, trainer_state.json) under the staging
+        # name; once all ranks are done the main process adds the manifest, renames, rotates.
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = clear_staged(run_dir, name) if self.args.should_save else None
+        self.accelerator.wait_for_everyone()  # no rank writes before the place is clear
+        self._staging_for = staging_root(run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_for = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if staged is not None:
+            self._complete_checkpoint(staged, os.path.join(run_dir, name), run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _complete_checkpoint(self, staged: str, final: str, run_dir: str) -> None:
+        if self.state.best_model_checkpoint == staged:
+            # The Trainer recorded the best checkpoint under its staging path; record the name
+            # it is about to get (in the state saved inside it too).
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        pause_for_tests(self.state.global_step, staged)
+        write_manifest(staged, self.state.global_step)
+        publish(staged, final)
+        # The Trainer's own rotation ran inside the staging directory (nothing to rotate
+        # there); this one counts complete checkpoints only.
+        rotate(run_dir, self.args.save_total_limit, [final, self.state.best_model_checkpoint])
+        tidy_staging(run_dir)
+
+
+class TrainingStopped(LmforgeError):
+    """SIGTERM / SIGINT stopped the run after a checkpoint; the exit status is 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(transformers.TrainerCallback):
+    """SIGTERM (a scheduler's notice before preemption) or SIGINT (Ctrl-C) stops the run at
+    the next optimizer-step boundary with a checkpoint, through the Trainer's own controls
+    (should_save, should_training_stop). A second signal stops at once.
+
+    The handler only records the signal: printing or saving from inside a handler could
+    interrupt the Trainer's own writes. With several ranks, the ranks agree at every step on
+    whether any was signalled (one all-reduce of an int), so all save the same step."""
+
+    def __init__(self):
+        self.received: int | None = None  # the signal this process got
+        self.signum: int | None = None  # the signal the run stops for (from any rank)
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)  # the handler there before: KeyboardInterrupt, or exit
+            return
+        self.received = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # a launcher that ignores it (a background job's SIGINT) keeps ignoring it
+            self._previous[signum] = signal.signal(signum, self.handle)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _signalled_on_any_rank(self, args) -> int | None:
+        if args.world_size <= 1 or not torch.distributed.is_initialized():
+            return self.received
+        flag = torch.tensor([self.received or 0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._signalled_on_any_rank(args)
+        if signum is None or self.stopped_at is not None:
+            return
+        self.signum = signum
+        self.stopped_at = state.global_step
+        control.should_save = True
+        control.should_training_stop = True
+        if state.is_world_process_zero:
+            say(f"lmforge: {signal.Signals(signum).name} received: writing a checkpoint at step "
+                f"{state.global_step}, then stopping")
+
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict) -> str:
-    """The part every method shares: the Trainer, auto-resume, the final save."""
+    """The part every method shares: the Trainer, auto-resume, the final save. SIGTERM / SIGINT
+    during training end it with a checkpoint and `TrainingStopped`."""
+    stop = StopOnSignal()
     trainer = Trainer(
         model=model,
         args=args,
@@ -214,20 +340,35 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard()],
+        callbacks=[NonFiniteGuard(), stop],
     )
     if args.process_index == 0:
         if is_peft(model):
             trainable, total = model.get_nb_trainable_parameters()
             print(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
         write_run_info(args.output_dir, run_info)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+    stop.install()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+            raise stopped_error(stop, args.output_dir)
+        # A signal after the last step does not stop the short final save.
+        save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+    finally:
+        stop.restore()
     if args.process_index == 0:
         print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir}")
         if torch.cuda.is_available():
             print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return args.output_dir
+
+
+def stopped_error(stop: StopOnSignal, output_dir: str) -> TrainingStopped:
+    name = signal.Signals(stop.signum).name
+    newest = last_complete_checkpoint(output_dir, log=lambda _: None)
+    where = f"checkpoint written to {newest}" if newest else "no complete checkpoint could be written"
+    return TrainingStopped(f"stopped by {name} at step {stop.stopped_at}, {where}; "
+                           "run the same command again to resume", stop.signum)
 
 
 def write_run_info(output_dir: str, info: dict) -> None:

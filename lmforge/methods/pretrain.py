@@ -63,7 +63,7 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     model_args, data_args, lora_args, args = parse(
         (ModelArguments, PretrainDataArguments, LoraArguments, TrainingArguments), argv)
     lora_args.lora = lora_args.lora or lora_default
-    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir)
+    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
     load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
     with args.main_process_first(desc="tokenizing the text"):

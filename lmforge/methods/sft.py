@@ -53,7 +53,7 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     model_args, data_args, lora_args, args = parse(
         (ModelArguments, DataArguments, LoraArguments, TrainingArguments), argv)
     lora_args.lora = lora_args.lora or lora_default
-    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir)
+    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
     load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
     # Rank 0 tokenizes into the cache; the other ranks then find it there.

@@ -1,0 +1,481 @@
+"""Crashes and resume on a tiny CPU run (fp32, packing on, gradient accumulation 2, attention
+dropout on so the RNG state matters, several epochs so resumes land in epochs after the first):
+
+  - SIGKILL at seeded random moments (a step's log line plus a random delay) and once inside a
+    checkpoint write; each time the same command resumes; the final weights are bitwise those of
+    the uninterrupted run and so is every logged step (loss, grad norm, learning rate);
+  - SIGTERM writes a checkpoint at the next step boundary and exits 143; the rerun finishes
+    with the uninterrupted run's weights;
+  - incomplete checkpoints (a killed save's staging directory, no manifest, a truncated or
+    missing file) are skipped or removed with a message; with save_total_limit=1 a corrupt
+    newest checkpoint never costs the good one;
+  - an epoch's row order does not depend on the global RNG (the Trainer's does without
+    accelerate's seedable sampler);
+  - SIGINT stops like SIGTERM (exit status 130), and a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import (
+    MANIFEST_NAME,
+    STAGING_DIR,
+    checkpoint_problem,
+    find_checkpoints,
+    rotate,
+    write_manifest,
+)
+from lmforge.cli import main as cli
+from lmforge.config import TrainingArguments
+from lmforge.data.collate import PaddedCollator
+from lmforge.train import last_complete_checkpoint, resolve_resume, train_and_save
+
+from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
+
+MAX_STEPS = 24
+SAVE_STEPS = 3
+# With the 512-token tokenizer, 50 records pack into 33 rows of up to 256 tokens: 17 batches of
+# 2, so 9 optimizer steps an epoch (the last one a single micro-batch) and 24 steps cross two
+# epoch boundaries.
+RECORDS = 50
+TINY_QWEN = {
+    "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 512,
+    "tie_word_embeddings": True, "attention_dropout": 0.1,
+}
+LOSS_LINE = re.compile(r"^\{'loss'")
+RESUMED = re.compile(r"lmforge: resuming from (\S+checkpoint-(\d+))")
+
+
+@dataclass
+class Setup:
+    config: str
+    tokenizer: str
+    data: str
+    cache: str
+    baseline: str
+
+
+def argv(setup: Setup, out: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", "sft", "--config_name", setup.config,
+            "--tokenizer_name", setup.tokenizer, "--data_path", setup.data, "--output_dir", out,
+            "--model_max_length", "256", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "1e-3", "--warmup_steps", "2", "--max_steps", str(MAX_STEPS),
+            "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--seed", "7", "--report_to", "none",
+            "--disable_tqdm", "True", "--dataloader_pin_memory", "False"]
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+
+    @property
+    def resumed_from(self) -> int:
+        m = RESUMED.search(self.log)
+        return int(m.group(2)) if m else 0
+
+    @property
+    def last_logged_step(self) -> int:
+        return self.resumed_from + sum(1 for line in self.log.splitlines() if LOSS_LINE.match(line))
+
+
+def run(setup: Setup, out: str, stop: Optional[Callable[[Run], Optional[float]]] = None,
+        sig: int = signal.SIGKILL, extra_env: Optional[dict] = None) -> Run:
+    """Run the command; `stop` sees the log so far after every line and returns a delay after
+    which `sig` is sent (or None to keep going)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": setup.cache, **(extra_env or {})}
+    proc = subprocess.Popen(argv(setup, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines: list[str] = []
+    timer = None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if stop is not None and timer is None:
+                delay = stop(Run(0, "".join(lines)))
+                if delay is not None:
+                    timer = threading.Timer(delay, proc.send_signal, (sig,))
+                    timer.start()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return Run(proc.returncode, "".join(lines))
+
+
+def logged_steps(out: str) -> list[tuple]:
+    """(step, loss, grad_norm, learning_rate, epoch) of every logged step, from trainer_state.json."""
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    return [(h["step"], h["loss"], h["grad_norm"], h["learning_rate"], h["epoch"]) for h in history if "loss" in h]
+
+
+def assert_same_weights(out: str, reference: str) -> None:
+    got = load_file(os.path.join(out, "model.safetensors"))
+    want = load_file(os.path.join(reference, "model.safetensors"))
+    assert got.keys() == want.keys()
+    different = [name for name in want if not torch.equal(got[name], want[name])]
+    assert not different, f"weights differ from the uninterrupted run: {different}"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    root = tmp_path_factory.mktemp("resume")
+    config, data, tokenizer = root / "tiny.json", root / "data.json", str(root / "tok")
+    config.write_text(json.dumps(TINY_QWEN))
+    data.write_text(json.dumps(json.loads(DUMMY_CONVERSATIONS.read_text())[:RECORDS]))
+    # A 512-token vocabulary keeps a step at tens of milliseconds on a CPU (Qwen's 152k-token
+    # output layer would make it a second).
+    assert cli(["tokenizer", "train", "--train_files", str(SHARED_DATA / "pretrain_text" / "tinyshakespeare.txt"),
+                "--vocab_size", "512", "--output_dir", tokenizer]) == 0
+    s = Setup(str(config), tokenizer, str(data), str(root / "cache"), str(root / "uninterrupted"))
+    done = run(s, s.baseline)
+    assert done.returncode == 0, done.log
+    assert "packing: 50 records into 33 rows" in done.log, done.log  # the epoch shape described above
+    assert [step for step, *_ in logged_steps(s.baseline)] == list(range(1, MAX_STEPS + 1))
+    return s
+
+
+def newest_step(out: str) -> int:
+    newest = last_complete_checkpoint(out, log=lambda _: None)
+    return int(newest.rsplit("-", 1)[1]) if newest else 0
+
+
+def stop_after_step(step: int, delay: float) -> Callable[[Run], Optional[float]]:
+    """Signal `delay` seconds after step `step` is logged (or after the first step a resumed run
+    logs, when it resumed past `step`). A step of this run takes tens of milliseconds (the first
+    few of a process up to a second), so a delay below 0.1 s lands inside one of the next steps
+    or inside the save after the step."""
+    return lambda r: delay if r.last_logged_step >= max(step, r.resumed_from + 1) else None
+
+
+def test_sigkill_at_random_moments_resumes_exactly(setup, tmp_path):
+    out = str(tmp_path / "out")
+    rng = random.Random(20261123)
+    # Three kills at seeded random moments: after a random step's log line plus a random delay.
+    # Each killed run has at least 8 steps to go.
+    plan = [(step, round(rng.uniform(0, 0.08), 3)) for step in sorted(rng.sample(range(2, MAX_STEPS - 8), 3))]
+    expected_resume, leftover = 0, None
+    for i, (step, delay) in enumerate(plan):
+        killed = run(setup, out, stop_after_step(step, delay))
+        assert killed.returncode == -signal.SIGKILL, f"plan {plan}, kill {i}: the run was not killed\n{killed.log}"
+        assert killed.resumed_from == expected_resume, killed.log
+        if leftover:
+            assert f"lmforge: removing {leftover}, left by a save that did not finish" in killed.log
+            leftover = None
+        # Whenever the kill came, every checkpoint-N on disk is complete.
+        assert all(checkpoint_problem(path) is None for _, path in find_checkpoints(out)), f"plan {plan}, kill {i}"
+        expected_resume = newest_step(out)
+        assert expected_resume >= killed.resumed_from
+        print(f"kill {i}: {delay} s after step {step}: the run had resumed from step {killed.resumed_from}, "
+              f"logged step {killed.last_logged_step}, left checkpoint-{expected_resume} as the newest")
+        if i == 0:
+            # Once inside a checkpoint write, deterministically: the save of the next checkpoint
+            # pauses after its files are written and before its manifest, and is killed there.
+            at = (expected_resume // SAVE_STEPS + 1) * SAVE_STEPS
+            paused = run(setup, out, lambda r: 0.0 if "pausing 60 s inside the save" in r.log else None,
+                         extra_env={"LMFORGE_TEST_PAUSE_SAVE": f"{at}:60"})
+            assert paused.returncode == -signal.SIGKILL, paused.log
+            staged = os.path.join(out, STAGING_DIR, f"checkpoint-{at}")
+            assert os.path.isfile(os.path.join(staged, "model.safetensors"))
+            assert not os.path.exists(os.path.join(staged, MANIFEST_NAME))
+            assert not os.path.exists(os.path.join(out, f"checkpoint-{at}"))
+            assert newest_step(out) == expected_resume
+            leftover = staged
+    final = run(setup, out)
+    assert final.returncode == 0, final.log
+    assert final.resumed_from == expected_resume, final.log
+    assert logged_steps(out) == logged_steps(setup.baseline), f"plan {plan}"
+    assert_same_weights(out, setup.baseline)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_matches(setup, tmp_path):
+    out = str(tmp_path / "out")
+    # The signal comes right after step 4's log line, so inside step 5: the run stops at the end
+    # of step 5 (on a slow machine a little later), not a save step (3, 6, ...).
+    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.log
+    m = re.search(r"stopped by SIGTERM at step (\d+), checkpoint written to (\S+checkpoint-(\d+));", stopped.log)
+    assert m, stopped.log
+    step = int(m.group(1))
+    assert m.group(3) == str(step) and 5 <= step < MAX_STEPS
+    assert checkpoint_problem(m.group(2)) is None
+    assert not os.path.exists(os.path.join(out, "model.safetensors")), "a stopped run wrote a final model"
+    rerun = run(setup, out)
+    assert rerun.returncode == 0, rerun.log
+    assert rerun.resumed_from == step
+    assert logged_steps(out) == logged_steps(setup.baseline)
+    assert_same_weights(out, setup.baseline)
+
+
+# ---- incomplete checkpoints, in-process on a smaller model ------------------------------------
+
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        ids = [(i * 7 + k) % 50 + 1 for k in range(12)]
+        return {"input_ids": ids, "labels": ids}
+
+
+def tiny_run(out: str, max_steps: int, **kwargs) -> None:
+    import tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "x": 1}, unk_token="<pad>")),
+        pad_token="<pad>")
+    args = TrainingArguments(output_dir=out, max_steps=max_steps, per_device_train_batch_size=4, report_to="none",
+                             disable_tqdm=True, dataloader_pin_memory=False, **kwargs)
+    checkpoint = resolve_resume(out, resume=True, overwrite=False)
+    train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), checkpoint, None, {})
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> str:
+    """A finished run's output with checkpoint-2 and checkpoint-4 (both complete)."""
+    out = str(tmp_path_factory.mktemp("ckpt") / "out")
+    tiny_run(out, 4, save_steps=2)
+    return out
+
+
+def copy_of(path: str, tmp_path) -> str:
+    out = str(tmp_path / "out")
+    shutil.copytree(path, out)
+    return out
+
+
+def test_checkpoint_manifest_lists_every_file(two_checkpoints):
+    newest = os.path.join(two_checkpoints, "checkpoint-4")
+    with open(os.path.join(newest, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    on_disk = {name: os.path.getsize(os.path.join(newest, name))
+               for name in os.listdir(newest) if name != MANIFEST_NAME}
+    assert manifest["step"] == 4 and manifest["files"] == on_disk
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(on_disk)
+    assert not os.path.exists(os.path.join(two_checkpoints, STAGING_DIR))
+
+
+def test_sharded_checkpoint_directories_are_listed_recursively(tmp_path):
+    """DeepSpeed / FSDP write their shards into subdirectories; a missing shard is caught."""
+    ckpt = tmp_path / "checkpoint-7"
+    (ckpt / "global_step7").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step7")
+    (ckpt / "global_step7" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+    (ckpt / "global_step7" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 12)
+    files = write_manifest(str(ckpt), 7)
+    assert files == {"latest": 12, "global_step7/zero_pp_rank_0_mp_rank_00_optim_states.pt": 10,
+                     "global_step7/zero_pp_rank_1_mp_rank_00_optim_states.pt": 12}
+    assert checkpoint_problem(str(ckpt)) is None
+    (ckpt / "global_step7" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problem(str(ckpt)) == "global_step7/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("no_manifest", f"no {MANIFEST_NAME}"),
+    ("truncated", "model.safetensors has {} bytes, its manifest says {}"),
+    ("missing_file", "optimizer.pt is missing"),
+    ("bad_manifest", f"unreadable {MANIFEST_NAME}"),
+])
+def test_incomplete_newest_checkpoint_is_skipped_with_a_message(two_checkpoints, tmp_path, capsys, damage, reason):
+    out = copy_of(two_checkpoints, tmp_path)
+    newest = os.path.join(out, "checkpoint-4")
+    if damage == "no_manifest":
+        os.remove(os.path.join(newest, MANIFEST_NAME))
+    elif damage == "truncated":
+        weights = os.path.join(newest, "model.safetensors")
+        size = os.path.getsize(weights)
+        with open(weights, "r+b") as f:
+            f.truncate(size // 2)
+        reason = reason.format(size // 2, size)
+    elif damage == "missing_file":
+        os.remove(os.path.join(newest, "optimizer.pt"))
+    else:
+        with open(os.path.join(newest, MANIFEST_NAME), "w") as f:
+            f.write('{"format": 1, "step": 4, "fil')
+    assert resolve_resume(out, resume=True, overwrite=False) == os.path.join(out, "checkpoint-2")
+    assert f"lmforge: ignoring incomplete checkpoint {newest}: {reason}" in capsys.readouterr().out
+
+
+def test_leftover_of_a_killed_save_is_removed_with_a_message(two_checkpoints, tmp_path, capsys):
+    out = copy_of(two_checkpoints, tmp_path)
+    leftover = os.path.join(out, STAGING_DIR, "checkpoint-6")
+    shutil.copytree(os.path.join(out, "checkpoint-4"), leftover)
+    os.remove(os.path.join(leftover, MANIFEST_NAME))
+    assert resolve_resume(out, resume=True, overwrite=False) == os.path.join(out, "checkpoint-4")
+    assert f"lmforge: removing {leftover}, left by a save that did not finish" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, STAGING_DIR))
+
+
+def test_killed_first_save_does_not_block_the_rerun(tmp_path, capsys):
+    """A run killed while writing its first checkpoint leaves only its own files: the same
+    command starts over instead of refusing a non-empty output directory."""
+    out = tmp_path / "out"
+    (out / STAGING_DIR / "checkpoint-2").mkdir(parents=True)
+    (out / "lmforge_run.json").write_text("{}")
+    assert resolve_resume(str(out), resume=True, overwrite=False) is None
+    assert "left by a save that did not finish" in capsys.readouterr().out
+
+
+def test_save_total_limit_1_never_deletes_the_good_checkpoint_for_a_corrupt_newer_one(two_checkpoints, tmp_path,
+                                                                                        capsys, monkeypatch):
+    out = copy_of(two_checkpoints, tmp_path)
+    # checkpoint-6: complete once, then truncated (a disk that filled up, a bad copy).
+    corrupt = os.path.join(out, "checkpoint-6")
+    shutil.copytree(os.path.join(out, "checkpoint-4"), corrupt)
+    with open(os.path.join(corrupt, MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    manifest["step"] = 6
+    with open(os.path.join(corrupt, MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f)
+    with open(os.path.join(corrupt, "optimizer.pt"), "r+b") as f:
+        f.truncate(100)
+
+    # The Trainer's own rotation (checkpoints within a second of each other are ordered by
+    # number) keeps only the "newest", the corrupt one: this is what must not happen.
+    from transformers.trainer_utils import rotate_checkpoints
+
+    hf = copy_of(out, tmp_path / "hf")
+    rotate_checkpoints(hf, save_total_limit=1, use_mtime=True)
+    assert [os.path.basename(p) for _, p in find_checkpoints(hf)] == ["checkpoint-6"]
+
+    # lmforge's rotation counts complete checkpoints only.
+    assert rotate(out, 1, [None]) == [os.path.join(out, "checkpoint-2")]
+    assert os.path.isdir(os.path.join(out, "checkpoint-4")) and os.path.isdir(corrupt)
+
+    # Resuming with save_total_limit=1: the run resumes from checkpoint-4, and at every save a
+    # complete checkpoint is on disk; the corrupt checkpoint-6 is replaced by a good one.
+    import lmforge.train as train_module
+
+    def checked_rotate(run_dir, limit, protected):
+        deleted = rotate(run_dir, limit, protected)
+        assert last_complete_checkpoint(run_dir, log=lambda _: None) is not None
+        return deleted
+
+    monkeypatch.setattr(train_module, "rotate", checked_rotate)
+    capsys.readouterr()
+    tiny_run(out, 8, save_steps=1, save_total_limit=1)
+    log = capsys.readouterr().out
+    assert f"lmforge: ignoring incomplete checkpoint {corrupt}: optimizer.pt has 100 bytes" in log
+    assert f"lmforge: replacing {corrupt} (optimizer.pt has 100 bytes" in log
+    assert [os.path.basename(p) for _, p in find_checkpoints(out)] == ["checkpoint-8"]
+    assert checkpoint_problem(os.path.join(out, "checkpoint-8")) is None
+
+
+# ---- data order ------------------------------------------------------------------------------
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Row i holds token i + 1: a batch shows which rows it holds."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {"input_ids": [i + 1] * 4, "labels": [i + 1] * 4}
+
+
+def epoch_rows(trainer_cls, out: str, global_seed: int, skip_batches: int, seedable: bool) -> list[int]:
+    """The rows epoch 1 reads, as `_run_epoch` reads them when it resumes after `skip_batches`
+    batches; `global_seed` stands for whatever state the global RNG is in at that moment."""
+    from accelerate import skip_first_batches
+
+    config = transformers.AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, seed=3, report_to="none",
+                             disable_tqdm=True, dataloader_pin_memory=False,
+                             accelerator_config={"use_seedable_sampler": seedable})
+    trainer = trainer_cls(model=transformers.AutoModelForCausalLM.from_config(config), args=args,
+                          train_dataset=Numbered(), data_collator=PaddedCollator(0))
+    loader = trainer.get_train_dataloader()
+    torch.manual_seed(global_seed)
+    if skip_batches:
+        loader = skip_first_batches(loader, skip_batches)
+    loader.set_epoch(1)
+    return [int(row[0]) - 1 for batch in loader for row in batch["input_ids"]]
+
+
+def test_epoch_order_does_not_depend_on_the_global_rng(tmp_path):
+    from lmforge.train import Trainer
+
+    out = str(tmp_path / "o")
+    for seedable in (True, False):
+        whole = epoch_rows(Trainer, out, 1, 0, seedable)
+        assert sorted(whole) == list(range(10))
+        assert epoch_rows(Trainer, out, 2, 2, seedable) == whole[4:]
+    # The same permutation as accelerate's seedable sampler, the Trainer's default.
+    assert epoch_rows(transformers.Trainer, out, 1, 0, True) == whole
+    # Without that sampler, the Trainer's epoch order comes from the global RNG, so a run
+    # resumed in epoch 1 would read other rows.
+    assert epoch_rows(transformers.Trainer, out, 2, 2, False) != epoch_rows(transformers.Trainer, out, 1, 0, False)[4:]
+
+
+# ---- SIGINT, in-process -----------------------------------------------------------------------
+
+
+class SignalAt(transformers.TrainerCallback):
+    """Sends this process `signum` (`times` times) during step `step`, as Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int, times: int = 1):
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
+
+
+def with_callback(monkeypatch, callback) -> None:
+    import lmforge.train as train_module
+
+    class Signalled(train_module.Trainer):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [callback]
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(train_module, "Trainer", Signalled)
+
+
+def test_sigint_stops_with_a_checkpoint_and_restores_the_handler(tmp_path, monkeypatch):
+    from lmforge.train import TrainingStopped
+
+    out = str(tmp_path / "out")
+    before = signal.getsignal(signal.SIGINT)
+    with_callback(monkeypatch, SignalAt(3, signal.SIGINT))
+    expected = r"stopped by SIGINT at step 3, checkpoint written to .*checkpoint-3;"
+    with pytest.raises(TrainingStopped, match=expected) as e:
+        tiny_run(out, 8, save_steps=5)
+    assert e.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert checkpoint_problem(os.path.join(out, "checkpoint-3")) is None
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    with_callback(monkeypatch, SignalAt(3, signal.SIGINT, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(out, 8, save_steps=5)
+    assert find_checkpoints(out) == []
