@@ -100,6 +100,9 @@ class Variant:
     compile_blocks: bool = False
     liger: bool = False
     attn: str = "sdpa"
+    bf16_weights: bool = False
+    """Full SFT: the model held in bf16, AdamW over fp32 masters (lmforge.optim); else fp32
+    weights under bf16 autocast, as the seeds train."""
     extra: dict = field(default_factory=dict)
     """More TrainingArguments (e.g. loss_kernel)."""
 
@@ -117,8 +120,8 @@ def build_model(config, method: str, variant: Variant, base_dir: str | None):
     adapters (r 16, all linear layers), loaded as that side would load it."""
     torch.manual_seed(0)
     if method == "full":
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=variant.attn,
-                                                             dtype=torch.float32)
+        return transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation=variant.attn, dtype=torch.bfloat16 if variant.bf16_weights else torch.float32)
     lora = LoraArguments(lora=True, lora_r=16, lora_alpha=32, q_lora=method == "qlora")
     if variant.lmforge:
         model_args = ModelArguments(model_name_or_path=base_dir, torch_dtype="bfloat16",
@@ -198,13 +201,15 @@ def config_params(config) -> int:
 
 
 def variants(method: str, liger: bool) -> list[Variant]:
-    """The baseline first, then lmforge's variants."""
+    """The baseline first, then lmforge's variants; `DEFAULT` names those run without --only."""
     if method == "full":
         out = [Variant("seed-style", packed=False, lmforge=False, gradient_checkpointing=True),
                Variant("lmforge"), Variant("lmforge+compile", compile_blocks=True),
                Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention"),
                Variant("lmforge+compile+flex+liger-loss", compile_blocks=True, attn="flex_attention",
-                       extra={"loss_kernel": "liger"})]
+                       extra={"loss_kernel": "liger"}),
+               Variant("lmforge+compile+bf16", compile_blocks=True, bf16_weights=True),
+               Variant("lmforge+compile+flex+bf16", compile_blocks=True, attn="flex_attention", bf16_weights=True)]
         if liger:
             out.append(Variant("lmforge+compile+flex+liger", compile_blocks=True, liger=True,
                                attn="flex_attention"))
@@ -217,6 +222,10 @@ def variants(method: str, liger: bool) -> list[Variant]:
             Variant("lmforge+compile+flex+ckpt", gradient_checkpointing=True, compile_blocks=True,
                     attn="flex_attention"),
             Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
+
+
+DEFAULT = {"seed-style", "hf-peft-padded", "lmforge", "lmforge+compile+flex", "lmforge+compile+flex+bf16",
+           "lmforge+compile+flex+ckpt"}
 
 
 def save_base(config, path: str) -> str:
@@ -273,13 +282,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--liger", action="store_true", help="also run lmforge with Liger's kernels (RMSNorm, "
                                                              "RoPE, SwiGLU; the loss is lmforge's either way)")
-    parser.add_argument("--only", nargs="*", help="run only these variants (by name; the baseline too if named)")
+    parser.add_argument("--only", nargs="*", help="run only these variants (by name; the baseline too if named); "
+                                                  "default: " + ", ".join(sorted(DEFAULT)))
     parser.add_argument("--out", default="/tmp/lmforge-bench")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = []
     for shape in args.shapes:
-        results += bench_shape(shape, args.methods, args.steps, args.batch, args.out, args.liger, args.only)
+        results += bench_shape(shape, args.methods, args.steps, args.batch, args.out, args.liger,
+                               args.only or sorted(DEFAULT))
     import importlib.metadata as md
 
     versions = {p: md.version(p) for p in ("torch", "transformers", "peft") if _installed(p)}

@@ -277,6 +277,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "torch.compile each decoder block (regional compilation: one compiled graph reused "
                           "by every layer, a short compile); fuses the elementwise work small models are bound by."},
     )
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "torch.compile mode for --compile_blocks: default, or reduce-overhead (CUDA graphs: "
+                          "the host no longer launches each kernel; packed rows then all get the same length)."},
+    )
 
     def __post_init__(self):
         if self.output_dir is None:

@@ -262,7 +262,7 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False)
     return model
 
 
-def compile_blocks(model, log=print) -> int:
+def compile_blocks(model, log=print, mode: str = "default") -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
     many were compiled; the block classes are the model's `_no_split_modules`."""
@@ -270,8 +270,9 @@ def compile_blocks(model, log=print) -> int:
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in base.modules() if type(m).__name__ in names]
     for block in blocks:
-        block.compile()
-    log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'})")
+        block.compile(mode=None if mode == "default" else mode)
+    log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "
+        f"mode {mode}")
     return len(blocks)
 
 

@@ -34,10 +34,12 @@ from lmforge.checkpoint import (
 )
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
-from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
+from lmforge.loss import fused_causal_lm_loss, fused_head_supported, label_positions, use_liger
 from lmforge.model import compile_blocks
+from lmforge.optim import MasterWeightAdamW, wants_master_weights
 
 BASE_CONFIG = "lmforge_base_config.json"
+LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and removes itself
 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
@@ -181,7 +183,8 @@ class Trainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.fused_head = self._fused_head()
         if getattr(self.args, "compile_blocks", False):
-            compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None)
+            compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
+                           mode=self.args.compile_mode)
 
     def _fused_head(self):
         if not getattr(self.args, "fused_loss", False):
@@ -198,7 +201,28 @@ class Trainer(transformers.Trainer):
                 print(f"lmforge: loss: labelled positions only, projection and cross-entropy fused ({kernel})")
         return None if why else base.get_output_embeddings()
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        why = wants_master_weights(self.model, self.args)
+        if why is None or isinstance(optimizer, MasterWeightAdamW):
+            return optimizer
+        # The Trainer's AdamW, its groups (weight decay or not) and settings, over fp32 masters.
+        groups = [{k: v for k, v in g.items() if k not in ("initial_lr",)} for g in optimizer.param_groups]
+        keep = ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused")
+        self.optimizer = MasterWeightAdamW(groups, **{k: optimizer.defaults[k] for k in keep
+                                                      if k in optimizer.defaults})
+        if self.args.process_index == 0:
+            print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model)")
+        return self.optimizer
+
+    def _prepare_inputs(self, inputs):
+        labels = inputs.get("labels")
+        if self.fused_head is not None and torch.is_tensor(labels) and labels.device.type == "cpu":
+            inputs = {**inputs, LABEL_POSITIONS: label_positions(labels)}  # before the move to the GPU
+        return super()._prepare_inputs(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions = inputs.pop(LABEL_POSITIONS, None)
         document_ids = inputs.pop("document_ids", None)
         if document_ids is not None:
             config = getattr(model, "module", model).config
@@ -210,7 +234,8 @@ class Trainer(transformers.Trainer):
                                         num_items_in_batch=num_items_in_batch)
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None  # the Trainer then averages over accumulation steps itself
-        loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel)
+        loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel,
+                                    positions)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # As the Trainer does for a model's own loss: the gradients are averaged over
             # processes, while num_items_in_batch counts the labelled tokens of all of them.
