@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -43,7 +44,8 @@ LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and 
 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
-OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR}
+FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
+OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING}
 
 
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
@@ -86,20 +88,47 @@ def is_peft(model) -> bool:
 def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | None, output_dir: str) -> None:
     """Write the trained model (safetensors; for LoRA the adapter, which
     `PeftModel.from_pretrained(base, out)` loads), its tokenizer with the chat template it was
-    trained with, a generation config that stops at the end of a turn, and trainer_state.json."""
+    trained with, a generation config that stops at the end of a turn, and trainer_state.json.
+
+    Complete or absent: everything is written under OUTPUT_DIR/.lmforge-final first and moved
+    into OUTPUT_DIR only once all of it is written (a failure, a full disk say, removes the
+    staging directory and leaves no partial model behind); trainer_state.json comes last, so
+    its presence says the final output is whole."""
     model = trainer.model
     unwrapped = getattr(model, "module", model)
     unwrapped.config.use_cache = True
     set_generation_defaults(unwrapped, tokenizer, end_of_turn_id)
-    trainer.save_model(output_dir)
+    staging = os.path.join(output_dir, FINAL_STAGING)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(staging)
+        if main:
+            tokenizer.save_pretrained(staging)
+            if is_peft(unwrapped):
+                unwrapped.generation_config.save_pretrained(staging)
+                # The base config as trained (RoPE scaling, use_cache): `lmforge merge` builds the
+                # merged model with it, so the merged model computes what the adapter run did.
+                unwrapped.get_base_model().config.to_json_file(os.path.join(staging, BASE_CONFIG))
+        trainer.accelerator.wait_for_everyone()  # every rank's part of the save is on disk
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        publish(staging, output_dir)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
-        if is_peft(unwrapped):
-            unwrapped.generation_config.save_pretrained(output_dir)
-            # The base config as trained (RoPE scaling, use_cache): `lmforge merge` builds the
-            # merged model with it, so the merged model computes what the adapter run did.
-            unwrapped.get_base_model().config.to_json_file(os.path.join(output_dir, BASE_CONFIG))
+
+
+def publish(staging: str, output_dir: str) -> None:
+    """Move every entry of `staging` into `output_dir` (replacing what is there), then remove it."""
+    for name in sorted(os.listdir(staging)):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 class NonFiniteGradients(LmforgeError):

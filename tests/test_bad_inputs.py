@@ -370,11 +370,15 @@ def _final_save_disk_full(ctx: Ctx) -> Bad:
     ctx.monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_written_then_full)
     out = ctx.tmp / "out"
 
-    def not_marked_finished() -> None:
-        # The final trainer_state.json is written after the weights: the run does not look done.
+    def nothing_half_written() -> None:
+        # The final save is staged and moved in only when whole: no model file, no staging
+        # directory, and no trainer_state.json saying the run is done.
+        assert not (out / "model.safetensors").exists()
+        assert not (out / ".lmforge-final").exists()
         assert not (out / "trainer_state.json").exists()
 
-    return Bad(sft(ctx), f"No space left on device writing {out / 'model.safetensors'}", after=not_marked_finished)
+    return Bad(sft(ctx), f"No space left on device writing {out / '.lmforge-final' / 'model.safetensors'}",
+               after=nothing_half_written)
 
 
 def _model_path_missing(ctx: Ctx) -> Bad:
