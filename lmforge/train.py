@@ -117,11 +117,11 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if main:
-        publish(staging, output_dir)
+        move_entries(staging, output_dir)
     trainer.save_state()
 
 
-def publish(staging: str, output_dir: str) -> None:
+def move_entries(staging: str, output_dir: str) -> None:
     """Move every entry of `staging` into `output_dir` (replacing what is there), then remove it."""
     for name in sorted(os.listdir(staging)):
         target = os.path.join(output_dir, name)
