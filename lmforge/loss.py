@@ -218,10 +218,13 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
     labels = inputs.pop("labels")
     with head_computes_loss(head, labels, kernel, positions) as returned:
         outputs = model(**inputs)
+    # The model's output, not `returned[0]`: FSDP and DeepSpeed re-wrap module outputs to hook
+    # their gradient reduction into the backward pass. Models known to transform their logits
+    # after the head (soft-capping) are refused up front by `fused_head_supported`.
     loss = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    if len(returned) != 1 or loss is not returned[0]:
-        raise RuntimeError("fused loss: the model changed what its output head returned (it post-processes "
-                           "logits); train with --fused_loss False")
+    if len(returned) != 1 or loss.dim() != 0:
+        raise RuntimeError("fused loss: the model did not return what its output head computed (called "
+                           f"{len(returned)} times, output shape {tuple(loss.shape)}); train with --fused_loss False")
     if num_items_in_batch is None:
         num_items_in_batch = (labels[:, 1:] != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
