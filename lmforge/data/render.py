@@ -21,7 +21,9 @@ only the whole conversation, with offsets, and derives each prefix's tokens from
 
 from __future__ import annotations
 
+import bisect
 import enum
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,7 +56,7 @@ class Rendered:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def special_token_ids(tokenizer) -> frozenset[int]:
@@ -66,39 +68,74 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def anchor_token_ids(backend) -> frozenset[int]:
-    """Added tokens that cut the text into independently tokenized pieces.
+class AnchorScan:
+    """Finds the tokenizer's anchor tokens in rendered text, where its splitter finds them.
 
     The `tokenizers` pipeline first splits the text on its added tokens, then normalizes,
     pre-tokenizes and encodes each piece between them on its own (a piece's tokens depend only
     on its text and on whether it starts the string). So the tokens before an added token do
-    not depend on what follows it. That holds for tokens matched before normalization
-    (`normalized=False`) whose id the model cannot produce from ordinary text: seeing the id
-    then means the splitter put it there."""
-    model_ids = set(backend.get_vocab(with_added_tokens=False).values())
-    return frozenset(
-        i for i, token in backend.get_added_tokens_decoder().items() if not token.normalized and i not in model_ids
-    )
+    not depend on what follows it. Anchors are the added tokens for which that can be used:
+    matched before normalization (`normalized=False`), and with an id the model cannot produce
+    from ordinary text, so that seeing the id in the tokens means the splitter put it there.
+    The splitter matches all non-normalized added tokens leftmost-longest, which is what the
+    regular expression below does (alternatives longest first). Tokenizers whose added tokens
+    strip neighbouring spaces or match whole words only get no anchors (the exact path)."""
+
+    def __init__(self, backend):
+        added = backend.get_added_tokens_decoder() if backend is not None else {}
+        plain = {i: t for i, t in added.items() if not t.normalized}
+        model_ids = set(backend.get_vocab(with_added_tokens=False).values()) if plain else set()
+        usable = plain and not any(t.lstrip or t.rstrip or t.single_word for t in plain.values()) \
+            and not getattr(backend, "encode_special_tokens", False)
+        self.ids: frozenset[int] = frozenset(i for i in plain if i not in model_ids) if usable else frozenset()
+        self.by_content = {plain[i].content: i for i in self.ids}
+        contents = sorted({t.content for t in plain.values()}, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, contents))) if self.ids else None
+
+    def __call__(self, text: str, ids: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+        """(start characters, end characters, token indices) of the anchor tokens of `text`,
+        whose tokens are `ids`; None when the text and the tokens do not show the same anchors
+        in the same order (the caller then takes the exact path)."""
+        starts, ends, expected = [], [], []
+        for m in self.pattern.finditer(text):
+            token = self.by_content.get(m.group())
+            if token is not None:
+                starts.append(m.start())
+                ends.append(m.end())
+                expected.append(token)
+        anchors = self.ids
+        positions = [k for k, t in enumerate(ids) if t in anchors]
+        if len(positions) != len(expected) or any(ids[k] != t for k, t in zip(positions, expected)):
+            return None
+        return starts, ends, positions
 
 
-def _compile_template(chat_template: str):
-    """The jinja template as `apply_chat_template` compiles it (HF's sandboxed environment,
-    its globals and filters), or None if this transformers version does not expose it."""
-    try:
+class CompiledTemplate:
+    """A chat template that renders what `apply_chat_template(tokenize=False)` renders, for
+    plain {role, content} string messages, without its per-call work: the template is the one
+    HF compiles (its sandboxed environment, globals and filters), given the same variables (the
+    special tokens, no tools, no documents), with the globals merged once instead of per call.
+    The fast path renders several prefixes per conversation, so this is a third of a render;
+    tests compare the texts with apply_chat_template on every template."""
+
+    def __init__(self, chat_template: str, variables: dict):
         from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # pragma: no cover - depends on the transformers version
+
+        self.template = _compile_jinja_template(chat_template)
+        self.variables = {**dict(self.template.globals), **variables}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        template = self.template
+        variables = {**self.variables, "messages": messages, "add_generation_prompt": add_generation_prompt}
+        context = template.new_context(variables, shared=True)  # shared: `variables` already holds the globals
+        return template.environment.concat(template.root_render_func(context))
+
+
+def _compile_template(chat_template: str, variables: dict) -> CompiledTemplate | None:
+    try:
+        return CompiledTemplate(chat_template, variables)
+    except ImportError:  # pragma: no cover - a transformers version without HF's template compiler
         return None
-    return _compile_jinja_template(chat_template)
-
-
-@dataclass
-class _Boundary:
-    """Where a prefix of the rendered conversation ends, to be turned into a token count."""
-
-    record: int
-    chars: int  # length of the prefix text
-    anchor: int  # index of the last anchor token that ends within the prefix (0: none)
-    tail: str  # the text from that anchor to the end of the prefix
 
 
 class Renderer:
@@ -112,11 +149,11 @@ class Renderer:
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         # What apply_chat_template hands the template besides the messages.
         self.template_vars = {"tools": None, "documents": None, **tokenizer.special_tokens_map}
-        self.anchor_ids = anchor_token_ids(self.backend) if self.backend is not None else frozenset()
+        self.anchors = AnchorScan(self.backend)
         self._init_caches()
 
     def _init_caches(self) -> None:
-        self._compiled = _compile_template(self.chat_template)
+        self._compiled = _compile_template(self.chat_template, self.template_vars)
         self._tails: dict[str, list[int]] = {}
 
     # The compiled template holds closures and cannot be pickled; worker processes compile it again.
@@ -130,16 +167,12 @@ class Renderer:
         self._init_caches()
 
     def text(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The text `tokenizer.apply_chat_template(messages, tokenize=False)` gives. The compiled
-        template is called directly: for plain {role, content} string messages that is all
-        apply_chat_template does, without its per-call argument handling (a third of the time
-        of a render); tests compare the two on every template."""
+        """The text `tokenizer.apply_chat_template(messages, tokenize=False)` gives."""
         if self._compiled is None:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.template_vars)
+        return self._compiled.render(messages, add_generation_prompt)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Exactly the ids `tokenizer.apply_chat_template` gives for each text: tokenized without
@@ -241,9 +274,11 @@ class Renderer:
 
     def render_batch(self, conversations: Sequence[Conversation]) -> list[Rendered | RecordError]:
         """`render_exact` for each conversation (its result or its RecordError), computed with
-        one tokenization of each whole conversation instead of one per prefix."""
+        one tokenization of each whole conversation instead of one per prefix. A record the fast
+        path cannot settle (a prefix that is not a string prefix, a tail whose tokens differ,
+        anchors it cannot place) is rendered by `render_exact`, which then decides."""
         results: list[Rendered | RecordError | None] = [None] * len(conversations)
-        rendered: list[tuple[int, list[int], list[str]]] = []  # (record, turns, texts)
+        rendered: list[tuple[int, list[int], list[str]]] = []  # (record, trained turns, texts)
         for r, conversation in enumerate(conversations):
             messages = conversation.as_dicts()
             turns = self._trained_turns(messages)
@@ -255,35 +290,35 @@ class Renderer:
             full = texts[0]
             if all(full.startswith(t) for t in texts[1:]):
                 rendered.append((r, turns, texts))
-            # Otherwise a prefix is not even a string prefix: the exact path says why (below).
         if self.strategy == MaskingStrategy.ALL:  # no boundaries: the whole conversation is all there is
             for (r, _, _), ids in zip(rendered, self.tokenize([texts[0] for _, _, texts in rendered])):
                 results[r] = self._labelled(ids, [])
-        elif self.backend is not None:  # without offsets (no fast backend) every record takes the exact path
-            self._render_with_offsets(rendered, results)
+        elif self.anchors.ids:
+            self._render_at_anchors(rendered, results)
         for r, result in enumerate(results):
-            if result is None:  # not settled by the fast path: the definition decides
+            if result is None:
                 try:
                     results[r] = self.render_exact(conversations[r])
                 except RecordError as e:
                     results[r] = e
         return results  # type: ignore[return-value]
 
-    def _render_with_offsets(self, rendered: list[tuple[int, list[int], list[str]]],
-                             results: list[Rendered | RecordError | None]) -> None:
-        encodings = self.backend.encode_batch([texts[0] for _, _, texts in rendered], add_special_tokens=False)
-        records = []
-        boundaries: list[_Boundary] = []
-        for (r, turns, texts), encoding in zip(rendered, encodings):
-            full, ids = texts[0], encoding.ids
-            found = [self._boundary(r, encoding, ids, full, len(t)) for t in texts[1:]]
-            if all(b is not None for b in found):
-                records.append((r, turns, ids, found))
-                boundaries.extend(found)
-        tails = self._tail_ids([b.tail for b in boundaries])
-        for r, turns, ids, found in records:
-            counts = [_prefix_length(ids, b, tails[b.tail]) for b in found]
-            if any(c is None for c in counts):
+    def _render_at_anchors(self, rendered: list[tuple[int, list[int], list[str]]],
+                           results: list[Rendered | RecordError | None]) -> None:
+        """Token counts of the prefixes from the whole conversation's tokens: each prefix's
+        tokens are the conversation's tokens up to the last anchor token within the prefix,
+        then the tokens of the rest of the prefix (its tail), checked against what follows in
+        the conversation's tokens (`_prefix_length`)."""
+        full_ids = self.tokenize([texts[0] for _, _, texts in rendered])
+        settled = []  # (record, turns, ids, [(anchor token index, tail) per prefix])
+        for (r, turns, texts), ids in zip(rendered, full_ids):
+            cuts = self._cuts(texts[0], ids, [len(t) for t in texts[1:]])
+            if cuts is not None:
+                settled.append((r, turns, ids, cuts))
+        tails = self._tail_ids([tail for *_, cuts in settled for _, tail in cuts])
+        for r, turns, ids, cuts in settled:
+            counts = [_prefix_length(ids, anchor, tails[tail]) for anchor, tail in cuts]
+            if None in counts:
                 continue  # left to the exact path
             try:
                 spans = [self._checked_span(i, counts[2 * k], counts[2 * k + 1]) for k, i in enumerate(turns)]
@@ -292,53 +327,51 @@ class Renderer:
                 continue
             results[r] = self._labelled(ids, spans)
 
-    def _boundary(self, record: int, encoding, ids: list[int], full: str, chars: int) -> _Boundary | None:
-        """The prefix of `chars` characters, with the last anchor token within it: the prefix
-        tokenizes as the conversation's tokens up to that anchor, then the tokens of the rest
-        (see `_prefix_length`)."""
-        if chars == 0 or chars == len(full):
-            return _Boundary(record, chars, len(ids) if chars else 0, "")
-        t = encoding.char_to_token(chars - 1)  # the token holding the prefix's last character
-        if t is None:
-            return None  # a character no token covers (a stripped space): leave it to the exact path
-        while t >= 0:
-            if ids[t] in self.anchor_ids:
-                start, end = encoding.token_to_chars(t)
-                if end <= chars:
-                    return _Boundary(record, chars, t, full[start:chars])
-            t -= 1
-        return _Boundary(record, chars, 0, full[:chars])
+    def _cuts(self, full: str, ids: list[int], lengths: list[int]) -> list[tuple[int, str]] | None:
+        """For each prefix of `full` (given by its length in characters): the token index of
+        the last anchor token that ends within it (0 if none) and the prefix's text from that
+        anchor on. None if the anchors in the text and in `ids` do not agree."""
+        found = self.anchors(full, ids)
+        if found is None:
+            return None
+        starts, ends, positions = found
+        cuts = []
+        for n in lengths:
+            if n == len(full):
+                cuts.append((len(ids), ""))  # the whole conversation
+                continue
+            a = bisect.bisect_right(ends, n) - 1  # the last anchor ending within the prefix
+            cuts.append((positions[a], full[starts[a] : n]) if a >= 0 else (0, full[:n]))
+        return cuts
 
     def _tail_ids(self, tails: list[str]) -> dict[str, list[int]]:
-        """Tokens of each tail, short (template) tails from the cache, the rest in one batch."""
-        out = {t: self._tails[t] for t in tails if t in self._tails}
+        """Tokens of each tail: short ones (template text) from the cache, the rest in one batch."""
+        cache = self._tails
+        out = {t: cache[t] for t in tails if t in cache}
         missing = list(dict.fromkeys(t for t in tails if t not in out))
-        if missing:
-            for tail, ids in zip(missing, self.tokenize(missing)):
-                out[tail] = ids
-                if len(tail) <= TAIL_CACHE_CHARS:
-                    if len(self._tails) >= TAIL_CACHE_ENTRIES:
-                        self._tails.clear()
-                    self._tails[tail] = ids
+        for tail, ids in zip(missing, self.tokenize(missing) if missing else []):
+            out[tail] = ids
+            if len(tail) <= TAIL_CACHE_CHARS:
+                if len(cache) >= TAIL_CACHE_ENTRIES:
+                    cache.clear()
+                cache[tail] = ids
         return out
 
 
-def _prefix_length(ids: list[int], boundary: _Boundary, tail_ids: list[int]) -> int | None:
+def _prefix_length(ids: list[int], anchor: int, tail_ids: list[int]) -> int | None:
     """The number of tokens the prefix tokenizes to, if it is a token prefix of the whole
-    conversation `ids`; None when that cannot be shown here (the exact path then decides).
+    conversation `ids`; None when that is not shown (the exact path then decides).
 
-    The prefix is the conversation's text up to an anchor token at index `anchor` (or nothing),
-    then `tail` (which starts with that anchor). The tokenizer encodes the pieces between
-    anchor tokens independently (`anchor_token_ids`), so the prefix's tokens are the
-    conversation's first `anchor` tokens followed by the tokens of `tail` — and it is a token
-    prefix of the conversation exactly when those tail tokens are what follows in `ids`. This
-    is the exact path's test, decided without tokenizing the text before the anchor. Comparing
-    tokens, not character offsets, matters: "two spaces, then a digit" ends on a token boundary
-    after the spaces, yet the spaces alone tokenize to one token, not two."""
-    if not boundary.tail:
-        return boundary.anchor  # the empty prefix, or the whole conversation
-    stop = boundary.anchor + len(tail_ids)
-    if ids[boundary.anchor : stop] != tail_ids:
+    The prefix is the conversation's text up to its anchor token at index `anchor` (or
+    nothing), then a tail that starts with that anchor and tokenizes to `tail_ids`. Pieces
+    between anchors are tokenized independently (`AnchorScan`), so the prefix's tokens are
+    `ids[:anchor] + tail_ids`, and it is a token prefix of the conversation exactly when
+    `tail_ids` is what follows in `ids`: the exact path's test, decided without tokenizing the
+    text before the anchor again. Tokens are compared, not character offsets: a prompt that
+    ends in two spaces, followed by a digit, ends on a token boundary of the conversation, yet
+    the two spaces alone are one token, not the two the conversation has there."""
+    stop = anchor + len(tail_ids)
+    if ids[anchor:stop] != tail_ids:
         return None
     return stop
 
