@@ -83,14 +83,10 @@ def _init_worker(renderer: Renderer) -> None:
 
 
 def _render_chunk(chunk: list[tuple[str, str, Conversation]]) -> list[tuple[str, str, Rendered | RecordError]]:
+    """A chunk rendered in one batch: one tokenizer call for all its conversations."""
     assert _RENDERER is not None
-    out: list[tuple[str, str, Rendered | RecordError]] = []
-    for path, location, conversation in chunk:
-        try:
-            out.append((path, location, _RENDERER(conversation)))
-        except RecordError as e:
-            out.append((path, location, e))
-    return out
+    results = _RENDERER.render_batch([conversation for _, _, conversation in chunk])
+    return [(path, location, result) for (path, location, _), result in zip(chunk, results)]
 
 
 def _conversations(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
