@@ -150,3 +150,29 @@ def test_several_files_in_order_with_mixed_formats(tmp_path, qwen_tokenizer):
     texts = [qwen_tokenizer.decode(ids) for ids in entry.dataset()["input_ids"]]
     assert ["question 0" in texts[0], "question 1" in texts[1]] == [True, True]
     assert all(f"alpaca {i}" in texts[2 + i] for i in range(3))
+
+
+def _double(chunk: list[int]) -> list[int]:
+    return [2 * x for x in chunk]
+
+
+def _no_setup() -> None:
+    pass
+
+
+def test_workers_read_at_most_two_chunks_ahead_each():
+    # Bounded memory with workers: the input is read as results are taken, not all at once
+    # (multiprocessing's imap would queue every chunk of the data).
+    from lmforge.data.cache import ordered_map
+
+    pulled = []
+
+    def chunks():
+        for i in range(10_000):
+            pulled.append(i)
+            yield [i]
+
+    results = ordered_map(_double, chunks(), 2, _no_setup, ())
+    assert [next(results) for _ in range(3)] == [[0], [2], [4]]
+    assert len(pulled) <= 2 * 2 + 3
+    results.close()

@@ -313,7 +313,9 @@ def _read_jsonl_whole(path: str) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, None, "file is empty")
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only (JSON Lines; \r\n works too): str.splitlines would also cut at
+    # U+2028 and the like, which JSON allows unescaped inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
