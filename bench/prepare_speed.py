@@ -9,7 +9,10 @@
    batched call, (c) lmforge's exact path (`Renderer.render_exact`: the conversation and every
    prefix tokenized), (d) lmforge's fast path (`Renderer.render_batch`, 256 per batch), the
    one `prepare` uses. Before timing, (c) and (d) are checked to give identical records, and
-   their ids to equal (a)'s. Each figure is the best of --rounds, the methods interleaved.
+   their ids to equal (a)'s. Each figure is the best of --rounds, the methods interleaved:
+   conversations per second of wall time, and per second of the process's CPU time (what one
+   process does with a core to itself, the figure to read on a machine shared with other
+   work); the ratio is of the latter, to (a).
 2. End to end, `prepare()` (read, validate, render, write the Arrow cache) of --scaling_records
    synthetic ShareGPT-like conversations with 1 and with 2 processes
    (`--preprocessing_num_workers`).
@@ -29,7 +32,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,15 +51,6 @@ def load_conversations(path: str):
     from lmforge.data.formats import iter_conversations
 
     return [conversation for _, conversation in iter_conversations(path)]
-
-
-def best_rate(fn, n: int, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n / min(times)
 
 
 def render_rates(tokenizer, conversations, rounds: int) -> dict[str, float]:
@@ -80,13 +73,16 @@ def render_rates(tokenizer, conversations, rounds: int) -> dict[str, float]:
         "lmforge fast path (render_batch, exact masks)":
             lambda: [renderer.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)],
     }
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    wall: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):  # interleaved, so that a busy moment on the machine hits every method
         for name, fn in methods.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: len(conversations) / min(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    n = len(conversations)
+    return {name: (n / min(wall[name]), n / min(cpu[name])) for name in methods}
 
 
 def write_synthetic(path: str, source: str, n: int, seed: int = 0) -> None:
@@ -117,9 +113,44 @@ seconds = time.perf_counter() - start
 size = sum(os.path.getsize(os.path.join(cache.path, f)) for f in os.listdir(cache.path))
 print(json.dumps({{"seconds": seconds, "kept": cache.stats.kept, "tokens": cache.stats.tokens,
                    "trained_tokens": cache.stats.trained_tokens, "cache_bytes": size,
+                   "main_cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
+                   "workers_cpu_s": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]),
                    "main_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    "worker_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}}))
 """
+
+
+CAPACITY_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+from transformers import AutoTokenizer
+from lmforge.data.formats import iter_conversations
+from lmforge.data.render import Renderer
+tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
+conversations = [c for _, c in iter_conversations({data!r})]
+renderer = Renderer(tokenizer, tokenizer.chat_template)
+renderer.render_batch(conversations)
+sys.stdout.write("ready\n"); sys.stdout.flush(); sys.stdin.readline()
+start, n = time.perf_counter(), 0
+while time.perf_counter() - start < {seconds}:
+    renderer.render_batch(conversations)
+    n += len(conversations)
+print(n / (time.perf_counter() - start))
+"""
+
+
+def capacity(copies: int, data: str, tokenizer: str, seconds: float = 8.0) -> float:
+    """Conversations/s of `copies` renderer loops run at once (summed): how much parallel work the
+    machine takes at this moment, other users' work included."""
+    code = CAPACITY_CHILD.format(root=ROOT, tokenizer=tokenizer, data=data, seconds=seconds)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(copies)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:  # start together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
 
 
 def prepare_in_child(data: str, tokenizer: str, workers: int, scratch: str) -> dict:
@@ -145,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     parser.add_argument("--data", default=DEFAULT_DATA, help="ShareGPT JSON list (default: FastChat's dummy data)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--scaling_records", type=int, default=50_000, help="0 skips the 1 vs 2 process run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--memory_records", type=int, default=200_000, help="0 skips the memory run")
@@ -161,14 +192,18 @@ def main() -> None:
     print(f"\n## Rendering: {len(conversations)} conversations, one process, one thread, best of {args.rounds}")
     rates = render_rates(tokenizer, conversations, args.rounds)
     baseline = rates["HF apply_chat_template, once per conversation (no masks)"]
-    for name, rate in rates.items():
-        print(f"{name:58s} {rate:8,.0f} conv/s  {rate / baseline:5.2f}x")
+    print(f"{'':58s} {'conv/s':>8s}  {'per CPU-s':>9s}  {'ratio':>5s}")
+    for name, (rate, per_cpu_second) in rates.items():
+        print(f"{name:58s} {rate:8,.0f}  {per_cpu_second:9,.0f}  {per_cpu_second / baseline[1]:5.2f}x")
 
     scratch = tempfile.mkdtemp(prefix="lmforge-prep-bench-", dir=args.scratch)
     try:
         if args.scaling_records:
             data = os.path.join(scratch, "scaling.json")
             write_synthetic(data, args.data, args.scaling_records)
+            alone, together = (capacity(n, args.data, args.tokenizer) for n in (1, 2))
+            print(f"\n## Machine capacity now: 2 renderer loops at once give {together / alone:.2f}x one loop "
+                  f"({alone:,.0f} vs {together:,.0f} conv/s)")
             print(f"\n## prepare(), {args.scaling_records:,} synthetic conversations, end to end")
             one = None
             for workers in args.workers:
@@ -176,6 +211,7 @@ def main() -> None:
                 rate = r["kept"] / r["seconds"]
                 one = one or rate
                 print(f"{workers} process(es): {rate:8,.0f} conv/s  ({r['seconds']:.1f} s, {rate / one:.2f}x; "
+                      f"CPU s: main {r['main_cpu_s']:.1f}, workers {r['workers_cpu_s']:.1f}; "
                       f"{r['tokens'] / r['kept']:.0f} tokens/conv)")
         if args.memory_records:
             data = os.path.join(scratch, "memory.json")

@@ -176,3 +176,23 @@ def test_workers_read_at_most_two_chunks_ahead_each():
     assert [next(results) for _ in range(3)] == [[0], [2], [4]]
     assert len(pulled) <= 2 * 2 + 3
     results.close()
+
+
+def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_tokenizer):
+    # Records are checked and rendered in the workers; their errors come back pickled and
+    # get the same policy, wording and order as in one process.
+    bad_roles = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}
+    data = write_json(tmp_path / "d.json", records(3) + [bad_roles] + records(2, answer_words=400))
+    template = qwen_tokenizer.chat_template
+    skip = PrepareOptions(on_bad_record=OnBadRecord.SKIP, long_records=LongRecords.DROP, model_max_length=256)
+    one = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "a"))
+    two = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "b"), num_workers=2)
+    assert one.stats == two.stats
+    assert one.stats.skipped == {"roles_out_of_order": 1, "too_long": 2}
+    errors = []
+    for workers, cache in ((1, "c"), (2, "d")):
+        with pytest.raises(DataError) as e:
+            prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / cache),
+                    num_workers=workers)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 0 is 'assistant'")

@@ -13,6 +13,7 @@ import codecs
 import enum
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -137,7 +138,7 @@ def _read_text(path: str) -> str:
 # whole-file reader takes over, and decides the message or reads the object form; records
 # already yielded are not yielded again.
 READ_BYTES = 1 << 20
-JSON_SPACE = " \t\n\r"
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 class _NotStreamed(Exception):
@@ -244,8 +245,7 @@ class _JsonText:
     def next_char(self) -> str:
         """The next character that is not JSON whitespace, not consumed ("" at the end)."""
         while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in JSON_SPACE:
-                self.pos += 1
+            self.pos = JSON_SPACE.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or not self.more():
                 return self.buf[self.pos : self.pos + 1]
 
@@ -507,16 +507,39 @@ def iter_conversations(
     The format is fixed from the first record when `fmt` is auto, so a file that mixes formats
     is reported rather than half-read under two interpretations.
     """
-    for location, record in read_records(path):
+    for location, record, record_fmt in iter_records(path, fmt, on_bad_record, skips):
         try:
-            if fmt == DataFormat.AUTO:
-                fmt = detect_format(record)
-            yield location, to_conversation(record, fmt)
+            yield location, to_conversation(record, record_fmt)
         except RecordError as e:
-            if on_bad_record == OnBadRecord.SKIP and skips is not None:
-                skips.add(e.kind, f"{path}, {location}: {e.reason}")
+            bad_record(path, location, e, on_bad_record, skips)
+
+
+def iter_records(
+    path: str,
+    fmt: DataFormat = DataFormat.AUTO,
+    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, Any, DataFormat]]:
+    """Yield `(location, raw record, format)`: the first step of `iter_conversations`, which
+    fixes the format, without checking the records (`to_conversation` does that; `prepare`
+    does it in its worker processes)."""
+    for location, record in read_records(path):
+        if fmt == DataFormat.AUTO:
+            try:
+                fmt = detect_format(record)
+            except RecordError as e:
+                bad_record(path, location, e, on_bad_record, skips)
                 continue
-            raise DataError(path, location, e.reason) from None
+        yield location, record, fmt
+
+
+def bad_record(path: str, location: str, error: RecordError, on_bad_record: OnBadRecord,
+               skips: SkipCounter | None) -> None:
+    """Count the record under its reason when skipping, else raise the error naming it."""
+    if on_bad_record == OnBadRecord.SKIP and skips is not None:
+        skips.add(error.kind, f"{path}, {location}: {error.reason}")
+        return
+    raise DataError(path, location, error.reason) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,16 @@ Labels follow the HF convention: aligned with input_ids, -100 where no loss; the
 
 Two paths give the same result. `Renderer.render_exact` is the definition: it tokenizes the
 whole conversation and every prefix. `Renderer.render_batch` is the fast path used for data
-preparation: HF has no renderer that gives exact per-turn masks for a batch (its
-`return_assistant_tokens_mask` needs `{% generation %}` markers that most templates lack),
-and tokenizing every prefix costs several times the conversation itself. The fast path still
-renders every prefix as text (cheap: the compiled template is called directly), but tokenizes
-only the whole conversation, with offsets, and derives each prefix's tokens from it; see
-`_prefix_length` for why that is the same answer, and which cases fall back to the exact path.
+preparation, written here because HF has no batched renderer with exact per-turn masks (its
+`return_assistant_tokens_mask` needs `{% generation %}` markers that most templates lack), and
+tokenizing every prefix costs several times the conversation itself. The fast path still
+renders every prefix as text (with the compiled template, `CompiledTemplate`, at a fraction of
+apply_chat_template's cost) and checks that each is a string prefix of the conversation, but
+tokenizes only the whole conversation, a batch at a time. Each prefix's tokens are then the
+conversation's tokens up to the last added token (`AnchorScan`) inside the prefix, followed by
+the tokens of the short rest of the prefix, which are compared with the conversation's: the
+exact path's test, decided without tokenizing the prefix again (`_prefix_length` says why).
+A record the fast path cannot settle goes to the exact path, which decides.
 """
 
 from __future__ import annotations
