@@ -32,3 +32,8 @@ class RecordError(ValueError):
         self.kind = kind
         self.reason = reason
         super().__init__(reason)
+
+    def __reduce__(self):
+        # Record errors come back from worker processes pickled; the default would call
+        # RecordError(reason) and fail.
+        return RecordError, (self.kind, self.reason)

@@ -162,3 +162,57 @@ def test_forced_format_reports_missing_key(tmp_path):
     path = write(tmp_path, "d.json", json.dumps([OPENAI]))
     assert error_of(path, DataFormat.SHAREGPT) == \
         f"{path}, record 0: field 'conversations' is missing (keys: ['messages'])"
+
+
+# JSON and JSONL are read as a stream (bounded memory); the whole-file readers stay the
+# reference for the records and for every error.
+STREAM_RECORDS = [SHAREGPT, OPENAI, ALPACA,
+                  {"conversations": [{"from": "human", "value": "é€😀\u2028 \\\" x [1, 2] {}"}, {"from": "gpt", "value": "ok"}]}]
+
+
+def stream_files(tmp_path) -> list[str]:
+    return [
+        write(tmp_path, "d.json", json.dumps(STREAM_RECORDS, ensure_ascii=False, indent=1)),
+        write(tmp_path, "compact.json", json.dumps(STREAM_RECORDS)),
+        write(tmp_path, "bom.json", b"\xef\xbb\xbf" + json.dumps(STREAM_RECORDS, ensure_ascii=False).encode()),
+        write(tmp_path, "d.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in STREAM_RECORDS) + "\n\n"),
+        write(tmp_path, "crlf.jsonl", "\r\n".join(json.dumps(r) for r in STREAM_RECORDS)),
+    ]
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_json_and_jsonl_stream_the_same_records(tmp_path, monkeypatch, block):
+    from lmforge.data import formats
+
+    monkeypatch.setattr(formats, "READ_BYTES", block)  # records cut by block ends everywhere
+    for path in stream_files(tmp_path):
+        jsonl = path.endswith(".jsonl")
+        whole = list((formats._read_jsonl_whole if jsonl else formats._read_json_whole)(path))
+        assert list((formats._stream_jsonl if jsonl else formats._stream_json_list)(path)) == whole, path
+        assert list(formats.read_records(path)) == whole, path
+
+
+def test_well_formed_files_are_never_read_whole(tmp_path, monkeypatch):
+    from lmforge.data import formats
+
+    def whole(path):
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(formats, "_read_text", whole)
+    for path in stream_files(tmp_path):
+        assert len(list(formats.read_records(path))) == len(STREAM_RECORDS)
+
+
+def test_object_holding_the_list_is_still_read(tmp_path):
+    path = write(tmp_path, "d.json", json.dumps({"data": [OPENAI, OPENAI]}))
+    assert [c for _, c in iter_conversations(path)] == [EXPECTED, EXPECTED]
+
+
+def test_errors_come_before_records_as_when_read_whole(tmp_path):
+    # A bad record first, malformed JSON later: the syntax error is reported (the file is
+    # checked as a whole before any record), as the whole-file reader did.
+    path = write(tmp_path, "d.json", json.dumps([{"messages": []}, OPENAI])[:-1] + ", oops]")
+    assert "malformed JSON" in error_of(path)
+    # The same for an encoding error after good and bad JSONL lines.
+    path = write(tmp_path, "d.jsonl", (json.dumps({"messages": []}) + "\n").encode() + b'{"messages": "caf\xe9"}\n')
+    assert "line 2: not valid UTF-8" in error_of(path)

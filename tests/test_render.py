@@ -232,3 +232,177 @@ def test_other_template_shapes(qwen_tokenizer, shape):
     space = " " if shape == "inst" else ""
     assert spans == [space + "Hello!" + end, space + "4" + end]
     assert end_of_turn_token_id(renderer) == qwen_tokenizer.convert_tokens_to_ids(end)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path (`render_batch`, what `prepare` uses) against the exact path (`render_exact`,
+# every prefix tokenized) and apply_chat_template: identical records, or identical errors.
+# ---------------------------------------------------------------------------------------------
+
+
+def all_conversations() -> list[Conversation]:
+    from conftest import ALPACA_DEMO
+    from lmforge.data.formats import iter_conversations
+
+    return dummy_conversations(500) + [c for _, c in iter_conversations(str(ALPACA_DEMO))]
+
+
+def exact_results(renderer: Renderer, conversations) -> list:
+    out = []
+    for conv in conversations:
+        try:
+            out.append(renderer.render_exact(conv))
+        except RecordError as e:
+            out.append(("error", e.kind, e.reason))
+    return out
+
+
+def fast_results(renderer: Renderer, conversations, batch: int = 64) -> tuple[list, int]:
+    """render_batch's results (errors as tuples, to compare) and how many records it handed to
+    the exact path."""
+    calls = []
+    exact = renderer.render_exact
+
+    def counted(conv):
+        calls.append(conv)
+        return exact(conv)
+
+    renderer.render_exact = counted
+    try:
+        results = [r for i in range(0, len(conversations), batch)
+                   for r in renderer.render_batch(conversations[i : i + batch])]
+    finally:
+        del renderer.render_exact
+    return [("error", r.kind, r.reason) if isinstance(r, RecordError) else r for r in results], len(calls)
+
+
+TEMPLATE_CASES = [("qwen", "assistant"), ("qwen", "last_assistant"), ("qwen", "all"),
+                  ("vicuna_v1.1", "assistant"), ("chatml", "assistant"), ("chatml_user", "assistant")]
+
+
+@pytest.mark.parametrize("template, strategy", TEMPLATE_CASES)
+def test_fast_path_equals_exact_path_and_apply_chat_template(fresh_qwen_tokenizer, template, strategy):
+    tok = fresh_qwen_tokenizer
+    chat_template = tok.chat_template if template == "qwen" else resolve_template(tok, template)
+    renderer = Renderer(tok, chat_template, MaskingStrategy(strategy))
+    conversations = all_conversations()
+    fast, handed_over = fast_results(renderer, conversations)
+    assert fast == exact_results(renderer, conversations)
+    assert handed_over == 0  # every record was settled by the fast path itself
+    assert [r.input_ids for r in fast] == [
+        tok.apply_chat_template(c.as_dicts(), chat_template=chat_template)["input_ids"] for c in conversations]
+
+
+@pytest.mark.parametrize("template", ["qwen", *sorted(BUILTIN_TEMPLATES), *sorted(SHAPES)])
+def test_rendered_text_equals_apply_chat_template(fresh_qwen_tokenizer, template):
+    tok = fresh_qwen_tokenizer
+    if template == "qwen":
+        chat_template = tok.chat_template
+    elif template in SHAPES:
+        chat_template = SHAPES[template][0]
+    else:
+        chat_template = resolve_template(tok, template)
+    renderer = Renderer(tok, chat_template)
+    conversations = dummy_conversations(60) + [to_conversation(r, DataFormat.AUTO) for r in RECORDS.values()]
+    for conv in conversations:
+        messages = conv.as_dicts()
+        for k in range(1, len(messages) + 1):
+            for generation_prompt in (False, True):
+                assert renderer.text(messages[:k], generation_prompt) == tok.apply_chat_template(
+                    messages[:k], chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+# Contents chosen to stress the boundaries: leading / trailing spaces and newlines that merge
+# with the template's text, non-ASCII and combining characters, digits after spaces, and a
+# special token's text inside a message (which the tokenizer turns into the special token).
+ADVERSARIAL = [
+    " leading space", "trailing space ", "  two leading", "\nnewline first", "newline last\n", "\n\n",
+    "5 apples", "  5", "你好，世界", "emoji 😀👍🏽", "e\u0301 combining", "tab\tand\u00a0nbsp", "'s and 're",
+    "text <|im_end|> inside", "<|im_start|>assistant\nfake turn", "ends with <|im_start|>", "x" * 300,
+]
+
+
+@pytest.mark.parametrize("template", ["qwen", *sorted(BUILTIN_TEMPLATES), *sorted(SHAPES)])
+def test_fast_path_equals_exact_path_on_adversarial_contents(fresh_qwen_tokenizer, template):
+    import random
+
+    tok = fresh_qwen_tokenizer
+    if template == "qwen":
+        chat_template = tok.chat_template
+    elif template in SHAPES:
+        chat_template = SHAPES[template][0]
+    else:
+        chat_template = resolve_template(tok, template)
+    rng = random.Random(0)
+    conversations = []
+    for _ in range(200):
+        turns = rng.randint(1, 3)
+        messages = [Message("system", rng.choice(ADVERSARIAL))] if rng.random() < 0.3 else []
+        for _ in range(turns):
+            messages += [Message("user", rng.choice(ADVERSARIAL)), Message("assistant", rng.choice(ADVERSARIAL))]
+        conversations.append(Conversation(tuple(messages)))
+    renderer = Renderer(tok, chat_template)
+    fast, _ = fast_results(renderer, conversations)
+    assert fast == exact_results(renderer, conversations)
+
+
+# A template whose generation prompt ends in two spaces, so that an answer starting with a
+# digit follows them. In the conversation the spaces are two tokens (" ", " "), and the
+# prompt's end falls on a token boundary; yet the prompt alone ends in the single token "  ".
+# The prompt is therefore not a token prefix, and a check on character offsets alone would
+# have accepted it. Both paths must refuse the record, with the same message.
+TWO_SPACES = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant  ' + m['content'] + "
+    "'<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant  ' }}{% endif %}"
+)
+
+
+def test_prompt_on_a_token_boundary_that_is_not_a_token_prefix_is_refused(qwen_tokenizer):
+    tok = qwen_tokenizer
+    conv = Conversation((Message("user", "How many?"), Message("assistant", "5 apples")))
+    renderer = Renderer(tok, TWO_SPACES)
+    messages = conv.as_dicts()
+    prompt, full = renderer.text(messages[:1], True), renderer.text(messages, False)
+    assert full.startswith(prompt)
+    encoding = tok.backend_tokenizer.encode(full, add_special_tokens=False)
+    assert len(prompt) in [start for start, _ in encoding.offsets]  # the offsets would have said yes
+    fast, handed_over = fast_results(renderer, [conv])
+    assert fast == exact_results(renderer, [conv])
+    assert fast[0][:2] == ("error", "template_mismatch") and handed_over == 1
+
+
+def test_prefix_that_is_not_a_string_prefix_goes_to_the_exact_path(qwen_tokenizer):
+    # The template of test_template_that_rewrites_earlier_turns_is_refused: the fast path
+    # cannot place the prompt, hands the record over, and the exact path refuses it.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n'"
+        " + '...' + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    renderer = Renderer(qwen_tokenizer, template)
+    conv = to_conversation(RECORDS["openai"], DataFormat.AUTO)
+    fast, handed_over = fast_results(renderer, [conv])
+    assert handed_over == 1
+    assert fast == exact_results(renderer, [conv])
+    assert fast[0][1] == "template_mismatch" and "assistant turn 2 does not tokenize to a prefix" in fast[0][2]
+
+
+def test_template_errors_in_a_batch_stay_with_their_record(qwen_tokenizer):
+    template = ("{% for m in messages %}{% if 'boom' in m['content'] %}{{ raise_exception('boom') }}{% endif %}"
+                "{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}")
+    good = Conversation((Message("user", "q"), Message("assistant", "a")))
+    bad = Conversation((Message("user", "boom"), Message("assistant", "a")))
+    results = Renderer(qwen_tokenizer, template).render_batch([good, bad, good])
+    assert isinstance(results[1], RecordError) and results[1].kind == "template_error" and "boom" in results[1].reason
+    assert results[0] == results[2] == Renderer(qwen_tokenizer, template).render_exact(good)
+
+
+def test_pickled_renderer_renders_the_same(qwen_tokenizer):
+    # Worker processes get the renderer pickled; the compiled template is rebuilt there.
+    import pickle
+
+    renderer = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)
+    copy = pickle.loads(pickle.dumps(renderer))
+    conversations = dummy_conversations(50)
+    assert copy.render_batch(conversations) == renderer.render_batch(conversations)

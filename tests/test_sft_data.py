@@ -150,3 +150,49 @@ def test_several_files_in_order_with_mixed_formats(tmp_path, qwen_tokenizer):
     texts = [qwen_tokenizer.decode(ids) for ids in entry.dataset()["input_ids"]]
     assert ["question 0" in texts[0], "question 1" in texts[1]] == [True, True]
     assert all(f"alpaca {i}" in texts[2 + i] for i in range(3))
+
+
+def _double(chunk: list[int]) -> list[int]:
+    return [2 * x for x in chunk]
+
+
+def _no_setup() -> None:
+    pass
+
+
+def test_workers_read_at_most_two_chunks_ahead_each():
+    # Bounded memory with workers: the input is read as results are taken, not all at once
+    # (multiprocessing's imap would queue every chunk of the data).
+    from lmforge.data.cache import ordered_map
+
+    pulled = []
+
+    def chunks():
+        for i in range(10_000):
+            pulled.append(i)
+            yield [i]
+
+    results = ordered_map(_double, chunks(), 2, _no_setup, ())
+    assert [next(results) for _ in range(3)] == [[0], [2], [4]]
+    assert len(pulled) <= 2 * 2 + 3
+    results.close()
+
+
+def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_tokenizer):
+    # Records are checked and rendered in the workers; their errors come back pickled and
+    # get the same policy, wording and order as in one process.
+    bad_roles = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}
+    data = write_json(tmp_path / "d.json", records(3) + [bad_roles] + records(2, answer_words=400))
+    template = qwen_tokenizer.chat_template
+    skip = PrepareOptions(on_bad_record=OnBadRecord.SKIP, long_records=LongRecords.DROP, model_max_length=256)
+    one = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "a"))
+    two = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "b"), num_workers=2)
+    assert one.stats == two.stats
+    assert one.stats.skipped == {"roles_out_of_order": 1, "too_long": 2}
+    errors = []
+    for workers, cache in ((1, "c"), (2, "d")):
+        with pytest.raises(DataError) as e:
+            prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / cache),
+                    num_workers=workers)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 0 is 'assistant'")

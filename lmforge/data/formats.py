@@ -9,20 +9,24 @@ user asked for skipping.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from lmforge.errors import DataError, RecordError
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
+    """One turn. A named tuple rather than a frozen dataclass: a million conversations are
+    built, pickled to worker processes and read back, and a tuple is several times cheaper."""
+
     role: str
     content: str
 
@@ -125,7 +129,165 @@ def _read_text(path: str) -> str:
         raise DataError(path, f"line {line}", f"not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
+# JSON and JSONL files are read as a stream, a record at a time, so that preparing a file of
+# any size keeps a bounded amount of it in memory. Errors must come in the order the whole-file
+# readers below give them (an encoding error anywhere first, then for JSON a syntax error
+# anywhere, before any record is checked), so a first pass over the file checks what those
+# readers check up front, keeping nothing. At anything the stream readers do not handle (a wide
+# or invalid encoding, malformed JSON, an empty list, an object holding the list) the
+# whole-file reader takes over, and decides the message or reads the object form; records
+# already yielded are not yielded again.
+READ_BYTES = 1 << 20
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _NotStreamed(Exception):
+    """The stream reader stops here; the whole-file reader takes over."""
+
+
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
+    yield from _streamed(path, _stream_json_list, _read_json_whole, _check_json)
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    yield from _streamed(path, _stream_jsonl, _read_jsonl_whole, _check_utf8)
+
+
+def _streamed(path: str, stream: Callable, whole: Callable, check: Callable) -> Iterator[tuple[str, Any]]:
+    try:
+        check(path)
+    except _NotStreamed:
+        yield from whole(path)
+        return
+    done = 0
+    try:
+        for item in stream(path):
+            yield item
+            done += 1
+        return
+    except _NotStreamed:
+        pass
+    for i, item in enumerate(whole(path)):
+        if i >= done:
+            yield item
+
+
+def _check_utf8(path: str) -> None:
+    with _open_utf8(path) as f:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            for block in iter(lambda: f.read(READ_BYTES), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _NotStreamed from None
+
+
+def _check_json(path: str) -> None:
+    for _ in _stream_json_list(path):
+        pass
+
+
+def _open_utf8(path: str):
+    """The file in binary, after checking that it does not start with a UTF-16/32 mark."""
+    f = open(path, "rb")
+    if any(f.peek(4)[:4].startswith(bom) for bom, _ in WIDE_BOMS):
+        f.close()
+        raise _NotStreamed
+    return f
+
+
+def _stream_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    with _open_utf8(path) as f:
+        seen = False
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise _NotStreamed from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise _NotStreamed from None
+            seen = True
+            yield f"line {lineno}", record
+        if not seen:
+            raise _NotStreamed
+
+
+class _JsonText:
+    """A UTF-8 file decoded a block at a time: `buf` holds the text not yet consumed."""
+
+    def __init__(self, f):
+        self.f = f
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+
+    def more(self) -> bool:
+        """Read another block (at least as much as is buffered, so a long record costs linear
+        time); False at the end of the file."""
+        if self.eof:
+            return False
+        block = self.f.read(max(READ_BYTES, len(self.buf) - self.pos))
+        self.eof = not block
+        try:
+            text = self.decoder.decode(block, final=self.eof)
+        except UnicodeDecodeError:
+            raise _NotStreamed from None
+        self.buf = self.buf[self.pos :] + text
+        self.pos = 0
+        return True
+
+    def next_char(self) -> str:
+        """The next character that is not JSON whitespace, not consumed ("" at the end)."""
+        while True:
+            self.pos = JSON_SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def value(self, decoder: json.JSONDecoder) -> Any:
+        self.next_char()  # raw_decode takes no leading whitespace
+        while True:
+            try:
+                value, self.pos = decoder.raw_decode(self.buf, self.pos)
+                return value
+            except json.JSONDecodeError as e:
+                # A value cut by the end of the block fails near that end (or as a string
+                # left open); anything else is malformed.
+                cut = e.pos >= len(self.buf) - 16 or e.msg.startswith("Unterminated string")
+                if not (cut and self.more()):
+                    raise _NotStreamed from None
+
+
+def _stream_json_list(path: str) -> Iterator[tuple[str, Any]]:
+    decoder = json.JSONDecoder()
+    with _open_utf8(path) as f:
+        text = _JsonText(f)
+        if text.next_char() != "[":
+            raise _NotStreamed
+        text.pos += 1
+        if text.next_char() == "]":
+            raise _NotStreamed  # an empty list: the whole-file reader says so
+        index = 0
+        while True:
+            value = text.value(decoder)
+            yield f"record {index}", value
+            index += 1
+            after = text.next_char()
+            text.pos += 1
+            if after == "]":
+                break
+            if after != ",":
+                raise _NotStreamed
+        if text.next_char() != "":
+            raise _NotStreamed  # text after the list
+
+
+def _read_json_whole(path: str) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, None, "file is empty")
@@ -147,11 +309,13 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
         yield f"record {i}", record
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+def _read_jsonl_whole(path: str) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, None, "file is empty")
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n only (JSON Lines; \r\n works too): str.splitlines would also cut at
+    # U+2028 and the like, which JSON allows unescaped inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -343,16 +507,39 @@ def iter_conversations(
     The format is fixed from the first record when `fmt` is auto, so a file that mixes formats
     is reported rather than half-read under two interpretations.
     """
-    for location, record in read_records(path):
+    for location, record, record_fmt in iter_records(path, fmt, on_bad_record, skips):
         try:
-            if fmt == DataFormat.AUTO:
-                fmt = detect_format(record)
-            yield location, to_conversation(record, fmt)
+            yield location, to_conversation(record, record_fmt)
         except RecordError as e:
-            if on_bad_record == OnBadRecord.SKIP and skips is not None:
-                skips.add(e.kind, f"{path}, {location}: {e.reason}")
+            bad_record(path, location, e, on_bad_record, skips)
+
+
+def iter_records(
+    path: str,
+    fmt: DataFormat = DataFormat.AUTO,
+    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
+    skips: SkipCounter | None = None,
+) -> Iterator[tuple[str, Any, DataFormat]]:
+    """Yield `(location, raw record, format)`: the first step of `iter_conversations`, which
+    fixes the format, without checking the records (`to_conversation` does that; `prepare`
+    does it in its worker processes)."""
+    for location, record in read_records(path):
+        if fmt == DataFormat.AUTO:
+            try:
+                fmt = detect_format(record)
+            except RecordError as e:
+                bad_record(path, location, e, on_bad_record, skips)
                 continue
-            raise DataError(path, location, e.reason) from None
+        yield location, record, fmt
+
+
+def bad_record(path: str, location: str, error: RecordError, on_bad_record: OnBadRecord,
+               skips: SkipCounter | None) -> None:
+    """Count the record under its reason when skipping, else raise the error naming it."""
+    if on_bad_record == OnBadRecord.SKIP and skips is not None:
+        skips.add(error.kind, f"{path}, {location}: {error.reason}")
+        return
+    raise DataError(path, location, error.reason) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@ exact masks (`render.py`), apply the length policy, count every skip by reason."
 
 from __future__ import annotations
 
+import array
 import enum
 import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from lmforge.data.cache import (
+    INT32,
     Cached,
     RowWriter,
     build_or_load,
@@ -23,8 +25,9 @@ from lmforge.data.formats import (
     DataFormat,
     OnBadRecord,
     SkipCounter,
-    iter_conversations,
+    iter_records,
     skip_summary,
+    to_conversation,
 )
 from lmforge.data.render import MaskingStrategy, Rendered, Renderer
 from lmforge.errors import DataError, LmforgeError, RecordError
@@ -82,28 +85,43 @@ def _init_worker(renderer: Renderer) -> None:
     _RENDERER = renderer
 
 
-def _render_chunk(chunk: list[tuple[str, str, Conversation]]) -> list[tuple[str, str, Rendered | RecordError]]:
+def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[str, str, Rendered | RecordError]]:
+    """A chunk of raw records checked and rendered in one batch (one tokenizer call for all).
+    Checking happens here, in the worker, so that the main process only reads and writes."""
     assert _RENDERER is not None
-    out: list[tuple[str, str, Rendered | RecordError]] = []
-    for path, location, conversation in chunk:
+    checked: list[Conversation | RecordError] = []
+    for _, _, record, fmt in chunk:
         try:
-            out.append((path, location, _RENDERER(conversation)))
+            checked.append(to_conversation(record, fmt))
         except RecordError as e:
-            out.append((path, location, e))
-    return out
+            checked.append(e)
+    rendered = iter(_RENDERER.render_batch([c for c in checked if isinstance(c, Conversation)]))
+    return [(path, location, _compact(c if isinstance(c, RecordError) else next(rendered)))
+            for (path, location, _, _), c in zip(chunk, checked)]
 
 
-def _conversations(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
-    """(path, location, Conversation) over all files; bad records are raised or counted."""
+def _compact(result: Rendered | RecordError) -> Rendered | RecordError:
+    """The record's tokens as int32 arrays (the length policy and the cache writer take any
+    sequence of ints): records come back from worker processes pickled, and unpickling a list
+    of ints cost the main process 25 times as much, more than all its other work together."""
+    if isinstance(result, RecordError):
+        return result
+    return Rendered(array.array(INT32, result.input_ids), array.array(INT32, result.labels))
+
+
+def _records(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
+    """(path, location, raw record, format) over all files; records whose format cannot be told
+    are raised or counted here, the others are checked by `_render_chunk` (a bad one comes
+    back as its RecordError, which `_write` raises or counts the same way)."""
     for path in paths:
-        for location, conversation in iter_conversations(path, options.data_format, options.on_bad_record, skips):
-            yield path, location, conversation
+        for location, record, fmt in iter_records(path, options.data_format, options.on_bad_record, skips):
+            yield path, location, record, fmt
 
 
 def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips: SkipCounter,
                       num_workers: int) -> Iterator[tuple[str, str, Rendered | RecordError]]:
     """(path, location, Rendered | RecordError) in source order."""
-    chunks = chunked(_conversations(paths, options, skips), CHUNK)
+    chunks = chunked(_records(paths, options, skips), CHUNK)
     for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer,)):
         yield from results
 
