@@ -165,16 +165,24 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "aut
 
 
 def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
-                         num_items_in_batch: torch.Tensor | int | None, kernel: str = "auto") -> torch.Tensor:
+                         num_items_in_batch: torch.Tensor | int | None, kernel: str = "auto",
+                         check_passthrough: bool = True) -> torch.Tensor:
     """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
     positions and divided by `num_items_in_batch` (the labelled tokens of the whole
-    accumulation window, as the Trainer counts them) or, when None, by this batch's count."""
+    accumulation window, as the Trainer counts them) or, when None, by this batch's count.
+
+    The model must pass what its head returned through unchanged. Wrappers may hand back
+    another tensor of the same value (DDP's output sink and DeepSpeed ZeRO-3's backward hooks
+    are identity autograd functions), so unless it is the same object its value is compared:
+    that costs a device sync, so the Trainer asks for it on its first step only."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     with head_computes_loss(head, labels, kernel) as returned:
         outputs = model(**inputs)
     loss = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    if len(returned) != 1 or loss is not returned[0]:
+    passed_through = len(returned) == 1 and (loss is returned[0] or not check_passthrough or (
+        loss.shape == returned[0].shape and torch.equal(loss.detach(), returned[0].detach())))
+    if not passed_through:
         raise RuntimeError("fused loss: the model changed what its output head returned (it post-processes "
                            "logits); train with --fused_loss False")
     if num_items_in_batch is None:
