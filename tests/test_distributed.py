@@ -11,8 +11,11 @@
   - data: the first process of each machine tokenizes first, the others wait for it on a gloo
     barrier of their own with --prepare_timeout, and learn of its failure;
   - FSDP: the flags and shipped configs give accelerate's FSDP2 plugin the model's decoder
-    layer class. FSDP itself is not run here: accelerate enables it for GPU backends only (on
-    a CPU the Trainer trains as DDP), so sharding is verified on the GPU (scripts/gpu_multi.sh);
+    layer class. The Trainer's FSDP path does not run here (accelerate enables FSDP for GPU
+    backends only; on a CPU the Trainer trains as DDP), so accelerate's own FSDP2 preparation is
+    called directly on two gloo processes: the parameters are sharded, the fused loss gives the
+    unsharded gradients, checkpoints round-trip, the final save is whole. The whole Trainer
+    path is run on the GPU (scripts/gpu_multi.sh);
   - QLoRA under FSDP is refused with the supported combinations; a save holding a shard is
     refused by the completeness check.
 """
@@ -337,6 +340,102 @@ def test_a_layer_class_the_model_lacks_is_named(tmp_path):
                                            r"\(Qwen2ForCausalLM\) has no LlamaDecoderLayer; its decoder layer class "
                                            "is Qwen2DecoderLayer"):
         configure_fsdp_wrapping(tiny_model(), args, log=lambda _: None)
+
+
+def _fsdp2_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: the tiny model prepared by accelerate's own FSDP2 function
+    with the plugin the Trainer would build from `--fsdp "full_shard auto_wrap"`, next to an
+    unsharded copy."""
+    import copy
+
+    from accelerate.utils import (FullyShardedDataParallelPlugin, load_fsdp_model, load_fsdp_optimizer,
+                                  save_fsdp_model, save_fsdp_optimizer)
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    from lmforge.loss import fused_causal_lm_loss
+    from lmforge.train import all_finite
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    configure_fsdp_wrapping(model, args, log=lambda _: None)
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    # What accelerate's FSDP2 functions read of an Accelerator (which enables FSDP on GPUs only).
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
+        mixed_precision="no", is_main_process=rank == 0, process_index=rank, num_processes=2, is_fsdp2=True,
+        device=torch.device("cpu"), wait_for_everyone=torch.distributed.barrier)
+    model = fsdp2_prepare_model(accelerator, model)
+    result = {
+        "embed_local_shape": list(model.get_input_embeddings().weight.to_local().shape),
+        "layers_sharded": all(isinstance(layer, FSDPModule) for layer in model.model.layers),
+    }
+    # One step of a global batch of 4, two rows per process, the loss normalised by the labelled
+    # tokens of both, as the Trainer does; the gradients against the unsharded model's.
+    ids = torch.randint(0, TINY_QWEN["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    count = (labels[:, 1:] != -100).sum()
+    mine = slice(2 * rank, 2 * rank + 2)
+    loss = fused_causal_lm_loss(model, model.get_output_embeddings(), {"input_ids": ids[mine], "labels": labels[mine]},
+                                count) * 2
+    loss.backward()
+    fused_causal_lm_loss(reference, reference.get_output_embeddings(), {"input_ids": ids, "labels": labels},
+                         count).backward()
+    grads = dict(model.named_parameters())
+    result["grad_diff"] = max((grads[n].grad.full_tensor() - p.grad).abs().max().item()
+                              for n, p in reference.named_parameters())
+    result["finite"] = all_finite([p.grad for p in model.parameters()], torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer.step()
+    # A checkpoint as the Trainer writes one under FSDP (full state dicts), into a new model.
+    checkpoint = os.path.join(out, "checkpoint")
+    os.makedirs(checkpoint, exist_ok=True)
+    save_fsdp_model(plugin, accelerator, model, checkpoint)
+    save_fsdp_optimizer(plugin, accelerator, optimizer, model, checkpoint)
+    torch.manual_seed(5)
+    resumed = fsdp2_prepare_model(accelerator, transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**TINY_QWEN)))
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    load_fsdp_model(plugin, accelerator, resumed, checkpoint)
+    load_fsdp_optimizer(plugin, accelerator, resumed_optimizer, resumed, checkpoint)
+    moments = lambda o: [v for state in o.state.values() for v in (state["exp_avg"], state["exp_avg_sq"])]
+    pairs = list(zip(model.parameters(), resumed.parameters())) + list(zip(moments(optimizer), moments(resumed_optimizer)))
+    result["resume_diff"] = max((a.full_tensor() - b.full_tensor()).abs().max().item() for a, b in pairs)
+    # The final save: the full state dict (what the Trainer's save_model gathers), written by rank 0.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    whole = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: on every rank
+    if rank == 0:
+        model.save_pretrained(os.path.join(out, "final"), state_dict=state)
+        result["check"] = check_saved_model(os.path.join(out, "final"), model)
+        saved = load_file(os.path.join(out, "final", "model.safetensors"))
+        result["saved_diff"] = max((saved[n] - whole[n]).abs().max().item() for n in whole if n in saved)
+    # A NaN in one process' shard stops both at the same step.
+    if rank == 1:
+        next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+    result["finite_after_nan"] = all_finite([p.grad for p in model.parameters()], torch.device("cpu"))
+    with open(os.path.join(out, f"result-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_as_accelerate_prepares_it_shards_trains_resumes_and_saves(tmp_path):
+    """FSDP2 for real on the CPU: accelerate's own `fsdp2_prepare_model` (the Trainer's path on a
+    GPU) with lmforge's plugin arguments; the parameters are sharded, lmforge's fused loss gives
+    the unsharded model's gradients, the NaN guard reads the shards, a full-state-dict checkpoint
+    round-trips, and the gathered final save is whole."""
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    results = [json.load(open(tmp_path / f"result-{rank}.json")) for rank in (0, 1)]
+    for result in results:
+        assert result["embed_local_shape"] == [TINY_QWEN["vocab_size"] // 2, TINY_QWEN["hidden_size"]]
+        assert result["layers_sharded"]
+        assert result["grad_diff"] < 1e-6
+        assert result["finite"] is True and result["finite_after_nan"] is False
+        assert result["resume_diff"] == 0.0
+    assert results[0]["check"].endswith("each at its full shape") and results[0]["saved_diff"] == 0.0
 
 
 def test_qlora_under_fsdp_is_refused_with_the_supported_combinations(tmp_path):
