@@ -21,7 +21,7 @@
 #
 # CPU dry run (no GPU: FSDP runs as DDP there, DeepSpeed runs one process):
 #     SKIP_INSTALL=1 DATA=../shared/data SHAPE=tiny STEPS=4 OFFLOAD_STEPS=2 MAXLEN=256 DS_NPROC=1 PAR=2 \
-#         bash scripts/gpu_multi.sh
+#         TOTAL=3000 LIMIT=600 bash scripts/gpu_multi.sh
 set -uo pipefail
 # NVLink multicast stays off on the shared device (it can take the host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -73,8 +73,19 @@ LORA=(--lora True --lora_dropout 0 --learning_rate 1e-3)
 remaining() { echo $((TOTAL - 80 - SECONDS)); }
 command -v setsid > /dev/null || setsid() { "$@"; }  # without it a launch over its limit cannot be stopped whole
 
-# NAME LIMIT CMD...: CMD in a process group of its own (launchers leave workers behind when only
-# they are killed), killed whole past LIMIT seconds; output appended to logs/NAME.log.
+# PID: PID and all its descendants. torchrun starts its workers in sessions of their own, so
+# killing the launcher's process group alone would leave them running (and holding GPUs).
+descendants() {
+    local pids=("$1") i=0
+    while [ "$i" -lt "${#pids[@]}" ]; do
+        pids+=($(ps -o pid= --ppid "${pids[$i]}" 2> /dev/null))
+        i=$((i + 1))
+    done
+    echo "${pids[@]}"
+}
+
+# NAME LIMIT CMD...: CMD in a process group of its own, killed whole (group and descendants)
+# past LIMIT seconds; output appended to logs/NAME.log.
 run_limited() {
     local name=$1 limit=$2; shift 2
     local left; left=$(remaining)
@@ -82,8 +93,9 @@ run_limited() {
     [ "$limit" -lt 10 ] && { echo "no time left" >> "$W"/logs/"$name".log; return 124; }
     setsid "$@" >> "$W"/logs/"$name".log 2>&1 &
     local pid=$!
-    ( sleep "$limit"; echo "killed past ${limit}s" >> "$W"/logs/"$name".log; kill -TERM -- -"$pid"
-      sleep 15; kill -KILL -- -"$pid" ) > /dev/null 2>&1 &
+    ( sleep "$limit"; echo "killed past ${limit}s" >> "$W"/logs/"$name".log
+      all=$(descendants "$pid"); kill -TERM -- -"$pid" $all
+      sleep 15; kill -KILL -- -"$pid" $all ) > /dev/null 2>&1 &
     local dog=$!
     wait "$pid"
     local rc=$?
@@ -132,8 +144,9 @@ train_killed_and_resumed() {
         waited=$((waited + 1))
         if ! kill -0 "$pid" 2> /dev/null || [ "$waited" -ge "$LIMIT" ]; then break; fi
     done
-    kill -KILL -- -"$pid" 2> /dev/null
+    kill -KILL -- -"$pid" $(descendants "$pid") 2> /dev/null
     wait "$pid" 2> /dev/null
+    sleep 2  # the killed workers' GPU memory and ports released
     echo "gpu_multi: first run killed after ${waited}s; checkpoints: $(ls "$W"/runs/"$name" | grep checkpoint | tr '\n' ' ')" \
         >> "$W"/logs/"$name".log
     run_limited "$name" "$LIMIT" env LMFORGE_TEST_LOGITS="$W"/logits/"$name".pt "${cmd[@]}"
@@ -164,7 +177,12 @@ wait_for_build_then() {  # CMD...: CMD once the DeepSpeedCPUAdam build is done
 }
 
 # Start a job (a function call) once fewer than PAR run; none starts in the last 90 seconds.
+# ONLY="fsdp fsdp_resume ..." runs those alone (ref and lora_ref are the references).
 job() {
+    local words=" $* " name
+    name=$(echo "$words" | grep -oE " (train|train_killed_and_resumed) [a-z0-9_]+ " | awk '{print $2}')
+    [ -z "$name" ] && name=multinode
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     while [ "$(jobs -rp | grep -cvx "$BUILD_PID")" -ge "$PAR" ]; do sleep 1; done
     if [ "$(remaining)" -lt 10 ]; then
         echo "skipped (no time left): $*"
