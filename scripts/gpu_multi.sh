@@ -16,7 +16,7 @@
 # in-memory model computed at the end of its run (LMFORGE_TEST_LOGITS), peak memory, wall time.
 #
 # Runs overlap (PAR at a time; two 0.5B runs fit one H200 many times over), so wall times are not
-# throughput figures. Every launch is killed, whole process group, past its time limit, and no
+# throughput figures. Every launch is killed, with all its processes, past its time limit, and no
 # launch starts once TOTAL seconds are near, so the table always prints.
 #
 # CPU dry run (no GPU: FSDP runs as DDP there, DeepSpeed runs one process):
@@ -39,7 +39,7 @@ LIMIT=${LIMIT:-200}        # seconds one launch may take
 TOTAL=${TOTAL:-420}        # seconds for the whole script: no launch starts in its last 90
 PORT_BASE=${PORT_BASE:-29400}
 W=${W:-/tmp/lmforge-multi}
-export BF16=${BF16:-True}
+export GPU_MULTI_BF16=${BF16:-True}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LMFORGE_CACHE=$W/cache
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
@@ -65,7 +65,7 @@ python3 -m lmforge prepare --tokenizer_name "$W"/base --data_path "$DATA"/fastch
 grep -E "records|tokens" "$W"/logs/prepare.log | head -3
 
 COMMON=(--model_name_or_path "$W"/base --data_path "$DATA"/fastchat_dummy_conversation.json
-        --model_max_length "$MAXLEN" --bf16 "$BF16" --logging_steps 1 --learning_rate 1e-4 --warmup_steps 2
+        --model_max_length "$MAXLEN" --bf16 "$GPU_MULTI_BF16" --logging_steps 1 --learning_rate 1e-4 --warmup_steps 2
         --seed 7 --report_to none --disable_tqdm True --save_strategy no --dataloader_num_workers 0)
 # LoRA without dropout: its draws differ between one process and two, the comparison must not.
 LORA=(--lora True --lora_dropout 0 --learning_rate 1e-3)

@@ -102,7 +102,7 @@ def load_for_logits(work: str, name: str, kind: str):
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits under bf16 autocast when the run trained in bf16 (as the in-memory model did)."""
-    bf16 = os.environ.get("BF16", "True") == "True"
+    bf16 = os.environ.get("GPU_MULTI_BF16", "True") == "True"
     with torch.no_grad(), torch.autocast(device().type, dtype=torch.bfloat16, enabled=bf16):
         return model(input_ids=ids.to(device()), use_cache=False).logits.float().cpu()
 
