@@ -215,6 +215,56 @@ def shipped_deepspeed_config(name: str) -> str:
     return path if os.path.isfile(path) else name
 
 
+def shipped_fsdp_config(name: str) -> str:
+    """`--fsdp_config fsdp_full_shard` (or fsdp_full_shard_offload) names a config shipped in
+    lmforge/configs; anything else is a path."""
+    path = os.path.join(SHIPPED_CONFIGS, f"{name}.json")
+    return path if os.path.isfile(path) and os.path.basename(name) == name else name
+
+
+DEFAULT_FSDP_CONFIG = "fsdp_full_shard"
+
+# The words of the seeds' `--fsdp "full_shard auto_wrap offload"`, as FSDP2 settings. transformers
+# still translates them itself, but calls that deprecated; lmforge keeps the seeds' spelling.
+FSDP_WORDS: dict[str, tuple[str, bool] | None] = {
+    "full_shard": ("reshard_after_forward", True),  # parameters sharded again after each layer's forward
+    "shard_grad_op": ("reshard_after_forward", False),  # kept whole from forward to backward
+    "offload": ("cpu_offload", True),
+    "auto_wrap": None,  # every decoder layer its own FSDP unit: the shipped configs' policy already
+}
+
+
+def fsdp_enabled(value) -> bool:
+    """--fsdp is a string (the seeds' words) or True (bare flag); "false" / "" mean off."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "no", "0", "none")
+    return bool(value)
+
+
+def fsdp_config_from_flags(fsdp, config, layer_classes: str | None) -> dict:
+    """The FSDP2 config a run uses: `--fsdp_config` (a path, a shipped name, a dict; default the
+    shipped fsdp_full_shard.json), with the words of `--fsdp` and
+    `--fsdp_transformer_layer_cls_to_wrap` applied over it (the command line is the more specific)."""
+    if config is None:
+        config = shipped_fsdp_config(DEFAULT_FSDP_CONFIG)
+    if isinstance(config, str):
+        config = read_json_object(shipped_fsdp_config(config), "--fsdp_config")
+    # Accelerate-style keys ("fsdp_cpu_offload") mean the same as the plain ones.
+    config = {k[len("fsdp_"):] if k.startswith("fsdp_") else k: v for k, v in dict(config).items()}
+    words = fsdp.split() if isinstance(fsdp, str) else []
+    if int(config.get("version", 2)) == 2:
+        for word in words:
+            if word not in FSDP_WORDS:
+                raise LmforgeError(f"--fsdp {fsdp!r}: {word!r} is not an FSDP2 option; lmforge runs FSDP2, which "
+                                   f"takes {', '.join(FSDP_WORDS)}")
+            if FSDP_WORDS[word] is not None:
+                key, value = FSDP_WORDS[word]
+                config[key] = value
+    if layer_classes:
+        config["transformer_layer_cls_to_wrap"] = [c for c in layer_classes.split(",") if c]
+    return config
+
+
 def _check_reporters(report_to) -> None:
     import importlib.util
 
@@ -240,10 +290,29 @@ class TrainingArguments(transformers.TrainingArguments):
     logging_dir: Optional[str] = field(
         default=None, metadata={"help": "TensorBoard log directory (default: OUTPUT_DIR/runs/...)."}
     )
+    fsdp: Optional[str] = field(
+        default=None,
+        metadata={"help": "Shard the model with PyTorch FSDP2 (through the Trainer / accelerate): a bare --fsdp, or "
+                          "the seeds' words \"full_shard auto_wrap\" (add \"offload\" for CPU offload; "
+                          "\"shard_grad_op\" keeps parameters whole between forward and backward). Settings come "
+                          "from --fsdp_config (default: the shipped fsdp_full_shard.json).",
+                  "nargs": "?", "const": True},
+    )
+    fsdp_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "FSDP settings: a JSON file, or a shipped name: fsdp_full_shard (default with --fsdp), "
+                          "fsdp_full_shard_offload (parameters, gradients and optimizer state on the CPU)."},
+    )
     fsdp_transformer_layer_cls_to_wrap: Optional[str] = field(
         default=None,
-        metadata={"help": "FastChat's flag: the decoder layer class FSDP wraps (e.g. LlamaDecoderLayer); "
-                          "goes into fsdp_config."},
+        metadata={"help": "FastChat's flag: the decoder layer class FSDP wraps (e.g. LlamaDecoderLayer). "
+                          "Without it lmforge wraps the model's own decoder layer class (its _no_split_modules)."},
+    )
+    prepare_timeout: int = field(
+        default=86400,
+        metadata={"help": "Seconds the other processes of a multi-process run wait for the first process on "
+                          "their machine to tokenize the data into the cache (a barrier of its own, so "
+                          "--ddp_timeout, which bounds every collective of training, can stay short)."},
     )
 
     overwrite_output_dir: bool = field(
@@ -294,10 +363,16 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.logging_dir:
             # transformers 5 reads the TensorBoard directory from the environment.
             os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
-        if self.fsdp_transformer_layer_cls_to_wrap:
-            self.fsdp_config = self._fsdp_config_with_layer_class()
+        if not fsdp_enabled(self.fsdp):
+            self.fsdp = None
         if self.fsdp and self.deepspeed:
             raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
+        if self.fsdp:
+            self._configure_fsdp()
+        elif self.fsdp_transformer_layer_cls_to_wrap:
+            self.fsdp_config = fsdp_config_from_flags(None, self.fsdp_config, self.fsdp_transformer_layer_cls_to_wrap)
+        if self.prepare_timeout < 1:
+            raise LmforgeError(f"--prepare_timeout must be at least 1 second, got {self.prepare_timeout}")
         if self.deepspeed and isinstance(self.deepspeed, str):
             self.deepspeed = shipped_deepspeed_config(self.deepspeed)
             import importlib.util
@@ -324,17 +399,34 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.bf16 and not self.use_cpu:
             self.use_cpu = True
             print("lmforge: no GPU: training on the CPU (bf16 autocast)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not self.deepspeed:
+            # Under a launcher without a GPU, accelerate makes a process group (gloo) only for
+            # use_cpu; otherwise every process would train alone, on the whole data, into the
+            # same output directory. (DeepSpeed makes its own, through its CPU accelerator.)
+            self.use_cpu = True
         if self.tf32:
             self.tf32 = None  # TF32 is a mode of NVIDIA matrix units; nothing to set on a CPU
 
-    def _fsdp_config_with_layer_class(self) -> dict:
-        config = self.fsdp_config
-        if isinstance(config, str):
-            with open(config) as f:
-                config = json.load(f)
-        config = dict(config or {})
-        config["transformer_layer_cls_to_wrap"] = [c for c in self.fsdp_transformer_layer_cls_to_wrap.split(",") if c]
-        return config
+    def _configure_fsdp(self) -> None:
+        """The FSDP2 settings from the flags (`fsdp_config_from_flags`), and a process group that
+        can also reduce CPU tensors where FSDP needs that."""
+        import torch
+
+        config = fsdp_config_from_flags(self.fsdp, self.fsdp_config, self.fsdp_transformer_layer_cls_to_wrap)
+        self.fsdp_config = config
+        if int(config.get("version", 2)) == 2:
+            self.fsdp = True  # the words are in the config now; transformers' own translation is deprecated
+        if not torch.cuda.is_available() or self.use_cpu:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("lmforge: --fsdp on a machine without a GPU: accelerate enables FSDP for GPU backends only, so "
+                      "this trains as DDP (every process holds the whole model)")
+            return
+        if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # With CPU offload the sharded parameters, gradients and optimizer state live on the CPU: the
+            # gradient-norm all-reduce and the gathers of a full state dict then run on CPU tensors, which
+            # NCCL cannot reduce. `accelerate launch` sets up this pair of backends for FSDP; torchrun
+            # and a bare TrainingArguments do not.
+            self.ddp_backend = "cuda:nccl,cpu:gloo"
 
 
 def read_json_object(path: str, flag: str) -> dict:
@@ -406,6 +498,15 @@ def check_combinations(objs: Sequence[Any]) -> None:
     if args is None:
         return
     ds_config = getattr(args, "hf_deepspeed_config", None)
+    if lora is not None and lora.q_lora and args.fsdp:
+        # Not verified here: FSDP2 with bitsandbytes' 4-bit weights needs a floating quant storage and
+        # flat 4-bit parameters that survive sharding; lmforge's QLoRA loads the 4-bit base onto each
+        # process' GPU (a device_map) instead, which is what DDP and ZeRO-2 expect.
+        raise LmforgeError(
+            "--q_lora cannot run under --fsdp: lmforge's QLoRA keeps the 4-bit base model whole on every GPU. "
+            "Supported: QLoRA on one GPU, on several GPUs with DDP (torchrun, no --fsdp / --deepspeed), or with "
+            "--deepspeed zero2 / zero2_offload; for a model too large for one GPU use --lora True (bf16 base) "
+            "with --fsdp or --deepspeed zero3")
     if lora is not None and lora.q_lora and ds_config is not None and ds_config.is_zero3():
         # lmforge's QLoRA loads the whole 4-bit base onto each process' GPU (a device_map), which
         # ZeRO-3 refuses: it partitions (and with offload moves to CPU) the parameters itself.

@@ -213,7 +213,12 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
     """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
     positions and divided by `num_items_in_batch` (the labelled tokens of the whole
-    accumulation window, as the Trainer counts them) or, when None, by this batch's count."""
+    accumulation window, as the Trainer counts them) or, when None, by this batch's count.
+
+    The model must pass what its head returned through. Wrappers may hand back another tensor
+    of the same value (DDP's output sink, FSDP's and DeepSpeed ZeRO-3's backward hooks are
+    identity autograd functions), so the model's output is used, and checked to be one scalar
+    from one head call (comparing values would cost a device sync every step)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     with head_computes_loss(head, labels, kernel, positions) as returned:

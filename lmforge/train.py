@@ -34,10 +34,12 @@ from lmforge.checkpoint import (
     write_manifest,
 )
 from lmforge.data.sampler import EpochShuffle
+from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, label_positions, use_liger
 from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
+from lmforge.saved import check_saved_model
 
 BASE_CONFIG = "lmforge_base_config.json"
 LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and removes itself
@@ -85,7 +87,7 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | None, output_dir: str) -> None:
+def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | None, output_dir: str) -> str | None:
     """Write the trained model (safetensors; for LoRA the adapter, which
     `PeftModel.from_pretrained(base, out)` loads), its tokenizer with the chat template it was
     trained with, a generation config that stops at the end of a turn, and trainer_state.json.
@@ -93,7 +95,11 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
     Complete or absent: everything is written under OUTPUT_DIR/.lmforge-final first and moved
     into OUTPUT_DIR only once all of it is written (a failure, a full disk say, removes the
     staging directory and leaves no partial model behind); trainer_state.json comes last, so
-    its presence says the final output is whole."""
+    its presence says the final output is whole.
+
+    Under FSDP and ZeRO-3 each process holds a shard: the weights are gathered into one whole
+    model (or adapter) written by the main process, and what was written is checked against the
+    model (`lmforge.saved`) before it is moved in. Returns that check's summary on the main process."""
     model = trainer.model
     unwrapped = getattr(model, "module", model)
     unwrapped.config.use_cache = True
@@ -102,9 +108,21 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
     main = trainer.is_world_process_zero()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
+    summary = None
     try:
-        trainer.save_model(staging)
+        if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+            # The Trainer writes no model for a sharded state-dict type (its checkpoints are then
+            # DCP shards); the final output must be whole whatever the checkpoints are.
+            state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank
+            if trainer.args.should_save:
+                trainer._save(staging, state_dict=state_dict)
+        else:
+            # DDP: the main process writes its copy. FSDP (full state dict): gathered to the main
+            # process. ZeRO-3: the 16-bit weights gathered (stage3_gather_16bit_weights_on_model_save),
+            # for LoRA the adapter's only.
+            trainer.save_model(staging)
         if main:
+            summary = check_saved_model(staging, unwrapped)
             tokenizer.save_pretrained(staging)
             if is_peft(unwrapped):
                 unwrapped.generation_config.save_pretrained(staging)
@@ -119,6 +137,7 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
     if main:
         move_entries(staging, output_dir)
     trainer.save_state()
+    return summary
 
 
 def move_entries(staging: str, output_dir: str) -> None:
@@ -135,6 +154,25 @@ class NonFiniteGradients(LmforgeError):
     pass
 
 
+def all_finite(grads: list[torch.Tensor], device) -> bool:
+    """Whether every gradient is finite. Under FSDP the gradients are DTensors of which each
+    process holds a shard (on the CPU with offload): each process checks its shards, and one
+    all-reduce makes every process reach the same answer, so all stop at the same step."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(g, DTensor) for g in grads)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        by_device.setdefault(local.device, []).append(local)
+    finite = all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group))).all()) for group in by_device.values())
+    if sharded and torch.distributed.is_initialized():
+        flag = torch.tensor([1 if finite else 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
+
+
 class NonFiniteGuard(transformers.TrainerCallback):
     """Stops a run at the first optimizer step whose gradients hold NaN or inf (a non-finite
     loss gives those too), before the step is applied: the weights stay finite and the newest
@@ -149,11 +187,9 @@ class NonFiniteGuard(transformers.TrainerCallback):
         if not grads:  # DeepSpeed keeps its gradients to itself; it has its own overflow checks
             return
         try:
-            finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+            finite = all_finite(grads, args.device)
         except (RuntimeError, TypeError, NotImplementedError):
-            # Sharded (DTensor) gradients under FSDP: the engine's own norm is what to read
-            # there; issue "Several GPUs" wires that in.
-            return
+            return  # gradients of a kind this check does not know: the engine's own checks remain
         if not finite:
             step = state.global_step + 1
             newest = last_complete_checkpoint(args.output_dir, log=lambda *_: None)
@@ -165,6 +201,29 @@ class NonFiniteGuard(transformers.TrainerCallback):
 
 
 PAUSE_SAVE_ENV = "LMFORGE_TEST_PAUSE_SAVE"
+LOGITS_ENV = "LMFORGE_TEST_LOGITS"
+
+
+def fixed_input_ids(vocab_size: int, length: int = 32) -> list[int]:
+    """A fixed token sequence (the same for every run and tokenizer of that vocabulary size)."""
+    return [(i * 7919 + 13) % vocab_size for i in range(length)]
+
+
+def record_logits_for_tests(trainer: transformers.Trainer, path: str) -> None:
+    """LMFORGE_TEST_LOGITS=PATH: after the final save, the in-memory model (sharded or not,
+    with the precision it trained in) computes the logits of `fixed_input_ids`, and the main
+    process writes them to PATH, so a test can compare them with the saved model's. Every
+    process runs the forward pass: under FSDP and ZeRO-3 it gathers the shards."""
+    model = trainer.model
+    base = model.get_base_model() if is_peft(model) else model
+    ids = torch.tensor([fixed_input_ids(base.config.get_text_config().vocab_size)], device=trainer.args.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        logits = model(input_ids=ids, use_cache=False).logits
+    model.train(was_training)
+    if trainer.is_world_process_zero():
+        torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu()}, path)
 
 
 def pause_for_tests(step: int, staged: str) -> None:
@@ -387,6 +446,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     """The part every method shares: the Trainer, auto-resume, the final save. SIGTERM / SIGINT
     during training end it with a checkpoint and `TrainingStopped`."""
     stop = StopOnSignal()
+    configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
     trainer = Trainer(
         model=model,
         args=args,
@@ -407,11 +467,13 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
         # A signal after the last step does not stop the short final save.
-        save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+        summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+        if os.environ.get(LOGITS_ENV):
+            record_logits_for_tests(trainer, os.environ[LOGITS_ENV])
     finally:
         stop.restore()
     if args.process_index == 0:
-        print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir}")
+        print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir} ({summary})")
         if torch.cuda.is_available():
             print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return args.output_dir

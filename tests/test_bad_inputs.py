@@ -461,6 +461,26 @@ def _qlora_zero3_offload(ctx: Ctx) -> Bad:
                "base model whole on every GPU, ZeRO-3 partitions parameters; use --deepspeed zero2 or zero2_offload")
 
 
+def _qlora_fsdp(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--q_lora", "True", "--fsdp", "full_shard auto_wrap"),
+               "--q_lora cannot run under --fsdp: lmforge's QLoRA keeps the 4-bit base model whole on every GPU. "
+               "Supported: QLoRA on one GPU, on several GPUs with DDP (torchrun, no --fsdp / --deepspeed), or with "
+               "--deepspeed zero2 / zero2_offload; for a model too large for one GPU use --lora True (bf16 base) "
+               "with --fsdp or --deepspeed zero3")
+
+
+def _fsdp1_option(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--fsdp", "hybrid_shard auto_wrap"),
+               "--fsdp 'hybrid_shard auto_wrap': 'hybrid_shard' is not an FSDP2 option; lmforge runs FSDP2, which "
+               "takes full_shard, shard_grad_op, offload, auto_wrap")
+
+
+def _fsdp_layer_class_missing(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"),
+               "--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer: the model (Qwen2ForCausalLM) has no "
+               "LlamaDecoderLayer; its decoder layer class is Qwen2DecoderLayer. Leave the flag out to use it")
+
+
 def _deepspeed_config_missing(ctx: Ctx) -> Bad:
     p = str(ctx.tmp / "ds.json")
     return Bad(sft(ctx, "--deepspeed", p),
@@ -581,6 +601,9 @@ CATALOGUE = [
     Kind("unknown flag", _unknown_flag),
     Kind("--fsdp with --deepspeed", _fsdp_with_deepspeed),
     Kind("QLoRA with ZeRO-3 offload", _qlora_zero3_offload),
+    Kind("QLoRA with FSDP", _qlora_fsdp),
+    Kind("--fsdp with an FSDP1-only option", _fsdp1_option),
+    Kind("--fsdp_transformer_layer_cls_to_wrap the model lacks", _fsdp_layer_class_missing),
     Kind("--deepspeed config missing", _deepspeed_config_missing),
     Kind("--deepspeed config not JSON", _deepspeed_config_not_json),
     Kind("--bf16 with --fp16", _bf16_and_fp16),

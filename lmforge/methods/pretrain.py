@@ -26,6 +26,7 @@ from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import DocumentBlocks
 from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
 from lmforge.data.render import template_end_of_turn
+from lmforge.distributed import local_main_first
 from lmforge.model import (
     apply_lora,
     gpu_memory_gib,
@@ -66,7 +67,7 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
     load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
-    with args.main_process_first(desc="tokenizing the text"):
+    with local_main_first(args, args.prepare_timeout, "tokenizing the text"):
         data = prepare_pretrain_data(model_args, data_args)
     if args.process_index == 0:
         print(f"lmforge: training text ({data.train.path})\n{data.train.stats.summary()}")

@@ -25,6 +25,7 @@ from lmforge.config import (
 )
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import PackedDataset
+from lmforge.distributed import local_main_first
 from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats
 from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model
 from lmforge.train import resolve_resume, train_and_save
@@ -56,8 +57,8 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
     load_config(model_args)  # a wrong model path fails now, not after tokenizing
 
-    # Rank 0 tokenizes into the cache; the other ranks then find it there.
-    with args.main_process_first(desc="tokenizing the data"):
+    # The first process of each machine tokenizes into the cache; the others then find it there.
+    with local_main_first(args, args.prepare_timeout, "tokenizing the data"):
         data = prepare_sft_data(model_args, data_args)
     if args.process_index == 0:
         print_stats(data)

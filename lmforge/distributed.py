@@ -1,0 +1,123 @@
+"""What lmforge adds around the engines it runs on several processes (DDP, FSDP2, DeepSpeed,
+all through the Trainer / accelerate): the decoder layer class FSDP wraps, found from the
+model, and the wait of the other processes while the first one tokenizes the data.
+
+No sharding is done here; FSDP and DeepSpeed do it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Callable, Iterator
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layer_classes(model) -> list[str]:
+    """The names of the model's decoder layer classes: those of its `_no_split_modules` (the
+    blocks transformers never splits across devices) that occur in it, in that order. Models
+    list classes they may not hold (a vision tower's block, say); accelerate refuses a name it
+    cannot find, so only those present are kept."""
+    base = _base_model(model)
+    present = {type(m).__name__ for m in base.modules()}
+    declared = list(getattr(base, "_no_split_modules", None) or [])
+    return [name for name in dict.fromkeys(declared) if name in present]
+
+
+def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> list[str] | None:
+    """With FSDP on: the layer classes it wraps, each instance its own unit (sharded, gathered
+    for its forward and backward, freed after). `--fsdp_transformer_layer_cls_to_wrap` is
+    checked against the model; without it the model's decoder layer classes are used. The
+    choice goes into the arguments the Trainer builds accelerate's FSDP plugin from, before
+    the Trainer exists. Returns the classes, or None when FSDP is off or wraps by another policy."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if not args.fsdp or plugin_args is None:
+        return None
+    if plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP":
+        return None
+    base = _base_model(model)
+    present = {type(m).__name__ for m in base.modules()}
+    given = plugin_args.get("transformer_cls_names_to_wrap")
+    if isinstance(given, str):
+        given = [c for c in given.split(",") if c]
+    detected = decoder_layer_classes(model)
+    if given:
+        missing = [c for c in given if c not in present]
+        if missing:
+            raise LmforgeError(
+                f"--fsdp_transformer_layer_cls_to_wrap {','.join(given)}: the model "
+                f"({type(base).__name__}) has no {', '.join(missing)}; its decoder layer class is "
+                f"{', '.join(detected) or 'not declared (no _no_split_modules)'}. Leave the flag out to use it")
+        classes, source = list(given), "--fsdp_transformer_layer_cls_to_wrap"
+    elif detected:
+        classes, source = detected, "the model's _no_split_modules"
+    else:
+        raise LmforgeError(
+            f"--fsdp: the model ({type(base).__name__}) declares no decoder layer class (_no_split_modules) to "
+            "wrap; name it with --fsdp_transformer_layer_cls_to_wrap")
+    plugin_args["transformer_cls_names_to_wrap"] = ",".join(classes)
+    if isinstance(args.fsdp_config, dict):
+        args.fsdp_config["transformer_layer_cls_to_wrap"] = list(classes)
+    log(f"lmforge: FSDP wraps each {', '.join(classes)} (from {source})")
+    return classes
+
+
+def _distributed(args) -> bool:
+    return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def local_main_first(args, timeout_s: float, what: str) -> Iterator[None]:
+    """Run the block on the first process of each machine (local rank 0) first; the other
+    processes enter it once that is done, when they find its result (the token cache) on disk.
+
+    The wait is an all-reduce in a gloo group of its own whose timeout is `timeout_s`
+    (--prepare_timeout), not the process group's (--ddp_timeout, 30 minutes by default, which
+    a large corpus can take to tokenize: NCCL would abort the waiting ranks). Gloo waits on
+    the CPU, so a waiting rank holds no GPU work. The first process also reports through it
+    whether the block failed: the others then stop with an error instead of waiting out the
+    timeout or redoing the failing work."""
+    if not _distributed(args):
+        yield
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    first = args.local_process_index == 0
+    if not first:
+        _wait_for_first(group, timeout_s, what)
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _release(group, failed=True)
+        raise
+    if _release(group, failed=False):
+        raise LmforgeError(f"{what} failed on another machine (in its first process); its error is in that log")
+
+
+def _release(group, failed: bool) -> bool:
+    """Lets the waiting processes go; True when the block failed on any machine."""
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _wait_for_first(group, timeout_s: float, what: str) -> None:
+    flag = torch.tensor([0], dtype=torch.int32)
+    try:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    except RuntimeError as e:  # gloo's timeout (and a peer that went away) surface as RuntimeError
+        raise LmforgeError(
+            f"waited {timeout_s:g} s for the first process of this machine to finish {what} ({e}); for data that "
+            "takes longer, raise --prepare_timeout, or tokenize beforehand with `lmforge prepare`") from None
+    if int(flag.item()):
+        raise LmforgeError(f"{what} failed in the first process of a machine (local rank 0); its error is in "
+                           "that process' output")
