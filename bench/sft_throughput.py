@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lmforge.config import LoraArguments, ModelArguments, TrainingArguments  # noqa: E402
 from lmforge.data.collate import PackedCollator, PaddedCollator  # noqa: E402
 from lmforge.data.packing import best_fit_decreasing, pack_records  # noqa: E402
-from lmforge.model import apply_lora, load_model  # noqa: E402
+from lmforge.model import apply_lora, load_model, varlen_implementation  # noqa: E402
 from lmforge.train import Trainer  # noqa: E402
 
 PEAK_FLOPS = 989e12
@@ -120,8 +120,11 @@ def build_model(config, method: str, variant: Variant, base_dir: str | None):
     adapters (r 16, all linear layers), loaded as that side would load it."""
     torch.manual_seed(0)
     if method == "full":
+        attn = variant.attn
+        if attn == "varlen":
+            attn = varlen_implementation()
         return transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation=variant.attn, dtype=torch.bfloat16 if variant.bf16_weights else torch.float32)
+            config, attn_implementation=attn, dtype=torch.bfloat16 if variant.bf16_weights else torch.float32)
     lora = LoraArguments(lora=True, lora_r=16, lora_alpha=32, q_lora=method == "qlora")
     if variant.lmforge:
         model_args = ModelArguments(model_name_or_path=base_dir, torch_dtype="bfloat16",
@@ -209,19 +212,25 @@ def variants(method: str, liger: bool) -> list[Variant]:
                Variant("lmforge+compile+flex+liger-loss", compile_blocks=True, attn="flex_attention",
                        extra={"loss_kernel": "liger"}),
                Variant("lmforge+compile+bf16", compile_blocks=True, bf16_weights=True),
-               Variant("lmforge+compile+flex+bf16", compile_blocks=True, attn="flex_attention", bf16_weights=True)]
+               Variant("lmforge+compile+flex+bf16", compile_blocks=True, attn="flex_attention", bf16_weights=True),
+               Variant("lmforge+compile+varlen", compile_blocks=True, attn="varlen"),
+               Variant("lmforge+compile+varlen+bf16", compile_blocks=True, attn="varlen", bf16_weights=True),
+               Variant("lmforge+compile+varlen+bf16+budget", compile_blocks=True, attn="varlen", bf16_weights=True,
+                       extra={"compile_memory_budget": 0.5})]
         if liger:
             out.append(Variant("lmforge+compile+flex+liger", compile_blocks=True, liger=True,
                                attn="flex_attention"))
         return out
     if method == "lora":
         return [Variant("hf-peft-padded", packed=False, lmforge=False, gradient_checkpointing=True),
-                Variant("lmforge"), Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
+                Variant("lmforge"), Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention"),
+                Variant("lmforge+compile+varlen", compile_blocks=True, attn="varlen")]
     return [Variant("hf-peft-padded", packed=False, lmforge=False, gradient_checkpointing=True),
             Variant("lmforge+ckpt", gradient_checkpointing=True),
             Variant("lmforge+compile+flex+ckpt", gradient_checkpointing=True, compile_blocks=True,
                     attn="flex_attention"),
-            Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention")]
+            Variant("lmforge+compile+flex", compile_blocks=True, attn="flex_attention"),
+            Variant("lmforge+compile+varlen+ckpt", gradient_checkpointing=True, compile_blocks=True, attn="varlen")]
 
 
 DEFAULT = {"seed-style", "hf-peft-padded", "lmforge", "lmforge+compile+flex", "lmforge+compile+flex+bf16",

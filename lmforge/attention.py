@@ -10,14 +10,25 @@ alone), so a packed batch brings its own mask, built here from the collator's do
   documents are skipped, not computed and masked).
 - sdpa / eager: an additive 4-D mask (0 where allowed, the dtype's minimum elsewhere),
   which transformers passes to the kernel as given.
-Padding positions (document id -1) attend to themselves only, so no softmax row is empty.
+- varlen (lmforge's own, `--attn_implementation varlen`): PyTorch's built-in flash kernel for
+  variable-length sequences (`torch.nn.attention.varlen`), given the start of every document
+  in the flattened batch. flash-attn has no wheel for these machines; PyTorch ships the same
+  kind of kernel, and transformers has no attention function that calls it, so lmforge
+  registers one (`varlen_attention`). CUDA only; no mask is built at all.
+Padding positions (document id -1) attend to themselves only, so no softmax row is empty
+(under varlen a run of padding is a sequence of its own).
 """
 
 from __future__ import annotations
 
 import torch
 
+import inspect
+from typing import Callable
+
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
+VARLEN = "lmforge_varlen"  # the name registered with transformers; users say `varlen`
+CU_SEQLENS = "lmforge_cu_seqlens"  # the model-input key carrying the documents' start offsets
 
 
 def allowed(document_ids: torch.Tensor) -> torch.Tensor:
@@ -55,10 +66,81 @@ def document_attention_mask(document_ids: torch.Tensor, implementation: str, dty
     """The attention_mask to pass to a model of this attention implementation (None: the
     implementation separates records from position_ids itself). sdpa takes a boolean mask
     (True = attend), which also holds under bf16 autocast; eager adds a float mask."""
-    if implementation in VARLEN_IMPLEMENTATIONS or "flash" in implementation:
+    if implementation == VARLEN or implementation in VARLEN_IMPLEMENTATIONS or "flash" in implementation:
         return None
     if implementation == "flex_attention":
         return block_mask(document_ids)
     if implementation == "sdpa":
         return allowed(document_ids)[:, None]
     return additive_mask(document_ids, dtype)
+
+
+def cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [N + 1]: where each of the N sequences of the flattened [B * T] batch starts, then
+    B * T. A sequence is a run of one document id within a row (a row start always starts one),
+    so a run of padding is a sequence of its own. Computed on the CPU before the batch moves."""
+    ids = document_ids
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    return torch.cat([offsets, offsets.new_tensor([ids.numel()])]).to(torch.int32)
+
+
+class _Kernel:
+    """PyTorch's varlen flash function and what this version of it takes, looked up once at
+    registration (not in the attention call, which torch.compile traces)."""
+    fn: Callable | None = None
+    windowed = False  # takes window_size=(-1, 0) for causal (newer) rather than is_causal=True
+    gqa = False  # takes enable_gqa (fewer key / value heads than query heads)
+    scale = False  # takes a softmax scale
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """A transformers attention function: q [B, Hq, T, D], k / v [B, Hkv, T, D] → ([B, T, Hq, D], None).
+
+    Packed batches (the Trainer adds CU_SEQLENS) run the varlen kernel over the flattened batch;
+    anything else (an unpadded eval batch, generation) goes to SDPA with transformers' own mask."""
+    cu = kwargs.get(CU_SEQLENS)
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if dropout:
+        raise ValueError("varlen attention: attention dropout is not supported")
+    batch, heads, length, dim = query.shape
+    dtype = query.dtype
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)  # the flash kernel is not autocast-aware
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim).to(dtype) for x in (query, key, value))
+    extra = {"window_size": (-1, 0)} if _Kernel.windowed else {"is_causal": True}
+    if _Kernel.scale:
+        extra["scale"] = scaling
+    elif scaling is not None and abs(scaling - dim ** -0.5) > 1e-9:
+        raise ValueError("varlen attention: this PyTorch's kernel takes no softmax scale and the model needs one")
+    if k.shape[1] != heads:
+        if _Kernel.gqa:
+            extra["enable_gqa"] = True
+        else:  # older PyTorch: one key / value head per query head
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    # max_q = max_k = the row length: an upper bound is all the kernel needs, and a constant one
+    # keeps compiled blocks from recompiling for every batch's longest document.
+    out = _Kernel.fn(q, k, v, cu, cu, length, length, **extra)
+    return out.reshape(batch, length, heads, dim), None
+
+
+def register_varlen() -> None:
+    """Make `attn_implementation=VARLEN` known to transformers (its mask function: SDPA's, for the
+    batches that come without CU_SEQLENS)."""
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    params = inspect.signature(varlen_attn).parameters
+    if _Kernel.fn is None:
+        _Kernel.fn = varlen_attn
+    _Kernel.windowed, _Kernel.gqa, _Kernel.scale = ("window_size" in params, "enable_gqa" in params,
+                                                    "scale" in params)
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)

@@ -42,7 +42,9 @@ class ModelArguments:
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "Attention kernel, passed to transformers: sdpa, eager, flash_attention_2, flex_attention."},
+        metadata={"help": "Attention kernel, passed to transformers: sdpa, eager, flash_attention_2, flex_attention; "
+                          "or varlen, lmforge's call of PyTorch's built-in variable-length flash kernel (CUDA): "
+                          "packed documents with no mask to build."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model/tokenizer code from the model directory to run. Off by default."}
@@ -351,8 +353,16 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "torch.compile mode for --compile_blocks: default, or reduce-overhead (CUDA graphs: "
                           "the host no longer launches each kernel; packed rows then all get the same length)."},
     )
+    compile_memory_budget: float = field(
+        default=1.0,
+        metadata={"help": "With --compile_blocks: the share (0-1] of the blocks' activations the compiler may keep "
+                          "for the backward; below 1 it recomputes the cheapest ones instead (PyTorch's activation "
+                          "memory budget). Less memory than gradient checkpointing costs, for a little time."},
+    )
 
     def __post_init__(self):
+        if not 0 < self.compile_memory_budget <= 1:
+            raise LmforgeError(f"--compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
         if self.output_dir is None:
             # transformers would default to ./trainer_output, a directory the user never named.
             raise LmforgeError("--output_dir is required: the directory checkpoints and the trained model go to")

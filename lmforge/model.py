@@ -11,6 +11,7 @@ import os
 import torch
 import transformers
 
+from lmforge.attention import VARLEN, register_varlen
 from lmforge.config import LoraArguments, ModelArguments, read_json_object
 from lmforge.errors import LmforgeError
 
@@ -97,6 +98,8 @@ def attention_implementation(args: ModelArguments, flash_attn: bool = False, log
     """The attention kernel. `--flash_attn True` (FastChat's flag) asks for the fastest one this
     install has: flash-attn's kernels when the package is there and a GPU is, else PyTorch's
     SDPA, whose CUDA backend is itself a flash kernel. The choice is logged."""
+    if args.attn_implementation in ("varlen", VARLEN):
+        return varlen_implementation()
     if not flash_attn:
         return args.attn_implementation
     import importlib.util
@@ -109,6 +112,19 @@ def attention_implementation(args: ModelArguments, flash_attn: bool = False, log
         choice, why = "sdpa", "no GPU: flash kernels need CUDA"
     log(f"lmforge: --flash_attn: using {choice} attention ({why})")
     return choice
+
+
+def varlen_implementation() -> str:
+    """lmforge's varlen attention (lmforge/attention.py), registered with transformers."""
+    if not torch.cuda.is_available():
+        raise LmforgeError("--attn_implementation varlen runs PyTorch's flash kernel, which needs a CUDA GPU; "
+                           "on CPU use sdpa (packed documents are kept apart by a mask there)")
+    try:
+        register_varlen()
+    except ImportError:
+        raise LmforgeError(f"--attn_implementation varlen needs torch.nn.attention.varlen (PyTorch 2.9 or "
+                           f"newer); this is PyTorch {torch.__version__}") from None
+    return VARLEN
 
 
 def apply_rope_scaling(config, model_max_length: int | None, log=print) -> None:
@@ -262,17 +278,22 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False)
     return model
 
 
-def compile_blocks(model, log=print, mode: str = "default") -> int:
+def compile_blocks(model, log=print, mode: str = "default", memory_budget: float = 1.0) -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
-    many were compiled; the block classes are the model's `_no_split_modules`."""
+    many were compiled; the block classes are the model's `_no_split_modules`. A memory budget
+    below 1 lets the compiler's partitioner recompute activations in the backward (a setting of
+    the process: every compiled graph after this call uses it)."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = [m for m in base.modules() if type(m).__name__ in names]
     for block in blocks:
         block.compile(mode=None if mode == "default" else mode)
     log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "
-        f"mode {mode}")
+        f"mode {mode}" + (f", activation memory budget {memory_budget:g}" if memory_budget < 1 else ""))
     return len(blocks)
 
 

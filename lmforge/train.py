@@ -20,7 +20,7 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmforge.attention import document_attention_mask
+from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask
 from lmforge.checkpoint import (
     STAGING_DIR,
     clear_staged,
@@ -272,7 +272,8 @@ class Trainer(transformers.Trainer):
         self.fused_head = self._fused_head()
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
-                           mode=self.args.compile_mode)
+                           mode=self.args.compile_mode,
+                           memory_budget=getattr(self.args, "compile_memory_budget", 1.0))
 
     def _fused_head(self):
         if not getattr(self.args, "fused_loss", False):
@@ -307,7 +308,14 @@ class Trainer(transformers.Trainer):
         labels = inputs.get("labels")
         if self.fused_head is not None and torch.is_tensor(labels) and labels.device.type == "cpu":
             inputs = {**inputs, LABEL_POSITIONS: label_positions(labels)}  # before the move to the GPU
+        documents = inputs.get("document_ids")
+        if torch.is_tensor(documents) and documents.device.type == "cpu" and self._attn_implementation() == VARLEN:
+            inputs = {**inputs, CU_SEQLENS: cu_seqlens(documents)}  # on the CPU: no GPU sync for nonzero()
         return super()._prepare_inputs(inputs)
+
+    def _attn_implementation(self) -> str:
+        model = self.model
+        return getattr(getattr(model, "module", model).config, "_attn_implementation", "")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions = inputs.pop(LABEL_POSITIONS, None)

@@ -1,0 +1,131 @@
+"""lmforge's varlen attention: the documents' offsets, the way they reach every attention layer,
+and (on a GPU) PyTorch's flash kernel giving packed == unpacked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from lmforge import attention
+from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask, register_varlen
+from lmforge.data.collate import PackedCollator, PaddedCollator
+from lmforge.data.packing import best_fit_decreasing, pack_records
+from tests.test_packing import VOCAB, loss_and_grads, records, tiny_model
+
+
+def test_cu_seqlens_starts_every_document_row_and_padding_run():
+    ids = torch.tensor([[0, 0, 0, 1, 1, -1],
+                        [0, 1, 1, 1, 2, 2],
+                        [0, 0, 0, 0, -1, -1]])
+    # row 0: 0..3, 3..5, pad 5..6; row 1: 6..7, 7..10, 10..12; row 2: 12..16, pad 16..18
+    assert cu_seqlens(ids).tolist() == [0, 3, 5, 6, 7, 10, 12, 16, 18]
+    assert cu_seqlens(ids).dtype == torch.int32
+    # the same id continuing across a row boundary is still two sequences
+    assert cu_seqlens(torch.tensor([[0, 0], [0, 0]])).tolist() == [0, 2, 4]
+
+
+class ReferenceKernel:
+    """A CPU stand-in for PyTorch's flash varlen function, with the newer signature: causal SDPA
+    on each sequence separately. Counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None):
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        self.calls += 1
+        out = torch.empty_like(q)
+        for start, stop in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            part = [x[start:stop].transpose(0, 1).float() for x in (q, k, v)]
+            out[start:stop] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scale,
+                                                             enable_gqa=enable_gqa).transpose(0, 1).to(q.dtype)
+        return out
+
+
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    register_varlen()
+    kernel = ReferenceKernel()
+    monkeypatch.setattr(attention._Kernel, "fn", kernel)
+    monkeypatch.setattr(attention._Kernel, "windowed", True)
+    monkeypatch.setattr(attention._Kernel, "gqa", True)
+    monkeypatch.setattr(attention._Kernel, "scale", True)
+    return kernel
+
+
+def varlen_batch(recs: list[dict], capacity: int) -> dict:
+    """A packed batch as lmforge's Trainer hands it to a varlen model: no mask, the offsets."""
+    bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], capacity, seed=0)
+    batch = PackedCollator(pad_token_id=0)([pack_records([recs[i] for i in b]) for b in bins])
+    assert document_attention_mask(batch["document_ids"], VARLEN, torch.float32) is None
+    batch[CU_SEQLENS] = cu_seqlens(batch.pop("document_ids"))
+    return batch
+
+
+def test_varlen_attention_reaches_every_layer_and_equals_unpacked(reference_kernel):
+    """With a reference kernel in place of the flash one: the offsets reach both layers' attention
+    (two calls a forward), grouped-query heads go through, and packed loss and gradients equal
+    the unpacked padded run."""
+    model = tiny_model(VARLEN)
+    recs = records(12)
+    unpacked, grads_u = loss_and_grads(model, PaddedCollator(pad_token_id=0)(recs))
+    calls_unpacked = reference_kernel.calls
+    packed, grads_p = loss_and_grads(model, varlen_batch(recs, capacity=64))
+    assert calls_unpacked == 0  # an unpacked batch goes to SDPA with transformers' mask
+    assert reference_kernel.calls == model.config.num_hidden_layers
+    assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
+    for name in grads_u:
+        assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_varlen_refused_without_a_gpu():
+    from lmforge.config import ModelArguments
+    from lmforge.errors import LmforgeError
+    from lmforge.model import attention_implementation
+
+    with pytest.raises(LmforgeError, match="varlen .*CUDA GPU"):
+        attention_implementation(ModelArguments(config_name="x", attn_implementation="varlen"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen flash kernel runs on CUDA only")
+def test_varlen_flash_kernel_packed_equals_unpacked_on_gpu():
+    """The real kernel, bf16 autocast over fp32 weights (the Trainer's bf16 mode): packed loss
+    equals the unpacked SDPA run within bf16 noise, gradients point the same way, and a record's
+    logits do not move when another record of its row changes."""
+    register_varlen()
+    recs = records(16)
+
+    def gpu_model(attn: str):  # head size 64, as real models have (the tiny one's 8 is padded by the kernel)
+        config = transformers.AutoConfig.for_model(
+            "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).cuda()
+
+    reference, model = gpu_model("sdpa"), gpu_model(VARLEN)
+    model.load_state_dict(reference.state_dict())
+    to_gpu = lambda b: {k: v.cuda() for k, v in b.items()}  # noqa: E731
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        unpacked, grads_u = loss_and_grads(reference, to_gpu(PaddedCollator(pad_token_id=0)(recs)))
+        packed, grads_p = loss_and_grads(model, to_gpu(varlen_batch(recs, capacity=64)))
+    assert abs(packed - unpacked) <= 2e-2 * abs(unpacked)
+    flat = lambda g: torch.cat([x.flatten().float() for x in g.values()])  # noqa: E731
+    assert F.cosine_similarity(flat(grads_p), flat(grads_u), dim=0) > 0.999
+
+    changed = [dict(r) for r in recs]
+    changed[0] = {"input_ids": [(t + 1) % VOCAB for t in recs[0]["input_ids"]], "labels": recs[0]["labels"]}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a = model(**{k: v for k, v in to_gpu(varlen_batch(recs, 64)).items() if k != "labels"}).logits
+        b = model(**{k: v for k, v in to_gpu(varlen_batch(changed, 64)).items() if k != "labels"}).logits
+    differs = (a - b).abs().amax(dim=-1) > 0  # [rows, T]: the positions whose logits moved
+
+    bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], 64, seed=0)
+    for row, members in enumerate(bins):
+        pos = 0
+        for i in members:
+            n = len(recs[i]["input_ids"])
+            assert bool(differs[row, pos:pos + n].any()) == (i == 0), (row, i)
+            pos += n
