@@ -117,11 +117,13 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if main:
-        publish(staging, output_dir)
+        publish_final(staging, output_dir)
     trainer.save_state()
 
 
-def publish(staging: str, output_dir: str) -> None:
+# Not named `publish`: that is lmforge.checkpoint's, imported above, which renames a staged
+# checkpoint into place; a function of the same name here replaced it for _complete_checkpoint.
+def publish_final(staging: str, output_dir: str) -> None:
     """Move every entry of `staging` into `output_dir` (replacing what is there), then remove it."""
     for name in sorted(os.listdir(staging)):
         target = os.path.join(output_dir, name)
