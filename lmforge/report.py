@@ -159,7 +159,12 @@ def plot_loss(c: Curves, path: str) -> None:
                 markersize=4)
     values = c.loss.values + c.eval_loss.values
     if values and min(values) > 0 and max(values) / min(values) > 20:
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
         ax.set_yscale("log")  # a loss falling from ~6 to ~0.05 reads only on a log axis
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 0.3, not 3×10⁻¹
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.legend()
     _save(fig, path)
 
