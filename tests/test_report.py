@@ -11,7 +11,6 @@ import re
 import shutil
 import struct
 
-import numpy as np
 import pytest
 
 from lmforge.cli import main as cli

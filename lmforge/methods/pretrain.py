@@ -121,8 +121,10 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     if split is not None:
         run_info["val_split"] = asdict(split)
         run_info["training"] = {"records": len(blocks), "tokens": tokens, "trained_tokens": tokens}
-    # A block is long and trains on every token: the first few hundred show the text is right.
-    preflight = Preflight(data.tokenizer, {"input_ids": blocks[0]["input_ids"][:256]}, tokens, tokens,
-                          data_args.block_size, title="the first 256 tokens of the first block")
+    # A block trains on every token and may be long: its first few hundred show the text is right.
+    shown = blocks[0]["input_ids"][:256]
+    whole = len(shown) == len(blocks[0]["input_ids"])
+    title = "the first block" if whole else f"the first {len(shown)} tokens of the first block"
+    preflight = Preflight(data.tokenizer, {"input_ids": shown}, tokens, tokens, data_args.block_size, title=title)
     return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
                           template_end_of_turn(data.tokenizer), run_info, preflight=preflight)
