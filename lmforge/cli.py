@@ -17,7 +17,8 @@ COMMANDS = {
     "pretrain": ("lmforge.methods.pretrain", "causal-LM pretraining on text, from a config or from weights"),
     "tokenizer": ("lmforge.tokenizer", "`lmforge tokenizer train`: a byte-level BPE tokenizer from text"),
     "merge": ("lmforge.export", "merge a LoRA adapter into its base model"),
-    "prepare": ("lmforge.methods.prepare", "tokenize data into the cache; print counts; --dump records"),
+    "prepare": ("lmforge.methods.prepare", "tokenize data into the cache; print counts; --dump / --show records"),
+    "report": ("lmforge.report", "`lmforge report DIR`: rebuild DIR/report.md (curves, data, throughput)"),
     "chat": ("lmforge.chat", "generate with a trained model through its chat template"),
     "demo": ("lmforge.demo", "build a tiny chat model end to end on CPU and measure it"),
 }

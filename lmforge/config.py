@@ -62,6 +62,11 @@ class DataArguments:
     eval_data_path: list[str] = field(
         default_factory=list, metadata={"help": "Held-out data evaluated at --eval_steps (same formats)."}
     )
+    val_split: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training records (e.g. 0.05) as evaluation data, drawn "
+                          "by --seed (the same records on every rank and on resume); instead of --eval_data_path."},
+    )
     train_files: list[str] = field(
         default_factory=list, metadata={"help": "happy-llm's name for --data_path (its finetune.py)."}
     )
@@ -121,6 +126,14 @@ class DataArguments:
         # which hides the cause.
         if self.model_max_length < 1:
             raise LmforgeError(f"--model_max_length must be at least 1, got {self.model_max_length}")
+        check_val_split(self.val_split, self.eval_data_path, "--eval_data_path")
+
+
+def check_val_split(fraction: float, held_out: list[str], flag: str) -> None:
+    if not 0 <= fraction < 1:
+        raise LmforgeError(f"--val_split must be a fraction in [0, 1), got {fraction}")
+    if fraction and held_out:
+        raise LmforgeError(f"--val_split and {flag} both name evaluation data; pass one of them")
 
 
 @dataclass
@@ -130,6 +143,11 @@ class PretrainDataArguments:
     )
     validation_files: list[str] = field(
         default_factory=list, metadata={"help": "Held-out text evaluated at --eval_steps (same formats)."}
+    )
+    val_split: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training blocks (e.g. 0.05) as evaluation data, drawn by "
+                          "--seed; instead of --validation_files."},
     )
     block_size: int = field(default=2048, metadata={"help": "Tokens per training block."})
     text_field: str = field(default="text", metadata={"help": "The field holding the text in json/jsonl/parquet."})
@@ -160,6 +178,9 @@ class PretrainDataArguments:
     preprocessing_num_workers: Optional[int] = field(
         default=1, metadata={"help": "Processes that tokenize the text into the cache."}
     )
+
+    def __post_init__(self):
+        check_val_split(self.val_split, self.validation_files, "--validation_files")
 
 
 @dataclass
@@ -528,10 +549,10 @@ def check_combinations(objs: Sequence[Any]) -> None:
     if data is not None and args.eval_strategy != transformers.IntervalStrategy.NO:
         held_out, flag = ((data.eval_data_path, "--eval_data_path") if isinstance(data, DataArguments)
                           else (data.validation_files, "--validation_files"))
-        if not held_out:
+        if not held_out and not data.val_split:
             # The Trainer would refuse this only after the data is tokenized, with a traceback.
             raise LmforgeError(f"--eval_strategy {args.eval_strategy.value} needs held-out data: pass {flag} "
-                               "(or --eval_strategy no)")
+                               "or --val_split (or --eval_strategy no)")
 
 
 def parse(dataclasses_: tuple[type, ...], argv: Sequence[str]) -> tuple[Any, ...]:

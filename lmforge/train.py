@@ -39,6 +39,9 @@ from lmforge.errors import LmforgeError
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, label_positions, use_liger
 from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
+from lmforge.progress import ReportAtCheckpoints, add_perplexity
+from lmforge.progress import install as install_progress
+from lmforge.report import PLOTS_DIR, REPORT_NAME, record_end, try_write_report
 from lmforge.saved import check_saved_model
 
 BASE_CONFIG = "lmforge_base_config.json"
@@ -47,7 +50,7 @@ LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
 FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
-OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING}
+OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
 
 
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
@@ -270,6 +273,7 @@ class Trainer(transformers.Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_head = self._fused_head()
+        self.meter = install_progress(self)  # rank 0's progress bar / lines; tokens/s in the logs
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
                            mode=self.args.compile_mode,
@@ -303,6 +307,15 @@ class Trainer(transformers.Trainer):
         if self.args.process_index == 0:
             print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model)")
         return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.meter.add(inputs)  # before the batch is reshaped: document_ids still tell padding apart
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs, start_time=None):
+        self.meter.annotate(logs, self.args)
+        add_perplexity(logs)
+        super().log(logs, start_time)
 
     def _prepare_inputs(self, inputs):
         labels = inputs.get("labels")
@@ -450,11 +463,14 @@ class StopOnSignal(transformers.TrainerCallback):
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
-                   end_of_turn_id: int | None, run_info: dict) -> str:
-    """The part every method shares: the Trainer, auto-resume, the final save. SIGTERM / SIGINT
-    during training end it with a checkpoint and `TrainingStopped`."""
+                   end_of_turn_id: int | None, run_info: dict,
+                   preflight: transformers.TrainerCallback | None = None) -> str:
+    """The part every method shares: the Trainer, auto-resume, the final save, the run report
+    (at each checkpoint and at the end). SIGTERM / SIGINT during training end it with a
+    checkpoint and `TrainingStopped`."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
+    callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints()] + ([preflight] if preflight else [])
     trainer = Trainer(
         model=model,
         args=args,
@@ -462,18 +478,23 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard(), stop],
+        callbacks=callbacks,
     )
     if args.process_index == 0:
         if is_peft(model):
             trainable, total = model.get_nb_trainable_parameters()
             print(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
-        write_run_info(args.output_dir, run_info)
+        write_run_info(args.output_dir, {**run_info, "device": describe_device(args),
+                                         "world_size": args.world_size})
     stop.install()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
+        if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
+            # The final model's evaluation loss, also when --eval_steps did not fall on the last
+            # step or --eval_strategy is no: the report and trainer_state.json end with it.
+            trainer.evaluate()
         # A signal after the last step does not stop the short final save.
         summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
         if os.environ.get(LOGITS_ENV):
@@ -484,7 +505,21 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir} ({summary})")
         if torch.cuda.is_available():
             print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        record_end(args.output_dir, args.device)
+        report = try_write_report(args.output_dir)
+        if report:
+            print(f"lmforge: run report: {report}")
     return args.output_dir
+
+
+def last_eval_step(state) -> int | None:
+    return next((h["step"] for h in reversed(state.log_history) if "eval_loss" in h), None)
+
+
+def describe_device(args) -> str:
+    if args.device.type == "cuda":
+        return torch.cuda.get_device_name(args.device)
+    return args.device.type
 
 
 def stopped_error(stop: StopOnSignal, output_dir: str) -> TrainingStopped:

@@ -500,7 +500,7 @@ def _bf16_and_fp16(ctx: Ctx) -> Bad:
 
 def _eval_without_eval_data(ctx: Ctx) -> Bad:
     return Bad(sft(ctx, "--eval_strategy", "steps", "--eval_steps", "1"),
-               "--eval_strategy steps needs held-out data: pass --eval_data_path (or --eval_strategy no)")
+               "--eval_strategy steps needs held-out data: pass --eval_data_path or --val_split (or --eval_strategy no)")
 
 
 def _lora_target_typo(ctx: Ctx) -> Bad:

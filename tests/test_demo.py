@@ -1,12 +1,13 @@
-"""The embedded default: `lmforge demo` builds a tiny chat model from nothing and
-answers held-out questions exactly, every answer ending at the end-of-turn token."""
+"""The embedded default: `lmforge demo` builds a tiny chat model from nothing (tokenizer,
+pretraining, full and LoRA fine-tuning, merge) and answers held-out questions exactly, every
+answer ending at the end-of-turn token; each training run writes its report."""
 
 from __future__ import annotations
 
 import json
 
 from lmforge.cli import main as cli
-from lmforge.demo import make_task
+from lmforge.demo import make_task, statements, transcript
 
 
 def test_held_out_questions_are_new_phrasings_of_trained_facts():
@@ -17,12 +18,35 @@ def test_held_out_questions_are_new_phrasings_of_trained_facts():
     assert all(qa.answer in train_answers for qa in held_out)
 
 
-def test_demo_reaches_90_percent(tmp_path):
+def test_statements_and_transcripts_hold_every_fact_but_no_held_out_phrasing():
+    train, held_out = make_task(seed=0, n_countries=12)
+    text = " ".join(statements(seed=0, n_countries=12))
+    assert all(qa.answer in text for qa in held_out)
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    # The EOS pretraining appends is the end-of-turn token the transcript leaves off.
+    assert transcript(record) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo"
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    """Tokenizer, pretraining, full SFT, LoRA, merge, evaluation, reports: the fine-tuned
+    models answer held-out phrasings the pretrained one mostly cannot."""
     out = tmp_path / "demo"
     assert cli(["demo", "--output_dir", str(out), "--min_accuracy", "0.9"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["accuracy"] >= 0.9
-    assert result["stopped_at_end_of_turn"] == 1.0
+    assert result["lora_accuracy"] >= 0.75  # merged into the pretrained model: 98.7 % measured
+    assert result["pretrained_accuracy"] < 0.5  # what fine-tuning added
+    assert result["stopped_at_end_of_turn"] == 1.0 and result["lora_stopped_at_end_of_turn"] == 1.0
+    assert (out / "lora-merged" / "model.safetensors").is_file()
+    for run in ("pretrain", "model", "lora"):
+        state = json.loads((out / run / "trainer_state.json").read_text())
+        assert any("eval_loss" in h for h in state["log_history"])  # --val_split / --eval_data_path
+        assert (out / run / "report.md").is_file() and (out / run / "report" / "loss.png").stat().st_size > 10_000
+    info = json.loads((out / "pretrain" / "lmforge_run.json").read_text())
+    assert info["val_split"]["records"] >= 1
+    summary = (out / "report.md").read_text()
+    assert f"{result['accuracy']:.1%} for the fully fine-tuned model" in summary
+    assert "](model/report.md)" in summary
 
 
 def test_demo_refuses_a_foreign_directory(tmp_path, capsys):

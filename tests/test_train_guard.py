@@ -57,4 +57,5 @@ def test_nan_gradient_stops_before_the_update(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteGradients, match=r"non-finite gradients \(NaN or inf\) at step 3; .*"
                                                  r"The last good checkpoint is .*checkpoint-2"):
         train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
-    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "lmforge_run.json"]
+    # The run report of the last good checkpoint stays too.
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "lmforge_run.json", "report", "report.md"]

@@ -59,11 +59,10 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int, seed: int = 0) ->
 
 def record_lengths(dataset) -> list[int]:
     """Token count of every row of a cached dataset, read from the Arrow list offsets (the
-    tokens themselves are not touched)."""
-    import pyarrow.compute as pc
+    tokens themselves are not touched); of a select()ed view (--val_split), of its rows."""
+    from lmforge.data.split import record_lengths as lengths
 
-    column = dataset.data.column("input_ids")
-    return pc.list_value_length(column).to_pylist()
+    return lengths(dataset).tolist()
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -10,6 +10,7 @@ Text → documents (+ EOS) → one token stream cut into block_size blocks (cach
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import DocumentBlocks
 from lmforge.data.pretrain import PretrainCache, PretrainOptions, prepare_pretrain
 from lmforge.data.render import template_end_of_turn
+from lmforge.data.split import describe_split, record_lengths, split_dataset
 from lmforge.distributed import local_main_first
 from lmforge.model import (
     apply_lora,
@@ -34,6 +36,8 @@ from lmforge.model import (
     load_model,
     load_tokenizer,
 )
+from lmforge.preflight import Preflight
+from lmforge.report import key_flags
 from lmforge.train import resolve_resume, train_and_save
 
 
@@ -61,6 +65,7 @@ def prepare_pretrain_data(model_args: ModelArguments, data_args: PretrainDataArg
 
 
 def main(argv: Sequence[str], lora_default: bool = False) -> str:
+    started = time.time()
     model_args, data_args, lora_args, args = parse(
         (ModelArguments, PretrainDataArguments, LoraArguments, TrainingArguments), argv)
     lora_args.lora = lora_args.lora or lora_default
@@ -89,6 +94,14 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     pad = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else data.tokenizer.eos_token_id
     train_dataset = data.train.dataset()
     eval_dataset = data.eval.dataset() if data.eval else None
+    split = None
+    if data_args.val_split:
+        train_dataset, eval_dataset = split_dataset(train_dataset, data_args.val_split, args.seed)
+        split = describe_split(eval_dataset, data_args.val_split, args.seed)
+        if args.process_index == 0:
+            print(f"lmforge: --val_split {data_args.val_split}: {split.records} of {data.train.stats.blocks} blocks "
+                  f"held out for evaluation (drawn by --seed {args.seed})")
+    blocks = train_dataset
     if data_args.pretrain_document_mask:
         eos = data.tokenizer.eos_token_id
         train_dataset = DocumentBlocks(train_dataset, eos)
@@ -97,10 +110,22 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
         args.remove_unused_columns = False  # keep document_ids for the attention mask
     else:
         collator = PaddedCollator(pad)
+    tokens = int(record_lengths(blocks).sum())  # blocks train on every token (a padded last one: the collator masks)
     run_info = {
+        "command": "pretrain", "flags": list(argv), "started": started,
+        "config": key_flags(model_args, data_args, lora_args, args),
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
         "cache": data.train.path,
+        "rows": len(blocks),
     }
+    if split is not None:
+        run_info["val_split"] = asdict(split)
+        run_info["training"] = {"records": len(blocks), "tokens": tokens, "trained_tokens": tokens}
+    # A block trains on every token and may be long: its first few hundred show the text is right.
+    shown = blocks[0]["input_ids"][:256]
+    whole = len(shown) == len(blocks[0]["input_ids"])
+    title = "the first block" if whole else f"the first {len(shown)} tokens of the first block"
+    preflight = Preflight(data.tokenizer, {"input_ids": shown}, tokens, tokens, data_args.block_size, title=title)
     return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
-                          template_end_of_turn(data.tokenizer), run_info)
+                          template_end_of_turn(data.tokenizer), run_info, preflight=preflight)

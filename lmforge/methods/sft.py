@@ -11,6 +11,7 @@ adapter) + tokenizer with its chat template + a generation config that stops at 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Sequence
 
@@ -25,9 +26,12 @@ from lmforge.config import (
 )
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import PackedDataset
+from lmforge.data.split import split_dataset
 from lmforge.distributed import local_main_first
-from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats
+from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats, training_records_info
 from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model
+from lmforge.preflight import Preflight
+from lmforge.report import key_flags
 from lmforge.train import resolve_resume, train_and_save
 
 
@@ -39,6 +43,8 @@ def batches(data: SftData, data_args: DataArguments, args: TrainingArguments):
         multiple = data_args.model_max_length
     train = data.train.dataset()
     eval_ = data.eval.dataset() if data.eval else None
+    if data_args.val_split:
+        train, eval_ = split_dataset(train, data_args.val_split, args.seed)
     if not data_args.packing:
         return train, eval_, PaddedCollator(data.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     train = PackedDataset(train, data_args.model_max_length, seed=args.seed)
@@ -51,6 +57,7 @@ def batches(data: SftData, data_args: DataArguments, args: TrainingArguments):
 
 
 def main(argv: Sequence[str], lora_default: bool = False) -> str:
+    started = time.time()
     model_args, data_args, lora_args, args = parse(
         (ModelArguments, DataArguments, LoraArguments, TrainingArguments), argv)
     lora_args.lora = lora_args.lora or lora_default
@@ -72,11 +79,23 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     if args.process_index == 0 and next(model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
     train_dataset, eval_dataset, collator = batches(data, data_args, args)
+    records = getattr(train_dataset, "dataset", train_dataset)  # the cached records under the packing
+    held_out = getattr(eval_dataset, "dataset", eval_dataset) if data_args.val_split else None
+    if held_out is not None and args.process_index == 0:
+        print(f"lmforge: --val_split {data_args.val_split}: {len(held_out)} of {len(held_out) + len(records)} "
+              f"records held out for evaluation (drawn by --seed {args.seed})")
     run_info = {
+        "command": "lora" if lora_default else "sft", "flags": list(argv), "started": started,
+        "config": key_flags(model_args, data_args, lora_args, args),
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
         "cache": data.train.path,
         "rows": len(train_dataset),
+        "packing": data_args.packing,
+        **training_records_info(records, held_out, data_args.val_split, args.seed),
     }
+    trained = run_info.get("training") or asdict(data.train.stats)
+    preflight = Preflight(data.tokenizer, records[0], trained["tokens"], trained["trained_tokens"],
+                          data_args.model_max_length)
     return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
-                          data.end_of_turn_id, run_info)
+                          data.end_of_turn_id, run_info, preflight=preflight)

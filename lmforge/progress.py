@@ -1,0 +1,209 @@
+"""What a run shows while it goes, on rank 0 only: one progress bar (or, with --disable_tqdm,
+one progress line per log) with the step, loss, learning rate, useful tokens/s and ETA; the
+token counts and peak memory added to every training log (so they reach trainer_state.json,
+TensorBoard / wandb and the report); eval perplexity; the report rewritten at each checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping, Optional
+
+import torch
+import transformers
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from lmforge.data.render import IGNORE_INDEX
+from lmforge.report import peak_memory_fields, perplexity, try_write_report
+
+
+def useful_tokens(batch: Mapping) -> torch.Tensor | int:
+    """Tokens of a batch that are not padding: a packed row's padding has document id -1, a
+    padded row's has attention mask 0; a batch with neither is all tokens."""
+    if torch.is_tensor(batch.get("document_ids")):
+        return (batch["document_ids"] >= 0).sum()
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() == 2:
+        return mask.sum()
+    return batch["input_ids"].numel()
+
+
+def trained_tokens(batch: Mapping) -> torch.Tensor | int:
+    """Tokens the loss is computed on: labels after the causal shift that are not -100."""
+    labels = batch.get("labels")
+    if not torch.is_tensor(labels):
+        return 0
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+class TokenMeter(transformers.TrainerCallback):
+    """Counts the useful and the trained tokens of the training batches and turns them into
+    log fields at each logging step: `tokens_per_second` (useful tokens of all processes per
+    second of training since the last log), the running totals `tokens` and `trained_tokens`,
+    and this process' peak memory. The counts stay tensors where the batch is until a log reads
+    them, so counting adds no device sync per step (the Trainer's own num_input_tokens_seen
+    syncs every micro-batch).
+
+    Training time is the time up to each step's end, less what evaluation and checkpoint saves
+    took: a log interval with an evaluation in it would otherwise show a throughput drop that
+    is not the training's."""
+
+    def __init__(self):
+        self.useful: torch.Tensor | int = 0
+        self.trained: torch.Tensor | int = 0
+        self.total_useful = 0
+        self.total_trained = 0
+        self.session_useful = 0
+        self.session_seconds = 0.0
+        self.seconds = 0.0  # training time since the last log
+        self.mark: Optional[float] = None  # the moment training time was counted up to
+
+    def add(self, batch: Mapping) -> None:
+        self.useful = self.useful + useful_tokens(batch)
+        self.trained = self.trained + trained_tokens(batch)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run continues the totals it logged up to its checkpoint.
+        last = next((h for h in reversed(state.log_history) if "tokens" in h), None)
+        if last is not None:
+            self.total_useful, self.total_trained = int(last["tokens"]), int(last.get("trained_tokens", 0))
+        self.mark = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.mark is not None:
+            now = time.perf_counter()
+            self.seconds += now - self.mark
+            self.mark = now
+
+    def _skip(self) -> None:
+        if self.mark is not None:
+            self.mark = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._skip()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._skip()  # runs after the other callbacks' on_save (added last): the report is skipped too
+
+    def _take(self, args) -> tuple[int, int]:
+        counts = torch.tensor([int(self.useful), int(self.trained)], dtype=torch.int64)
+        self.useful, self.trained = 0, 0
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = args.device if torch.distributed.get_backend() == "nccl" else "cpu"
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+        useful, trained = counts.tolist()
+        return useful, trained
+
+    def annotate(self, logs: dict, args) -> None:
+        """Add the token and memory fields to a training log (every process calls this at the
+        same logging steps, so the all-reduce in it matches up)."""
+        if "loss" in logs and self.mark is not None:
+            useful, trained = self._take(args)
+            self.total_useful += useful
+            self.total_trained += trained
+            self.session_useful += useful
+            self.session_seconds += self.seconds
+            logs["tokens_per_second"] = round(useful / max(self.seconds, 1e-9), 1)
+            logs["tokens"] = self.total_useful
+            logs["trained_tokens"] = self.total_trained
+            logs.update(peak_memory_fields(args.device))
+            self.seconds = 0.0
+        elif "train_runtime" in logs and self.session_seconds > 0:
+            # The run's summary: this session's useful tokens per second of training steps.
+            logs["useful_tokens_per_second"] = round(self.session_useful / self.session_seconds, 1)
+
+
+def add_perplexity(logs: dict) -> None:
+    """eval_perplexity = exp(eval_loss), next to it in the logs (and in evaluate()'s metrics,
+    which are this same dict)."""
+    loss = logs.get("eval_loss")
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+        logs["eval_perplexity"] = perplexity(loss)
+
+
+def _short(value: float) -> str:
+    return f"{value / 1e3:.1f}k" if value >= 1e4 else f"{value:.0f}"
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_fields(logs: Mapping) -> dict[str, str]:
+    fields = {}
+    if "loss" in logs:
+        fields["loss"] = f"{logs['loss']:.4g}"
+    if "learning_rate" in logs:
+        fields["lr"] = f"{logs['learning_rate']:.3g}"
+    if "tokens_per_second" in logs:
+        fields["tok/s"] = _short(logs["tokens_per_second"])
+    return fields
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar (steps, elapsed time, ETA) with the latest loss, learning rate
+    and useful tokens/s on it: a training log updates the bar instead of printing a dict under
+    it; evaluation results and the summary are still printed. Rank 0 only (as the Trainer's)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(progress_fields(logs), refresh=True)
+            return
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class ProgressLines(PrinterCallback):
+    """--disable_tqdm: the Trainer's log dicts as before (scripts read them), printed by rank 0
+    only, and after each training log one line a person reads: step, loss, learning rate,
+    useful tokens/s, elapsed time and ETA."""
+
+    def __init__(self):
+        self.started: Optional[float] = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            logs.pop("total_flos", None)
+            return
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if logs and "loss" in logs and self.started is not None:
+            print(progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.started,
+                                state.global_step - self.first_step), flush=True)
+
+
+def progress_line(step: int, max_steps: int, logs: Mapping, elapsed: float, steps_done: int) -> str:
+    parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f} %)"]
+    parts += [f"{k} {v}" for k, v in progress_fields(logs).items()]
+    parts.append(f"elapsed {_eta(elapsed)}")
+    if steps_done > 0:
+        parts.append(f"ETA {_eta(elapsed / steps_done * max(max_steps - step, 0))}")
+    return "lmforge: " + ", ".join(parts)
+
+
+class ReportAtCheckpoints(transformers.TrainerCallback):
+    """Rewrites OUTPUT_DIR/report.md after each checkpoint (the checkpoint is complete and in
+    place when on_save runs), so a run stopped or killed later still has its report."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            try_write_report(args.output_dir)
+
+
+def install(trainer: transformers.Trainer) -> TokenMeter:
+    """Replace the Trainer's progress display by lmforge's and add the meter; returns the
+    meter (the Trainer feeds it batches and asks it for log fields)."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBar())
+    elif trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(ProgressLines())
+    meter = TokenMeter()
+    trainer.add_callback(meter)
+    return meter
