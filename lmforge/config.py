@@ -306,6 +306,12 @@ class TrainingArguments(transformers.TrainingArguments):
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "The seeds' name for --eval_strategy (renamed in transformers 5)."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "transformers' filter that logs the running mean in place of a NaN / inf loss. Off by "
+                          "default: lmforge's non-finite guard stops such a run before the step is applied, and the "
+                          "filter reads every micro-step's loss on the host, which stalls the host on the GPU."},
+    )
     warmup_ratio: Optional[float] = field(
         default=None, metadata={"help": "The seeds' warmup as a fraction of all steps (transformers 5: "
                                         "--warmup_steps below 1)."}

@@ -59,3 +59,48 @@ def test_nan_gradient_stops_before_the_update(tmp_path, monkeypatch):
         train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
     # The run report of the last good checkpoint stays too.
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "lmforge_run.json", "report", "report.md"]
+
+
+class Snapshot(transformers.TrainerCallback):
+    """The weights after `step` steps, and which optimizer the run used."""
+
+    def __init__(self, step: int):
+        self.step, self.weights, self.optimizer = step, None, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        if state.global_step == self.step:
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path, monkeypatch):
+    """No checkpoint or log at the bad step: the fused AdamW update is skipped on the device
+    flag (every weight but the poisoned one is exactly what it was after the last good step),
+    and the run still stops, naming the bad step."""
+    config = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(
+        __import__("tokenizers").models.WordLevel({"<pad>": 0, "x": 1}, unk_token="<pad>")), pad_token="<pad>")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6, save_steps=100, logging_steps=100,
+                             per_device_train_batch_size=4, report_to="none", disable_tqdm=True,
+                             dataloader_pin_memory=False)
+    assert args.optim == "adamw_torch_fused" and not args.logging_nan_inf_filter
+    import lmforge.train as train_mod
+
+    snapshot = Snapshot(2)
+    original = train_mod.Trainer
+
+    class PoisonedTrainer(original):
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [snapshot, PoisonAt(2)]
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(train_mod, "Trainer", PoisonedTrainer)
+    with pytest.raises(NonFiniteGradients, match=r"at step 3; .*no checkpoint was written yet"):
+        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
+    assert getattr(snapshot.optimizer, "found_inf", None) is not None  # the device-flag path ran
+    for name, param in model.named_parameters():
+        if name != "model.norm.weight":
+            assert torch.equal(param.detach(), snapshot.weights[name]), name
