@@ -93,6 +93,7 @@ class _Kernel:
     windowed = False  # takes window_size=(-1, 0) for causal (newer) rather than is_causal=True
     gqa = False  # takes enable_gqa (fewer key / value heads than query heads)
     scale = False  # takes a softmax scale
+    dtypes = (torch.float16, torch.bfloat16)  # the inputs it takes
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -113,6 +114,13 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     dtype = query.dtype
     if torch.is_autocast_enabled(query.device.type):
         dtype = torch.get_autocast_dtype(query.device.type)  # the flash kernel is not autocast-aware
+    if dtype not in _Kernel.dtypes:
+        # The flash kernel takes 16-bit inputs only: fp32 training gets SDPA, the documents
+        # kept apart by a mask built from the same offsets.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        mask = offsets_mask(cu, batch, length)
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim).to(dtype) for x in (query, key, value))
     extra = {"window_size": (-1, 0)} if _Kernel.windowed else {"is_causal": True}
     if _Kernel.scale:
@@ -128,6 +136,14 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # keeps compiled blocks from recompiling for every batch's longest document.
     out = _Kernel.fn(q, k, v, cu, cu, length, length, **extra)
     return out.reshape(batch, length, heads, dim), None
+
+
+def offsets_mask(cu: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[B, 1, T, T] bool (True = attend): causal within each sequence `cu` delimits."""
+    positions = torch.arange(batch * length, device=cu.device, dtype=cu.dtype)
+    sequence = torch.searchsorted(cu[1:], positions, right=True).view(batch, length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu.device).tril()
+    return (causal & (sequence[:, :, None] == sequence[:, None, :]))[:, None]
 
 
 def register_varlen() -> None:

@@ -41,8 +41,9 @@ class ModelArguments:
                   "choices": ["auto", "float32", "bfloat16", "float16"]},
     )
     attn_implementation: str = field(
-        default="sdpa",
-        metadata={"help": "Attention kernel, passed to transformers: sdpa, eager, flash_attention_2, flex_attention; "
+        default="auto",
+        metadata={"help": "Attention kernel: auto (varlen on a CUDA GPU, else sdpa), or one passed to transformers: "
+                          "sdpa, eager, flash_attention_2, flex_attention; "
                           "or varlen, lmforge's call of PyTorch's built-in variable-length flash kernel (CUDA): "
                           "packed documents with no mask to build."},
     )

@@ -4,6 +4,7 @@ is patched."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -95,23 +96,23 @@ def load_config(args: ModelArguments):
 
 
 def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=print) -> str:
-    """The attention kernel. `--flash_attn True` (FastChat's flag) asks for the fastest one this
-    install has: flash-attn's kernels when the package is there and a GPU is, else PyTorch's
-    SDPA, whose CUDA backend is itself a flash kernel. The choice is logged."""
+    """The attention kernel. `auto` (the default) and `--flash_attn True` (FastChat's flag) ask
+    for the fastest one this install has: flash-attn's kernels when `--flash_attn` and the
+    package are there; else on a GPU lmforge's varlen attention (PyTorch's own flash kernel
+    over the packed documents); else SDPA. The choice is logged."""
     if args.attn_implementation in ("varlen", VARLEN):
         return varlen_implementation()
-    if not flash_attn:
+    if args.attn_implementation != "auto" and not flash_attn:
         return args.attn_implementation
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    gpu = torch.cuda.is_available()
+    if flash_attn and gpu and importlib.util.find_spec("flash_attn") is not None:
         choice, why = "flash_attention_2", "flash-attn is installed"
-    elif torch.cuda.is_available():
-        choice, why = "sdpa", "flash-attn is not installed; PyTorch SDPA runs its fused flash kernel on this GPU"
+    elif gpu and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        choice, why = "varlen", "PyTorch's flash kernel over the packed documents, no mask to build"
     else:
-        choice, why = "sdpa", "no GPU: flash kernels need CUDA"
-    log(f"lmforge: --flash_attn: using {choice} attention ({why})")
-    return choice
+        choice, why = "sdpa", "no GPU: flash kernels need CUDA" if not gpu else "this PyTorch has no varlen kernel"
+    log(f"lmforge: attention: {choice} ({why})")
+    return varlen_implementation() if choice == "varlen" else choice
 
 
 def varlen_implementation() -> str:

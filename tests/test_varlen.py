@@ -52,6 +52,7 @@ def reference_kernel(monkeypatch):
     monkeypatch.setattr(attention._Kernel, "windowed", True)
     monkeypatch.setattr(attention._Kernel, "gqa", True)
     monkeypatch.setattr(attention._Kernel, "scale", True)
+    monkeypatch.setattr(attention._Kernel, "dtypes", (torch.float32,))  # the reference takes fp32
     return kernel
 
 
@@ -78,6 +79,42 @@ def test_varlen_attention_reaches_every_layer_and_equals_unpacked(reference_kern
     assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
     for name in grads_u:
         assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_varlen_in_fp32_falls_back_to_sdpa_with_the_same_documents(monkeypatch):
+    """The flash kernel takes 16-bit inputs only; an fp32 run (no autocast) goes to SDPA with a
+    mask built from the offsets, and still equals the unpacked run."""
+    register_varlen()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the flash kernel was called with fp32 inputs")
+
+    monkeypatch.setattr(attention._Kernel, "fn", never)
+    model = tiny_model(VARLEN)
+    recs = records(12)
+    unpacked, grads_u = loss_and_grads(model, PaddedCollator(pad_token_id=0)(recs))
+    packed, grads_p = loss_and_grads(model, varlen_batch(recs, capacity=64))
+    assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
+    for name in grads_u:
+        assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_offsets_mask_is_causal_within_each_sequence():
+    mask = attention.offsets_mask(torch.tensor([0, 2, 3, 4, 6], dtype=torch.int32), batch=2, length=3)
+    # row 0 holds sequences [0, 2) and [2, 3); row 1 holds [3, 4) and [4, 6)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
+def test_auto_attention_is_sdpa_without_a_gpu():
+    from lmforge.config import ModelArguments
+    from lmforge.model import attention_implementation
+
+    logged = []
+    assert attention_implementation(ModelArguments(config_name="x"), log=logged.append) == "sdpa"
+    assert attention_implementation(ModelArguments(config_name="x"), flash_attn=True, log=logged.append) == "sdpa"
+    assert all("no GPU" in line for line in logged) and len(logged) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
