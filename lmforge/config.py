@@ -289,13 +289,23 @@ def fsdp_config_from_flags(fsdp, config, layer_classes: str | None) -> dict:
     return config
 
 
-def _check_reporters(report_to) -> None:
+def _installed(package: str) -> bool:
     import importlib.util
 
+    return importlib.util.find_spec(package) is not None
+
+
+def default_reporters() -> str:
+    """`--report_to auto`: TensorBoard when it is installed (its event files go under
+    OUTPUT_DIR/runs), else no logging backend; wandb, swanlab and mlflow only when asked for."""
+    return "tensorboard" if _installed("tensorboard") else "none"
+
+
+def _check_reporters(report_to) -> None:
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
         package = REPORT_PACKAGES.get(name)
-        if package and importlib.util.find_spec(package) is None:
+        if package and not _installed(package):
             raise LmforgeError(f"--report_to {name} needs the {package} package: pip install {package}")
 
 
@@ -306,6 +316,11 @@ class TrainingArguments(transformers.TrainingArguments):
 
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "The seeds' name for --eval_strategy (renamed in transformers 5)."}
+    )
+    report_to: Optional[str] = field(
+        default="auto",
+        metadata={"help": "Where logs go besides trainer_state.json and the run report: auto (tensorboard when "
+                          "installed, else none), none, tensorboard, wandb, swanlab, mlflow, or several, comma-separated."},
     )
     logging_nan_inf_filter: bool = field(
         default=False,
@@ -381,6 +396,14 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "torch.compile mode for --compile_blocks: default, or reduce-overhead (CUDA graphs: "
                           "the host no longer launches each kernel; packed rows then all get the same length)."},
     )
+    eval_samples: int = field(
+        default=0,
+        metadata={"help": "At each evaluation, answer the first N held-out prompts greedily and write the answers "
+                          "with their references to OUTPUT_DIR/samples.jsonl, the console and the run report (SFT)."},
+    )
+    eval_sample_tokens: int = field(
+        default=64, metadata={"help": "The longest answer --eval_samples generates, in tokens."}
+    )
     compile_memory_budget: float = field(
         default=1.0,
         metadata={"help": "With --compile_blocks: the share (0-1] of the blocks' activations the compiler may keep "
@@ -389,6 +412,9 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.eval_samples < 0 or self.eval_sample_tokens < 1:
+            raise LmforgeError(f"--eval_samples must be ≥ 0 and --eval_sample_tokens ≥ 1, got {self.eval_samples} "
+                               f"and {self.eval_sample_tokens}")
         if not 0 < self.compile_memory_budget <= 1:
             raise LmforgeError(f"--compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
         if self.output_dir is None:
@@ -423,6 +449,10 @@ class TrainingArguments(transformers.TrainingArguments):
             read_json_object(self.deepspeed, "--deepspeed")
         if self.loss_kernel not in ("auto", "liger", "chunked"):
             raise LmforgeError(f"--loss_kernel {self.loss_kernel}: choose auto, liger or chunked")
+        if self.report_to == "auto":
+            self.report_to = default_reporters()
+        elif isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         _check_reporters(self.report_to)
         self._cpu_fallback()
         super().__post_init__()

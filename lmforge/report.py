@@ -411,7 +411,27 @@ def render(run_dir: str, source: StateSource, info: dict, plots: list[tuple[str,
     lines += _data_section(info)
     lines += _curves_section(c, plots, why_no_plots)
     lines += _resources_section(source, info, c)
+    from lmforge.samples import read_samples
+
+    lines += _samples_section(read_samples(run_dir))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    """The newest evaluation's sample generations (`--eval_samples`), beside their references."""
+    if not samples:
+        return []
+    lines = [f"## Sample generations (step {samples[0].get('step', '?')})", ""]
+    for i, s in enumerate(samples, 1):
+        stopped = "stopped at the end of its turn" if s.get("stopped") else "did not stop"
+        lines += [f"{i}. Prompt (end): `{_one_line(s.get('prompt', ''))[-160:]}`",
+                  f"   - generated ({stopped}): `{_one_line(s.get('generation', ''))}`",
+                  f"   - reference: `{_one_line(s.get('reference', ''))}`"]
+    return lines + [""]
+
+
+def _one_line(text: str) -> str:
+    return text.replace("`", "'").replace("\n", "\\n")
 
 
 def write_report(run_dir: str) -> str:

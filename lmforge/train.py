@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Sequence
 
 import torch
 import transformers
@@ -531,13 +532,14 @@ class StopOnSignal(transformers.TrainerCallback):
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict,
-                   preflight: transformers.TrainerCallback | None = None) -> str:
+                   preflight: transformers.TrainerCallback | None = None,
+                   callbacks: Sequence[transformers.TrainerCallback] = ()) -> str:
     """The part every method shares: the Trainer, auto-resume, the final save, the run report
     (at each checkpoint and at the end). SIGTERM / SIGINT during training end it with a
     checkpoint and `TrainingStopped`."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
-    callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints()] + ([preflight] if preflight else [])
+    callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []), *callbacks]
     trainer = Trainer(
         model=model,
         args=args,

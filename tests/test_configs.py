@@ -38,3 +38,17 @@ def test_fsdp_with_deepspeed_is_refused(tmp_path):
     with pytest.raises(LmforgeError, match="--fsdp and --deepspeed"):
         parse((TrainingArguments,), ["--output_dir", str(tmp_path), "--fsdp", "full_shard",
                                      "--deepspeed", os.path.join(SHIPPED_CONFIGS, "ds_zero2.json")])
+
+
+def test_report_to_defaults_to_tensorboard_only_when_installed(monkeypatch, tmp_path):
+    import lmforge.config as config_mod
+    from lmforge.config import TrainingArguments
+
+    monkeypatch.setattr(config_mod, "_installed", lambda package: False)
+    assert TrainingArguments(output_dir=str(tmp_path)).report_to == []
+    monkeypatch.setattr(config_mod, "_installed", lambda package: package == "tensorboard")
+    assert TrainingArguments(output_dir=str(tmp_path)).report_to == ["tensorboard"]
+    assert TrainingArguments(output_dir=str(tmp_path), report_to="none").report_to == []
+    # several backends, comma-separated; a missing package is named
+    with pytest.raises(config_mod.LmforgeError, match="--report_to wandb needs the wandb package"):
+        TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard,wandb")

@@ -45,7 +45,8 @@ def small_run(tmp_path_factory):
              "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True",
              "--dataloader_pin_memory", "False", "--val_split", "0.1", "--seed", "3"]
     run_flags = flags + ["--output_dir", str(out), "--logging_steps", "1", "--save_steps", "3",
-                         "--eval_strategy", "steps", "--eval_steps", "3", "--data_cache_dir", str(tmp / "cache")]
+                         "--eval_strategy", "steps", "--eval_steps", "3", "--data_cache_dir", str(tmp / "cache"),
+                         "--eval_samples", "2", "--eval_sample_tokens", "6"]
     import subprocess
     import sys
 
@@ -263,3 +264,36 @@ def test_val_split_flag_is_checked(tmp_path):
         DataArguments(data_path=["x.json"], val_split=1.5)
     with pytest.raises(LmforgeError, match="--val_split and --eval_data_path both name evaluation data"):
         DataArguments(data_path=["x.json"], eval_data_path=["y.json"], val_split=0.1)
+
+
+def test_held_out_prompts_split_at_the_first_labelled_token():
+    from lmforge.samples import held_out_prompts
+
+    X = -100
+    records = [{"input_ids": [1, 2, 3], "labels": [X, X, X]},  # nothing trained: skipped
+               {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [X, X, 7, 8, X, 10]},
+               {"input_ids": [4, 4], "labels": [X, 4]}]
+    prompts = held_out_prompts(records, 5)
+    assert [(p.prompt_ids, p.reference_ids) for p in prompts] == [([5, 6], [7, 8]), ([4], [4])]
+    assert len(held_out_prompts(records, 1)) == 1
+
+
+def test_eval_samples_are_written_at_each_evaluation_and_reported(small_run):
+    from lmforge.samples import read_samples
+
+    out = small_run["out"]
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    state = json.loads((out / "trainer_state.json").read_text())
+    eval_steps = sorted({h["step"] for h in state["log_history"] if "eval_loss" in h})
+    assert sorted({line["step"] for line in lines}) == eval_steps and len(lines) == 2 * len(eval_steps)
+    for line in lines:
+        # the prompt is the conversation up to the first trained answer, its header included
+        assert line["prompt"].endswith("<|im_start|>assistant\n"), line["prompt"]
+        assert line["reference"].endswith("<|im_end|>") and line["reference"] != "<|im_end|>"
+        assert line["stopped"] == line["generation"].endswith("<|im_end|>")
+    newest = read_samples(str(out))
+    assert [s["step"] for s in newest] == [eval_steps[-1]] * 2
+    report = (out / "report.md").read_text()
+    assert f"## Sample generations (step {eval_steps[-1]})" in report
+    assert report.count("   - reference: ") == 2
+    assert "lmforge: sample 1 at step" in small_run["log"]

@@ -32,6 +32,7 @@ from lmforge.methods.prepare import SftData, prepare_sft_data, print_stats, trai
 from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model
 from lmforge.preflight import Preflight
 from lmforge.report import key_flags
+from lmforge.samples import SampleGenerations, held_out_prompts
 from lmforge.train import resolve_resume, train_and_save
 
 
@@ -97,5 +98,11 @@ def main(argv: Sequence[str], lora_default: bool = False) -> str:
     trained = run_info.get("training") or asdict(data.train.stats)
     preflight = Preflight(data.tokenizer, records[0], trained["tokens"], trained["trained_tokens"],
                           data_args.model_max_length)
+    samples = []
+    if args.eval_samples and eval_dataset is not None:
+        prompts = held_out_prompts(getattr(eval_dataset, "dataset", eval_dataset), args.eval_samples)
+        samples = [SampleGenerations(data.tokenizer, prompts, data.end_of_turn_id, args.eval_sample_tokens)]
+    elif args.eval_samples and args.process_index == 0:
+        print("lmforge: --eval_samples: no held-out data (--eval_data_path or --val_split), so no samples")
     return train_and_save(model, args, data.tokenizer, train_dataset, eval_dataset, collator, checkpoint,
-                          data.end_of_turn_id, run_info, preflight=preflight)
+                          data.end_of_turn_id, run_info, preflight=preflight, callbacks=samples)
