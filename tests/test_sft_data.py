@@ -196,3 +196,18 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
                     num_workers=workers)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 0 is 'assistant'")
+
+
+def test_preparation_progress_lines_and_totals():
+    from lmforge.data.cache import PrepareProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = PrepareProgress("tokenizing", every=10, log=lines.append, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 4  # a line once 10 s have passed since the last one, not at every record
+        progress.update(1, 100)
+    assert lines == ["lmforge: tokenizing: 3 records, 300 tokens in 12 s (0 records/s)"]
+    now[0] = 20
+    progress.done()
+    assert lines[-1] == "lmforge: tokenizing: done, 3 records, 300 tokens in 20 s (0 records/s)"

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
@@ -215,6 +216,34 @@ def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CacheEntry(final, stats)
+
+
+class PrepareProgress:
+    """Preparation's own progress: records read, tokens written, rate, printed every `every`
+    seconds while the cache is built (lines, not a redrawn bar: they read the same in a log
+    file and on a terminal), then a last line with the totals. Only the process that builds
+    the cache prints."""
+
+    def __init__(self, what: str, every: float = 10.0, log=print, clock=time.monotonic):
+        self.what, self.every, self.log, self.clock = what, every, log, clock
+        self.started = self.last = clock()
+        self.records = self.tokens = 0
+
+    def update(self, records: int = 1, tokens: int = 0) -> None:
+        self.records += records
+        self.tokens += tokens
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(f"lmforge: {self.what}: {self._figures(now)}")
+
+    def done(self) -> None:
+        self.log(f"lmforge: {self.what}: done, {self._figures(self.clock())}")
+
+    def _figures(self, now: float) -> str:
+        seconds = max(now - self.started, 1e-9)
+        return (f"{self.records:,} records, {self.tokens:,} tokens in {seconds:.0f} s "
+                f"({self.records / seconds:,.0f} records/s)")
 
 
 class RowWriter:

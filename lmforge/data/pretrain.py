@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 from lmforge.data.cache import (
     Cached,
+    PrepareProgress,
     RowWriter,
     build_or_load,
     cache_key,
@@ -103,8 +104,10 @@ def _write_blocks(tmp: str, docs: Iterator[list[int]], options: PretrainOptions)
     stats = PretrainStats()
     size = options.block_size
     buffer: list[int] = []
+    progress = PrepareProgress("tokenizing")
     with RowWriter(tmp, ("input_ids",)) as writer:
         for ids in docs:
+            progress.update(1, len(ids))
             stats.documents += 1
             stats.tokens += len(ids)
             buffer.extend(ids)
@@ -117,6 +120,7 @@ def _write_blocks(tmp: str, docs: Iterator[list[int]], options: PretrainOptions)
             stats.blocks += 1
         else:
             stats.dropped_tail_tokens = len(buffer)
+    progress.done()
     stats.trained_tokens = stats.tokens - stats.dropped_tail_tokens
     return stats
 

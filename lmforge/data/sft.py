@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 from lmforge.data.cache import (
     INT32,
     Cached,
+    PrepareProgress,
     RowWriter,
     build_or_load,
     cache_key,
@@ -149,8 +150,10 @@ LENGTH_SKIPS = ("too_long", "no_trained_tokens", "no_trained_tokens_after_trunca
 
 def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> PrepareStats:
     stats = PrepareStats()
+    progress = PrepareProgress("tokenizing")
     with RowWriter(tmp, ("input_ids", "labels")) as writer:
         for path, location, result in records:
+            progress.update(1, len(result.input_ids) if isinstance(result, Rendered) else 0)
             truncated = False
             if isinstance(result, Rendered):
                 truncated = len(result.input_ids) > options.model_max_length
@@ -165,6 +168,7 @@ def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> Pr
             stats.tokens += len(result.input_ids)
             stats.trained_tokens += result.num_trained
             writer.add(result.input_ids, result.labels)
+    progress.done()
     # Every record read is either kept or counted under a skip reason.
     stats.records = stats.kept + skips.total
     stats.skipped = dict(skips.counts)
