@@ -372,7 +372,8 @@ def main(argv: Sequence[str]) -> dict:
         "--logging_steps", "30", "--eval_strategy", "steps", "--eval_steps", "100", *common]))
     sft_data = ["--data_path", path("train.jsonl"), "--eval_data_path", path("held_out_chat.jsonl"),
                 "--data_cache_dir", path("cache"), "--model_max_length", "128", "--per_device_train_batch_size", "32",
-                "--warmup_steps", "20", "--logging_steps", "25", "--eval_strategy", "steps", "--eval_steps", "100"]
+                "--warmup_steps", "20", "--logging_steps", "25", "--eval_strategy", "steps", "--eval_steps", "100",
+                "--eval_samples", "3", "--eval_sample_tokens", "8"]
     stages.run("sft (full)", lambda: sft.main([
         "--model_name_or_path", path("pretrain"), "--output_dir", path("model"), *sft_data,
         "--num_train_epochs", str(scale.sft_epochs), "--learning_rate", str(scale.sft_learning_rate), *common]))
