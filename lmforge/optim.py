@@ -45,8 +45,23 @@ class MasterWeightAdamW(torch.optim.AdamW):
         if closure is not None:
             raise ValueError("MasterWeightAdamW does not take a closure")
         with_grad = [(p, m) for p, m in self._pairs() if p.grad is not None]
+        from torch.distributed.tensor import DTensor
+
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p, m in with_grad:
-            m.grad = p.grad.to(torch.float32)
+            if isinstance(m, DTensor):  # a shard (FSDP2): converted on its own, as a DTensor
+                m.grad = p.grad.to(torch.float32)
+            else:
+                by_device.setdefault(m.device, []).append((p, m))
+        for device, pairs in by_device.items():
+            # One fp32 buffer for all the step's gradients and one multi-tensor copy into it,
+            # instead of a conversion kernel and an allocation per parameter: small models'
+            # steps are bound by how fast the host launches kernels.
+            flat = torch.empty(sum(m.numel() for _, m in pairs), dtype=torch.float32, device=device)
+            views = [v.view_as(m) for v, (_, m) in zip(flat.split([m.numel() for _, m in pairs]), pairs)]
+            torch._foreach_copy_(views, [p.grad for p, _ in pairs])
+            for view, (_, m) in zip(views, pairs):
+                m.grad = view
         super().step()
         for _, m in with_grad:
             m.grad = None  # the fp32 gradient lives only for the update
