@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Sequence
 
 import torch
 import transformers
@@ -442,19 +443,22 @@ class StopOnSignal(transformers.TrainerCallback):
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
-                   end_of_turn_id: int | None, run_info: dict) -> str:
-    """The part every method shares: the Trainer, auto-resume, the final save. SIGTERM / SIGINT
-    during training end it with a checkpoint and `TrainingStopped`."""
+                   end_of_turn_id: int | None, run_info: dict, trainer_class: type = Trainer,
+                   trainer_kwargs: dict | None = None, callbacks: Sequence = ()) -> str:
+    """The part every method shares: the Trainer (`trainer_class`, lmforge's or a subclass, with
+    `trainer_kwargs`), auto-resume, the final save. SIGTERM / SIGINT during training end it
+    with a checkpoint and `TrainingStopped`. `callbacks` are added to lmforge's own."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard(), stop],
+        callbacks=[NonFiniteGuard(), stop, *callbacks],
+        **(trainer_kwargs or {}),
     )
     if args.process_index == 0:
         if is_peft(model):
