@@ -160,7 +160,7 @@ class DpoLoss(str, enum.Enum):
     SIGMOID = "sigmoid"
     """DPO: -log sigmoid(beta * margin) (with --label_smoothing, the conservative variant)."""
     IPO = "ipo"
-    """IPO: (margin - 1 / (2 beta))^2, margins of log-probabilities averaged over answer tokens."""
+    """IPO: (margin - 1 / (2 beta))^2, the log-ratios averaged over each answer's tokens."""
     HINGE = "hinge"
     """SLiC's hinge: max(0, 1 - beta * margin)."""
 

@@ -1,14 +1,18 @@
 """DPO on lmforge's Trainer: the preference losses, the reference model, precomputed reference
 log-probabilities, and the metrics preference trainers log.
 
-Why lmforge's own rather than TRL's DPOTrainer (which is not a dependency): the data comes from
-lmforge's cache with exact, checked masks (data/preference.py), and the log-probabilities are
-computed from the final hidden states at the answer positions, the vocabulary projection done a
-chunk at a time (`lmforge.loss.sequence_log_probs`). TRL's trainer takes `model(...).logits`,
-a [2B x length x vocab] tensor (with Qwen's 151,936 tokens, 2 x 8 sequences of 512 tokens are
-10 GB of fp32 logits, and again for their gradient). The losses themselves are a few lines each
-(`preference_loss`); tests compare them with TRL's when it is installed. Everything else
-(checkpoints, resume, signals, saves, distributed) is lmforge's SFT Trainer unchanged.
+The per-sequence log-probabilities come from the final hidden states at the answer positions
+only, the vocabulary projection done a chunk at a time (`lmforge.loss.sequence_log_probs`):
+the [2B x length x vocab] logits are never built. That is what makes this better than scoring
+pairs through `model(...).logits` (with Qwen's 151,936 tokens, 2 x 8 sequences of 512 tokens
+are 10 GB of fp32 logits, and as much again for their gradient). TRL, which lmforge does not
+depend on, does the same in its recent versions (1.16 tiles its head too, by replacing the
+model's forward); lmforge keeps its own because the pairs come from its cache with exact,
+checked masks, the head is redirected the way lmforge's SFT loss already does it (the model's
+own forward runs, so FSDP and DeepSpeed hooks fire), and everything around the loss
+(checkpoints, resume, signals, verified saves, distributed launch) is lmforge's SFT Trainer
+unchanged. The losses are a few lines (`preference_loss`); tests compare them, and the whole
+loss of a batch, with TRL's when it is installed.
 """
 
 from __future__ import annotations
@@ -33,23 +37,28 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, beta: float, loss_type: DpoLoss,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ref_rejected: torch.Tensor, beta: float, loss_type: DpoLoss, label_smoothing: float = 0.0,
+                    chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the implicit rewards beta * (log pi - log pi_ref) of each side, from
-    the sequence log-probabilities of the policy and of the reference ([B] each)."""
-    chosen_rewards = beta * (chosen - ref_chosen)
-    rejected_rewards = beta * (rejected - ref_rejected)
-    margin = (chosen - ref_chosen) - (rejected - ref_rejected)  # difference of the log-ratios
+    the summed answer log-probabilities of the policy and of the reference ([B] each). IPO
+    compares log-ratios averaged over each answer's tokens (`chosen_tokens`, `rejected_tokens`),
+    so that its target margin 1 / (2 beta) does not depend on the answers' lengths."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if loss_type == DpoLoss.SIGMOID:
+        margin = chosen_ratio - rejected_ratio
         losses = (-F.logsigmoid(beta * margin) * (1 - label_smoothing)
                   - F.logsigmoid(-beta * margin) * label_smoothing)
     elif loss_type == DpoLoss.IPO:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise LmforgeError("the IPO loss needs the answers' token counts")
+        margin = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
         losses = (margin - 1 / (2 * beta)) ** 2
     elif loss_type == DpoLoss.HINGE:
-        losses = torch.relu(1 - beta * margin)
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
     else:
         raise LmforgeError(f"unknown DPO loss {loss_type!r}")
-    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -193,15 +202,13 @@ class DpoTrainer(Trainer):
         logps, counts = batch_log_probs(model, self.fused_head, inputs, positions)
         ref = ref.to(logps.dtype)
         b = logps.shape[0] // 2
-        if self.dpo.loss_type == DpoLoss.IPO:  # IPO compares per-token averages
-            logps, ref = logps / counts, ref / counts
         losses, chosen_rewards, rejected_rewards = preference_loss(
-            logps[:b], logps[b:], ref[:b], ref[b:], self.dpo.beta, self.dpo.loss_type, self.dpo.label_smoothing)
+            logps[:b], logps[b:], ref[:b], ref[b:], self.dpo.beta, self.dpo.loss_type, self.dpo.label_smoothing,
+            counts[:b], counts[b:])
         loss = losses.mean()
         metrics = self._metrics["train" if model.training else "eval"]
         if self.dpo.sft_weight:
-            sums = logps[:b] * counts[:b] if self.dpo.loss_type == DpoLoss.IPO else logps[:b]
-            nll = -sums.sum() / counts[:b].sum()
+            nll = -logps[:b].sum() / counts[:b].sum()  # per chosen answer token
             loss = loss + self.dpo.sft_weight * nll
             metrics["nll"].append(nll.detach())
         metrics["rewards/chosen"].append(chosen_rewards.mean())
