@@ -419,7 +419,7 @@ def test_precomputed_reference_is_the_base_and_is_cached_by_model(tmp_path, smal
     with torch.no_grad():
         expected = direct_log_probs(base, batch).double()
     got = torch.tensor(list(stored["ref_chosen_logps"]) + list(stored["ref_rejected_logps"]), dtype=torch.float64)
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-4)  # computed on the device training uses
     # The same data and model: found, not computed. Other weights: computed again.
     assert cli(dpo_argv(small_base, data, str(tmp_path / "b"), *argv)) == 0
     assert "computing the reference" not in capsys.readouterr().out
