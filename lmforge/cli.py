@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 COMMANDS = {
     "sft": ("lmforge.methods.sft", "supervised fine-tuning on chat data (full, or --lora / --q_lora)"),
     "lora": ("lmforge.methods.lora", "sft with LoRA on (FastChat's train_lora.py command lines)"),
+    "dpo": ("lmforge.methods.dpo", "preference training (DPO / IPO / hinge) on chosen / rejected pairs"),
     "pretrain": ("lmforge.methods.pretrain", "causal-LM pretraining on text, from a config or from weights"),
     "tokenizer": ("lmforge.tokenizer", "`lmforge tokenizer train`: a byte-level BPE tokenizer from text"),
     "merge": ("lmforge.export", "merge a LoRA adapter into its base model"),

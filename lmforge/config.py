@@ -7,6 +7,7 @@ lines run with `lmforge sft` in place of the script.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Optional, Sequence
 import transformers
 
 from lmforge.data.formats import DataFormat, OnBadRecord, TextSplit
+from lmforge.data.preference import PreferenceFormat
 from lmforge.data.pretrain import Remainder
 from lmforge.data.render import MaskingStrategy
 from lmforge.data.sft import LongRecords
@@ -135,6 +137,92 @@ def check_val_split(fraction: float, held_out: list[str], flag: str) -> None:
         raise LmforgeError(f"--val_split must be a fraction in [0, 1), got {fraction}")
     if fraction and held_out:
         raise LmforgeError(f"--val_split and {flag} both name evaluation data; pass one of them")
+
+
+@dataclass
+class PreferenceDataArguments(DataArguments):
+    """`lmforge dpo`'s data flags: SFT's, with the preference formats; every pair is scored on its
+    last answer only and is one padded row per side (no --masking, no packing)."""
+
+    data_format: PreferenceFormat = field(
+        default=PreferenceFormat.AUTO,
+        metadata={"help": "prompt (prompt or question + chosen + rejected strings), sharegpt (conversations + "
+                          "chosen / rejected turns), openai (chosen / rejected message lists sharing a prefix, or "
+                          "prompt messages + chosen / rejected), or auto: detected from the first record."},
+    )
+    masking: MaskingStrategy = field(
+        default=MaskingStrategy.LAST_ASSISTANT,
+        metadata={"help": "DPO scores each side's last answer (and its end-of-turn token) only: last_assistant."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Not available for DPO: the chosen and rejected sides of a pair are padded rows of one "
+                          "batch, scored in one forward pass."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.data_format = PreferenceFormat(self.data_format)
+        if MaskingStrategy(self.masking) != MaskingStrategy.LAST_ASSISTANT:
+            raise LmforgeError(f"--masking {MaskingStrategy(self.masking).value}: DPO scores the last answer of each "
+                               "side only (last_assistant)")
+        if self.packing:
+            raise LmforgeError("--packing True is not available for DPO: each side of a pair is one padded row")
+
+
+class DpoLoss(str, enum.Enum):
+    """How the difference of the chosen and rejected log-ratios becomes a loss."""
+
+    SIGMOID = "sigmoid"
+    """DPO: -log sigmoid(beta * margin) (with --label_smoothing, the conservative variant)."""
+    IPO = "ipo"
+    """IPO: (margin - 1 / (2 beta))^2, the log-ratios averaged over each answer's tokens."""
+    HINGE = "hinge"
+    """SLiC's hinge: max(0, 1 - beta * margin)."""
+
+
+@dataclass
+class DpoArguments:
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "How far the policy may move from the reference: the scale of the log-ratio margin (the "
+                          "KL penalty's strength). Larger stays closer to the reference."},
+    )
+    loss_type: DpoLoss = field(
+        default=DpoLoss.SIGMOID, metadata={"help": "sigmoid (DPO), ipo or hinge."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "sigmoid loss only: the assumed probability that a pair's preference label is flipped "
+                          "(conservative DPO); 0 trusts every label."},
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "Add this times the chosen answers' negative log-likelihood (per token) to the loss, "
+                          "which keeps the chosen answers likely; 0: DPO alone."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference model's log-probabilities of every pair in one pass before "
+                          "training and store them in the token cache (keyed by the data and the model's weights); "
+                          "training then needs no reference forward pass, and full fine-tuning no frozen copy."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn off the model's dropout (not LoRA's), so that the policy and the reference score "
+                          "the same answers alike before training."},
+    )
+
+    def __post_init__(self):
+        self.loss_type = DpoLoss(self.loss_type)
+        if self.beta <= 0:
+            raise LmforgeError(f"--beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise LmforgeError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != DpoLoss.SIGMOID:
+            raise LmforgeError(f"--label_smoothing applies to --loss_type sigmoid, not {self.loss_type.value}")
+        if self.sft_weight < 0:
+            raise LmforgeError(f"--sft_weight must be at least 0, got {self.sft_weight}")
 
 
 @dataclass

@@ -235,3 +235,136 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sequence log-probabilities (DPO) without the full logits tensor
+# ---------------------------------------------------------------------------------------------
+#
+# Preference training needs log p(answer | prompt) for every sequence of a batch: a sum of
+# token log-probabilities, whose gradient weight per token is not known until the loss has
+# compared the chosen and the rejected sequences. So, unlike the cross-entropy above, the
+# gradient cannot be finished in the forward pass: the forward keeps only each row's
+# log-sum-exp (one float per labelled token), and the backward recomputes one chunk of logits at
+# a time. A chunk is at most 1 GiB of fp32 logits, where materialising the logits of a batch of
+# 2 x 8 sequences of 512 tokens over Qwen's 151,936 tokens would take 10 GB (and again for
+# their gradient): the reason lmforge computes these log-probs itself rather than from
+# `model(...).logits` as preference trainers usually do.
+
+
+class _ChunkedLinearLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[row, target[row]] for each row ([N, H], [V, H], [N] -> [N]),
+    at most `chunk` rows of logits at a time, in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            x = (hidden[start:start + chunk] @ weight.T).to(acc)
+            t = target[start:start + chunk]
+            lse[start:start + chunk] = torch.logsumexp(x, dim=-1)
+            out[start:start + chunk] = x.gather(1, t[:, None]).squeeze(1) - lse[start:start + chunk]
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, target, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = lse.dtype
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        chunk = ctx.chunk
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = target[start:start + chunk]
+            go = grad_out[start:start + chunk].to(acc)
+            x = (h @ weight.T).to(acc)
+            # d logp / d logits = one_hot(target) - softmax, scaled by the upstream gradient.
+            g = -torch.exp(x - lse[start:start + chunk, None]) * go[:, None]
+            g = g.scatter_add(1, t[:, None], go[:, None]).to(hidden.dtype)
+            if need_h:
+                grad_hidden[start:start + chunk] = g @ weight
+            if need_w:
+                grad_weight += g.T @ h
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                           chunk: int | None = None) -> torch.Tensor:
+    """Log-probability of `target` under `hidden @ weight.T` for each row, in fp32 (fp64 for
+    fp64 inputs), chunked (`_ChunkedLinearLogProbs`); the matmul runs in autocast's dtype."""
+    dtype = compute_dtype(hidden)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    chunk = chunk or max(256, CHUNK_LOGITS // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearLogProbs.apply(hidden, weight, target, chunk)
+
+
+@contextlib.contextmanager
+def head_computes_log_probs(head: nn.Module, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                            chunk: int | None = None):
+    """Within this block, `head(hidden)` returns the log-probability of each labelled next token
+    (the positions whose shifted label is not -100, in row-major order), a 1-D tensor, instead
+    of the logits. Yields a list that receives what the head returned."""
+    if positions is None:
+        positions = label_positions(labels)
+    positions = positions.to(labels.device, non_blocking=True)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    target = shifted.reshape(-1).index_select(0, positions)
+    returned: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"log-probs: the head got hidden states of shape {tuple(hidden.shape)}, "
+                               f"labels are {tuple(labels.shape)}")
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        logps = linear_token_log_probs(selected, head_weight(head), target, chunk)
+        if positions.numel() == 0:
+            logps = logps + (hidden.sum() + head_weight(head).sum()) * 0.0  # keep every weight in the graph
+        returned.append(logps)
+        return logps
+
+    head.forward = forward
+    try:
+        yield returned
+    finally:
+        del head.forward
+
+
+def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
+                       positions: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the labelled tokens' log-probabilities per row, number of labelled tokens per row)
+    for a batch holding `labels` (-100 where nothing is scored). With `head` (the model's output
+    head) the logits are never materialised (`head_computes_log_probs`); with None, the model's
+    own logits are used (models whose head is not a plain linear layer)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    if positions is None:
+        positions = label_positions(labels)
+    positions = positions.to(labels.device)
+    rows = torch.div(positions, labels.shape[1], rounding_mode="floor")
+    if head is None:
+        logits = model(**inputs).logits
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float()
+        token_logps = flat.log_softmax(-1).gather(1, shifted.index_select(0, positions)[:, None]).squeeze(1)
+    else:
+        with head_computes_log_probs(head, labels, positions, chunk) as returned:
+            outputs = model(**inputs)
+        # The model's output, not `returned[0]`: wrappers (FSDP, DeepSpeed) re-wrap it for their hooks.
+        token_logps = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if len(returned) != 1 or token_logps.shape != positions.shape:
+            raise RuntimeError("log-probs: the model did not return what its output head computed (called "
+                               f"{len(returned)} times, output shape {tuple(token_logps.shape)}); train with "
+                               "--fused_loss False")
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(labels.shape[0], dtype=torch.long, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps)
+    counts = counts.index_add(0, rows, torch.ones_like(rows))
+    return sums, counts

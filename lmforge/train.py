@@ -533,14 +533,16 @@ class StopOnSignal(transformers.TrainerCallback):
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict,
                    preflight: transformers.TrainerCallback | None = None,
-                   callbacks: Sequence[transformers.TrainerCallback] = ()) -> str:
-    """The part every method shares: the Trainer, auto-resume, the final save, the run report
-    (at each checkpoint and at the end). SIGTERM / SIGINT during training end it with a
-    checkpoint and `TrainingStopped`."""
+                   callbacks: Sequence[transformers.TrainerCallback] = (), trainer_class: type = Trainer,
+                   trainer_kwargs: dict | None = None) -> str:
+    """The part every method shares: the Trainer (`trainer_class`, lmforge's or a subclass, with
+    `trainer_kwargs`), auto-resume, the final save, the run report (at each checkpoint and at
+    the end). SIGTERM / SIGINT during training end it with a checkpoint and `TrainingStopped`.
+    `callbacks` are added to lmforge's own."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
     callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []), *callbacks]
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -548,6 +550,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **(trainer_kwargs or {}),
     )
     if args.process_index == 0:
         if is_peft(model):

@@ -839,8 +839,8 @@ TAMPERING = {
     "tokens.arrow replaced by a pickle": ("tokens.arrow", "pickle", "tokens.arrow is not an Arrow stream of token "
                                                                     "columns ("),
     "tokens.arrow replaced by another Arrow stream": (
-        "tokens.arrow", "foreign", "tokens.arrow is not an Arrow stream of token columns (columns that are not "
-                                   "lists of int32 (input_ids: string, labels: string))"),
+        "tokens.arrow", "foreign", "tokens.arrow is not an Arrow stream of token columns (columns that are neither "
+                                   "lists of int32 nor float64 (input_ids: string, labels: string))"),
     "tokens.arrow truncated": ("tokens.arrow", "truncate", "tokens.arrow holds"),
     "stats.json not JSON": ("stats.json", "garbage", "stats.json does not read as JSON"),
     "entry.json row count edited": ("entry.json", "rows", "tokens.arrow holds 3 rows, entry.json records 4"),

@@ -9,7 +9,7 @@ count and byte size of tokens.arrow). An entry is built in a temporary directory
 into place when complete, so a crash leaves no entry that looks finished. This module is the
 generic part; `data/sft.py` and `data/pretrain.py` say what goes into an entry.
 
-Nothing in the cache is a pickle: an entry is Arrow (columns of int32 lists, checked) and
+Nothing in the cache is a pickle: an entry is Arrow (columns of int32 lists or float64, checked) and
 JSON, read as data only, so whoever can write to a cache directory can change token ids but
 cannot make lmforge run code. An entry that does not check out against `entry.json`
 (truncated, replaced, edited) is reported and rebuilt.
@@ -125,6 +125,9 @@ def _read_json_object(path: str) -> dict:
 
 
 TOKEN_COLUMN = pa.list_(pa.int32())
+# Per-row numbers computed from the tokens (DPO's reference log-probabilities) are float64 columns.
+FLOAT_COLUMN = pa.float64()
+COLUMN_TYPES = (TOKEN_COLUMN, FLOAT_COLUMN)
 INT32 = "i" if array.array("i").itemsize == 4 else "l"  # a C int is 32 bits on every usual platform
 
 
@@ -134,9 +137,9 @@ def _count_rows(tokens: str) -> int:
     so only the batch headers are read."""
     with pa.memory_map(tokens) as source:
         reader = pa.ipc.open_stream(source)
-        odd = [f"{f.name}: {f.type}" for f in reader.schema if f.type != TOKEN_COLUMN]
+        odd = [f"{f.name}: {f.type}" for f in reader.schema if f.type not in COLUMN_TYPES]
         if odd:
-            raise ValueError(f"columns that are not lists of int32 ({', '.join(odd)})")
+            raise ValueError(f"columns that are neither lists of int32 nor float64 ({', '.join(odd)})")
         return sum(batch.num_rows for batch in reader)
 
 

@@ -60,3 +60,24 @@ class PackedCollator:
                 out[key][i, :n] = torch.as_tensor(r[key], dtype=torch.long)
             out["position_ids"][i, n:] = torch.arange(length - n)
         return out
+
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class PairCollator:
+    """Preference pairs as one batch of 2B padded rows: the B chosen sides, then the B rejected
+    sides, so both are scored in one forward pass. Reference log-probabilities, when the rows
+    carry them (`--precompute_ref_log_probs`), come as `ref_logps` in the same row order."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+                for side in ("chosen", "rejected") for p in pairs]
+        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of)(rows)
+        if all(c in pairs[0] for c in REFERENCE_COLUMNS):
+            batch["ref_logps"] = torch.tensor([p[c] for c in REFERENCE_COLUMNS for p in pairs], dtype=torch.float64)
+        return batch

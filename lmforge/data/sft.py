@@ -127,7 +127,7 @@ def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips:
         yield from results
 
 
-def _apply_length_policy(r: Rendered, options: PrepareOptions) -> Rendered | RecordError:
+def apply_length_policy(r: Rendered, options: PrepareOptions) -> Rendered | RecordError:
     limit = options.model_max_length
     if len(r.input_ids) <= limit:
         if r.num_trained == 0:
@@ -157,7 +157,7 @@ def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> Pr
             truncated = False
             if isinstance(result, Rendered):
                 truncated = len(result.input_ids) > options.model_max_length
-                result = _apply_length_policy(result, options)
+                result = apply_length_policy(result, options)
             if isinstance(result, RecordError):
                 if options.on_bad_record == OnBadRecord.SKIP or result.kind in LENGTH_SKIPS:
                     skips.add(result.kind, f"{path}, {location}: {result.reason}")
