@@ -533,7 +533,7 @@ class StopOnSignal(transformers.TrainerCallback):
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
                    end_of_turn_id: int | None, run_info: dict,
                    preflight: transformers.TrainerCallback | None = None,
-                   callbacks: Sequence[transformers.TrainerCallback] = (), trainer_class: type = Trainer,
+                   callbacks: Sequence[transformers.TrainerCallback] = (), trainer_class: type | None = None,
                    trainer_kwargs: dict | None = None) -> str:
     """The part every method shares: the Trainer (`trainer_class`, lmforge's or a subclass, with
     `trainer_kwargs`), auto-resume, the final save, the run report (at each checkpoint and at
@@ -542,7 +542,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
     callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []), *callbacks]
-    trainer = trainer_class(
+    trainer = (trainer_class or Trainer)(  # looked up now: tests may replace lmforge.train.Trainer
         model=model,
         args=args,
         train_dataset=train_dataset,

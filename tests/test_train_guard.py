@@ -35,7 +35,7 @@ class PoisonAt(transformers.TrainerCallback):
                 model.model.norm.weight[0] = float("nan")  # used by every token
 
 
-def test_nan_gradient_stops_before_the_update(tmp_path, monkeypatch):
+def test_nan_gradient_stops_before_the_update(tmp_path):
     config = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -44,19 +44,10 @@ def test_nan_gradient_stops_before_the_update(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     args = TrainingArguments(output_dir=out, max_steps=6, save_steps=1, per_device_train_batch_size=4,
                              report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
-    import lmforge.train as train_mod
-
-    original = train_mod.Trainer
-
-    class PoisonedTrainer(original):
-        def __init__(self, *a, **k):
-            k["callbacks"] = list(k.get("callbacks") or []) + [PoisonAt(2)]
-            super().__init__(*a, **k)
-
-    monkeypatch.setattr(train_mod, "Trainer", PoisonedTrainer)
     with pytest.raises(NonFiniteGradients, match=r"non-finite gradients \(NaN or inf\) at step 3; .*"
                                                  r"The last good checkpoint is .*checkpoint-2"):
-        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
+        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {},
+                       callbacks=[PoisonAt(2)])
     # The run report of the last good checkpoint stays too.
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "lmforge_run.json", "report", "report.md"]
 
@@ -73,7 +64,7 @@ class Snapshot(transformers.TrainerCallback):
             self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path, monkeypatch):
+def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path):
     """No checkpoint or log at the bad step: the fused AdamW update is skipped on the device
     flag (every weight but the poisoned one is exactly what it was after the last good step),
     and the run still stops, naming the bad step."""
@@ -87,19 +78,10 @@ def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path, monkeyp
                              per_device_train_batch_size=4, report_to="none", disable_tqdm=True,
                              dataloader_pin_memory=False)
     assert args.optim == "adamw_torch_fused" and not args.logging_nan_inf_filter
-    import lmforge.train as train_mod
-
     snapshot = Snapshot(2)
-    original = train_mod.Trainer
-
-    class PoisonedTrainer(original):
-        def __init__(self, *a, **k):
-            k["callbacks"] = list(k.get("callbacks") or []) + [snapshot, PoisonAt(2)]
-            super().__init__(*a, **k)
-
-    monkeypatch.setattr(train_mod, "Trainer", PoisonedTrainer)
     with pytest.raises(NonFiniteGradients, match=r"at step 3; .*no checkpoint was written yet"):
-        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {})
+        train_and_save(model, args, tokenizer, Rows(), None, PaddedCollator(0), None, None, {},
+                       callbacks=[snapshot, PoisonAt(2)])
     assert getattr(snapshot.optimizer, "found_inf", None) is not None  # the device-flag path ran
     for name, param in model.named_parameters():
         if name != "model.norm.weight":
