@@ -173,6 +173,16 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
+def labelled_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat indices of the positions whose next-token label is not -100 (computed here when
+    the caller has not, on the CPU, beforehand) on the labels' device, and those labels."""
+    if positions is None:
+        positions = label_positions(labels)
+    positions = positions.to(labels.device, non_blocking=True)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return positions, shifted.reshape(-1).index_select(0, positions)
+
+
 @contextlib.contextmanager
 def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "auto",
                        positions: torch.Tensor | None = None):
@@ -180,11 +190,7 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "aut
     positions whose shifted label is not -100 (`positions`, from `label_positions`, when the
     caller has them), instead of the logits. Yields a list that receives the loss tensor the
     head returned."""
-    if positions is None:
-        positions = label_positions(labels)
-    positions = positions.to(labels.device, non_blocking=True)
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    target = shifted.reshape(-1).index_select(0, positions)
+    positions, target = labelled_targets(labels, positions)
     returned: list[torch.Tensor] = []
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -312,11 +318,7 @@ def head_computes_log_probs(head: nn.Module, labels: torch.Tensor, positions: to
     """Within this block, `head(hidden)` returns the log-probability of each labelled next token
     (the positions whose shifted label is not -100, in row-major order), a 1-D tensor, instead
     of the logits. Yields a list that receives what the head returned."""
-    if positions is None:
-        positions = label_positions(labels)
-    positions = positions.to(labels.device, non_blocking=True)
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    target = shifted.reshape(-1).index_select(0, positions)
+    positions, target = labelled_targets(labels, positions)
     returned: list[torch.Tensor] = []
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:

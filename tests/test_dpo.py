@@ -32,7 +32,7 @@ from lmforge.data.sft import PrepareOptions
 from lmforge.errors import RecordError
 from lmforge.preference import batch_log_probs, preference_loss
 
-from conftest import QWEN_TOKENIZER, ROOT
+from conftest import ROOT
 
 FLAGS = ["--report_to", "none", "--disable_tqdm", "True", "--dataloader_pin_memory", "False",
          "--model_max_length", "128"]

@@ -523,10 +523,34 @@ def iter_records(
     """Yield `(location, raw record, format)`: the first step of `iter_conversations`, which
     fixes the format, without checking the records (`to_conversation` does that; `prepare`
     does it in its worker processes)."""
+    yield from records_with_format(path, fmt, detect_format, on_bad_record, skips)
+
+
+def check_then_render(chunk: list[tuple[str, str, Any, Any]], check: Callable[[Any, Any], Any],
+                      render_batch: Callable[[list], list]) -> list[tuple[str, str, Any]]:
+    """`(path, location, rendered or RecordError)` for a chunk of `(path, location, raw record,
+    format)`: each record checked (`check(record, format)`, raising RecordError), then the good
+    ones rendered in one batch (one tokenizer call for all), in the chunk's order."""
+    checked: list[Any] = []
+    for _, _, record, fmt in chunk:
+        try:
+            checked.append(check(record, fmt))
+        except RecordError as e:
+            checked.append(e)
+    rendered = iter(render_batch([c for c in checked if not isinstance(c, RecordError)]))
+    return [(path, location, c if isinstance(c, RecordError) else next(rendered))
+            for (path, location, _, _), c in zip(chunk, checked)]
+
+
+def records_with_format(path: str, fmt: Any, detect: Callable[[Any], Any], on_bad_record: OnBadRecord,
+                        skips: SkipCounter | None) -> Iterator[tuple[str, Any, Any]]:
+    """`(location, raw record, format)` for each record of `path`: `fmt`, or while it is `auto`,
+    what `detect` makes of the record (the first it can tell fixes the file's format; one it
+    cannot is a bad record). Shared by the SFT and the preference formats."""
     for location, record in read_records(path):
-        if fmt == DataFormat.AUTO:
+        if fmt == "auto":
             try:
-                fmt = detect_format(record)
+                fmt = detect(record)
             except RecordError as e:
                 bad_record(path, location, e, on_bad_record, skips)
                 continue

@@ -35,8 +35,8 @@ from lmforge.data.formats import (
     Message,
     OnBadRecord,
     SkipCounter,
-    bad_record,
-    read_records,
+    check_then_render,
+    records_with_format,
     validate,
 )
 from lmforge.data.render import IGNORE_INDEX, MaskingStrategy, Rendered, Renderer
@@ -227,27 +227,12 @@ def _init_worker(renderer: Renderer) -> None:
 
 def _render_chunk(chunk: list[tuple[str, str, Any, PreferenceFormat]]):
     assert _RENDERER is not None
-    checked: list[Pair | RecordError] = []
-    for _, _, record, fmt in chunk:
-        try:
-            checked.append(to_pair(record, fmt))
-        except RecordError as e:
-            checked.append(e)
-    rendered = iter(render_pairs(_RENDERER, [p for p in checked if isinstance(p, Pair)]))
-    return [(path, location, c if isinstance(c, RecordError) else next(rendered))
-            for (path, location, _, _), c in zip(chunk, checked)]
+    return check_then_render(chunk, to_pair, lambda pairs: render_pairs(_RENDERER, pairs))
 
 
 def _records(paths: Sequence[str], fmt: PreferenceFormat, on_bad: OnBadRecord, skips: SkipCounter):
     for path in paths:
-        file_fmt = fmt
-        for location, record in read_records(path):
-            if file_fmt == PreferenceFormat.AUTO:
-                try:
-                    file_fmt = detect_format(record)
-                except RecordError as e:
-                    bad_record(path, location, e, on_bad, skips)
-                    continue
+        for location, record, file_fmt in records_with_format(path, fmt, detect_format, on_bad, skips):
             yield path, location, record, file_fmt
 
 

@@ -22,10 +22,10 @@ from lmforge.data.cache import (
     ordered_map,
 )
 from lmforge.data.formats import (
-    Conversation,
     DataFormat,
     OnBadRecord,
     SkipCounter,
+    check_then_render,
     iter_records,
     skip_summary,
     to_conversation,
@@ -90,15 +90,8 @@ def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[s
     """A chunk of raw records checked and rendered in one batch (one tokenizer call for all).
     Checking happens here, in the worker, so that the main process only reads and writes."""
     assert _RENDERER is not None
-    checked: list[Conversation | RecordError] = []
-    for _, _, record, fmt in chunk:
-        try:
-            checked.append(to_conversation(record, fmt))
-        except RecordError as e:
-            checked.append(e)
-    rendered = iter(_RENDERER.render_batch([c for c in checked if isinstance(c, Conversation)]))
-    return [(path, location, _compact(c if isinstance(c, RecordError) else next(rendered)))
-            for (path, location, _, _), c in zip(chunk, checked)]
+    return [(path, location, _compact(result))
+            for path, location, result in check_then_render(chunk, to_conversation, _RENDERER.render_batch)]
 
 
 def _compact(result: Rendered | RecordError) -> Rendered | RecordError:
