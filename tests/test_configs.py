@@ -52,3 +52,16 @@ def test_report_to_defaults_to_tensorboard_only_when_installed(monkeypatch, tmp_
     # several backends, comma-separated; a missing package is named
     with pytest.raises(config_mod.LmforgeError, match="--report_to wandb needs the wandb package"):
         TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard,wandb")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"compile_memory_budget": 0.0}, r"--compile_memory_budget must be in \(0, 1\], got 0.0"),
+    ({"compile_memory_budget": 1.5}, r"--compile_memory_budget must be in \(0, 1\], got 1.5"),
+    ({"eval_samples": -1}, r"--eval_samples must be ≥ 0 and --eval_sample_tokens ≥ 1, got -1 and 64"),
+    ({"eval_sample_tokens": 0}, r"--eval_samples must be ≥ 0 and --eval_sample_tokens ≥ 1, got 0 and 0"),
+])
+def test_new_training_flags_are_checked(tmp_path, flags, message):
+    from lmforge.config import LmforgeError
+
+    with pytest.raises(LmforgeError, match=message):
+        TrainingArguments(output_dir=str(tmp_path), **flags)
