@@ -25,6 +25,8 @@ import os
 import random
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +76,9 @@ class PadTo2048(PaddedCollator):
 
 
 class Clock(transformers.TrainerCallback):
-    """Wall time from step `warmup` on (the first steps compile and warm the allocator)."""
+    """Wall time from step `warmup` on (the first steps compile and warm the allocator) to the
+    end of the last step. It waits for the GPU at those two points only: a wait at every step
+    would keep the host from queueing ahead, which is part of what is measured."""
 
     def __init__(self, warmup: int):
         self.warmup, self.start, self.end = warmup, None, None
@@ -85,8 +89,42 @@ class Clock(transformers.TrainerCallback):
             self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        torch.cuda.synchronize()
-        self.end = time.perf_counter()
+        if state.global_step >= state.max_steps:
+            torch.cuda.synchronize()
+            self.end = time.perf_counter()
+
+
+class SyncAudit(transformers.TrainerCallback):
+    """Where the host waits for the GPU: for `steps` steps from step `first`, PyTorch's sync
+    debug mode warns at every synchronising call; each is counted by the Python frames it came
+    from, and the counts per step are printed at the end."""
+
+    def __init__(self, first: int = 2, steps: int = 2):  # before the Clock starts (step 4)
+        self.first, self.steps, self.counts, self.saved = first, steps, {}, None
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return self.saved[0](message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        where = " <- ".join(f"{'/'.join(f.filename.split('/')[-2:])}:{f.lineno}:{f.name}" for f in frames[::-1][:7])
+        self.counts[where] = self.counts.get(where, 0) + 1
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.first:
+            self.saved = (warnings.showwarning, list(warnings.filters))
+            warnings.simplefilter("always")
+            warnings.showwarning = self.record
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.saved is not None and state.global_step == self.first + self.steps:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning, warnings.filters[:] = self.saved[0], self.saved[1]
+            self.saved = None
+            total = sum(self.counts.values())
+            print(f"sync audit: {total / self.steps:g} host waits per step (steps {self.first}..{state.global_step})")
+            for where, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+                print(f"  {n / self.steps:g}/step  {where}")
 
 
 @dataclass
@@ -123,8 +161,10 @@ def build_model(config, method: str, variant: Variant, base_dir: str | None):
         attn = variant.attn
         if attn == "varlen":
             attn = varlen_implementation()
-        return transformers.AutoModelForCausalLM.from_config(
+        model = transformers.AutoModelForCausalLM.from_config(
             config, attn_implementation=attn, dtype=torch.bfloat16 if variant.bf16_weights else torch.float32)
+        model.config.use_cache = False  # as the seeds and lmforge train: no key / value cache per forward
+        return model
     lora = LoraArguments(lora=True, lora_r=16, lora_alpha=32, q_lora=method == "qlora")
     if variant.lmforge:
         model_args = ModelArguments(model_name_or_path=base_dir, torch_dtype="bfloat16",
@@ -141,6 +181,7 @@ def build_model(config, method: str, variant: Variant, base_dir: str | None):
             bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": 0}}
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16,
                                                               attn_implementation=variant.attn, **extra)
+    model.config.use_cache = False  # as FastChat's train_lora.py
     if method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
@@ -178,6 +219,8 @@ def run(shape: str, method: str, variant: Variant, config, rows, useful: list[in
         # The baselines keep the plain Trainer's NaN filter (on in transformers, off in lmforge,
         # whose non-finite guard below stands in for it without stalling the host).
         **{"logging_nan_inf_filter": not variant.lmforge, **variant.extra})
+    if not variant.lmforge:
+        args.accelerator_config.non_blocking = False  # the plain Trainer's default: a blocking copy a batch
     collator = (PackedCollator(0, pad_to_multiple_of=MAX_LEN if variant.compile_blocks else 8) if variant.packed
                 else PadTo2048(0))
     clock = Clock(warmup=4)
@@ -257,7 +300,7 @@ def save_base(config, path: str) -> str:
 
 
 def bench_shape(shape: str, methods: list[str], steps: int, batch: int, out_dir: str, liger: bool,
-                only: list[str] | None = None) -> list[dict]:
+                only: list[str] | None = None, sync_audit: bool = False) -> list[dict]:
     config = transformers.AutoConfig.for_model(**json.load(open(f"bench/configs/{shape}.json")))
     need = batch * steps
     records = synthetic_records(need * 6, config.vocab_size)
@@ -279,7 +322,8 @@ def bench_shape(shape: str, methods: list[str], steps: int, batch: int, out_dir:
             data = (packed, packed_useful, packed_context) if variant.packed else (padded, padded_useful,
                                                                                   padded_context)
             try:
-                row = run(shape, method, variant, config, *data, batch, steps, out_dir, base_dir)
+                row = run(shape, method, variant, config, *data, batch, steps, out_dir, base_dir,
+                          callbacks=[SyncAudit()] if sync_audit else None)
             except torch.OutOfMemoryError:
                 row = {"shape": shape, "method": method, "run": variant.name, "error": "out of memory"}
                 gc.collect()
@@ -303,12 +347,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these variants (by name; the baseline too if named); "
                                                   "default: " + ", ".join(sorted(DEFAULT)))
     parser.add_argument("--out", default="/tmp/lmforge-bench")
+    parser.add_argument("--sync_audit", action="store_true",
+                        help="list where the host waits for the GPU in two steps of each run (slows those steps)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = []
     for shape in args.shapes:
         results += bench_shape(shape, args.methods, args.steps, args.batch, args.out, args.liger,
-                               args.only or sorted(DEFAULT))
+                               args.only or sorted(DEFAULT), args.sync_audit)
     import importlib.metadata as md
 
     versions = {p: md.version(p) for p in ("torch", "transformers", "peft") if _installed(p)}

@@ -14,7 +14,11 @@ alone), so a packed batch brings its own mask, built here from the collator's do
   variable-length sequences (`torch.nn.attention.varlen`), given the start of every document
   in the flattened batch. flash-attn has no wheel for these machines; PyTorch ships the same
   kind of kernel, and transformers has no attention function that calls it, so lmforge
-  registers one (`varlen_attention`). CUDA only; no mask is built at all.
+  registers one (`varlen_attention`). CUDA only; no mask is built at all: the model gets
+  `NO_MASK`, a zero-size 4-D placeholder that transformers passes through as prepared.
+  Without it, transformers looks for packing in the restarting position_ids at every forward,
+  which reads a GPU flag on the host (the host stops queueing work until the GPU catches up)
+  and builds a [B, 1, T, T] mask that varlen never reads.
 Padding positions (document id -1) attend to themselves only, so no softmax row is empty
 (under varlen a run of padding is a sequence of its own).
 """
@@ -62,11 +66,24 @@ def block_mask(document_ids: torch.Tensor):
     return create_block_mask(mask_mod, batch, None, length, length, device=docs.device)
 
 
+def no_mask(device: torch.device) -> torch.Tensor:
+    """What a varlen model gets as its attention_mask: zero-size and 4-D, which transformers'
+    mask functions return as already prepared, doing no work (see the module's docstring)."""
+    return torch.empty((0, 0, 0, 0), dtype=torch.bool, device=device)
+
+
+def is_no_mask(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.numel() == 0
+
+
 def document_attention_mask(document_ids: torch.Tensor, implementation: str, dtype: torch.dtype):
     """The attention_mask to pass to a model of this attention implementation (None: the
-    implementation separates records from position_ids itself). sdpa takes a boolean mask
+    implementation separates records from position_ids itself; for lmforge's varlen, the
+    `no_mask` placeholder: the offsets come as CU_SEQLENS). sdpa takes a boolean mask
     (True = attend), which also holds under bf16 autocast; eager adds a float mask."""
-    if implementation == VARLEN or implementation in VARLEN_IMPLEMENTATIONS or "flash" in implementation:
+    if implementation == VARLEN:
+        return no_mask(document_ids.device)
+    if implementation in VARLEN_IMPLEMENTATIONS or "flash" in implementation:
         return None
     if implementation == "flex_attention":
         return block_mask(document_ids)
@@ -92,6 +109,8 @@ class _Kernel:
     fn: Callable | None = None
     windowed = False  # takes window_size=(-1, 0) for causal (newer) rather than is_causal=True
     gqa = False  # takes enable_gqa (fewer key / value heads than query heads)
+    native_gqa = False  # takes fewer key / value heads without being told (found by `probe_native_gqa`)
+    probed = False
     scale = False  # takes a softmax scale
     dtypes = (torch.float16, torch.bfloat16)  # the inputs it takes
 
@@ -103,6 +122,9 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     Packed batches (the Trainer adds CU_SEQLENS) run the varlen kernel over the flattened batch;
     anything else (an unpadded eval batch, generation) goes to SDPA with transformers' own mask."""
     cu = kwargs.get(CU_SEQLENS)
+    if cu is None and is_no_mask(attention_mask):
+        raise ValueError("varlen attention: the batch has no document offsets (lmforge's Trainer adds them to "
+                         "packed batches) and no attention mask")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -127,10 +149,16 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         extra["scale"] = scaling
     elif scaling is not None and abs(scaling - dim ** -0.5) > 1e-9:
         raise ValueError("varlen attention: this PyTorch's kernel takes no softmax scale and the model needs one")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < length:
+        if not _Kernel.windowed:
+            raise ValueError(f"varlen attention: the model attends over a sliding window of {window} tokens and "
+                             f"this PyTorch's kernel takes no window; use --attn_implementation flex_attention")
+        extra["window_size"] = (window - 1, 0)  # as transformers' mask: the last `window` keys, itself included
     if k.shape[1] != heads:
         if _Kernel.gqa:
             extra["enable_gqa"] = True
-        else:  # older PyTorch: one key / value head per query head
+        elif not _Kernel.native_gqa:  # one key / value head per query head
             k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
     # max_q = max_k = the row length: an upper bound is all the kernel needs, and a constant one
     # keeps compiled blocks from recompiling for every batch's longest document.
@@ -158,5 +186,32 @@ def register_varlen() -> None:
         _Kernel.fn = varlen_attn
     _Kernel.windowed, _Kernel.gqa, _Kernel.scale = ("window_size" in params, "enable_gqa" in params,
                                                     "scale" in params)
+    if not _Kernel.gqa and not _Kernel.probed and torch.cuda.is_available() and _Kernel.fn is varlen_attn:
+        _Kernel.native_gqa, _Kernel.probed = probe_native_gqa(), True
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+def probe_native_gqa() -> bool:
+    """Whether this PyTorch's varlen function, though it has no `enable_gqa`, gives grouped-query
+    attention when handed fewer key / value heads (the flash kernel underneath takes them; some
+    versions check the head counts first and raise). Tried once, on a few tokens: output and
+    gradients must equal those with the heads repeated. Worth it: repeating the heads costs a
+    copy of K and V per layer in memory and time (7x for Qwen2.5-0.5B's 14 / 2 heads)."""
+    extra = {"window_size": (-1, 0)} if _Kernel.windowed else {"is_causal": True}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(24, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (4, 2, 2))
+    cu = torch.tensor([0, 9, 24], device="cuda", dtype=torch.int32)
+    results = []
+    for repeat in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        qq, kk, vv = leaves
+        if repeat:
+            kk, vv = (x.repeat_interleave(2, dim=1) for x in (kk, vv))
+        try:
+            out = _Kernel.fn(qq, kk, vv, cu, cu, 15, 15, **extra)
+            out.float().square().sum().backward()
+        except Exception:  # noqa: BLE001 - any refusal means: repeat the heads
+            return False
+        results.append([out.detach().float()] + [x.grad.float() for x in leaves])
+    return all(torch.allclose(a, b, rtol=2e-2, atol=2e-2) for a, b in zip(*results))

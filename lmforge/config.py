@@ -544,6 +544,11 @@ class TrainingArguments(transformers.TrainingArguments):
         _check_reporters(self.report_to)
         self._cpu_fallback()
         super().__post_init__()
+        if self.dataloader_pin_memory:
+            # Each batch goes to the GPU without the host waiting for the copy (the data loader
+            # leaves it in pinned memory): a blocking copy would stall the host at every step,
+            # and a small model's step is bound by how fast the host queues its kernels.
+            self.accelerator_config.non_blocking = True
 
     def _cpu_fallback(self) -> None:
         """A GPU command line (--bf16 True) on a machine without a GPU trains on the CPU, with

@@ -54,6 +54,33 @@ FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the 
 OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
 
 
+def add_batch_extras(batch: dict, positions: bool, offsets: bool) -> dict:
+    """What the GPU step needs of a batch that is cheap on the CPU and costly on the GPU: the
+    labelled positions for the fused loss and, for varlen attention, the documents' offsets.
+    Both have data-dependent sizes: computed from a batch already on the GPU they would make
+    the host wait for the GPU to catch up (nonzero), leaving it idle while the host queues the
+    next kernels. Batches that already carry them, or live on the GPU, pass unchanged."""
+    labels, documents = batch.get("labels"), batch.get("document_ids")
+    extra = {}
+    if positions and LABEL_POSITIONS not in batch and torch.is_tensor(labels) and labels.device.type == "cpu":
+        extra[LABEL_POSITIONS] = label_positions(labels)
+    if offsets and CU_SEQLENS not in batch and torch.is_tensor(documents) and documents.device.type == "cpu":
+        extra[CU_SEQLENS] = cu_seqlens(documents)
+    return {**batch, **extra} if extra else batch
+
+
+class WithBatchExtras:
+    """A data collator followed by `add_batch_extras`, so the extras are computed where the
+    batch is made (in the data loader's workers, when there are some) and travel to the GPU
+    with it: accelerate moves each batch to the device before the Trainer sees it."""
+
+    def __init__(self, collator, positions: bool, offsets: bool):
+        self.collator, self.positions, self.offsets = collator, positions, offsets
+
+    def __call__(self, features):
+        return add_batch_extras(self.collator(features), self.positions, self.offsets)
+
+
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
     """Where to resume from (the newest complete checkpoint; newer incomplete ones are named and
     skipped), or None to start fresh; refuses to train over unrelated files. The main process
@@ -342,6 +369,9 @@ class Trainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.fused_head = self._fused_head()
         self.meter = install_progress(self)  # rank 0's progress bar / lines; tokens/s in the logs
+        if self.data_collator is not None and not isinstance(self.data_collator, WithBatchExtras):
+            self.data_collator = WithBatchExtras(self.data_collator, positions=self.fused_head is not None,
+                                                 offsets=self._attn_implementation() == VARLEN)
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
                            mode=self.args.compile_mode,
@@ -386,12 +416,8 @@ class Trainer(transformers.Trainer):
         super().log(logs, start_time)
 
     def _prepare_inputs(self, inputs):
-        labels = inputs.get("labels")
-        if self.fused_head is not None and torch.is_tensor(labels) and labels.device.type == "cpu":
-            inputs = {**inputs, LABEL_POSITIONS: label_positions(labels)}  # before the move to the GPU
-        documents = inputs.get("document_ids")
-        if torch.is_tensor(documents) and documents.device.type == "cpu" and self._attn_implementation() == VARLEN:
-            inputs = {**inputs, CU_SEQLENS: cu_seqlens(documents)}  # on the CPU: no GPU sync for nonzero()
+        # Batches that did not come through the wrapped collator (a caller's own loop).
+        inputs = add_batch_extras(inputs, self.fused_head is not None, self._attn_implementation() == VARLEN)
         return super()._prepare_inputs(inputs)
 
     def _attn_implementation(self) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 from lmforge import attention
-from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask, register_varlen
+from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask, is_no_mask, register_varlen
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.packing import best_fit_decreasing, pack_records
 from tests.test_packing import VOCAB, loss_and_grads, records, tiny_model
@@ -28,19 +28,31 @@ def test_cu_seqlens_starts_every_document_row_and_padding_run():
 
 class ReferenceKernel:
     """A CPU stand-in for PyTorch's flash varlen function, with the newer signature: causal SDPA
-    on each sequence separately. Counts its calls."""
+    on each sequence separately, over the last `left + 1` keys when given window_size=(left, 0).
+    Counts its calls and records the key / value head counts and windows it was given.
+    `native_gqa`: whether it takes fewer key / value heads without enable_gqa."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, native_gqa: bool = False):
+        self.calls, self.kv_heads, self.windows, self.native_gqa = 0, [], [], native_gqa
 
     def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None):
-        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        left, right = window_size
+        assert right == 0 and torch.equal(cu_q, cu_k) and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        if k.shape[1] != q.shape[1]:
+            assert enable_gqa or self.native_gqa, "grouped heads given to a kernel not told about them"
         self.calls += 1
+        self.kv_heads.append(k.shape[1])
+        self.windows.append(left)
         out = torch.empty_like(q)
         for start, stop in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             part = [x[start:stop].transpose(0, 1).float() for x in (q, k, v)]
-            out[start:stop] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scale,
-                                                             enable_gqa=enable_gqa).transpose(0, 1).to(q.dtype)
+            n = stop - start
+            allowed = torch.ones(n, n, dtype=torch.bool).tril()
+            if left >= 0:
+                allowed &= ~torch.ones(n, n, dtype=torch.bool).tril(-left - 1)
+            out[start:stop] = F.scaled_dot_product_attention(*part, attn_mask=allowed, scale=scale,
+                                                             enable_gqa=k.shape[1] != q.shape[1]
+                                                             ).transpose(0, 1).to(q.dtype)
         return out
 
 
@@ -57,11 +69,14 @@ def reference_kernel(monkeypatch):
 
 
 def varlen_batch(recs: list[dict], capacity: int) -> dict:
-    """A packed batch as lmforge's Trainer hands it to a varlen model: no mask, the offsets."""
+    """A packed batch as lmforge's Trainer hands it to a varlen model: the zero-size placeholder
+    mask, the offsets."""
     bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], capacity, seed=0)
     batch = PackedCollator(pad_token_id=0)([pack_records([recs[i] for i in b]) for b in bins])
-    assert document_attention_mask(batch["document_ids"], VARLEN, torch.float32) is None
-    batch[CU_SEQLENS] = cu_seqlens(batch.pop("document_ids"))
+    documents = batch.pop("document_ids")
+    batch["attention_mask"] = document_attention_mask(documents, VARLEN, torch.float32)
+    assert is_no_mask(batch["attention_mask"])
+    batch[CU_SEQLENS] = cu_seqlens(documents)
     return batch
 
 
@@ -97,6 +112,102 @@ def test_varlen_in_fp32_falls_back_to_sdpa_with_the_same_documents(monkeypatch):
     assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
     for name in grads_u:
         assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_no_mask_spares_transformers_packing_detection(reference_kernel, monkeypatch):
+    """With the placeholder, transformers neither looks for packing in the position_ids (which
+    reads a GPU flag on the host) nor builds a mask; without it, it does both (the control)."""
+    from transformers import masking_utils
+
+    seen = []
+    find = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: seen.append("find") or find(p))
+    model = tiny_model(VARLEN)
+    model.config.use_cache = False  # as lmforge trains (with a cache transformers skips the detection)
+    batch = varlen_batch(records(12), capacity=64)
+    with torch.no_grad():
+        model(**batch)
+        assert seen == [] and reference_kernel.calls == model.config.num_hidden_layers
+        model(**{k: v for k, v in batch.items() if k != "attention_mask"})
+    assert seen == ["find"]
+
+
+def test_grouped_heads_go_to_the_kernel_unrepeated_when_it_takes_them(reference_kernel, monkeypatch):
+    """A kernel without enable_gqa that takes fewer key / value heads (what `probe_native_gqa`
+    finds) gets the model's 2 heads, not 4 repeated ones, and the result still equals the
+    unpacked run; one that does not take them gets the heads repeated."""
+    monkeypatch.setattr(attention._Kernel, "gqa", False)
+    model = tiny_model(VARLEN)
+    recs = records(12)
+    unpacked, grads_u = loss_and_grads(model, PaddedCollator(pad_token_id=0)(recs))
+    for native, heads in ((True, 2), (False, 4)):
+        kernel = ReferenceKernel(native_gqa=native)
+        monkeypatch.setattr(attention._Kernel, "fn", kernel)
+        monkeypatch.setattr(attention._Kernel, "native_gqa", native)
+        packed, grads_p = loss_and_grads(model, varlen_batch(recs, capacity=64))
+        assert kernel.kv_heads == [heads] * model.config.num_hidden_layers
+        assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
+        for name in grads_u:
+            assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-7), name
+
+
+def sliding_model(attn: str, window: int):
+    config = transformers.AutoConfig.for_model(
+        "mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=window, head_dim=8)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+
+def test_sliding_window_reaches_the_kernel_as_transformers_means_it(reference_kernel, monkeypatch):
+    """A sliding-window model (window 5, records up to 30 tokens): the kernel gets window_size
+    (4, 0), and packed varlen loss and gradients equal transformers' own sliding-window SDPA run
+    unpacked, so the window covers the same keys. A kernel that takes no window is refused."""
+    reference = sliding_model("sdpa", window=5)
+    model = sliding_model(VARLEN, window=5)
+    model.load_state_dict(reference.state_dict())
+    recs = records(12)
+    unpacked, grads_u = loss_and_grads(reference, PaddedCollator(pad_token_id=0)(recs))
+    packed, grads_p = loss_and_grads(model, varlen_batch(recs, capacity=64))
+    assert reference_kernel.windows == [4] * model.config.num_hidden_layers
+    assert abs(packed - unpacked) <= 1e-5 * abs(unpacked)
+    for name in grads_u:
+        assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6), name
+    monkeypatch.setattr(attention._Kernel, "windowed", False)
+    with pytest.raises(ValueError, match="sliding window of 5 tokens"):
+        model(**varlen_batch(recs, capacity=64))
+
+
+def test_trainer_batches_carry_offsets_and_label_positions_from_the_collator(reference_kernel, tmp_path,
+                                                                             monkeypatch):
+    """The Trainer's data loader yields packed batches that already carry the label positions and
+    the documents' offsets (computed on the CPU, before the batch moves to a GPU), and a training
+    step of a varlen model never runs transformers' packing detection."""
+    from transformers import masking_utils
+
+    from lmforge.config import TrainingArguments
+    from lmforge.loss import label_positions
+    from lmforge.train import LABEL_POSITIONS, Trainer
+    from tests.test_packing import ListDataset
+
+    seen = []
+    find = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: seen.append("find") or find(p))
+    recs = records(40, seed=7)
+    bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], 48, seed=0)
+    rows = ListDataset([pack_records([recs[i] for i in b]) for b in bins])
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             report_to="none", disable_tqdm=True, save_strategy="no", remove_unused_columns=False,
+                             dataloader_pin_memory=False, fused_loss=True)
+    model = tiny_model(VARLEN)
+    model.config.use_cache = False
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator(0))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert torch.equal(batch[CU_SEQLENS], cu_seqlens(batch["document_ids"]))
+    assert torch.equal(batch[LABEL_POSITIONS], label_positions(batch["labels"]))
+    trainer.train()
+    assert reference_kernel.calls == 2 * 2  # 2 steps x 2 layers
+    assert seen == []
 
 
 def test_offsets_mask_is_causal_within_each_sequence():
