@@ -47,9 +47,9 @@ class ReferenceKernel:
         for start, stop in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             part = [x[start:stop].transpose(0, 1).float() for x in (q, k, v)]
             n = stop - start
-            allowed = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             if left >= 0:
-                allowed &= ~torch.ones(n, n, dtype=torch.bool).tril(-left - 1)
+                allowed &= ~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-left - 1)
             out[start:stop] = F.scaled_dot_product_attention(*part, attn_mask=allowed, scale=scale,
                                                              enable_gqa=k.shape[1] != q.shape[1]
                                                              ).transpose(0, 1).to(q.dtype)
