@@ -284,9 +284,8 @@ def variants(method: str, liger: bool) -> list[Variant]:
             Variant("lmforge+compile+varlen+ckpt", gradient_checkpointing=True, compile_blocks=True, attn="varlen")]
 
 
-DEFAULT = {"seed-style", "hf-peft-padded", "lmforge", "lmforge+compile+flex", "lmforge+compile+flex+bf16",
-           "lmforge+compile+flex+bf16+budget0.8",
-           "lmforge+compile+flex+ckpt"}
+DEFAULT = {"seed-style", "hf-peft-padded", "lmforge", "lmforge+compile+flex+bf16", "lmforge+compile+varlen+bf16",
+           "lmforge+compile+varlen+bf16+budget0.8", "lmforge+compile+varlen", "lmforge+compile+varlen+ckpt"}
 
 
 def save_base(config, path: str) -> str:
