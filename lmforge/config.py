@@ -18,8 +18,8 @@ import transformers
 from lmforge.data.formats import DataFormat, OnBadRecord, TextSplit
 from lmforge.data.preference import PreferenceFormat
 from lmforge.data.pretrain import Remainder
-from lmforge.data.render import MaskingStrategy
-from lmforge.data.sft import LongRecords
+from lmforge.data.render import MaskingStrategy, Unrendered
+from lmforge.data.sft import LongRecords, ReasoningTurns
 from lmforge.errors import LmforgeError
 
 
@@ -89,6 +89,18 @@ class DataArguments:
     masking: MaskingStrategy = field(
         default=MaskingStrategy.ASSISTANT,
         metadata={"help": "Tokens that carry loss: assistant (every assistant turn), last_assistant, all."},
+    )
+    unrendered: Unrendered = field(
+        default=Unrendered.ERROR,
+        metadata={"help": "A part of a record the chat template does not render (a system message Gemma-2 "
+                          "refuses or Mistral v0.3 leaves out, reasoning, tools): error (stop, naming the record) "
+                          "or drop (train without it, counted)."},
+    )
+    reasoning_turns: ReasoningTurns = field(
+        default=ReasoningTurns.RENDERED,
+        metadata={"help": "rendered: one sample per conversation, each assistant turn as the whole conversation "
+                          "renders it (reasoning templates drop earlier turns' thinking); split: one sample per "
+                          "assistant turn, rendered as the last, so every turn's thinking is trained."},
     )
     model_max_length: int = field(
         default=2048, metadata={"help": "Longest sequence in tokens; longer records follow --long_records."}
@@ -168,6 +180,8 @@ class PreferenceDataArguments(DataArguments):
                                "side only (last_assistant)")
         if self.packing:
             raise LmforgeError("--packing True is not available for DPO: each side of a pair is one padded row")
+        if ReasoningTurns(self.reasoning_turns) != ReasoningTurns.RENDERED:
+            raise LmforgeError("--reasoning_turns split is not available for DPO: a pair scores its last answer")
 
 
 class DpoLoss(str, enum.Enum):

@@ -1,10 +1,9 @@
 """Readers: data files (.json, .jsonl, .parquet) in ShareGPT, OpenAI-messages or Alpaca format,
-normalised into one `Conversation` type.
+normalised into one `Conversation` type (`schema.py` reads the messages).
 
-Every record is checked here, before any tokenizer sees it: roles, their order, non-empty string
-contents, at least one assistant turn. A bad record raises `RecordError`; `iter_conversations`
-turns that into a `DataError` naming the file and the record, or counts it as a skip when the
-user asked for skipping.
+Every record is checked before any tokenizer sees it. A bad record raises `RecordError`;
+`iter_conversations` turns that into a `DataError` naming the file and the record, or counts it
+as a skip when the user asked for skipping.
 """
 
 from __future__ import annotations
@@ -16,31 +15,22 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
+from lmforge.data.schema import (
+    ASSISTANT,
+    OPENAI_ROLES,
+    SHAREGPT_ROLES,
+    SYSTEM,
+    USER,
+    Conversation,
+    Message,
+    parse_messages,
+    parse_tools,
+    require_str,
+    validate,
+)
 from lmforge.errors import DataError, RecordError
-
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
-
-
-class Message(NamedTuple):
-    """One turn. A named tuple rather than a frozen dataclass: a million conversations are
-    built, pickled to worker processes and read back, and a tuple is several times cheaper."""
-
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """A validated conversation: an optional system message, then user/assistant turns
-    alternating, starting with a user turn and holding at least one assistant turn."""
-
-    messages: tuple[Message, ...]
-
-    def as_dicts(self) -> list[dict[str, str]]:
-        """The `[{role, content}]` list that `tokenizer.apply_chat_template` takes."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
 class DataFormat(str, enum.Enum):
@@ -54,19 +44,6 @@ class OnBadRecord(str, enum.Enum):
     ERROR = "error"
     SKIP = "skip"
 
-
-# ShareGPT / Vicuna role names as they occur in FastChat-style data, mapped to lmforge roles.
-SHAREGPT_ROLES = {
-    "system": SYSTEM,
-    "human": USER,
-    "user": USER,
-    "gpt": ASSISTANT,
-    "assistant": ASSISTANT,
-    "chatgpt": ASSISTANT,
-    "bard": ASSISTANT,
-    "bing": ASSISTANT,
-}
-OPENAI_ROLES = {SYSTEM: SYSTEM, USER: USER, ASSISTANT: ASSISTANT}
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -364,103 +341,61 @@ def detect_format(record: Any) -> DataFormat:
     raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
 
 
-def _require_str(value: Any, what: str) -> str:
-    if value is None:
-        raise RecordError("missing_field", f"{what} is missing")
-    if not isinstance(value, str):
-        raise RecordError("non_string_content", f"{what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _turns(record: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+def _messages_field(record: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     if key not in record:
         raise RecordError("missing_field", f"field '{key}' is missing (keys: {sorted(record)})")
-    turns = record[key]
-    if not isinstance(turns, list):
-        raise RecordError("missing_field", f"field '{key}' must be a list of turns, got {type(turns).__name__}")
-    messages = []
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError("malformed_turn", f"{key}[{t}] must be an object, got {type(turn).__name__}")
-        if role_key not in turn:
-            raise RecordError("missing_field", f"{key}[{t}] has no '{role_key}'")
-        role = turn[role_key]
-        if role not in roles:
-            raise RecordError(
-                "unknown_role", f"{key}[{t}] has unknown role {role!r}; known roles: {sorted(roles)}"
-            )
-        if content_key not in turn:
-            raise RecordError("missing_field", f"{key}[{t}] has no '{content_key}'")
-        content = _require_str(turn[content_key], f"{key}[{t}].{content_key}")
-        messages.append(Message(roles[role], content))
+    messages = parse_messages(record[key], key, role_key, content_key, roles)
+    # LLaMA-Factory keeps the system prompt in a column of its own.
+    if isinstance(record.get("system"), str) and not any(m.role == SYSTEM for m in messages):
+        messages.insert(0, Message(SYSTEM, record["system"]))
     return messages
 
 
-def from_sharegpt(record: Any) -> list[Message]:
-    return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+def from_sharegpt(record: Any) -> Conversation:
+    messages = _messages_field(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    return validate(messages, parse_tools(record.get("tools")))
 
 
-def from_openai(record: Any) -> list[Message]:
-    return _turns(record, "messages", "role", "content", OPENAI_ROLES)
+def from_openai(record: Any) -> Conversation:
+    messages = _messages_field(record, "messages", "role", "content", OPENAI_ROLES)
+    return validate(messages, parse_tools(record.get("tools")))
 
 
-def from_alpaca(record: Any) -> list[Message]:
+def from_alpaca(record: Any) -> Conversation:
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    instruction = _require_str(record.get("instruction"), "field 'instruction'")
-    output = _require_str(record.get("output"), "field 'output'")
+    instruction = require_str(record.get("instruction"), "field 'instruction'")
+    output = require_str(record.get("output"), "field 'output'")
     extra = record.get("input") or ""
-    extra = _require_str(extra, "field 'input'")
+    extra = require_str(extra, "field 'input'")
     messages = []
     system = record.get("system")
     if system:
-        messages.append(Message(SYSTEM, _require_str(system, "field 'system'")))
+        messages.append(Message(SYSTEM, require_str(system, "field 'system'")))
     for h, pair in enumerate(record.get("history") or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise RecordError("malformed_turn", f"history[{h}] must be a [question, answer] pair")
-        messages.append(Message(USER, _require_str(pair[0], f"history[{h}][0]")))
-        messages.append(Message(ASSISTANT, _require_str(pair[1], f"history[{h}][1]")))
+        messages.append(Message(USER, require_str(pair[0], f"history[{h}][0]")))
+        messages.append(Message(ASSISTANT, require_str(pair[1], f"history[{h}][1]")))
     # The instruction and its input are joined by a newline, the usual Alpaca convention.
     messages.append(Message(USER, instruction + ("\n" + extra if extra else "")))
     messages.append(Message(ASSISTANT, output))
-    return messages
+    return validate(messages)
 
 
-NORMALISERS: dict[DataFormat, Callable[[Any], list[Message]]] = {
+NORMALISERS: dict[DataFormat, Callable[[Any], Conversation]] = {
     DataFormat.SHAREGPT: from_sharegpt,
     DataFormat.OPENAI: from_openai,
     DataFormat.ALPACA: from_alpaca,
 }
 
 
-def validate(messages: list[Message]) -> Conversation:
-    """Check roles, order and contents; return the conversation or raise `RecordError`."""
-    if not messages:
-        raise RecordError("no_turns", "the conversation has no turns")
-    for i, m in enumerate(messages):
-        if not m.content.strip():
-            raise RecordError("empty_content", f"turn {i} ({m.role}) is empty")
-    body = messages[1:] if messages[0].role == SYSTEM else messages
-    for i, m in enumerate(body):
-        expected = USER if i % 2 == 0 else ASSISTANT
-        if m.role != expected:
-            offset = len(messages) - len(body)
-            raise RecordError(
-                "roles_out_of_order",
-                f"turn {i + offset} is {m.role!r} where {expected!r} was expected "
-                "(an optional system turn, then user and assistant turns alternating)",
-            )
-    if not any(m.role == ASSISTANT for m in body):
-        raise RecordError("no_assistant_turn", "the conversation has no assistant turn to train on")
-    return Conversation(tuple(messages))
-
-
 def to_conversation(record: Any, fmt: DataFormat) -> Conversation:
     if fmt == DataFormat.AUTO:
         fmt = detect_format(record)
-    return validate(NORMALISERS[fmt](record))
+    return NORMALISERS[fmt](record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +563,7 @@ def iter_documents(
             if text_field not in record:
                 raise RecordError("missing_field", f"field '{text_field}' is missing (keys: {sorted(record)}); "
                                                    "see --text_field")
-            text = _require_str(record[text_field], f"field '{text_field}'")
+            text = require_str(record[text_field], f"field '{text_field}'")
             if not text.strip():
                 raise RecordError("empty_content", f"field '{text_field}' is empty")
         except RecordError as e:

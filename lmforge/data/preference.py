@@ -21,26 +21,28 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Sequence
 
 from lmforge.data.cache import Cached, RowWriter, build_or_load, cache_key, chunked, ordered_map
-from lmforge.data.formats import (
+from lmforge.data.formats import OnBadRecord, SkipCounter, check_then_render, records_with_format
+from lmforge.data.render import IGNORE_INDEX, MaskingStrategy, Rendered, Renderer
+from lmforge.data.schema import (
     ASSISTANT,
     OPENAI_ROLES,
     SHAREGPT_ROLES,
     SYSTEM,
+    TOOL,
     USER,
     Conversation,
     Message,
-    OnBadRecord,
-    SkipCounter,
-    check_then_render,
-    records_with_format,
+    is_empty,
+    parse_message,
+    parse_messages,
+    parse_tools,
     validate,
 )
-from lmforge.data.render import IGNORE_INDEX, MaskingStrategy, Rendered, Renderer
-from lmforge.data.sft import LENGTH_SKIPS, PrepareOptions, PrepareStats, apply_length_policy
+from lmforge.data.sft import LENGTH_SKIPS, PrepareOptions, PrepareStats, ReasoningTurns, apply_length_policy
 from lmforge.errors import DataError, LmforgeError, RecordError
 
 CHUNK = 128  # pairs per worker task (each is two conversations)
@@ -56,15 +58,17 @@ class PreferenceFormat(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Pair:
-    """A validated preference pair: the prompt turns (ending with a user turn) and two answers."""
+    """A validated preference pair: the prompt turns (ending with a user turn or a tool result),
+    two assistant answers, and the tools the record offers."""
 
     prompt: tuple[Message, ...]
-    chosen: str
-    rejected: str
+    chosen: Message
+    rejected: Message
+    tools: tuple[dict, ...] | None = None
 
     def conversations(self) -> tuple[Conversation, Conversation]:
-        return (Conversation(self.prompt + (Message(ASSISTANT, self.chosen),)),
-                Conversation(self.prompt + (Message(ASSISTANT, self.rejected),)))
+        return (Conversation(self.prompt + (self.chosen,), self.tools),
+                Conversation(self.prompt + (self.rejected,), self.tools))
 
 
 def detect_format(record: Any) -> PreferenceFormat:
@@ -95,57 +99,40 @@ def _string(value: Any, what: str) -> str:
     return value
 
 
-def _message(turn: Any, where: str, role_key: str, content_key: str, roles: dict[str, str]) -> Message:
-    if not isinstance(turn, dict):
-        raise RecordError("malformed_turn", f"{where} must be an object, got {type(turn).__name__}")
-    for key in (role_key, content_key):
-        if key not in turn:
-            raise RecordError("missing_field", f"{where} has no '{key}'")
-    if turn[role_key] not in roles:
-        raise RecordError("unknown_role", f"{where} has unknown role {turn[role_key]!r}; known roles: {sorted(roles)}")
-    return Message(roles[turn[role_key]], _string(turn[content_key], f"{where}.{content_key}"))
-
-
-def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
-    if not isinstance(turns, list):
-        raise RecordError("missing_field", f"field '{key}' must be a list of turns, got {type(turns).__name__}")
-    return [_message(t, f"{key}[{i}]", role_key, content_key, roles) for i, t in enumerate(turns)]
-
-
-def _answer(message: Message, key: str) -> str:
+def _answer(message: Message, key: str) -> Message:
     if message.role != ASSISTANT:
         raise RecordError("roles_out_of_order", f"the '{key}' answer is a {message.role!r} turn, not an assistant turn")
-    return message.content
+    return message
 
 
-def from_prompt(record: dict) -> tuple[list[Message], str, str]:
+def from_prompt(record: dict) -> tuple[list[Message], Message, Message]:
     key = "prompt" if "prompt" in record else "question"
     prompt = [Message(USER, _string(record[key], f"field '{key}'"))]
     if record.get("system"):
         prompt.insert(0, Message(SYSTEM, _string(record["system"], "field 'system'")))
-    return (prompt, _string(_side(record, "chosen"), "field 'chosen'"),
-            _string(_side(record, "rejected"), "field 'rejected'"))
+    return (prompt, Message(ASSISTANT, _string(_side(record, "chosen"), "field 'chosen'")),
+            Message(ASSISTANT, _string(_side(record, "rejected"), "field 'rejected'")))
 
 
-def from_sharegpt(record: dict) -> tuple[list[Message], str, str]:
-    prompt = _messages(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+def from_sharegpt(record: dict) -> tuple[list[Message], Message, Message]:
+    prompt = parse_messages(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
     if record.get("system"):
         prompt.insert(0, Message(SYSTEM, _string(record["system"], "field 'system'")))
     answers = []
     for key in ("chosen", "rejected"):
         side = _side(record, key)
         if isinstance(side, str):  # some exports give the answer text alone
-            answers.append(side)
+            answers.append(Message(ASSISTANT, side))
         else:
-            answers.append(_answer(_message(side, f"field '{key}'", "from", "value", SHAREGPT_ROLES), key))
+            answers.append(_answer(parse_message(side, f"field '{key}'", "from", "value", SHAREGPT_ROLES), key))
     return prompt, answers[0], answers[1]
 
 
-def from_openai(record: dict) -> tuple[list[Message], str, str]:
-    chosen = _messages(_side(record, "chosen"), "chosen", "role", "content", OPENAI_ROLES)
-    rejected = _messages(_side(record, "rejected"), "rejected", "role", "content", OPENAI_ROLES)
+def from_openai(record: dict) -> tuple[list[Message], Message, Message]:
+    chosen = parse_messages(_side(record, "chosen"), "chosen", "role", "content", OPENAI_ROLES)
+    rejected = parse_messages(_side(record, "rejected"), "rejected", "role", "content", OPENAI_ROLES)
     if "prompt" in record:
-        prompt = _messages(record["prompt"], "prompt", "role", "content", OPENAI_ROLES)
+        prompt = parse_messages(record["prompt"], "prompt", "role", "content", OPENAI_ROLES)
         chosen, rejected = prompt + chosen, prompt + rejected
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if not side:
@@ -172,14 +159,15 @@ def to_pair(record: Any, fmt: PreferenceFormat) -> Pair:
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     prompt, chosen, rejected = NORMALISERS[fmt](record)
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer.strip():
+        if is_empty(answer):
             raise RecordError("empty_answer", f"the '{key}' answer is empty")
     if chosen == rejected:
         raise RecordError("identical_answers", "'chosen' and 'rejected' are the same answer: the pair prefers nothing")
-    if not prompt or prompt[-1].role != USER:
+    if not prompt or prompt[-1].role not in (USER, TOOL):
         raise RecordError("roles_out_of_order", "the prompt must end with a user turn (the answers follow it)")
-    validate(prompt + [Message(ASSISTANT, chosen)])  # roles in order, no empty turn
-    return Pair(tuple(prompt), chosen, rejected)
+    tools = parse_tools(record.get("tools"))
+    checked = validate(prompt + [chosen], tools)  # no empty turn, tool results after calls
+    return Pair(checked.messages[:-1], chosen, rejected, tools)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +181,15 @@ def answer_start(r: Rendered) -> int:
 
 
 def check_pair(chosen: Rendered, rejected: Rendered) -> tuple[Rendered, Rendered]:
-    """The two sides' prompt tokens must be identical, and their scored tokens must differ."""
-    start = answer_start(chosen)
-    if answer_start(rejected) != start or chosen.input_ids[:start] != rejected.input_ids[:start]:
+    """The tokens before both answers must be identical, and the scored tokens must differ.
+    The two answers may start one token apart: where an answer begins with whitespace, BPE
+    merges the template's last characters before it into the answer's first token (a scored
+    token), so the other side keeps that token unscored in its prompt."""
+    start = min(answer_start(chosen), answer_start(rejected))
+    if chosen.input_ids[:start] != rejected.input_ids[:start]:
         raise RecordError("prompt_tokens_differ", "the prompt renders to different tokens before the chosen and the "
                                                   "rejected answer; the template must render the prompt the same way")
-    if chosen.labels[start:] == rejected.labels[start:]:
+    if chosen.input_ids[start:] == rejected.input_ids[start:] and chosen.labels == rejected.labels:
         raise RecordError("identical_answers", "'chosen' and 'rejected' render to the same scored tokens")
     return chosen, rejected
 
@@ -276,14 +267,12 @@ def prepare_pairs(paths: Sequence[str], tokenizer, chat_template: str, options: 
     if not paths:
         raise LmforgeError("no data file given (--data_path)")
     fmt = PreferenceFormat(fmt)
-    options = PrepareOptions(data_format=options.data_format, masking=MaskingStrategy.LAST_ASSISTANT,
-                             model_max_length=options.model_max_length, long_records=options.long_records,
-                             on_bad_record=options.on_bad_record)
+    options = replace(options, masking=MaskingStrategy.LAST_ASSISTANT, reasoning_turns=ReasoningTurns.RENDERED)
     key = cache_key("dpo", paths, tokenizer, {"template": chat_template, "format": fmt.value, **asdict(options)})
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
-        renderer = Renderer(tokenizer, chat_template, MaskingStrategy.LAST_ASSISTANT)
+        renderer = Renderer(tokenizer, chat_template, MaskingStrategy.LAST_ASSISTANT, options.unrendered)
         records = _records(paths, fmt, options.on_bad_record, skips)
         chunks = chunked(records, CHUNK)
         rendered = (item for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer,))

@@ -1,49 +1,49 @@
-"""Conversation → (input_ids, labels), with loss only where the masking strategy says.
+"""Conversation → (input_ids, labels): one render, assistant spans found in the text, tokens
+labelled by their character offsets.
 
-Boundaries between turns are found by rendering token-level prefixes with the chat template:
-for assistant turn i, the tokens of `messages[:i]` with the generation prompt are where the
-answer starts, and the tokens of `messages[:i + 1]` are where the turn ends. Both must be exact
-token prefixes of the whole conversation; if not (a template that rewrites earlier turns, a
-tokenizer that merges across the boundary), the record is refused by name instead of being
-trained with a shifted mask. No string offsets, no per-template token arithmetic.
+The ids are exactly `tokenizer.apply_chat_template(messages, tools=tools)`: the whole
+conversation is rendered once with the chat template and tokenized once. The mask is defined on
+that rendered text:
+
+- An assistant turn's **span** runs from the end of the generation prompt before it (what the
+  model is given at inference) to the end of the template's end-of-turn token that closes it
+  (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, ...). Separators the template writes
+  after that token (ChatML's newline) and text it writes only at the very end of a conversation
+  (Phi-3's final EOS) are not in the span.
+- A token carries loss when any of its characters lies in a span (the rule of transformers'
+  `return_assistant_tokens_mask`). A token that straddles the start of a span, such as Qwen's
+  "\\n\\n\\n" made of the template's newline after `assistant` and an answer's leading "\\n\\n",
+  is trained: the answer's first characters are in it.
+
+Spans are found by rendering prefixes of the conversation as text and comparing them with the
+whole (`Renderer._span`): the prompt before turn i (`messages[:i]` with the generation prompt)
+gives where the answer starts, the conversation through turn i where it ends. Where a template
+renders a prefix differently from the whole (Qwen3 and DeepSeek-R1 drop earlier turns'
+thinking, Mistral v0.3 moves the system prompt and tools to the last user turn), the turn's
+payload is located instead by rendering the whole conversation with that message replaced by a
+sentinel and comparing the two texts. Token prefixes are never compared: BPE merges across turn
+boundaries, so they are not a property templates keep.
 
 Labels follow the HF convention: aligned with input_ids, -100 where no loss; the model shifts.
-
-Two paths give the same result. `Renderer.render_exact` is the definition: it tokenizes the
-whole conversation and every prefix. `Renderer.render_batch` is the fast path used for data
-preparation, written here because HF has no batched renderer with exact per-turn masks (its
-`return_assistant_tokens_mask` needs `{% generation %}` markers that most templates lack), and
-tokenizing every prefix costs several times the conversation itself. The fast path still
-renders every prefix as text (with the compiled template, `CompiledTemplate`, at a fraction of
-apply_chat_template's cost) and checks that each is a string prefix of the conversation, but
-tokenizes only the whole conversation, a batch at a time. Each prefix's tokens are then the
-conversation's tokens up to the last added token (`AnchorScan`) inside the prefix, followed by
-the tokens of the short rest of the prefix, which are compared with the conversation's: the
-exact path's test, decided without tokenizing the prefix again (`_prefix_length` says why).
-A record the fast path cannot settle goes to the exact path, which decides.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
+import json
 import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from lmforge.data.formats import ASSISTANT, Conversation
+from lmforge.data.schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, validate
 from lmforge.errors import LmforgeError, RecordError
 
 IGNORE_INDEX = -100
 
-# Prefix tails up to this many characters have their tokens cached: they are template text
-# ("<|im_start|>assistant\n", "<|im_end|>\n"), the same in every record.
-TAIL_CACHE_CHARS = 128
-TAIL_CACHE_ENTRIES = 4096
-
 
 class MaskingStrategy(str, enum.Enum):
-    """Which tokens carry loss."""
+    """Which tokens carry loss (a message's own `train` flag overrides it for that message)."""
 
     ASSISTANT = "assistant"
     """Every assistant turn: its content and the end-of-turn token that closes it (default)."""
@@ -53,10 +53,21 @@ class MaskingStrategy(str, enum.Enum):
     """Every token of the conversation, system and user turns included."""
 
 
+class Unrendered(str, enum.Enum):
+    """What to do with a part of a record that the chat template does not render."""
+
+    ERROR = "error"
+    """Refuse the record, naming the part and the template's behaviour (default)."""
+    DROP = "drop"
+    """Train the record without that part (a system message, reasoning, tools), counted."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     input_ids: list[int]
     labels: list[int]
+    dropped: tuple[str, ...] = ()
+    """Parts of the record left out under `--unrendered drop` ("system", "reasoning", "tools")."""
 
     @property
     def num_trained(self) -> int:
@@ -72,18 +83,25 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _token_pattern(contents: set[str]) -> re.Pattern | None:
+    """Leftmost-longest matches of the given token texts, as the tokenizer's splitter finds them."""
+    contents = {c for c in contents if c}
+    if not contents:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(contents, key=len, reverse=True))))
+
+
 class AnchorScan:
     """Finds the tokenizer's anchor tokens in rendered text, where its splitter finds them.
 
     The `tokenizers` pipeline first splits the text on its added tokens, then normalizes,
     pre-tokenizes and encodes each piece between them on its own (a piece's tokens depend only
-    on its text and on whether it starts the string). So the tokens before an added token do
-    not depend on what follows it. Anchors are the added tokens for which that can be used:
-    matched before normalization (`normalized=False`), and with an id the model cannot produce
-    from ordinary text, so that seeing the id in the tokens means the splitter put it there.
-    The splitter matches all non-normalized added tokens leftmost-longest, which is what the
-    regular expression below does (alternatives longest first). Tokenizers whose added tokens
-    strip neighbouring spaces or match whole words only get no anchors (the exact path)."""
+    on its text and on whether it starts the string). Anchors are the added tokens for which
+    that can be used: matched before normalization (`normalized=False`), and with an id the
+    model cannot produce from ordinary text, so that seeing the id in the tokens means the
+    splitter put it there. The splitter matches non-normalized added tokens leftmost-longest,
+    which is what the regular expression does. Tokenizers whose added tokens strip neighbouring
+    spaces or match whole words only get no anchors (every record then takes the offsets path)."""
 
     def __init__(self, backend):
         added = backend.get_added_tokens_decoder() if backend is not None else {}
@@ -93,37 +111,39 @@ class AnchorScan:
             and not getattr(backend, "encode_special_tokens", False)
         self.ids: frozenset[int] = frozenset(i for i in plain if i not in model_ids) if usable else frozenset()
         self.by_content = {plain[i].content: i for i in self.ids}
-        contents = sorted({t.content for t in plain.values()}, key=len, reverse=True)
-        self.pattern = re.compile("|".join(map(re.escape, contents))) if self.ids else None
+        self.pattern = _token_pattern({t.content for t in plain.values()}) if self.ids else None
 
-    def __call__(self, text: str, ids: list[int]) -> tuple[list[int], list[int], list[int]] | None:
-        """(start characters, end characters, token indices) of the anchor tokens of `text`,
-        whose tokens are `ids`; None when the text and the tokens do not show the same anchors
-        in the same order (the caller then takes the exact path)."""
-        starts, ends, expected = [], [], []
+    def __call__(self, text: str, ids: list[int]) -> tuple[list[int], list[int]] | None:
+        """(end characters, token indices) of the anchor tokens of `text`, whose tokens are
+        `ids`; None when the text and the tokens do not show the same anchors in the same order."""
+        ends, expected = [], []
         for m in self.pattern.finditer(text):
             token = self.by_content.get(m.group())
             if token is not None:
-                starts.append(m.start())
                 ends.append(m.end())
                 expected.append(token)
         anchors = self.ids
         positions = [k for k, t in enumerate(ids) if t in anchors]
         if len(positions) != len(expected) or any(ids[k] != t for k, t in zip(positions, expected)):
             return None
-        return starts, ends, positions
+        return ends, positions
+
+
+# Tails (the text from an anchor to a span boundary) up to this many characters have their
+# tokens cached: they are template text ("assistant\n", "<|end_header_id|>\n\n").
+TAIL_CACHE_CHARS = 128
+TAIL_CACHE_ENTRIES = 4096
 
 
 class CompiledTemplate:
-    """A chat template that renders what `apply_chat_template(tokenize=False)` renders, for
-    plain {role, content} string messages, at a fraction of the cost. The fast path renders
-    every prefix of every conversation, so renders are its largest cost after tokenizing.
+    """A chat template that renders what `apply_chat_template(tokenize=False)` renders, at a
+    fraction of the cost: spans need several renders per conversation, so renders are the
+    largest cost after tokenizing.
 
     - The template runs in HF's own sandboxed environment (its globals, filters, extensions),
       through an overlay of it that differs in one method, `getattr` (`_DictFirstGetattr`).
-    - It gets the variables apply_chat_template gives it (the special tokens, no tools, no
-      documents), with the environment's globals merged once instead of on every call, and
-      without apply_chat_template's per-call argument handling.
+    - It gets the variables apply_chat_template gives it (the special tokens, the tools, no
+      documents), with the environment's globals merged once instead of on every call.
     Tests compare the texts with apply_chat_template's on every template."""
 
     def __init__(self, chat_template: str, variables: dict):
@@ -134,9 +154,10 @@ class CompiledTemplate:
         self.template = environment.from_string(chat_template)
         self.variables = {**dict(self.template.globals), **variables}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
         template = self.template
-        variables = {**self.variables, "messages": messages, "add_generation_prompt": add_generation_prompt}
+        variables = {**self.variables, "messages": messages, "tools": tools,
+                     "add_generation_prompt": add_generation_prompt}
         context = template.new_context(variables, shared=True)  # shared: `variables` already holds the globals
         return template.environment.concat(template.root_render_func(context))
 
@@ -173,77 +194,341 @@ def _compile_template(chat_template: str, variables: dict) -> CompiledTemplate |
         return None
 
 
+def common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix: slices are compared in C, halving the window."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def common_suffix(a: str, b: str, limit: int) -> int:
+    """Length of the longest common suffix, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if n == 0 or a[len(a) - n:] == b[len(b) - n:]:
+        return n
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class TemplateTraits:
+    """What the template writes around turns, from renders of probe conversations."""
+
+    generation_prompt: str
+    """What `add_generation_prompt` appends ("<|im_start|>assistant\\n", "<｜Assistant｜><think>\\n")."""
+    final_suffix: str
+    """Text written only at the very end of a conversation (Phi-3's EOS); usually ""."""
+    renders_reasoning: bool
+    """Whether the final assistant turn's `reasoning_content` appears in the render."""
+
+
+# A message whose payload no template writes unchanged elsewhere: private-use characters.
+SENTINELS = ("\ue000\ue001", "\ue002\ue003", "\ue004\ue005")
+
+
 class Renderer:
     """Renders conversations with one tokenizer and one jinja chat template."""
 
-    def __init__(self, tokenizer, chat_template: str, strategy: MaskingStrategy = MaskingStrategy.ASSISTANT):
+    def __init__(self, tokenizer, chat_template: str, strategy: MaskingStrategy = MaskingStrategy.ASSISTANT,
+                 unrendered: Unrendered = Unrendered.ERROR):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.strategy = MaskingStrategy(strategy)
+        self.unrendered = Unrendered(unrendered)
         self.special_ids = special_token_ids(tokenizer)
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
-        # What apply_chat_template hands the template besides the messages.
-        self.template_vars = {"tools": None, "documents": None, **tokenizer.special_tokens_map}
+        # What apply_chat_template hands the template besides the messages and tools.
+        self.template_vars = {"documents": None, **tokenizer.special_tokens_map}
+        added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
+        # Special tokens close turns; every added token is atomic text a boundary cannot cut.
+        self.special_pattern = _token_pattern({c for c, special in added.items() if special}
+                                              | set(tokenizer.all_special_tokens))
+        self.added_pattern = _token_pattern(set(added) | set(tokenizer.all_special_tokens))
         self.anchors = AnchorScan(self.backend)
         self._init_caches()
 
     def _init_caches(self) -> None:
         self._compiled = _compile_template(self.chat_template, self.template_vars)
+        self._traits: TemplateTraits | None = None
         self._tails: dict[str, list[int]] = {}
 
     # The compiled template holds closures and cannot be pickled; worker processes compile it again.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_compiled"], state["_tails"]
+        del state["_compiled"], state["_traits"], state["_tails"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_caches()
 
-    def text(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The text `tokenizer.apply_chat_template(messages, tokenize=False)` gives."""
+    # -----------------------------------------------------------------------------------------
+    # Text and tokens
+    # -----------------------------------------------------------------------------------------
+
+    def text(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        """The text `tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)` gives."""
         if self._compiled is None:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        return self._compiled.render(messages, add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=self.chat_template,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._compiled.render(messages, tools, add_generation_prompt)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Exactly the ids `tokenizer.apply_chat_template` gives for each text: tokenized without
-        the tokenizer adding special tokens of its own (templates write their BOS themselves).
-        Tokenizing dominates rendering, so the texts go to the Rust backend in one batch,
-        without the Python wrapper's per-text work (the ids are the same; tests compare them
-        with `apply_chat_template`)."""
+        """Exactly the ids `apply_chat_template` gives for each text: tokenized without the
+        tokenizer adding special tokens of its own (templates write their BOS themselves). The
+        texts go to the Rust backend in one batch, without offsets (which double its cost)."""
         if self.backend is None:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each token's [start, end) characters in its text."""
+        if self.backend is None:
+            return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return [e.offsets for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def encode(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         return self.tokenize([self.text(messages, add_generation_prompt)])[0]
 
-    def _trained_turns(self, messages: list[dict]) -> list[int]:
-        turns = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
-        if self.strategy == MaskingStrategy.LAST_ASSISTANT:
-            return turns[-1:]
-        if self.strategy == MaskingStrategy.ALL:
-            return []
-        return turns
+    @property
+    def traits(self) -> TemplateTraits:
+        if self._traits is None:
+            self._traits = self._probe()
+        return self._traits
 
-    def _texts(self, messages: list[dict], turns: list[int]) -> list[str]:
-        """The whole conversation, then for each trained turn the prompt before it (with the
-        generation prompt) and the conversation through it. The conversation through its last
-        message is the whole conversation: not rendered twice."""
+    def _probe(self) -> TemplateTraits:
+        """Renders of small conversations that show what the template writes around turns."""
+        u1, a1, u2 = {"role": USER, "content": "1"}, {"role": ASSISTANT, "content": "2"}, {"role": USER, "content": "3"}
+        a2 = {"role": ASSISTANT, "content": "4"}
         try:
-            full = self.text(messages, False)
-            texts = [full]
+            # What a conversation ends with that a longer one does not have there. Probed after
+            # a user turn: reasoning templates render a final assistant turn differently.
+            before = self.text([u1, a1, u2], False)
+            final = before[self._cut(before, self.text([u1, a1, u2, a2], False)):]
+            user = self.text([u1], False)
+            user = user[: len(user) - len(final)] if final and user.endswith(final) else user
+            prompt = self.text([u1], True)
+            generation = prompt[self._cut(prompt, user):]
+            thought = Message(ASSISTANT, "2", reasoning="\ue006").as_dict()
+            reasoning = "\ue006" in self.text([u1, thought], False)
+        except Exception as e:
+            raise LmforgeError(f"the chat template cannot render a user/assistant exchange: {e}") from None
+        return TemplateTraits(generation, final, reasoning)
+
+    def _cut(self, a: str, b: str) -> int:
+        """Where `a` and `b` part, moved back to the start of an added token they part inside:
+        "<|end|>\\n<|endoftext|>" and "<|end|>\\n<|user|>" part before "<|", not after it."""
+        n = common_prefix(a, b)
+        if n == len(a) or n == len(b):  # one is a prefix of the other: no token was cut
+            return n
+        return min(self._atom_start(a, n), self._atom_start(b, n))
+
+    def _atom_start(self, text: str, pos: int) -> int:
+        if self.added_pattern is None or pos == 0 or pos >= len(text):
+            return pos
+        for m in self.added_pattern.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
+            if m.start() < pos < m.end():
+                return m.start()
+        return pos
+
+    def _atom_end(self, text: str, pos: int) -> int:
+        if self.added_pattern is None or pos == 0 or pos >= len(text):
+            return pos
+        for m in self.added_pattern.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
+            if m.start() < pos < m.end():
+                return m.end()
+        return pos
+
+    # -----------------------------------------------------------------------------------------
+    # Conversation → text with spans
+    # -----------------------------------------------------------------------------------------
+
+    def trained_turns(self, messages: Sequence[Message]) -> list[int]:
+        """Indices of the messages whose turns carry loss: the strategy's assistant turns, then
+        each message's own `train` flag (tool results never)."""
+        chosen = {i for i, m in enumerate(messages) if m.role == ASSISTANT}
+        if self.strategy == MaskingStrategy.LAST_ASSISTANT:
+            chosen = set(sorted(chosen)[-1:])
+        for i, m in enumerate(messages):
+            if m.train is not None and m.role != TOOL:
+                (chosen.add if m.train else chosen.discard)(i)
+        return sorted(chosen)
+
+    def _full_text(self, conversation: Conversation) -> tuple[Conversation, list[dict], str, tuple[str, ...]]:
+        """The conversation (and its messages as the template takes them) and its whole text,
+        after checking that every part of the record is in it (`--unrendered drop` leaves out
+        what is not, and says so)."""
+        dropped: list[str] = []
+        while True:
+            messages = conversation.as_dicts()
+            try:
+                full = self.text(messages, False, conversation.tool_list)
+                missing = self._missing(conversation, full)
+            except Exception as e:  # jinja raise_exception and template errors
+                missing = self._raises_on(conversation, e)
+            if not missing:
+                return conversation, messages, full, tuple(dropped)
+            part, why = missing
+            if self.unrendered == Unrendered.ERROR or part not in DROPPABLE:
+                advice = "; pass --unrendered drop to train without it" if part in DROPPABLE else ""
+                raise RecordError(f"unrendered_{part}" if part in DROPPABLE else "template_error", why + advice)
+            conversation = DROPPABLE[part](conversation)
+            dropped.append(part)
+
+    def _raises_on(self, conversation: Conversation, error: Exception) -> tuple[str, str]:
+        """The part of the record a template error is about: a system message when the template
+        renders the conversation without it (Gemma-2 raises on any), else the whole record."""
+        if any(m.role == SYSTEM for m in conversation.messages):
+            try:
+                self.text(_without_system(conversation).as_dicts(), False, conversation.tool_list)
+                return "system", f"the chat template does not take a system message (it raises: {error})"
+            except Exception:
+                pass
+        return "template", f"the chat template cannot render this conversation: {error}"
+
+    def _missing(self, conversation: Conversation, full: str) -> tuple[str, str] | None:
+        """The first part of the record that the rendered text lacks, with why, or None."""
+        messages = conversation.messages
+        for m in messages:
+            if m.role == SYSTEM and m.content.strip() not in full:
+                return "system", ("the chat template does not render this record's system message (Mistral v0.3's, "
+                                  "for one, renders it only before a final user turn)")
+        last = max(i for i, m in enumerate(messages) if m.role == ASSISTANT)
+        for i, m in enumerate(messages):
+            reasoning = _reasoning_of(m) if m.role == ASSISTANT else None
+            # Reasoning templates drop earlier turns' thinking by design (--reasoning_turns split
+            # trains it); a template that renders no thinking at all would drop every turn's.
+            if reasoning and reasoning not in full and (i == last or not self.traits.renders_reasoning):
+                return "reasoning", (f"the chat template does not render the reasoning of turn {i} ({m.role})"
+                                     + ("" if self.traits.renders_reasoning else "; it renders no reasoning at all"))
+        if conversation.tools and not all(_tool_name(t) in full for t in conversation.tools):
+            return "tools", "the chat template does not render the record's tools"
+        for i, m in enumerate(messages):
+            if m.tool_calls and not all(c["function"]["name"] in full for c in m.tool_calls):
+                return "tool_calls", f"the chat template does not render the tool calls of turn {i}"
+            if m.role == TOOL and m.content.strip() and m.content.strip() not in full \
+                    and json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
+                return "tool_results", f"the chat template does not render the tool result of turn {i}"
+        return None
+
+    def _span(self, messages: list[dict], tools, full: str, i: int, after: int) -> tuple[int, int]:
+        """Characters [start, end) of `full` that message i's turn trains (see the module
+        docstring); `after` is where the previous trained span ended."""
+        traits = self.traits
+        end = None  # the end of the turn's text, where prefix renders agree with the whole
+        if i + 1 == len(messages):
+            end = len(full) - len(traits.final_suffix) if full.endswith(traits.final_suffix) else len(full)
+        else:
+            through = self.text(messages[: i + 1], False, tools)
+            if traits.final_suffix and through.endswith(traits.final_suffix):
+                through = through[: len(through) - len(traits.final_suffix)]
+            if full.startswith(through):
+                end = len(through)
+        start, prompt = None, ""
+        if i > 0:
+            prompt = self.text(messages[:i], True, tools)
+            cut = self._cut(full, prompt)
+            if len(prompt) - len(traits.generation_prompt) <= cut and after <= cut and (end is None or cut <= end):
+                start = cut
+        if start is None or end is None:
+            payload_start, payload_end = self._payload(messages, tools, full, i)
+            if start is None:
+                start = self._opener_end(full, prompt, after, payload_start) if i > 0 else payload_start
+            if end is None:
+                return start, self._closer_end(full, payload_end, payload_end)
+        return start, self._closer_end(full, start, end, last=True)
+
+    def _opener_end(self, full: str, prompt: str, after: int, payload_start: int) -> int:
+        """Where a turn starts when the prompt before it renders differently from the whole
+        conversation (Mistral v0.3 moves tools and the system prompt to the last user turn): after
+        the nearest text before the turn's payload that the prompt ends with, from its last
+        added token on ("[/INST]", "<|end_header_id|>\n\n", "<|im_start|>assistant\n")."""
+        if self.added_pattern is not None:
+            tokens = list(self.added_pattern.finditer(prompt, max(0, len(prompt) - 256)))
+            if tokens:
+                opener = prompt[tokens[-1].start():]
+                at = full.rfind(opener, after, payload_start)
+                if at >= 0:
+                    return at + len(opener)
+        return payload_start
+
+    def _payload(self, messages: list[dict], tools, full: str, i: int) -> tuple[int, int]:
+        """Where message i's own text (content, reasoning, tool calls) lies in `full`: the
+        whole conversation rendered with that message replaced by a sentinel differs from
+        `full` there and nowhere else."""
+        sentinel = next(s for s in SENTINELS if s[0] not in full and s[1] not in full)
+        swapped = list(messages)
+        payload_keys = ("content", "tool_calls", "reasoning_content", "thinking")
+        swapped[i] = {**{k: v for k, v in messages[i].items() if k not in payload_keys}, "content": sentinel}
+        if messages[i].get("tool_calls"):  # still a call (templates check roles around calls), to a sentinel
+            call = messages[i]["tool_calls"][0]
+            swapped[i].update(content=None, tool_calls=[{**call, "function": {"name": sentinel, "arguments": {}}}])
+        other = self.text(swapped, False, tools)
+        start = self._cut(full, other)
+        end = len(full) - common_suffix(full, other, len(full) - start)
+        end = self._atom_end(full, end)
+        if other == full or end < start:
+            raise RecordError("unrendered_turn", (
+                f"the chat template renders turn {i} ({messages[i]['role']}) the same whatever it holds, so it has "
+                "nothing of that turn to train on" + ("; --reasoning_turns split trains each assistant turn rendered as "
+                                                      "the last" if i + 1 < len(messages) else "")))
+        return start, end
+
+    def _closer_end(self, full: str, start: int, end: int, last: bool = False) -> int:
+        """The end of the special token that closes a turn: the last one in [start, end) when
+        `end` is where the turn's text ends (`last`), else the first one from `start` on. A
+        template without special tokens around turns trains up to `end`."""
+        if self.special_pattern is None:
+            return end
+        if last:
+            found = [m.end() for m in self.special_pattern.finditer(full, start, end)]
+            return found[-1] if found else end
+        m = self.special_pattern.search(full, start)
+        return m.end() if m else end
+
+    def _spans(self, conversation: Conversation, messages: list[dict], full: str) -> list[tuple[int, int]]:
+        """The trained character spans of `full`, in order. Under `--masking all` that is the
+        whole text but the turns of messages marked `train: false`."""
+        tools = conversation.tool_list
+        if self.strategy == MaskingStrategy.ALL:
+            off = [i for i, m in enumerate(conversation.messages) if m.train is False and m.role != TOOL]
+            return _complement(self._turn_spans(messages, tools, full, off), len(full))
+        return self._turn_spans(messages, tools, full, self.trained_turns(conversation.messages))
+
+    def _turn_spans(self, messages: list[dict], tools, full: str, turns: list[int]) -> list[tuple[int, int]]:
+        spans, after = [], 0
+        try:
             for i in turns:
-                through = full if i + 1 == len(messages) else self.text(messages[: i + 1], False)
-                texts += [self.text(messages[:i], True), through]
-        except Exception as e:  # jinja raise_exception and template errors
-            raise RecordError("template_error", f"the chat template cannot render this conversation: {e}") from None
-        return texts
+                start, end = self._span(messages, tools, full, i, after)
+                if end <= start:
+                    raise RecordError("template_error", f"turn {i} ({messages[i]['role']}) renders to no text to train on")
+                spans.append((start, end))
+                after = end
+        except RecordError:
+            raise
+        except Exception as e:  # a template that raises on a prefix of a conversation it renders whole
+            raise RecordError("template_error", f"the chat template cannot render a part of this conversation: {e}") \
+                from None
+        return spans
+
+    # -----------------------------------------------------------------------------------------
+    # Batches
+    # -----------------------------------------------------------------------------------------
 
     def __call__(self, conversation: Conversation) -> Rendered:
         result = self.render_batch([conversation])[0]
@@ -251,189 +536,166 @@ class Renderer:
             raise result
         return result
 
-    # -----------------------------------------------------------------------------------------
-    # The exact path: every prefix tokenized.
-    # -----------------------------------------------------------------------------------------
-
-    def render_exact(self, conversation: Conversation) -> Rendered:
-        """The definition of the masks: the conversation and each prefix tokenized, each
-        prefix required to be a token prefix of the conversation."""
-        messages = conversation.as_dicts()
-        turns = self._trained_turns(messages)
-        ids = self.tokenize(self._texts(messages, turns))
-        full = ids[0]
-        bounds = []
-        for k, i in enumerate(turns):
-            bounds.append(self._turn_span(i, ids[1 + 2 * k], ids[2 + 2 * k], full))
-        return self._labelled(full, bounds)
-
-    def _turn_span(self, i: int, prompt: list[int], through: list[int], full: list[int]) -> tuple[int, int]:
-        for name, prefix in (("the prompt before", prompt), ("the conversation through", through)):
-            if full[: len(prefix)] != prefix:
-                raise RecordError(
-                    "template_mismatch",
-                    f"{name} assistant turn {i} does not tokenize to a prefix of the whole conversation "
-                    f"(first difference at token {_first_difference(prefix, full)}); the template renders "
-                    "earlier turns differently once later turns follow, so the answer boundary is ambiguous",
-                )
-        return self._checked_span(i, len(prompt), len(through))
-
-    @staticmethod
-    def _checked_span(i: int, start: int, stop: int) -> tuple[int, int]:
-        if stop <= start:
-            raise RecordError("template_mismatch", f"assistant turn {i} renders to no tokens after its prompt")
-        return start, stop
-
-    def _labelled(self, full: list[int], spans: list[tuple[int, int]]) -> Rendered:
-        if self.strategy == MaskingStrategy.ALL:
-            return Rendered(full, list(full))
-        labels = [IGNORE_INDEX] * len(full)
-        for start, stop in spans:
-            end = self._end_of_turn(full, start, stop)
-            labels[start:end] = full[start:end]
-        return Rendered(full, labels)
-
-    def _end_of_turn(self, ids: list[int], start: int, stop: int) -> int:
-        """End (exclusive) of the trained span of a turn: through its last special token (the
-        end-of-turn / EOS token) so that separators the template writes after it, such as
-        ChatML's newline, carry no loss. A template that closes turns with no special token
-        trains the whole span."""
-        for pos in range(stop - 1, start - 1, -1):
-            if ids[pos] in self.special_ids:
-                return pos + 1
-        return stop
-
-    # -----------------------------------------------------------------------------------------
-    # The fast path: the whole conversation tokenized once per record, a batch at a time.
-    # -----------------------------------------------------------------------------------------
-
     def render_batch(self, conversations: Sequence[Conversation]) -> list[Rendered | RecordError]:
-        """`render_exact` for each conversation (its result or its RecordError), computed with
-        one tokenization of each whole conversation instead of one per prefix. A record the fast
-        path cannot settle (a prefix that is not a string prefix, a tail whose tokens differ,
-        anchors it cannot place) is rendered by `render_exact`, which then decides."""
+        """Each conversation's `Rendered` or its RecordError; the texts are tokenized in one batch."""
         results: list[Rendered | RecordError | None] = [None] * len(conversations)
-        rendered: list[tuple[int, list[int], list[str]]] = []  # (record, trained turns, texts)
+        texts, spans, dropped, where = [], [], [], []
         for r, conversation in enumerate(conversations):
-            messages = conversation.as_dicts()
-            turns = self._trained_turns(messages)
             try:
-                texts = self._texts(messages, turns)
+                conversation, messages, full, parts = self._full_text(conversation)
+                spans.append(self._spans(conversation, messages, full))
             except RecordError as e:
                 results[r] = e
                 continue
-            full = texts[0]
-            if all(full.startswith(t) for t in texts[1:]):
-                rendered.append((r, turns, texts))
-        if self.strategy == MaskingStrategy.ALL:  # no boundaries: the whole conversation is all there is
-            for (r, _, _), ids in zip(rendered, self.tokenize([texts[0] for _, _, texts in rendered])):
-                results[r] = self._labelled(ids, [])
-        elif self.anchors.ids:
-            self._render_at_anchors(rendered, results)
-        for r, result in enumerate(results):
-            if result is None:
-                try:
-                    results[r] = self.render_exact(conversations[r])
-                except RecordError as e:
-                    results[r] = e
+            texts.append(full)
+            dropped.append(parts)
+            where.append(r)
+        all_ids = self.tokenize(texts)
+        token_spans = [self._token_spans(text, ids, record_spans)
+                       for text, ids, record_spans in zip(texts, all_ids, spans)]
+        unplaced = [k for k, t in enumerate(token_spans) if t is None]
+        for k, offsets in zip(unplaced, self.offsets([texts[k] for k in unplaced])):
+            token_spans[k] = spans_to_tokens(offsets, spans[k])
+        for r, ids, record_spans, parts in zip(where, all_ids, token_spans, dropped):
+            labels = [IGNORE_INDEX] * len(ids)
+            for start, stop in record_spans:
+                labels[start:stop] = ids[start:stop]
+            results[r] = Rendered(ids, labels, parts)
         return results  # type: ignore[return-value]
 
-    def _render_at_anchors(self, rendered: list[tuple[int, list[int], list[str]]],
-                           results: list[Rendered | RecordError | None]) -> None:
-        """Token counts of the prefixes from the whole conversation's tokens: each prefix's
-        tokens are the conversation's tokens up to the last anchor token within the prefix,
-        then the tokens of the rest of the prefix (its tail), checked against what follows in
-        the conversation's tokens (`_prefix_length`)."""
-        full_ids = self.tokenize([texts[0] for _, _, texts in rendered])
-        settled = []  # (record, turns, ids, [(anchor token index, tail) per prefix])
-        for (r, turns, texts), ids in zip(rendered, full_ids):
-            cuts = self._cuts(texts[0], ids, [len(t) for t in texts[1:]])
-            if cuts is not None:
-                settled.append((r, turns, ids, cuts))
-        tails = self._tail_ids([tail for *_, cuts in settled for _, tail in cuts])
-        for r, turns, ids, cuts in settled:
-            counts = [_prefix_length(ids, anchor, tails[tail]) for anchor, tail in cuts]
-            if None in counts:
-                continue  # left to the exact path
-            try:
-                spans = [self._checked_span(i, counts[2 * k], counts[2 * k + 1]) for k, i in enumerate(turns)]
-            except RecordError as e:
-                results[r] = e
-                continue
-            results[r] = self._labelled(ids, spans)
-
-    def _cuts(self, full: str, ids: list[int], lengths: list[int]) -> list[tuple[int, str]] | None:
-        """For each prefix of `full` (given by its length in characters): the token index of
-        the last anchor token that ends within it (0 if none) and the prefix's text from that
-        anchor on. None if the anchors in the text and in `ids` do not agree."""
-        found = self.anchors(full, ids)
+    def _token_spans(self, text: str, ids: list[int], spans: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Token index ranges of character spans without the tokenizer's offsets: a boundary
+        right after an anchor token is that token's index; one after an anchor and a short
+        tail is where the tail's own tokens end, when the text's tokens continue with exactly
+        them (`AnchorScan` says why pieces between anchors tokenize alone). None when a
+        boundary is not shown to fall between tokens (a token straddles it): the caller then
+        asks the tokenizer for offsets."""
+        if not spans:
+            return []
+        if not self.anchors.ids:
+            return None
+        found = self.anchors(text, ids)
         if found is None:
             return None
-        starts, ends, positions = found
-        cuts = []
-        for n in lengths:
-            if n == len(full):
-                cuts.append((len(ids), ""))  # the whole conversation
-                continue
-            a = bisect.bisect_right(ends, n) - 1  # the last anchor ending within the prefix
-            cuts.append((positions[a], full[starts[a] : n]) if a >= 0 else (0, full[:n]))
-        return cuts
-
-    def _tail_ids(self, tails: list[str]) -> dict[str, list[int]]:
-        """Tokens of each tail: short ones (template text) from the cache, the rest in one batch."""
-        cache = self._tails
-        out = {t: cache[t] for t in tails if t in cache}
-        missing = list(dict.fromkeys(t for t in tails if t not in out))
-        for tail, ids in zip(missing, self.tokenize(missing) if missing else []):
-            out[tail] = ids
-            if len(tail) <= TAIL_CACHE_CHARS:
-                if len(cache) >= TAIL_CACHE_ENTRIES:
-                    cache.clear()
-                cache[tail] = ids
+        ends, positions = found
+        out = []
+        for start, stop in spans:
+            first, last = self._boundary(text, ids, ends, positions, start), \
+                self._boundary(text, ids, ends, positions, stop)
+            if first is None or last is None:
+                return None
+            out.append((first, last))
         return out
 
+    def _boundary(self, text: str, ids: list[int], ends: list[int], positions: list[int], char: int) -> int | None:
+        if char == len(text):
+            return len(ids)
+        a = bisect.bisect_right(ends, char) - 1  # the last anchor ending at or before `char`
+        anchor_end, token = (ends[a], positions[a] + 1) if a >= 0 else (0, 0)
+        if anchor_end == char:
+            return token
+        tail = self._tail_ids(text[anchor_end:char])
+        if ids[token : token + len(tail)] != tail:
+            return None
+        return token + len(tail)
 
-def _prefix_length(ids: list[int], anchor: int, tail_ids: list[int]) -> int | None:
-    """The number of tokens the prefix tokenizes to, if it is a token prefix of the whole
-    conversation `ids`; None when that is not shown (the exact path then decides).
-
-    The prefix is the conversation's text up to its anchor token at index `anchor` (or
-    nothing), then a tail that starts with that anchor and tokenizes to `tail_ids`. Pieces
-    between anchors are tokenized independently (`AnchorScan`), so the prefix's tokens are
-    `ids[:anchor] + tail_ids`, and it is a token prefix of the conversation exactly when
-    `tail_ids` is what follows in `ids`: the exact path's test, decided without tokenizing the
-    text before the anchor again. Tokens are compared, not character offsets: a prompt that
-    ends in two spaces, followed by a digit, ends on a token boundary of the conversation, yet
-    the two spaces alone are one token, not the two the conversation has there."""
-    stop = anchor + len(tail_ids)
-    if ids[anchor:stop] != tail_ids:
-        return None
-    return stop
+    def _tail_ids(self, tail: str) -> list[int]:
+        ids = self._tails.get(tail)
+        if ids is None:
+            ids = self.tokenize([tail])[0]
+            if len(tail) <= TAIL_CACHE_CHARS:
+                if len(self._tails) >= TAIL_CACHE_ENTRIES:
+                    self._tails.clear()
+                self._tails[tail] = ids
+        return ids
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return k
-    return min(len(a), len(b))
+def spans_to_tokens(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges of character spans: a token belongs to a span when any of its
+    characters lies in it (spans sorted and disjoint; a token on the boundary of two spans goes
+    to the first)."""
+    ends = [e for _, e in offsets]
+    out = []
+    for start, stop in spans:
+        first = bisect.bisect_right(ends, start)  # the first token ending after the span starts
+        last = first
+        while last < len(offsets) and offsets[last][0] < stop:
+            last += 1
+        out.append((first, max(last, first)))
+    return out
+
+
+def _complement(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for start, end in spans:
+        if start > at:
+            out.append((at, start))
+        at = max(at, end)
+    if at < length:
+        out.append((at, length))
+    return out
+
+
+def _reasoning_of(message: Message) -> str | None:
+    """The thinking a message carries: `reasoning_content`, or a <think> block in its content."""
+    if message.reasoning and message.reasoning.strip():
+        return message.reasoning.strip()
+    if "</think>" in message.content:
+        thought = message.content.split("</think>")[0].split("<think>")[-1].strip()
+        return thought or None
+    return None
+
+
+def _tool_name(tool: dict) -> str:
+    function = tool.get("function", tool)
+    return function.get("name", "") if isinstance(function, dict) else ""
+
+
+def _without_system(conversation: Conversation) -> Conversation:
+    return Conversation(tuple(m for m in conversation.messages if m.role != SYSTEM), conversation.tools)
+
+
+def _without_reasoning(conversation: Conversation) -> Conversation:
+    def plain(m: Message) -> Message:
+        content = m.content.split("</think>")[-1].lstrip("\n") if "</think>" in m.content else m.content
+        return m._replace(reasoning=None, content=content)
+
+    return Conversation(tuple(plain(m) if m.role == ASSISTANT else m for m in conversation.messages),
+                        conversation.tools)
+
+
+def _without_tools(conversation: Conversation) -> Conversation:
+    return Conversation(conversation.messages, None)
+
+
+# Parts a record can be trained without, when the user asks for it (`--unrendered drop`).
+DROPPABLE = {"system": _without_system, "reasoning": _without_reasoning, "tools": _without_tools}
+
+
+def split_turns(conversation: Conversation, renderer: Renderer) -> list[Conversation]:
+    """One conversation per trained assistant turn, ending with it and training only it:
+    each turn rendered as the last, as reasoning templates render the turn they generate
+    (`--reasoning_turns split`)."""
+    messages = conversation.messages
+    out = []
+    for i in renderer.trained_turns(messages):
+        if messages[i].role != ASSISTANT:
+            continue
+        head = tuple(m._replace(train=False) if m.role == ASSISTANT else m for m in messages[:i])
+        out.append(Conversation(head + (messages[i]._replace(train=True),), conversation.tools))
+    return out
 
 
 def end_of_turn_token_id(renderer: Renderer) -> int | None:
     """The special token that closes an assistant turn under this template (the token
     generation must stop at), found by rendering a probe conversation."""
-    from lmforge.data.formats import Message, validate
-
-    probe = validate([Message("user", "1"), Message(ASSISTANT, "2")])
-    messages = probe.as_dicts()
+    probe = validate([Message(USER, "1"), Message(ASSISTANT, "2")])
     try:
-        prompt = renderer.encode(messages[:1], add_generation_prompt=True)
-        through = renderer.encode(messages, add_generation_prompt=False)
-    except Exception as e:
+        rendered = Renderer(renderer.tokenizer, renderer.chat_template, MaskingStrategy.ASSISTANT)(probe)
+    except RecordError as e:
         raise LmforgeError(f"the chat template cannot render a user/assistant exchange: {e}") from None
-    for token in reversed(through[len(prompt) :]):
-        if token in renderer.special_ids:
-            return token
-    return None
+    trained = [t for t, label in zip(rendered.input_ids, rendered.labels) if label != IGNORE_INDEX]
+    return next((t for t in reversed(trained) if t in renderer.special_ids), None)
 
 
 def template_end_of_turn(tokenizer) -> int | None:

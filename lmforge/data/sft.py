@@ -30,10 +30,20 @@ from lmforge.data.formats import (
     skip_summary,
     to_conversation,
 )
-from lmforge.data.render import MaskingStrategy, Rendered, Renderer
+from lmforge.data.render import MaskingStrategy, Rendered, Renderer, Unrendered, split_turns
 from lmforge.errors import DataError, LmforgeError, RecordError
 
 CHUNK = 256
+
+
+class ReasoningTurns(str, enum.Enum):
+    """Which samples a multi-turn conversation gives, for templates that render a turn
+    differently once later turns follow (Qwen3 and DeepSeek-R1 drop earlier turns' thinking)."""
+
+    RENDERED = "rendered"
+    """One sample: each assistant turn trained as the whole conversation renders it (default)."""
+    SPLIT = "split"
+    """One sample per assistant turn, rendered as the last turn: every turn's thinking trained."""
 
 
 class LongRecords(str, enum.Enum):
@@ -54,6 +64,8 @@ class PrepareOptions:
     model_max_length: int = 2048
     long_records: LongRecords = LongRecords.TRUNCATE
     on_bad_record: OnBadRecord = OnBadRecord.ERROR
+    unrendered: Unrendered = Unrendered.ERROR
+    reasoning_turns: ReasoningTurns = ReasoningTurns.RENDERED
 
 
 @dataclass
@@ -65,42 +77,64 @@ class PrepareStats:
     trained_tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+    """Rows written: `kept` records, or more with `--reasoning_turns split`."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Parts of kept records left out under `--unrendered drop`, by part."""
 
     def summary(self) -> str:
         lines = [
             f"records: {self.records}  kept: {self.kept}  truncated: {self.truncated}",
             f"tokens: {self.tokens}  trained tokens: {self.trained_tokens}",
         ]
+        if self.samples != self.kept:
+            lines.append(f"samples: {self.samples} (one per assistant turn)")
+        if self.dropped:
+            lines.append("left out (--unrendered drop): " + ", ".join(f"{k}: {n}" for k, n in sorted(self.dropped.items())))
         return "\n".join(lines + skip_summary(self.skipped, self.skip_examples))
 
 
 SftCache = Cached[PrepareStats]
 
 
-# Worker side: one renderer per process.
+# Worker side: one renderer (and the options) per process.
 _RENDERER: Renderer | None = None
+_SPLIT = False
 
 
-def _init_worker(renderer: Renderer) -> None:
-    global _RENDERER
-    _RENDERER = renderer
+def _init_worker(renderer: Renderer, split: bool = False) -> None:
+    global _RENDERER, _SPLIT
+    _RENDERER, _SPLIT = renderer, split
 
 
-def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[str, str, Rendered | RecordError]]:
-    """A chunk of raw records checked and rendered in one batch (one tokenizer call for all).
+def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[str, str, list[Rendered] | RecordError]]:
+    """A chunk of raw records checked and rendered in one batch (one tokenizer call for all):
+    each record's samples (one, or one per assistant turn when split) or its RecordError.
     Checking happens here, in the worker, so that the main process only reads and writes."""
     assert _RENDERER is not None
-    return [(path, location, _compact(result))
-            for path, location, result in check_then_render(chunk, to_conversation, _RENDERER.render_batch)]
+    return [(path, location, result if isinstance(result, RecordError) else [_compact(r) for r in result])
+            for path, location, result in check_then_render(chunk, to_conversation, _render_samples)]
 
 
-def _compact(result: Rendered | RecordError) -> Rendered | RecordError:
+def _render_samples(conversations: list) -> list[list[Rendered] | RecordError]:
+    assert _RENDERER is not None
+    if not _SPLIT:
+        return [r if isinstance(r, RecordError) else [r] for r in _RENDERER.render_batch(conversations)]
+    groups = [split_turns(c, _RENDERER) for c in conversations]
+    flat = iter(_RENDERER.render_batch([s for group in groups for s in group]))
+    out: list[list[Rendered] | RecordError] = []
+    for group in groups:
+        samples = [next(flat) for _ in group]
+        error = next((s for s in samples if isinstance(s, RecordError)), None)
+        out.append(error or samples)
+    return out
+
+
+def _compact(result: Rendered) -> Rendered:
     """The record's tokens as int32 arrays (the length policy and the cache writer take any
     sequence of ints): records come back from worker processes pickled, and unpickling a list
     of ints cost the main process 25 times as much, more than all its other work together."""
-    if isinstance(result, RecordError):
-        return result
-    return Rendered(array.array(INT32, result.input_ids), array.array(INT32, result.labels))
+    return Rendered(array.array(INT32, result.input_ids), array.array(INT32, result.labels), result.dropped)
 
 
 def _records(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
@@ -113,10 +147,11 @@ def _records(paths: Sequence[str], options: PrepareOptions, skips: SkipCounter):
 
 
 def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips: SkipCounter,
-                      num_workers: int) -> Iterator[tuple[str, str, Rendered | RecordError]]:
-    """(path, location, Rendered | RecordError) in source order."""
+                      num_workers: int) -> Iterator[tuple[str, str, list[Rendered] | RecordError]]:
+    """(path, location, the record's samples or its RecordError) in source order."""
     chunks = chunked(_records(paths, options, skips), CHUNK)
-    for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer,)):
+    split = options.reasoning_turns == ReasoningTurns.SPLIT
+    for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer, split)):
         yield from results
 
 
@@ -143,14 +178,15 @@ LENGTH_SKIPS = ("too_long", "no_trained_tokens", "no_trained_tokens_after_trunca
 
 def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> PrepareStats:
     stats = PrepareStats()
+    dropped: Counter = Counter()
     progress = PrepareProgress("tokenizing")
     with RowWriter(tmp, ("input_ids", "labels")) as writer:
         for path, location, result in records:
-            progress.update(1, len(result.input_ids) if isinstance(result, Rendered) else 0)
+            progress.update(1, 0 if isinstance(result, RecordError) else sum(len(r.input_ids) for r in result))
             truncated = False
-            if isinstance(result, Rendered):
-                truncated = len(result.input_ids) > options.model_max_length
-                result = apply_length_policy(result, options)
+            if not isinstance(result, RecordError):
+                truncated = any(len(r.input_ids) > options.model_max_length for r in result)
+                result = _length_policy(result, options)
             if isinstance(result, RecordError):
                 if options.on_bad_record == OnBadRecord.SKIP or result.kind in LENGTH_SKIPS:
                     skips.add(result.kind, f"{path}, {location}: {result.reason}")
@@ -158,15 +194,27 @@ def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> Pr
                 raise DataError(path, location, result.reason)
             stats.truncated += int(truncated)
             stats.kept += 1
-            stats.tokens += len(result.input_ids)
-            stats.trained_tokens += result.num_trained
-            writer.add(result.input_ids, result.labels)
+            dropped.update(result[0].dropped)
+            for sample in result:
+                stats.samples += 1
+                stats.tokens += len(sample.input_ids)
+                stats.trained_tokens += sample.num_trained
+                writer.add(sample.input_ids, sample.labels)
     progress.done()
     # Every record read is either kept or counted under a skip reason.
     stats.records = stats.kept + skips.total
     stats.skipped = dict(skips.counts)
     stats.skip_examples = dict(skips.examples)
+    stats.dropped = dict(dropped)
     return stats
+
+
+def _length_policy(samples: list[Rendered], options: PrepareOptions) -> list[Rendered] | RecordError:
+    """The length policy on each sample of a record. A split record keeps the samples that
+    pass; it is skipped (under the first sample's reason) only when none does."""
+    kept = [apply_length_policy(r, options) for r in samples]
+    good = [r for r in kept if not isinstance(r, RecordError)]
+    return good or kept[0]
 
 
 def prepare(
@@ -184,7 +232,7 @@ def prepare(
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
-        renderer = Renderer(tokenizer, chat_template, options.masking)
+        renderer = Renderer(tokenizer, chat_template, options.masking, options.unrendered)
         stats = _write(tmp, _rendered_records(paths, renderer, options, skips, num_workers), options, skips)
         if stats.kept == 0:
             raise LmforgeError(f"no usable record in {', '.join(paths)}:\n{stats.summary()}")

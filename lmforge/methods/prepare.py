@@ -35,6 +35,8 @@ def prepare_options(data_args: DataArguments) -> PrepareOptions:
         model_max_length=data_args.model_max_length,
         long_records=data_args.long_records,
         on_bad_record=data_args.on_bad_record,
+        unrendered=data_args.unrendered,
+        reasoning_turns=data_args.reasoning_turns,
     )
 
 
