@@ -193,14 +193,13 @@ def _mixed_formats(ctx: Ctx) -> Bad:
 def _unknown_role(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, user_assistant(("user", "q"), ("bot", "a")))
     return Bad(prepare("--data_path", p),
-               f"{p}, record 1: messages[1] has unknown role 'bot'; known roles: ['assistant', 'system', 'user']")
+               f"{p}, record 1: messages[1] has unknown role 'bot'; known roles: "
+               "['assistant', 'developer', 'ipython', 'system', 'tool', 'user']")
 
 
 def _roles_out_of_order(ctx: Ctx) -> Bad:
-    p = with_bad_record(ctx, user_assistant(("user", "q"), ("user", "q again"), ("assistant", "a")))
-    return Bad(prepare("--data_path", p),
-               f"{p}, record 1: turn 1 is 'user' where 'assistant' was expected (an optional system turn, then "
-               "user and assistant turns alternating)")
+    p = with_bad_record(ctx, user_assistant(("user", "q"), ("tool", "42"), ("assistant", "a")))
+    return Bad(prepare("--data_path", p), f"{p}, record 1: turn 1 is a tool result that follows no assistant tool call")
 
 
 def _empty_content(ctx: Ctx) -> Bad:
@@ -209,9 +208,10 @@ def _empty_content(ctx: Ctx) -> Bad:
 
 
 def _non_string_content(ctx: Ctx) -> Bad:
-    # OpenAI's multimodal form: a list of parts where lmforge trains on text.
-    p = with_bad_record(ctx, user_assistant(("user", [{"type": "text", "text": "q"}]), ("assistant", "a")))
-    return Bad(prepare("--data_path", p), f"{p}, record 1: messages[0].content must be a string, got list")
+    # A number where text (or OpenAI's list of content parts) belongs.
+    p = with_bad_record(ctx, user_assistant(("user", 42), ("assistant", "a")))
+    return Bad(prepare("--data_path", p),
+               f"{p}, record 1: messages[0].content must be a string or a list of content parts, got int")
 
 
 def _missing_field(ctx: Ctx) -> Bad:
@@ -244,7 +244,8 @@ def _template_cannot_render(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, SYSTEM)
     tok = ctx.fixture("tokenizer_dirs")(NO_SYSTEM_TEMPLATE)
     return Bad(["prepare", "--tokenizer_name", tok, "--data_path", p],
-               f"{p}, record 1: the chat template cannot render this conversation: this template has no system role")
+               f"{p}, record 1: the chat template does not take a system message (it raises: this template has no "
+               "system role); pass --unrendered drop to train without it")
 
 
 def _no_chat_template(ctx: Ctx) -> Bad:
@@ -575,7 +576,7 @@ CATALOGUE = [
     Kind("missing field", _missing_field, "missing_field"),
     Kind("malformed alpaca history", _malformed_history, "malformed_turn"),
     Kind("no assistant turn", _no_assistant_turn, "no_assistant_turn"),
-    Kind("template cannot render the roles", _template_cannot_render, "template_error"),
+    Kind("template cannot render the roles", _template_cannot_render, "unrendered_system"),
     Kind("all records longer than the max length", _all_too_long),
     # Tokenizer, template, data flags
     Kind("tokenizer without chat template", _no_chat_template),

@@ -113,7 +113,8 @@ def test_every_format_gives_the_same_pair(tmp_path):
         "openai_prompt": {"prompt": [system, user], "chosen": [{"role": "assistant", "content": "Paris."}],
                           "rejected": [{"role": "assistant", "content": "Rome."}]},
     }
-    expected = Pair((Message("system", "Be brief."), Message("user", "Capital of France?")), "Paris.", "Rome.")
+    expected = Pair((Message("system", "Be brief."), Message("user", "Capital of France?")),
+                    Message("assistant", "Paris."), Message("assistant", "Rome."))
     formats = {"prompt": "prompt", "question": "prompt", "sharegpt": "sharegpt", "openai": "openai",
                "openai_prompt": "openai"}
     for name, record in records.items():

@@ -97,7 +97,7 @@ def test_unknown_role(tmp_path):
     bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}
     path = write(tmp_path, "d.json", json.dumps([SHAREGPT, bad]))
     assert error_of(path) == f"{path}, record 1: conversations[1] has unknown role 'robot'; known roles: " \
-        "['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human', 'system', 'user']"
+        "['assistant', 'bard', 'bing', 'chatgpt', 'function_call', 'gpt', 'human', 'observation', 'system', 'tool', 'user']"
 
 
 def test_empty_turn(tmp_path):
@@ -113,9 +113,12 @@ def test_conversation_without_assistant_turn(tmp_path):
 
 
 def test_roles_out_of_order(tmp_path):
-    bad = {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
+    # The order of user and assistant turns is the template's business; a tool result that
+    # answers no call is wrong in any template.
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"},
+                        {"role": "assistant", "content": "a"}]}
     path = write(tmp_path, "d.json", json.dumps([bad]))
-    assert "record 0: turn 0 is 'assistant' where 'user' was expected" in error_of(path)
+    assert error_of(path) == f"{path}, record 0: turn 1 is a tool result that follows no assistant tool call"
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -124,7 +127,15 @@ def test_roles_out_of_order(tmp_path):
     ({"instruction": "q"}, "field 'output' is missing"),
     ({"conversations": "hello"}, "field 'conversations' must be a list of turns, got str"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
-     "messages[0].content must be a string, got int"),
+     "messages[0].content must be a string or a list of content parts, got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]},
+                   {"role": "assistant", "content": "a"}]},
+     "messages[0].content[0] is a 'image_url' part; lmforge trains text models and reads 'text', 'reasoning' "
+     "and 'tool_call' parts only"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     "messages[1].weight is 0.5: a message is trained fully (1) or not at all (0)"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "not json"}]},
+     "conversations[1].value is a string that is not JSON (Expecting value at column 1)"),
 ])
 def test_missing_fields_and_wrong_types(tmp_path, record, reason):
     path = write(tmp_path, "d.json", json.dumps([record]))

@@ -13,6 +13,7 @@ from lmforge.data.render import MaskingStrategy, Renderer, end_of_turn_token_id
 from lmforge.data.templates import BUILTIN_TEMPLATES, VICUNA_SYSTEM, resolve_template
 from lmforge.errors import LmforgeError, RecordError
 
+from chat_reference import STYLES, Style, reference_labels, reference_spans
 from conftest import DUMMY_CONVERSATIONS
 
 # Qwen2.5 ids used below.
@@ -167,19 +168,25 @@ def test_end_of_turn_token(qwen_tokenizer):
     assert end_of_turn_token_id(Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)) == END
 
 
-def test_template_that_rewrites_earlier_turns_is_refused(qwen_tokenizer):
-    # A template that only shows the last assistant answer (as reasoning templates drop old
-    # thoughts): prefixes no longer match, and the record is refused, not mis-masked.
-    template = (
-        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n'"
-        " + '...' + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
+REWRITES_EARLIER = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n'"
+    " + '...' + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_template_that_hides_earlier_answers_is_refused_with_the_cause(qwen_tokenizer):
+    # A template that writes "..." for every answer but the last has nothing of those turns to
+    # train on: the record is refused, saying so, not trained on "...".
     conv = to_conversation(RECORDS["openai"], DataFormat.AUTO)
     with pytest.raises(RecordError) as e:
-        Renderer(qwen_tokenizer, template)(conv)
-    assert e.value.kind == "template_mismatch"
-    assert "assistant turn 2 does not tokenize to a prefix" in str(e.value)
+        Renderer(qwen_tokenizer, REWRITES_EARLIER)(conv)
+    assert e.value.kind == "unrendered_turn"
+    assert "renders turn 2 (assistant) the same whatever it holds" in e.value.reason
+    assert "--reasoning_turns split" in e.value.reason
+    # Under last_assistant only the last answer is trained, which the template does render.
+    last = Renderer(qwen_tokenizer, REWRITES_EARLIER, MaskingStrategy.LAST_ASSISTANT)(conv)
+    assert [qwen_tokenizer.decode(s) for s in labelled_spans(last.labels)] == ["4<|im_end|>"]
 
 
 def test_template_errors_are_record_errors(qwen_tokenizer):
@@ -235,8 +242,7 @@ def test_other_template_shapes(qwen_tokenizer, shape):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast path (`render_batch`, what `prepare` uses) against the exact path (`render_exact`,
-# every prefix tokenized) and apply_chat_template: identical records, or identical errors.
+# Against apply_chat_template and the character-span reference (`chat_reference.py`).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -247,33 +253,28 @@ def all_conversations() -> list[Conversation]:
     return dummy_conversations(500) + [c for _, c in iter_conversations(str(ALPACA_DEMO))]
 
 
-def exact_results(renderer: Renderer, conversations) -> list:
-    out = []
-    for conv in conversations:
-        try:
-            out.append(renderer.render_exact(conv))
-        except RecordError as e:
-            out.append(("error", e.kind, e.reason))
-    return out
+REFERENCE_STYLES = {"qwen": "chatml", "chatml_user": "chatml", "chatml": STYLES["chatml"],
+                    "vicuna_v1.1": Style(("ASSISTANT:",), "<|im_end|>")}
 
 
-def fast_results(renderer: Renderer, conversations, batch: int = 64) -> tuple[list, int]:
-    """render_batch's results (errors as tuples, to compare) and how many records it handed to
-    the exact path."""
-    calls = []
-    exact = renderer.render_exact
+def reference_style(template: str) -> Style:
+    style = REFERENCE_STYLES[template]
+    return STYLES[style] if isinstance(style, str) else style
 
-    def counted(conv):
-        calls.append(conv)
-        return exact(conv)
 
-    renderer.render_exact = counted
-    try:
-        results = [r for i in range(0, len(conversations), batch)
-                   for r in renderer.render_batch(conversations[i : i + batch])]
-    finally:
-        del renderer.render_exact
-    return [("error", r.kind, r.reason) if isinstance(r, RecordError) else r for r in results], len(calls)
+def check_records(tok, chat_template: str, style: Style, strategy: MaskingStrategy, conversations, results) -> None:
+    for conv, out in zip(conversations, results):
+        messages = conv.as_dicts()
+        ids = tok.apply_chat_template(messages, chat_template=chat_template)["input_ids"]
+        assert out.input_ids == ids
+        if strategy == MaskingStrategy.ALL:
+            assert out.labels == ids
+            continue
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        trained = set(assistants[-1:] if strategy == MaskingStrategy.LAST_ASSISTANT else assistants)
+        full = tok.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+        offsets = tok.backend_tokenizer.encode(full, add_special_tokens=False).offsets
+        assert out.labels == reference_labels(ids, offsets, reference_spans(full, messages, style, trained))
 
 
 TEMPLATE_CASES = [("qwen", "assistant"), ("qwen", "last_assistant"), ("qwen", "all"),
@@ -281,16 +282,14 @@ TEMPLATE_CASES = [("qwen", "assistant"), ("qwen", "last_assistant"), ("qwen", "a
 
 
 @pytest.mark.parametrize("template, strategy", TEMPLATE_CASES)
-def test_fast_path_equals_exact_path_and_apply_chat_template(fresh_qwen_tokenizer, template, strategy):
+def test_real_data_equals_apply_chat_template_and_the_reference(fresh_qwen_tokenizer, template, strategy):
     tok = fresh_qwen_tokenizer
     chat_template = tok.chat_template if template == "qwen" else resolve_template(tok, template)
-    renderer = Renderer(tok, chat_template, MaskingStrategy(strategy))
+    strategy = MaskingStrategy(strategy)
+    renderer = Renderer(tok, chat_template, strategy)
     conversations = all_conversations()
-    fast, handed_over = fast_results(renderer, conversations)
-    assert fast == exact_results(renderer, conversations)
-    assert handed_over == 0  # every record was settled by the fast path itself
-    assert [r.input_ids for r in fast] == [
-        tok.apply_chat_template(c.as_dicts(), chat_template=chat_template)["input_ids"] for c in conversations]
+    results = [r for i in range(0, len(conversations), 64) for r in renderer.render_batch(conversations[i : i + 64])]
+    check_records(tok, chat_template, reference_style(template), strategy, conversations, results)
 
 
 @pytest.mark.parametrize("template", ["qwen", *sorted(BUILTIN_TEMPLATES), *sorted(SHAPES)])
@@ -316,76 +315,84 @@ def test_rendered_text_equals_apply_chat_template(fresh_qwen_tokenizer, template
 # with the template's text, non-ASCII and combining characters, digits after spaces, and a
 # special token's text inside a message (which the tokenizer turns into the special token).
 ADVERSARIAL = [
-    " leading space", "trailing space ", "  two leading", "\nnewline first", "newline last\n", "\n\n",
+    " leading space", "trailing space ", "  two leading", "\nnewline first", "newline last\n", "\n\n  x",
     "5 apples", "  5", "你好，世界", "emoji 😀👍🏽", "e\u0301 combining", "tab\tand\u00a0nbsp", "'s and 're",
     "text <|im_end|> inside", "<|im_start|>assistant\nfake turn", "ends with <|im_start|>", "x" * 300,
 ]
 
 
-@pytest.mark.parametrize("template", ["qwen", *sorted(BUILTIN_TEMPLATES), *sorted(SHAPES)])
-def test_fast_path_equals_exact_path_on_adversarial_contents(fresh_qwen_tokenizer, template):
+@pytest.mark.parametrize("template", ["qwen", *sorted(BUILTIN_TEMPLATES)])
+def test_adversarial_contents_equal_the_reference(fresh_qwen_tokenizer, template):
     import random
 
     tok = fresh_qwen_tokenizer
-    if template == "qwen":
-        chat_template = tok.chat_template
-    elif template in SHAPES:
-        chat_template = SHAPES[template][0]
-    else:
-        chat_template = resolve_template(tok, template)
+    chat_template = tok.chat_template if template == "qwen" else resolve_template(tok, template)
     rng = random.Random(0)
-    conversations = []
+    conversations, n = [], 0
+
+    def text() -> str:
+        nonlocal n
+        n += 1
+        return rng.choice(ADVERSARIAL) + f" #{n}" + rng.choice(["", " ", "\n", "  \n"])
+
     for _ in range(200):
-        turns = rng.randint(1, 3)
-        messages = [Message("system", rng.choice(ADVERSARIAL))] if rng.random() < 0.3 else []
-        for _ in range(turns):
-            messages += [Message("user", rng.choice(ADVERSARIAL)), Message("assistant", rng.choice(ADVERSARIAL))]
+        messages = [Message("system", text())] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            messages += [Message("user", text()), Message("assistant", text())]
         conversations.append(Conversation(tuple(messages)))
-    renderer = Renderer(tok, chat_template)
-    fast, _ = fast_results(renderer, conversations)
-    assert fast == exact_results(renderer, conversations)
+    results = Renderer(tok, chat_template).render_batch(conversations)
+    check_records(tok, chat_template, reference_style(template), MaskingStrategy.ASSISTANT, conversations, results)
 
 
-# A template whose generation prompt ends in two spaces, so that an answer starting with a
-# digit follows them. In the conversation the spaces are two tokens (" ", " "), and the
-# prompt's end falls on a token boundary; yet the prompt alone ends in the single token "  ".
-# The prompt is therefore not a token prefix, and a check on character offsets alone would
-# have accepted it. Both paths must refuse the record, with the same message.
-TWO_SPACES = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant  ' + m['content'] + "
-    "'<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant  ' }}{% endif %}"
-)
+def test_answer_starting_with_whitespace_trains_the_merged_token(qwen_tokenizer):
+    """Qwen's BPE merges the template's newline after `assistant` with an answer's leading
+    newlines into one token: that token carries loss (its characters reach into the answer),
+    the ids stay apply_chat_template's."""
+    conv = Conversation((Message("user", "Hi"), Message("assistant", "\n\nSure")))
+    out = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)(conv)
+    assert out.input_ids == qwen_tokenizer.apply_chat_template(conv.as_dicts())["input_ids"]
+    assert [qwen_tokenizer.decode(s) for s in labelled_spans(out.labels)] == ["\n\n\nSure<|im_end|>"]
+    assert qwen_tokenizer.decode(out.input_ids[out.labels.index(next(t for t in out.labels if t != X)) - 1]) \
+        == "assistant"
 
 
-def test_prompt_on_a_token_boundary_that_is_not_a_token_prefix_is_refused(qwen_tokenizer):
-    tok = qwen_tokenizer
-    conv = Conversation((Message("user", "How many?"), Message("assistant", "5 apples")))
-    renderer = Renderer(tok, TWO_SPACES)
-    messages = conv.as_dicts()
-    prompt, full = renderer.text(messages[:1], True), renderer.text(messages, False)
-    assert full.startswith(prompt)
-    encoding = tok.backend_tokenizer.encode(full, add_special_tokens=False)
-    assert len(prompt) in [start for start, _ in encoding.offsets]  # the offsets would have said yes
-    fast, handed_over = fast_results(renderer, [conv])
-    assert fast == exact_results(renderer, [conv])
-    assert fast[0][:2] == ("error", "template_mismatch") and handed_over == 1
-
-
-def test_prefix_that_is_not_a_string_prefix_goes_to_the_exact_path(qwen_tokenizer):
-    # The template of test_template_that_rewrites_earlier_turns_is_refused: the fast path
-    # cannot place the prompt, hands the record over, and the exact path refuses it.
+def test_generation_blocks_equal_hf_assistant_mask(qwen_tokenizer):
+    """Where a template marks answers with {% generation %}, the labels are HF's
+    `return_assistant_tokens_mask` plus the end-of-turn token after each answer."""
     template = (
-        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|im_start|>assistant\n'"
-        " + '...' + '<|im_end|>\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     renderer = Renderer(qwen_tokenizer, template)
-    conv = to_conversation(RECORDS["openai"], DataFormat.AUTO)
-    fast, handed_over = fast_results(renderer, [conv])
-    assert handed_over == 1
-    assert fast == exact_results(renderer, [conv])
-    assert fast[0][1] == "template_mismatch" and "assistant turn 2 does not tokenize to a prefix" in fast[0][2]
+    for conv in dummy_conversations(50) + [Conversation((Message("user", "x"), Message("assistant", "  \n5 apples ")))]:
+        hf = qwen_tokenizer.apply_chat_template(conv.as_dicts(), chat_template=template, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        ids, mask = hf["input_ids"], hf["assistant_masks"]
+        with_end = [bool(m) or (k > 0 and mask[k - 1] and ids[k] == END) for k, m in enumerate(mask)]
+        out = renderer(conv)
+        assert out.input_ids == ids
+        assert out.labels == [t if m else X for t, m in zip(ids, with_end)]
+
+
+def test_per_message_train_flags_and_weights(qwen_tokenizer):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "train": False},
+                           {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 1}]}
+    conv = to_conversation(record, DataFormat.AUTO)
+    out = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)(conv)
+    assert [qwen_tokenizer.decode(s) for s in labelled_spans(out.labels)] == ["4<|im_end|>"]
+    record["messages"][1] = {"role": "assistant", "content": "Hello!", "loss_weight": 1.0}
+    record["messages"][3]["weight"] = 0
+    out = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template, MaskingStrategy.LAST_ASSISTANT)(
+        to_conversation(record, DataFormat.AUTO))
+    assert [qwen_tokenizer.decode(s) for s in labelled_spans(out.labels)] == ["Hello!<|im_end|>"]
+    # Under --masking all, a message marked train: false is the only text without loss.
+    record["messages"][3] = {"role": "assistant", "content": "4", "train": False}
+    out = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template, MaskingStrategy.ALL)(
+        to_conversation(record, DataFormat.AUTO))
+    untrained = [t for t, label in zip(out.input_ids, out.labels) if label == X]
+    assert qwen_tokenizer.decode(untrained) == "4<|im_end|>"
 
 
 def test_template_errors_in_a_batch_stay_with_their_record(qwen_tokenizer):
@@ -395,7 +402,7 @@ def test_template_errors_in_a_batch_stay_with_their_record(qwen_tokenizer):
     bad = Conversation((Message("user", "boom"), Message("assistant", "a")))
     results = Renderer(qwen_tokenizer, template).render_batch([good, bad, good])
     assert isinstance(results[1], RecordError) and results[1].kind == "template_error" and "boom" in results[1].reason
-    assert results[0] == results[2] == Renderer(qwen_tokenizer, template).render_exact(good)
+    assert results[0] == results[2] == Renderer(qwen_tokenizer, template)(good)
 
 
 def test_pickled_renderer_renders_the_same(qwen_tokenizer):

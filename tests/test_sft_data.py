@@ -181,7 +181,8 @@ def test_workers_read_at_most_two_chunks_ahead_each():
 def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_tokenizer):
     # Records are checked and rendered in the workers; their errors come back pickled and
     # get the same policy, wording and order as in one process.
-    bad_roles = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}
+    bad_roles = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"},
+                              {"role": "assistant", "content": "a"}]}
     data = write_json(tmp_path / "d.json", records(3) + [bad_roles] + records(2, answer_words=400))
     template = qwen_tokenizer.chat_template
     skip = PrepareOptions(on_bad_record=OnBadRecord.SKIP, long_records=LongRecords.DROP, model_max_length=256)
@@ -195,7 +196,7 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
             prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / cache),
                     num_workers=workers)
         errors.append(str(e.value))
-    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 0 is 'assistant'")
+    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 1 is a tool result")
 
 
 def test_preparation_progress_lines_and_totals():
