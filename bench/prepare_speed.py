@@ -6,13 +6,14 @@
 1. Rendering, one process, one thread (TOKENIZERS_PARALLELISM=false), the FastChat dummy
    conversations with the tokenizer's own template: conversations/s of (a) HF
    `apply_chat_template` once per conversation, tokenized (no masks), (b) the same in one
-   batched call, (c) lmforge's exact path (`Renderer.render_exact`: the conversation and every
-   prefix tokenized), (d) lmforge's fast path (`Renderer.render_batch`, 256 per batch), the
-   one `prepare` uses. Before timing, (c) and (d) are checked to give identical records, and
-   their ids to equal (a)'s. Each figure is the best of --rounds, the methods interleaved:
-   conversations per second of wall time, and per second of the process's CPU time (what one
-   process does with a core to itself, the figure to read on a machine shared with other
-   work); the ratio is of the latter, to (a).
+   batched call, (c) lmforge's renderer as it was at --baseline_rev (masks from token-prefix
+   renders; read from git, skipped without it), (d) lmforge's renderer now (masks on the
+   rendered text; `Renderer.render_batch`, 256 per batch, what `prepare` uses). Before timing,
+   (d)'s ids are checked to equal (a)'s, and (c) and (d) are compared record by record. Each
+   figure is the best of --rounds, the methods interleaved: conversations per second of wall
+   time, and per second of the process's CPU time (what one process does with a core to
+   itself, the figure to read on a machine shared with other work); the ratio is of the
+   latter, to (a).
 2. End to end, `prepare()` (read, validate, render, write the Arrow cache) of --scaling_records
    synthetic ShareGPT-like conversations with 1 and with 2 processes
    (`--preprocessing_num_workers`).
@@ -53,26 +54,53 @@ def load_conversations(path: str):
     return [conversation for _, conversation in iter_conversations(path)]
 
 
-def render_rates(tokenizer, conversations, rounds: int) -> dict[str, float]:
+def renderer_at(rev: str):
+    """lmforge's `render.py` as it was at git revision `rev`, as a module (None where git or
+    the revision is not there): the previous renderer timed beside today's in one run."""
+    import importlib.util
+
+    try:
+        source = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:lmforge/data/render.py"], check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = os.path.join(tempfile.mkdtemp(prefix="lmforge-render-"), "render_at_rev.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("render_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["render_at_rev"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_rates(tokenizer, conversations, rounds: int, baseline_rev: str) -> dict[str, tuple[float, float]]:
     from lmforge.data.render import Renderer
     from lmforge.errors import RecordError
 
     renderer = Renderer(tokenizer, tokenizer.chat_template)
     messages = [c.as_dicts() for c in conversations]
-    fast = renderer.render_batch(conversations)
-    exact = [renderer.render_exact(c) for c in conversations]
-    assert not any(isinstance(r, RecordError) for r in fast)
-    assert fast == exact, "fast and exact paths differ"
-    assert [r.input_ids for r in fast] == [tokenizer.apply_chat_template(m)["input_ids"] for m in messages]
+    spans = renderer.render_batch(conversations)
+    assert not any(isinstance(r, RecordError) for r in spans)
+    assert [r.input_ids for r in spans] == [tokenizer.apply_chat_template(m)["input_ids"] for m in messages]
 
     methods = {
         "HF apply_chat_template, once per conversation (no masks)":
             lambda: [tokenizer.apply_chat_template(m) for m in messages],
         "HF apply_chat_template, one batched call (no masks)": lambda: tokenizer.apply_chat_template(messages),
-        "lmforge exact path (every prefix tokenized)": lambda: [renderer.render_exact(c) for c in conversations],
-        "lmforge fast path (render_batch, exact masks)":
-            lambda: [renderer.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)],
     }
+    previous = renderer_at(baseline_rev)
+    if previous is not None:
+        old = previous.Renderer(tokenizer, tokenizer.chat_template)
+        before = old.render_batch(conversations)
+        same = sum(not isinstance(b, Exception) and (b.input_ids, b.labels) == (a.input_ids, a.labels)
+                   for a, b in zip(spans, before))
+        print(f"lmforge at {baseline_rev} (token-prefix masks) and now (character-span masks): "
+              f"{same} of {len(conversations)} records identical")
+        methods[f"lmforge at {baseline_rev} (token-prefix masks)"] = \
+            lambda: [old.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)]
+    methods["lmforge now (character-span masks)"] = \
+        lambda: [renderer.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)]
     wall: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):  # interleaved, so that a busy moment on the machine hits every method
@@ -177,6 +205,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     parser.add_argument("--data", default=DEFAULT_DATA, help="ShareGPT JSON list (default: FastChat's dummy data)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--baseline_rev", default="5dea9bc",
+                        help="git revision whose renderer is timed beside today's (default: the last with "
+                             "token-prefix masks, 2026-12-01)")
     parser.add_argument("--scaling_records", type=int, default=50_000, help="0 skips the 1 vs 2 process run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--memory_records", type=int, default=200_000, help="0 skips the memory run")
@@ -190,7 +221,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     conversations = load_conversations(args.data)
     print(f"\n## Rendering: {len(conversations)} conversations, one process, one thread, best of {args.rounds}")
-    rates = render_rates(tokenizer, conversations, args.rounds)
+    rates = render_rates(tokenizer, conversations, args.rounds, args.baseline_rev)
     baseline = rates["HF apply_chat_template, once per conversation (no masks)"]
     print(f"{'':58s} {'conv/s':>8s}  {'per CPU-s':>9s}  {'ratio':>5s}")
     for name, (rate, per_cpu_second) in rates.items():

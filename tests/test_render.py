@@ -14,6 +14,7 @@ from lmforge.data.templates import BUILTIN_TEMPLATES, VICUNA_SYSTEM, resolve_tem
 from lmforge.errors import LmforgeError, RecordError
 
 from chat_reference import STYLES, Style, reference_labels, reference_spans
+from chat_reference import labelled_runs as labelled_spans
 from conftest import DUMMY_CONVERSATIONS
 
 # Qwen2.5 ids used below.
@@ -148,20 +149,6 @@ def test_chatml_user_text():
     text = Template(BUILTIN_TEMPLATES["chatml_user"]).render(
         messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], add_generation_prompt=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
-
-
-def labelled_spans(labels: list[int]) -> list[list[int]]:
-    spans, current = [], []
-    for t in labels:
-        if t == X:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(t)
-    if current:
-        spans.append(current)
-    return spans
 
 
 def test_end_of_turn_token(qwen_tokenizer):

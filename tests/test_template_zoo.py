@@ -288,23 +288,23 @@ def test_reasoning_turns_split_trains_every_turns_thinking(zoo_tokenizers):
         assert sample.input_ids == tok.apply_chat_template(sub.as_dicts())["input_ids"]
 
 
+def two_turns() -> Conversation:
+    return to_conversation({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                                         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+                           DataFormat.AUTO)
+
+
 def test_deepseek_generation_prompt_is_not_trained_twice(zoo_tokenizers):
     # DeepSeek-R1-Distill's generation prompt opens "<think>\n", which its rendered answers
     # do not hold: the span starts after "<｜Assistant｜>", where prompt and answer agree.
     tok = zoo_tokenizers["deepseek-r1-distill"]
-    conv = to_conversation({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                                         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-                           DataFormat.AUTO)
-    out = Renderer(tok, tok.chat_template)(conv)
+    out = Renderer(tok, tok.chat_template)(two_turns())
     assert [tok.decode(r) for r in labelled_runs(out.labels)] == ["Yo<｜end▁of▁sentence｜>", "4<｜end▁of▁sentence｜>"]
 
 
 def test_phi3_final_eos_is_not_trained(zoo_tokenizers):
     tok = zoo_tokenizers["phi-3-mini"]
-    conv = to_conversation({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                                         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-                           DataFormat.AUTO)
-    out = Renderer(tok, tok.chat_template)(conv)
+    out = Renderer(tok, tok.chat_template)(two_turns())
     assert tok.decode(out.input_ids).endswith("4<|end|>\n<|endoftext|>")
     assert [tok.decode(r) for r in labelled_runs(out.labels)] == ["Yo<|end|>", "4<|end|>"]
 

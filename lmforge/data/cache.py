@@ -36,7 +36,7 @@ import pyarrow as pa
 from lmforge.data.formats import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError
 
-CACHE_VERSION = 3  # 3: entries carry entry.json
+CACHE_VERSION = 4  # 3: entries carry entry.json; 4: masks on the rendered text
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

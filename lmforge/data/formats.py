@@ -457,8 +457,72 @@ def iter_records(
 ) -> Iterator[tuple[str, Any, DataFormat]]:
     """Yield `(location, raw record, format)`: the first step of `iter_conversations`, which
     fixes the format, without checking the records (`to_conversation` does that; `prepare`
-    does it in its worker processes)."""
-    yield from records_with_format(path, fmt, detect_format, on_bad_record, skips)
+    does it in its worker processes). A file described by a LLaMA-Factory `dataset_info.json`
+    beside it has its columns and role tags read from there."""
+    columns = llama_factory_columns(path)
+    if columns is None:
+        yield from records_with_format(path, fmt, detect_format, on_bad_record, skips)
+        return
+    mapped_fmt = DataFormat.SHAREGPT if columns.get("formatting") == "sharegpt" else DataFormat.ALPACA
+    for location, record in read_records(path):
+        yield location, remap_record(record, columns), mapped_fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaMA-Factory's dataset_info.json: column names and role tags of a data file
+# ---------------------------------------------------------------------------------------------
+
+DATASET_INFO = "dataset_info.json"
+# LLaMA-Factory's default tags, and the lmforge ShareGPT role each becomes.
+SHAREGPT_TAGS = {"user_tag": ("human", "human"), "assistant_tag": ("gpt", "gpt"),
+                 "observation_tag": ("observation", "observation"), "function_tag": ("function_call", "function_call"),
+                 "system_tag": ("system", "system")}
+
+
+def llama_factory_columns(path: str) -> dict | None:
+    """The entry of `dataset_info.json` (in the data file's folder) whose `file_name` is this
+    file, or None. The entry says the formatting (alpaca / sharegpt), the column names and, for
+    sharegpt, the role and content keys and the role names."""
+    info_path = os.path.join(os.path.dirname(os.path.abspath(path)), DATASET_INFO)
+    if not os.path.isfile(info_path):
+        return None
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(info_path, None, f"cannot read it as JSON: {e}") from None
+    name = os.path.basename(path)
+    entries = [e for e in info.values() if isinstance(e, dict) and e.get("file_name") == name] \
+        if isinstance(info, dict) else []
+    if not entries or entries[0].get("ranking"):
+        return None  # not described there, or preference data (read by lmforge dpo's own formats)
+    return {"formatting": entries[0].get("formatting", "alpaca"), "columns": entries[0].get("columns") or {},
+            "tags": entries[0].get("tags") or {}}
+
+
+def remap_record(record: Any, spec: dict) -> Any:
+    """A record in LLaMA-Factory's described columns, as the ShareGPT or Alpaca record lmforge
+    reads; a record that is not an object is left for the reader to refuse."""
+    if not isinstance(record, dict):
+        return record
+    columns, tags = spec["columns"], spec["tags"]
+    if spec["formatting"] != "sharegpt":
+        names = {"instruction": "prompt", "input": "query", "output": "response", "system": "system",
+                 "history": "history"}
+        return {ours: record.get(columns.get(theirs, ours)) for ours, theirs in names.items()
+                if record.get(columns.get(theirs, ours)) is not None}
+    role_key, content_key = tags.get("role_tag", "from"), tags.get("content_tag", "value")
+    roles = {tags.get(tag, default): ours for tag, (default, ours) in SHAREGPT_TAGS.items()}
+    turns = record.get(columns.get("messages", "conversations"))
+    if isinstance(turns, list):
+        turns = [{**{k: v for k, v in t.items() if k not in (role_key, content_key)},
+                  "from": roles.get(t.get(role_key), t.get(role_key)), "value": t.get(content_key)}
+                 if isinstance(t, dict) else t for t in turns]
+    out = {"conversations": turns}
+    for ours in ("system", "tools"):
+        if columns.get(ours) and record.get(columns[ours]) is not None:
+            out[ours] = record[columns[ours]]
+    return out
 
 
 def check_then_render(chunk: list[tuple[str, str, Any, Any]], check: Callable[[Any, Any], Any],

@@ -338,21 +338,22 @@ class Renderer:
             return n
         return min(self._atom_start(a, n), self._atom_start(b, n))
 
-    def _atom_start(self, text: str, pos: int) -> int:
+    def _atom(self, text: str, pos: int) -> tuple[int, int] | None:
+        """The added token of `text` that `pos` falls strictly inside, as (start, end)."""
         if self.added_pattern is None or pos == 0 or pos >= len(text):
-            return pos
+            return None
         for m in self.added_pattern.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
             if m.start() < pos < m.end():
-                return m.start()
-        return pos
+                return m.span()
+        return None
+
+    def _atom_start(self, text: str, pos: int) -> int:
+        atom = self._atom(text, pos)
+        return atom[0] if atom else pos
 
     def _atom_end(self, text: str, pos: int) -> int:
-        if self.added_pattern is None or pos == 0 or pos >= len(text):
-            return pos
-        for m in self.added_pattern.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
-            if m.start() < pos < m.end():
-                return m.end()
-        return pos
+        atom = self._atom(text, pos)
+        return atom[1] if atom else pos
 
     # -----------------------------------------------------------------------------------------
     # Conversation → text with spans

@@ -27,6 +27,7 @@ from lmforge.data.formats import (
     SkipCounter,
     check_then_render,
     iter_records,
+    llama_factory_columns,
     skip_summary,
     to_conversation,
 )
@@ -228,7 +229,8 @@ def prepare(
     """Render `paths` into the cache (or find them there)."""
     if not paths:
         raise LmforgeError("no data file given (--data_path)")
-    key = cache_key("sft", paths, tokenizer, {"template": chat_template, **asdict(options)})
+    columns = [llama_factory_columns(p) for p in paths]  # dataset_info.json changes the records read
+    key = cache_key("sft", paths, tokenizer, {"template": chat_template, "columns": columns, **asdict(options)})
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})

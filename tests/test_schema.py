@@ -1,0 +1,141 @@
+"""Records as people have them: content parts, reasoning, tool calls and results, tools, loss
+flags, LLaMA-Factory's ShareGPT tool format; each read into the one Conversation type, and
+rendered with nothing the record carries lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chat_reference import labelled_runs
+from lmforge.data.formats import DataFormat, to_conversation
+from lmforge.data.render import Renderer
+from lmforge.data.schema import Conversation, Message
+from lmforge.errors import RecordError
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_content_parts_are_joined_text():
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "text", "text": "2+2?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}
+    assert to_conversation(record, DataFormat.AUTO) == Conversation((Message("user", "Look:\n2+2?"), Message("assistant", "4")))
+
+
+def test_llama_factory_v1_parts_and_loss_weights():
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "value": "Who are you?"}], "loss_weight": 0.0},
+                           {"role": "assistant", "content": [{"type": "reasoning", "value": "Be honest."},
+                                                             {"type": "text", "value": "An assistant."}],
+                            "loss_weight": 1.0}]}
+    assert to_conversation(record, DataFormat.AUTO) == Conversation((
+        Message("user", "Who are you?", train=False),
+        Message("assistant", "An assistant.", reasoning="Be honest.", train=True)))
+
+
+def test_empty_system_message_means_no_system_prompt():
+    for empty in ("", "   ", "\n"):
+        record = {"messages": [{"role": "system", "content": empty}, {"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "a"}]}
+        assert to_conversation(record, DataFormat.AUTO) == Conversation((Message("user", "q"), Message("assistant", "a")))
+
+
+def test_openai_tool_calls_and_results():
+    record = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 degrees."}], "tools": [WEATHER]}
+    conv = to_conversation(record, DataFormat.AUTO)
+    assert conv.tools == (WEATHER,)
+    assert conv.messages[1] == Message("assistant", "", tool_calls=({**CALL, "id": "call_1"},))
+    assert conv.messages[2] == Message("tool", '{"temp": 21}', tool_call_id="call_1")
+    # A call-only turn has no content, as OpenAI writes it; arguments are a mapping, as templates expect.
+    assert conv.as_dicts()[1] == {"role": "assistant", "content": None, "tool_calls": [{**CALL, "id": "call_1"}]}
+
+
+def test_sharegpt_function_call_and_observation():
+    """LLaMA-Factory's glaive format: `function_call` / `observation` turns, tools as a JSON
+    string, the system prompt in a column of its own."""
+    record = {"system": "You can call tools.", "tools": json.dumps([WEATHER["function"]]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "21 degrees."}]}
+    conv = to_conversation(record, DataFormat.AUTO)
+    assert conv == Conversation((Message("system", "You can call tools."), Message("user", "Weather in Paris?"),
+                                 Message("assistant", "", tool_calls=(CALL,)), Message("tool", '{"temp": 21}'),
+                                 Message("assistant", "21 degrees.")), (WEATHER["function"],))
+
+
+def tool_conversation() -> Conversation:
+    return to_conversation({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 degrees."}], "tools": [WEATHER]}, DataFormat.AUTO)
+
+
+def test_tools_calls_and_results_render_as_apply_chat_template(qwen_tokenizer):
+    """Nothing the record carries is lost: the tools list is rendered (the template's tool
+    system prompt), the call is trained with the text before it, the result is not trained."""
+    tok = qwen_tokenizer
+    conv = tool_conversation()
+    out = Renderer(tok, tok.chat_template)(conv)
+    assert out.input_ids == tok.apply_chat_template(conv.as_dicts(), tools=conv.tool_list)["input_ids"]
+    assert len(out.input_ids) > len(tok.apply_chat_template(conv.as_dicts())["input_ids"]) + 50  # the tool schema
+    runs = [tok.decode(r) for r in labelled_runs(out.labels)]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert runs == [f"Let me check.\n{call}<|im_end|>", "21 degrees.<|im_end|>"]
+    assert "temp" not in "".join(runs)
+
+
+def test_reasoning_a_template_cannot_render_is_an_error(qwen_tokenizer):
+    conv = to_conversation({"messages": [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "a", "reasoning_content": "think"}]},
+                           DataFormat.AUTO)
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)(conv)
+    assert e.value.kind == "unrendered_reasoning"
+    assert e.value.reason == ("the chat template does not render the reasoning of turn 1 (assistant); it renders no "
+                              "reasoning at all; pass --unrendered drop to train without it")
+
+
+def test_tools_a_template_cannot_render_are_an_error(qwen_tokenizer):
+    plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] or '') + '<|im_end|>\n' }}{% endfor %}"
+    conv = Conversation((Message("user", "q"), Message("assistant", "a")), (WEATHER,))
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, plain)(conv)
+    assert (e.value.kind, e.value.reason) == ("unrendered_tools", "the chat template does not render the record's "
+                                              "tools; pass --unrendered drop to train without it")
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, plain)(Conversation(tool_conversation().messages))
+    assert e.value.kind == "template_error" and "does not render the tool calls of turn 1" in e.value.reason
+
+
+def test_llama_factory_dataset_info_columns_and_tags(tmp_path):
+    """A data file described in a dataset_info.json beside it is read with its column names and
+    role tags (LLaMA-Factory's way of naming them)."""
+    from lmforge.data.formats import iter_conversations
+
+    (tmp_path / "chat.json").write_text(json.dumps([{"dialog": [
+        {"speaker": "person", "text": "Weather?"},
+        {"speaker": "bot_call", "text": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"speaker": "result", "text": '{"temp": 21}'},
+        {"speaker": "bot", "text": "21 degrees.", "train": False}], "prompt_sys": "Be brief.", "fns": "[]"}]))
+    (tmp_path / "qa.json").write_text(json.dumps([{"q": "2+2?", "ctx": "Add.", "a": "4"}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "chat": {"file_name": "chat.json", "formatting": "sharegpt",
+                 "columns": {"messages": "dialog", "system": "prompt_sys", "tools": "fns"},
+                 "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "person", "assistant_tag": "bot",
+                          "observation_tag": "result", "function_tag": "bot_call"}},
+        "qa": {"file_name": "qa.json", "columns": {"prompt": "q", "query": "ctx", "response": "a"}}}))
+    [(_, chat)] = list(iter_conversations(str(tmp_path / "chat.json")))
+    assert chat == Conversation((Message("system", "Be brief."), Message("user", "Weather?"),
+                                 Message("assistant", "", tool_calls=(CALL,)), Message("tool", '{"temp": 21}'),
+                                 Message("assistant", "21 degrees.", train=False)), ())
+    [(_, qa)] = list(iter_conversations(str(tmp_path / "qa.json")))
+    assert qa == Conversation((Message("user", "2+2?\nAdd."), Message("assistant", "4")))
