@@ -96,6 +96,11 @@ class DataArguments:
                           "refuses or Mistral v0.3 leaves out, reasoning, tools): error (stop, naming the record) "
                           "or drop (train without it, counted)."},
     )
+    tools: Optional[str] = field(
+        default=None,
+        metadata={"help": "A JSON file with a list of tool schemas, offered to every record that has no `tools` "
+                          "of its own (as apply_chat_template's tools=)."},
+    )
     reasoning_turns: ReasoningTurns = field(
         default=ReasoningTurns.RENDERED,
         metadata={"help": "rendered: one sample per conversation, each assistant turn as the whole conversation "

@@ -10,7 +10,7 @@ import pytest
 
 from chat_reference import labelled_runs
 from lmforge.data.formats import DataFormat, to_conversation
-from lmforge.data.render import Renderer
+from lmforge.data.render import MaskingStrategy, Renderer
 from lmforge.data.schema import Conversation, Message
 from lmforge.errors import RecordError
 
@@ -91,6 +91,11 @@ def test_tools_calls_and_results_render_as_apply_chat_template(qwen_tokenizer):
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert runs == [f"Let me check.\n{call}<|im_end|>", "21 degrees.<|im_end|>"]
     assert "temp" not in "".join(runs)
+    # Under --masking all as well, the tool result carries no loss: all of it but its last
+    # token, "}\n", which reaches into the template's text after it (the boundary rule).
+    every = Renderer(tok, tok.chat_template, MaskingStrategy.ALL)(conv)
+    assert [tok.decode(r) for r in labelled_runs([t if label == -100 else -100 for t, label in
+                                                  zip(every.input_ids, every.labels)])] == ['{"temp": 21']
 
 
 def test_reasoning_a_template_cannot_render_is_an_error(qwen_tokenizer):
@@ -139,3 +144,46 @@ def test_llama_factory_dataset_info_columns_and_tags(tmp_path):
                                  Message("assistant", "21 degrees.", train=False)), ())
     [(_, qa)] = list(iter_conversations(str(tmp_path / "qa.json")))
     assert qa == Conversation((Message("user", "2+2?\nAdd."), Message("assistant", "4")))
+
+
+def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer):
+    from lmforge.data.sft import PrepareOptions, prepare, read_tools
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    data = tmp_path / "d.jsonl"
+    plain = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]}
+    own = {**plain, "tools": []}
+    data.write_text("\n".join(json.dumps(r) for r in (plain, own)))
+    ds = prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template,
+                 PrepareOptions(tools=read_tools(str(tools))), cache_dir=str(tmp_path / "c")).dataset()
+    with_tools = Conversation(to_conversation(plain, DataFormat.AUTO).messages, (WEATHER,))
+    assert ds[0]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts(), tools=[WEATHER])["input_ids"]
+    assert ds[1]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts(), tools=[])["input_ids"]
+    tools.write_text('{"name": "x"}')
+    with pytest.raises(Exception, match=r"tools.json: --tools: the file must be a list of tool schemas"):
+        read_tools(str(tools))
+
+
+def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer):
+    from lmforge.data.render import Unrendered
+    from lmforge.data.sft import PrepareOptions, ReasoningTurns, prepare
+
+    three = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                          {"role": "assistant", "content": "b", "reasoning_content": "Think it over."},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+                          {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(three))
+    options = PrepareOptions(unrendered=Unrendered.DROP, reasoning_turns=ReasoningTurns.SPLIT)
+    cache = prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, options, cache_dir=str(tmp_path / "c"))
+    # Counted once per record, though two of its samples hold the turn whose reasoning was left out.
+    assert (cache.stats.kept, cache.stats.samples, cache.stats.dropped) == (1, 3, {"reasoning": 1})
+    rows = cache.dataset()
+    assert [qwen_tokenizer.decode([t for t in row["labels"] if t != -100]) for row in rows] == [
+        "b<|im_end|>", "d<|im_end|>", "f<|im_end|>"]
+    assert "samples: 3 (one per assistant turn)" in cache.stats.summary()
+    assert "left out (--unrendered drop): reasoning: 1" in cache.stats.summary()
+    with pytest.raises(Exception, match="does not render the reasoning of turn 2"):
+        prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+                cache_dir=str(tmp_path / "d"))

@@ -411,10 +411,7 @@ class Renderer:
                                   "for one, renders it only before a final user turn)")
         last = max(i for i, m in enumerate(messages) if m.role == ASSISTANT)
         for i, m in enumerate(messages):
-            reasoning = _reasoning_of(m) if m.role == ASSISTANT else None
-            # Reasoning templates drop earlier turns' thinking by design (--reasoning_turns split
-            # trains it); a template that renders no thinking at all would drop every turn's.
-            if reasoning and reasoning not in full and (i == last or not self.traits.renders_reasoning):
+            if m.role == ASSISTANT and _lost_reasoning(m, full, i == last, self.traits.renders_reasoning):
                 return "reasoning", (f"the chat template does not render the reasoning of turn {i} ({m.role})"
                                      + ("" if self.traits.renders_reasoning else "; it renders no reasoning at all"))
         if conversation.tools and not all(_tool_name(t) in full for t in conversation.tools):
@@ -506,9 +503,11 @@ class Renderer:
         """The trained character spans of `full`, in order. Under `--masking all` that is the
         whole text but the turns of messages marked `train: false`."""
         tools = conversation.tool_list
-        if self.strategy == MaskingStrategy.ALL:
+        if self.strategy == MaskingStrategy.ALL:  # all but untrained turns and tool results
             off = [i for i, m in enumerate(conversation.messages) if m.train is False and m.role != TOOL]
-            return _complement(self._turn_spans(messages, tools, full, off), len(full))
+            results = [self._payload(messages, tools, full, i) for i, m in enumerate(conversation.messages)
+                       if m.role == TOOL]
+            return _complement(sorted(self._turn_spans(messages, tools, full, off) + results), len(full))
         return self._turn_spans(messages, tools, full, self.trained_turns(conversation.messages))
 
     def _turn_spans(self, messages: list[dict], tools, full: str, turns: list[int]) -> list[tuple[int, int]]:
@@ -635,6 +634,22 @@ def _complement(spans: list[tuple[int, int]], length: int) -> list[tuple[int, in
     if at < length:
         out.append((at, length))
     return out
+
+
+def _lost_reasoning(m: Message, full: str, last: bool, renders_reasoning: bool) -> bool:
+    """Whether the thinking an assistant message carries is missing from the rendered text.
+    Reasoning templates drop earlier turns' thinking by design (--reasoning_turns split trains
+    it), so only the last turn's is looked for there; a template that renders no reasoning
+    field loses any, and one that rewrites contents (DeepSeek-R1's cuts "<think>" blocks out)
+    loses a <think> block unless the content is there as written."""
+    if m.reasoning is not None and m.reasoning.strip():
+        return not renders_reasoning or (last and m.reasoning.strip() not in full)
+    thought = _reasoning_of(m)
+    if not thought:
+        return False
+    if renders_reasoning:
+        return last and thought not in full
+    return m.content.strip() not in full
 
 
 def _reasoning_of(message: Message) -> str | None:

@@ -8,7 +8,7 @@ import enum
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from lmforge.data.cache import (
@@ -32,6 +32,7 @@ from lmforge.data.formats import (
     to_conversation,
 )
 from lmforge.data.render import MaskingStrategy, Rendered, Renderer, Unrendered, split_turns
+from lmforge.data.schema import Conversation, parse_tools
 from lmforge.errors import DataError, LmforgeError, RecordError
 
 CHUNK = 256
@@ -67,6 +68,8 @@ class PrepareOptions:
     on_bad_record: OnBadRecord = OnBadRecord.ERROR
     unrendered: Unrendered = Unrendered.ERROR
     reasoning_turns: ReasoningTurns = ReasoningTurns.RENDERED
+    tools: tuple[dict, ...] | None = None
+    """Tools offered to every record that names none of its own (`--tools FILE`)."""
 
 
 @dataclass
@@ -98,14 +101,29 @@ class PrepareStats:
 SftCache = Cached[PrepareStats]
 
 
-# Worker side: one renderer (and the options) per process.
+def read_tools(path: str) -> tuple[dict, ...]:
+    """`--tools FILE`: a JSON list of tool schemas (OpenAI's, or LLaMA-Factory's flat ones)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise DataError(path, None, "file does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, None, f"--tools: cannot read it as JSON: {e}") from None
+    try:
+        return parse_tools(value, "the file")
+    except RecordError as e:
+        raise DataError(path, None, f"--tools: {e.reason}") from None
+
+
+# Worker side: one renderer and the options per process.
 _RENDERER: Renderer | None = None
-_SPLIT = False
+_OPTIONS = PrepareOptions()
 
 
-def _init_worker(renderer: Renderer, split: bool = False) -> None:
-    global _RENDERER, _SPLIT
-    _RENDERER, _SPLIT = renderer, split
+def _init_worker(renderer: Renderer, options: PrepareOptions) -> None:
+    global _RENDERER, _OPTIONS
+    _RENDERER, _OPTIONS = renderer, options
 
 
 def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[str, str, list[Rendered] | RecordError]]:
@@ -114,12 +132,20 @@ def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[s
     Checking happens here, in the worker, so that the main process only reads and writes."""
     assert _RENDERER is not None
     return [(path, location, result if isinstance(result, RecordError) else [_compact(r) for r in result])
-            for path, location, result in check_then_render(chunk, to_conversation, _render_samples)]
+            for path, location, result in check_then_render(chunk, _conversation, _render_samples)]
+
+
+def _conversation(record: Any, fmt: DataFormat) -> Conversation:
+    """The record's conversation, with `--tools` where the record names no tools of its own."""
+    conversation = to_conversation(record, fmt)
+    if conversation.tools is None and _OPTIONS.tools is not None:
+        conversation = replace(conversation, tools=_OPTIONS.tools)
+    return conversation
 
 
 def _render_samples(conversations: list) -> list[list[Rendered] | RecordError]:
     assert _RENDERER is not None
-    if not _SPLIT:
+    if _OPTIONS.reasoning_turns != ReasoningTurns.SPLIT:
         return [r if isinstance(r, RecordError) else [r] for r in _RENDERER.render_batch(conversations)]
     groups = [split_turns(c, _RENDERER) for c in conversations]
     flat = iter(_RENDERER.render_batch([s for group in groups for s in group]))
@@ -151,8 +177,7 @@ def _rendered_records(paths, renderer: Renderer, options: PrepareOptions, skips:
                       num_workers: int) -> Iterator[tuple[str, str, list[Rendered] | RecordError]]:
     """(path, location, the record's samples or its RecordError) in source order."""
     chunks = chunked(_records(paths, options, skips), CHUNK)
-    split = options.reasoning_turns == ReasoningTurns.SPLIT
-    for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer, split)):
+    for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer, options)):
         yield from results
 
 
@@ -195,7 +220,7 @@ def _write(tmp: str, records, options: PrepareOptions, skips: SkipCounter) -> Pr
                 raise DataError(path, location, result.reason)
             stats.truncated += int(truncated)
             stats.kept += 1
-            dropped.update(result[0].dropped)
+            dropped.update({part for sample in result for part in sample.dropped})  # once per record
             for sample in result:
                 stats.samples += 1
                 stats.tokens += len(sample.input_ids)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse
 from lmforge.data.render import Renderer, end_of_turn_token_id
-from lmforge.data.sft import PrepareOptions, SftCache, dump_records, prepare
+from lmforge.data.sft import PrepareOptions, SftCache, dump_records, prepare, read_tools
 from lmforge.data.split import describe_split, length_histogram, record_lengths, trained_counts
 from lmforge.data.templates import resolve_template
 from lmforge.model import load_tokenizer
@@ -37,6 +37,7 @@ def prepare_options(data_args: DataArguments) -> PrepareOptions:
         on_bad_record=data_args.on_bad_record,
         unrendered=data_args.unrendered,
         reasoning_turns=data_args.reasoning_turns,
+        tools=read_tools(data_args.tools) if data_args.tools else None,
     )
 
 
