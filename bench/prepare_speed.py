@@ -103,8 +103,9 @@ def render_rates(tokenizer, conversations, rounds: int, baseline_rev: str) -> di
         lambda: [renderer.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)]
     wall: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):  # interleaved, so that a busy moment on the machine hits every method
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(rounds):  # interleaved, so that a busy moment on the machine hits every method,
+        for name, fn in order if r % 2 == 0 else order[::-1]:  # each in turn first and last
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             wall[name].append(time.perf_counter() - start)

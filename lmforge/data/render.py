@@ -24,6 +24,14 @@ payload is located instead by rendering the whole conversation with that message
 sentinel and comparing the two texts. Token prefixes are never compared: BPE merges across turn
 boundaries, so they are not a property templates keep.
 
+Characters become token indices without asking the tokenizer for offsets, which would double
+the cost of tokenizing: a span boundary right after an added token (`<|im_end|>`) is that
+token's index, and one a short piece of template text later ("assistant\n") is found by
+tokenizing that piece alone (`Renderer._token_spans`). Only a record where a token straddles a
+boundary is tokenized again with offsets. This is written here, not taken from HF, because
+`return_assistant_tokens_mask` needs `{% generation %}` blocks that most published templates
+lack; where they exist the masks agree (tested).
+
 Labels follow the HF convention: aligned with input_ids, -100 where no loss; the model shifts.
 """
 
@@ -379,7 +387,7 @@ class Renderer:
             messages = conversation.as_dicts()
             try:
                 full = self.text(messages, False, conversation.tool_list)
-                missing = self._missing(conversation, full)
+                missing = None if conversation.plain else self._missing(conversation, full)
             except Exception as e:  # jinja raise_exception and template errors
                 missing = self._raises_on(conversation, e)
             if not missing:
@@ -494,8 +502,10 @@ class Renderer:
         if self.special_pattern is None:
             return end
         if last:
-            found = [m.end() for m in self.special_pattern.finditer(full, start, end)]
-            return found[-1] if found else end
+            closer = end
+            for m in self.special_pattern.finditer(full, start, end):
+                closer = m.end()
+            return closer
         m = self.special_pattern.search(full, start)
         return m.end() if m else end
 
@@ -698,7 +708,7 @@ def split_turns(conversation: Conversation, renderer: Renderer) -> list[Conversa
         if messages[i].role != ASSISTANT:
             continue
         head = tuple(m._replace(train=False) if m.role == ASSISTANT else m for m in messages[:i])
-        out.append(Conversation(head + (messages[i]._replace(train=True),), conversation.tools))
+        out.append(Conversation(head + (messages[i]._replace(train=True),), conversation.tools, conversation.plain))
     return out
 
 

@@ -16,7 +16,7 @@ error names the record (`render.py`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lmforge.errors import RecordError
@@ -96,6 +96,10 @@ class Conversation:
 
     messages: tuple[Message, ...]
     tools: tuple[dict, ...] | None = None
+    plain: bool = field(default=False, compare=False)
+    """True when the messages are known to carry only system-free user / assistant text (no
+    system message, reasoning, tools, tool calls or results): nothing a template could leave
+    out, so the renderer skips looking for it."""
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """The message list that `tokenizer.apply_chat_template` takes."""
@@ -295,4 +299,6 @@ def validate(messages: list[Message], tools: tuple[dict, ...] | None = None) -> 
             raise RecordError("roles_out_of_order", f"turn {i} is a tool result that follows no assistant tool call")
     if not any(m.role == ASSISTANT for m in messages):
         raise RecordError("no_assistant_turn", "the conversation has no assistant turn to train on")
-    return Conversation(tuple(messages), tools)
+    plain = not tools and all(m.role in (USER, ASSISTANT) and m.reasoning is None and not m.tool_calls
+                              and "</think>" not in m.content for m in messages)
+    return Conversation(tuple(messages), tools, plain)

@@ -139,7 +139,7 @@ def _conversation(record: Any, fmt: DataFormat) -> Conversation:
     """The record's conversation, with `--tools` where the record names no tools of its own."""
     conversation = to_conversation(record, fmt)
     if conversation.tools is None and _OPTIONS.tools is not None:
-        conversation = replace(conversation, tools=_OPTIONS.tools)
+        conversation = replace(conversation, tools=_OPTIONS.tools, plain=False)
     return conversation
 
 
