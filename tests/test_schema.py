@@ -68,7 +68,7 @@ def test_sharegpt_function_call_and_observation():
     conv = to_conversation(record, DataFormat.AUTO)
     assert conv == Conversation((Message("system", "You can call tools."), Message("user", "Weather in Paris?"),
                                  Message("assistant", "", tool_calls=(CALL,)), Message("tool", '{"temp": 21}'),
-                                 Message("assistant", "21 degrees.")), (WEATHER["function"],))
+                                 Message("assistant", "21 degrees.")), (WEATHER,))
 
 
 def tool_conversation() -> Conversation:

@@ -135,13 +135,16 @@ def _json_value(value: Any, what: str) -> Any:
 
 
 def parse_tools(value: Any, what: str = "field 'tools'") -> tuple[dict, ...] | None:
-    """The tools a record offers: a list of function schemas, or a JSON string of one."""
+    """The tools a record offers: a list of function schemas, or a JSON string of one. A bare
+    function schema ({"name", "description", "parameters"}, as LLaMA-Factory's glaive data has
+    them) is wrapped as OpenAI's {"type": "function", "function": ...}, the shape templates
+    read (Mistral's reads `tool.function`) and transformers' `get_json_schema` writes."""
     if value is None:
         return None
     tools = _json_value(value, what)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RecordError("malformed_field", f"{what} must be a list of tool schemas (objects)")
-    return tuple(tools)
+    return tuple({"type": "function", "function": t} if "name" in t and "function" not in t else t for t in tools)
 
 
 def _arguments(value: Any) -> Any:
