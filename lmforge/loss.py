@@ -22,9 +22,9 @@ import importlib.util
 import torch
 from torch import nn
 
+from lmforge.data.render import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 
-IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**28  # fp32 logits per chunk: 1 GiB
 
 
@@ -53,9 +53,9 @@ _compiled_loss_and_grad = None
 
 def logit_loss_and_grad(device: torch.device):
     """`_logit_loss_and_grad`, compiled on a GPU: in eager it is six passes over a chunk of
-    fp32 logits (cast, logsumexp, gather, exp, scatter, cast back) and took 8 % of a 0.5B
-    model's step on the H100; compiled it is one fused reduction and one pointwise pass. On
-    CPU the eager function (no compile time in tests)."""
+    fp32 logits (cast, logsumexp, gather, exp, scatter, cast back), a measurable share of a
+    small model's step on the GPU (docs/bench_results.md); compiled it is one fused reduction
+    and one pointwise pass. On CPU the eager function (no compile time in tests)."""
     global _compiled_loss_and_grad
     if device.type != "cuda":
         return _logit_loss_and_grad
@@ -115,9 +115,9 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def use_liger(kernel: str, device: torch.device) -> bool:
     """Whether `kernel` (auto, liger or chunked) means Liger's kernel on `device`. auto means
-    chunked: on an H100 (bench/sft_throughput.py, compiled blocks) the chunked function
-    trained 15 % faster than Liger's fused kernel at the Qwen2.5-0.5B shape and 5 % faster at
-    Llama-3.2-1B — cuBLAS matmuls over chunks of ~1,800 rows beat Liger's smaller chunks."""
+    chunked: measured faster than Liger's fused kernel on both bench shapes
+    (bench/sft_throughput.py, figures in docs/bench_results.md) — cuBLAS matmuls over chunks of
+    ~1,800 rows beat Liger's smaller chunks."""
     if kernel == "liger":
         if not has_liger():
             raise LmforgeError("--loss_kernel liger needs liger-kernel: pip install 'lmforge[liger]'")

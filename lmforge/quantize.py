@@ -3,7 +3,7 @@
 transformers' bitsandbytes path quantises the linear layers of the blocks and leaves the
 embedding and the head in bf16. With today's vocabularies that is a large share of the model
 (Llama-3.2-1B: 128,256 x 2,048 = 263M of 1.24B parameters; Qwen2.5-0.5B: 136M of 494M), so a
-"4-bit" base still took 44 % of its bf16 size on the GPU. Under QLoRA both are frozen, so
+"4-bit" base still held close to half its bf16 size on the GPU (docs/gpu_runs.md). Under QLoRA both are frozen, so
 lmforge stores them in NF4 as well: one `Params4bit` shared by the head (a bitsandbytes
 `Linear4bit`) and the embedding (which dequantises only the rows it looks up) when the model
 ties them, as small models do. bitsandbytes' own `Embedding4bit` cannot share a weight with the

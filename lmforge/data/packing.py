@@ -97,11 +97,6 @@ def pack_records(records: list[dict]) -> dict[str, list[int]]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
 
 
-def efficiency(bins: list[list[int]], lengths: Sequence[int], capacity: int) -> float:
-    """Fraction of bin capacity filled with tokens."""
-    return sum(lengths) / (len(bins) * capacity) if bins else 0.0
-
-
 def split_block(input_ids: Sequence[int], eos_token_id: int) -> dict[str, list[int]]:
     """A pretraining block as a packed row: documents end at EOS, so each token after an EOS
     starts a new document with its own positions and attention (`--pretrain_document_mask`).
