@@ -308,6 +308,12 @@ def _unknown_data_format(ctx: Ctx) -> Bad:
                "(choose from 'auto', 'sharegpt', 'openai', 'alpaca')")
 
 
+def _tools_file_not_a_list(ctx: Ctx) -> Bad:
+    tools = ctx.write("tools.json", json.dumps({"name": "get_weather"}))
+    return Bad(prepare("--data_path", ctx.write("data.json", [GOOD]), "--tools", tools),
+               f"{tools}: --tools: the file must be a list of tool schemas (objects)")
+
+
 def _max_length_zero(ctx: Ctx) -> Bad:
     return Bad(prepare("--data_path", ctx.write("data.json", [GOOD]), "--model_max_length", "0"),
                "--model_max_length must be at least 1, got 0")
@@ -584,6 +590,7 @@ CATALOGUE = [
     Kind("no tokenizer", _no_tokenizer),
     Kind("tokenizer path missing", _tokenizer_path_missing),
     Kind("unknown --data_format", _unknown_data_format),
+    Kind("--tools file that is not a list", _tools_file_not_a_list),
     Kind("--model_max_length 0", _max_length_zero),
     # Run files and model configs
     Kind("run file not YAML", _run_file_not_yaml),
