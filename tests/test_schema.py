@@ -187,3 +187,15 @@ def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer
     with pytest.raises(Exception, match="does not render the reasoning of turn 2"):
         prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
                 cache_dir=str(tmp_path / "d"))
+
+
+def test_a_dropped_system_message_is_found_even_when_its_text_occurs_elsewhere(qwen_tokenizer):
+    # A template that writes no system message, and a short system text the user also wrote.
+    no_system = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+                 "m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}")
+    conv = to_conversation({"messages": [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Be brief. What is 2+2?"},
+                                         {"role": "assistant", "content": "4"}]}, DataFormat.AUTO)
+    with pytest.raises(RecordError) as e:
+        Renderer(qwen_tokenizer, no_system)(conv)
+    assert e.value.kind == "unrendered_system"

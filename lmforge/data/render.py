@@ -413,8 +413,8 @@ class Renderer:
     def _missing(self, conversation: Conversation, full: str) -> tuple[str, str] | None:
         """The first part of the record that the rendered text lacks, with why, or None."""
         messages = conversation.messages
-        for m in messages:
-            if m.role == SYSTEM and m.content.strip() not in full:
+        for i, m in enumerate(messages):
+            if m.role == SYSTEM and not self._renders_system(conversation, i, full):
                 return "system", ("the chat template does not render this record's system message (Mistral v0.3's, "
                                   "for one, renders it only before a final user turn)")
         last = max(i for i, m in enumerate(messages) if m.role == ASSISTANT)
@@ -431,6 +431,19 @@ class Renderer:
                     and json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
                 return "tool_results", f"the chat template does not render the tool result of turn {i}"
         return None
+
+    def _renders_system(self, conversation: Conversation, i: int, full: str) -> bool:
+        """Whether system message i is in the rendered text. A short one could also occur
+        elsewhere in the text by chance: it is looked for as a sentinel put in its place."""
+        content = conversation.messages[i].content.strip()
+        if content not in full:
+            return False
+        if len(content) >= 32:
+            return True
+        sentinel = next(s for s in SENTINELS if s[0] not in full and s[1] not in full)
+        messages = conversation.as_dicts()
+        messages[i] = {**messages[i], "content": sentinel}
+        return sentinel in self.text(messages, False, conversation.tool_list)
 
     def _span(self, messages: list[dict], tools, full: str, i: int, after: int) -> tuple[int, int]:
         """Characters [start, end) of `full` that message i's turn trains (see the module
