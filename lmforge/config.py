@@ -57,6 +57,9 @@ class ModelArguments:
     )
 
 
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclass
 class DataArguments:
     data_path: list[str] = field(
@@ -74,7 +77,7 @@ class DataArguments:
         default_factory=list, metadata={"help": "happy-llm's name for --data_path (its finetune.py)."}
     )
     block_size: Optional[int] = field(
-        default=None, metadata={"help": "happy-llm's finetune.py flag; when given it sets --model_max_length."}
+        default=None, metadata={"help": "happy-llm's finetune.py name for --model_max_length (pass one of them)."}
     )
     data_format: DataFormat = field(
         default=DataFormat.AUTO,
@@ -107,8 +110,9 @@ class DataArguments:
                           "renders it (reasoning templates drop earlier turns' thinking); split: one sample per "
                           "assistant turn, rendered as the last, so every turn's thinking is trained."},
     )
-    model_max_length: int = field(
-        default=2048, metadata={"help": "Longest sequence in tokens; longer records follow --long_records."}
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "Longest sequence in tokens (default 2048); longer records follow "
+                                        "--long_records."}
     )
     long_records: LongRecords = field(
         default=LongRecords.TRUNCATE,
@@ -140,8 +144,11 @@ class DataArguments:
 
     def __post_init__(self):
         self.data_path = list(self.data_path) + [p for p in self.train_files if p not in self.data_path]
-        if self.block_size:
-            self.model_max_length = self.block_size
+        if None not in (self.block_size, self.model_max_length) and self.block_size != self.model_max_length:
+            raise LmforgeError(f"--block_size {self.block_size} and --model_max_length {self.model_max_length}: "
+                               "two names of one setting (happy-llm's and FastChat's); pass one of them")
+        given = self.model_max_length if self.model_max_length is not None else self.block_size
+        self.model_max_length = DEFAULT_MAX_LENGTH if given is None else given
         # A length below 1 would truncate every record to nothing and end in "no usable record",
         # which hides the cause.
         if self.model_max_length < 1:

@@ -314,6 +314,12 @@ def _tools_file_not_a_list(ctx: Ctx) -> Bad:
                f"{tools}: --tools: the file must be a list of tool schemas (objects)")
 
 
+def _block_size_and_max_length_differ(ctx: Ctx) -> Bad:
+    return Bad(prepare("--data_path", ctx.write("data.json", [GOOD]), "--block_size", "512", "--model_max_length",
+                       "1024"), "--block_size 512 and --model_max_length 1024: two names of one setting (happy-llm's "
+                                "and FastChat's); pass one of them")
+
+
 def _max_length_zero(ctx: Ctx) -> Bad:
     return Bad(prepare("--data_path", ctx.write("data.json", [GOOD]), "--model_max_length", "0"),
                "--model_max_length must be at least 1, got 0")
@@ -591,6 +597,7 @@ CATALOGUE = [
     Kind("tokenizer path missing", _tokenizer_path_missing),
     Kind("unknown --data_format", _unknown_data_format),
     Kind("--tools file that is not a list", _tools_file_not_a_list),
+    Kind("--block_size and --model_max_length differ", _block_size_and_max_length_differ),
     Kind("--model_max_length 0", _max_length_zero),
     # Run files and model configs
     Kind("run file not YAML", _run_file_not_yaml),
