@@ -244,8 +244,11 @@ class TemplateTraits:
     """Whether the final assistant turn's `reasoning_content` appears in the render."""
 
 
-# A message whose payload no template writes unchanged elsewhere: private-use characters.
-SENTINELS = ("\ue000\ue001", "\ue002\ue003", "\ue004\ue005")
+def sentinel_for(text: str) -> str:
+    """Two private-use characters that `text` holds neither of: a message content no template
+    writes elsewhere, to find where a message's own text lies."""
+    unused = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+    return next(unused) + next(unused)
 
 
 class Renderer:
@@ -440,7 +443,7 @@ class Renderer:
             return False
         if len(content) >= 32:
             return True
-        sentinel = next(s for s in SENTINELS if s[0] not in full and s[1] not in full)
+        sentinel = sentinel_for(full)
         messages = conversation.as_dicts()
         messages[i] = {**messages[i], "content": sentinel}
         return sentinel in self.text(messages, False, conversation.tool_list)
@@ -490,7 +493,7 @@ class Renderer:
         """Where message i's own text (content, reasoning, tool calls) lies in `full`: the
         whole conversation rendered with that message replaced by a sentinel differs from
         `full` there and nowhere else."""
-        sentinel = next(s for s in SENTINELS if s[0] not in full and s[1] not in full)
+        sentinel = sentinel_for(full)
         swapped = list(messages)
         payload_keys = ("content", "tool_calls", "reasoning_content", "thinking")
         swapped[i] = {**{k: v for k, v in messages[i].items() if k not in payload_keys}, "content": sentinel}
