@@ -265,7 +265,7 @@ def variants(method: str, liger: bool) -> list[Variant]:
                        extra={"compile_memory_budget": 0.8})]
         out += [Variant(f"lmforge+compile+flex+bf16+budget{b:g}", compile_blocks=True, attn="flex_attention",
                         bf16_weights=True, extra={"compile_memory_budget": b}) for b in (0.6, 0.8)]
-        # As session 3 first measured it: the Trainer's NaN filter reading every loss on the host.
+        # As first measured (2026-11-23): the Trainer's NaN filter reading every loss on the host.
         out += [Variant("lmforge+compile+flex+bf16+hostsync", compile_blocks=True, attn="flex_attention",
                         bf16_weights=True, extra={"logging_nan_inf_filter": True})]
         if liger:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DPO on the GPU device (issue 9), run from the repository root:
+# DPO on the GPU device, run from the repository root:
 #   bash scripts/gpu_dpo.sh                 # one H100: tests, then LoRA DPO on a Qwen2.5-0.5B shape
 #   SHAPE=tiny STEPS=6 bash scripts/gpu_dpo.sh   # a dry run of the same path on a CPU
 # DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct (and what the tests read).

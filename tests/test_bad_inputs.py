@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6, parts 3 and 5).
+"""The bad-input catalogue.
 
 Every kind of bad data and bad configuration is one row of CATALOGUE: how to make it, and the
 exact error `lmforge <command>` must print. Each must stop with exit status 2 and one message

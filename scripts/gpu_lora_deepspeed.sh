@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for LoRA / QLoRA / DeepSpeed, run on the device machine from the repository root:
-#   bash scripts/gpu_issue4.sh DATA_DIR
+#   bash scripts/gpu_lora_deepspeed.sh DATA_DIR
 # DATA_DIR mirrors ../shared/data. Wheels for bitsandbytes, deepspeed (+ hjson, pydantic) and
 # datasets are carried in .whl/. Prints: the test suite on the GPU stack (QLoRA tests run
 # there), bf16 LoRA vs QLoRA on a Llama-3.2-1B shape (memory after load, peak at 8 x 2048),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU (session 3): lmforge's varlen attention (PyTorch's built-in flash varlen kernel) — the GPU
+# GPU: lmforge's varlen attention (PyTorch's built-in flash varlen kernel) — the GPU
 # tests, then the SFT bench rows against flex (issue "Speed"). ONLY / SHAPES / METHODS select.
 set -uo pipefail
 DATA=${DATA:-.devdata}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU (session 2): QLoRA with 4-bit embedding/head (tests, load memory), then the SFT bench
+# GPU: QLoRA with 4-bit embedding/head (tests, load memory), then the SFT bench
 # (full SFT with fused loss / compiled blocks / Liger; LoRA and QLoRA rows).
 set -uo pipefail
 DATA=${DATA:-.devdata}

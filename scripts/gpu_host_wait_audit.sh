@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPU (session 4): the host-wait audit and the SFT bench rows after the batch-extras /
+# GPU: the host-wait audit and the SFT bench rows after the batch-extras /
 # no-mask / unrepeated-heads changes (issue "Speed"). SHAPES / METHODS / ONLY / STEPS select;
-# NO_TESTS skips the GPU tests; AUDIT=1 adds --sync_audit. Full log in $OUT/session4-SHAPE-METHOD.log.
+# NO_TESTS skips the GPU tests; AUDIT=1 adds --sync_audit. Full log in $OUT/host-wait-SHAPE-METHOD.log.
 set -uo pipefail
 W=/tmp/lmforge-gpu
 mkdir -p $W
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH LMFORGE_CACHE=$W/cache PYTHONUNBUFFERED=1
-LOG=${OUT:-/tmp}/session4-${SHAPES:-qwen2.5-0.5b}-${METHODS:-full}.log
+LOG=${OUT:-/tmp}/host-wait-${SHAPES:-qwen2.5-0.5b}-${METHODS:-full}.log
 {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "
