@@ -209,23 +209,16 @@ def render_pairs(renderer: Renderer, pairs: Sequence[Pair]) -> list[tuple[Render
 
 
 _RENDERER: Renderer | None = None
-_TOOLS: tuple[dict, ...] | None = None
 
 
-def _init_worker(renderer: Renderer, tools: tuple[dict, ...] | None = None) -> None:
-    global _RENDERER, _TOOLS
-    _RENDERER, _TOOLS = renderer, tools
-
-
-def _pair(record: Any, fmt: PreferenceFormat) -> Pair:
-    """The record's pair, with `--tools` where the record names no tools of its own."""
-    pair = to_pair(record, fmt)
-    return replace(pair, tools=_TOOLS) if pair.tools is None and _TOOLS is not None else pair
+def _init_worker(renderer: Renderer) -> None:
+    global _RENDERER
+    _RENDERER = renderer
 
 
 def _render_chunk(chunk: list[tuple[str, str, Any, PreferenceFormat]]):
     assert _RENDERER is not None
-    return check_then_render(chunk, _pair, lambda pairs: render_pairs(_RENDERER, pairs))
+    return check_then_render(chunk, to_pair, lambda pairs: render_pairs(_RENDERER, pairs))
 
 
 def _records(paths: Sequence[str], fmt: PreferenceFormat, on_bad: OnBadRecord, skips: SkipCounter):
@@ -279,11 +272,10 @@ def prepare_pairs(paths: Sequence[str], tokenizer, chat_template: str, options: 
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
-        renderer = Renderer(tokenizer, chat_template, MaskingStrategy.LAST_ASSISTANT, options.unrendered)
+        renderer = Renderer(tokenizer, chat_template, MaskingStrategy.LAST_ASSISTANT, options.unrendered, options.tools)
         records = _records(paths, fmt, options.on_bad_record, skips)
         chunks = chunked(records, CHUNK)
-        worker_state = (renderer, options.tools)
-        rendered = (item for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, worker_state)
+        rendered = (item for results in ordered_map(_render_chunk, chunks, num_workers, _init_worker, (renderer,))
                     for item in results)
         stats = _write(tmp, rendered, options, skips)
         if stats.kept == 0:

@@ -41,7 +41,7 @@ import bisect
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from lmforge.data.schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, validate
@@ -255,8 +255,10 @@ class Renderer:
     """Renders conversations with one tokenizer and one jinja chat template."""
 
     def __init__(self, tokenizer, chat_template: str, strategy: MaskingStrategy = MaskingStrategy.ASSISTANT,
-                 unrendered: Unrendered = Unrendered.ERROR):
+                 unrendered: Unrendered = Unrendered.ERROR, default_tools: tuple[dict, ...] | None = None):
         self.tokenizer = tokenizer
+        self.default_tools = default_tools
+        """Tools offered to a conversation that names none of its own (`--tools FILE`)."""
         self.chat_template = chat_template
         self.strategy = MaskingStrategy(strategy)
         self.unrendered = Unrendered(unrendered)
@@ -385,6 +387,8 @@ class Renderer:
         """The conversation (and its messages as the template takes them) and its whole text,
         after checking that every part of the record is in it (`--unrendered drop` leaves out
         what is not, and says so)."""
+        if conversation.tools is None and self.default_tools is not None:
+            conversation = replace(conversation, tools=self.default_tools, plain=False)
         dropped: list[str] = []
         while True:
             messages = conversation.as_dicts()
@@ -670,7 +674,7 @@ def _lost_reasoning(m: Message, full: str, last: bool, renders_reasoning: bool) 
     loses a <think> block unless the content is there as written."""
     if m.reasoning is not None and m.reasoning.strip():
         return not renders_reasoning or (last and m.reasoning.strip() not in full)
-    thought = _reasoning_of(m)
+    thought = _think_block(m.content)
     if not thought:
         return False
     if renders_reasoning:
@@ -678,18 +682,16 @@ def _lost_reasoning(m: Message, full: str, last: bool, renders_reasoning: bool) 
     return m.content.strip() not in full
 
 
-def _reasoning_of(message: Message) -> str | None:
-    """The thinking a message carries: `reasoning_content`, or a <think> block in its content."""
-    if message.reasoning and message.reasoning.strip():
-        return message.reasoning.strip()
-    if "</think>" in message.content:
-        thought = message.content.split("</think>")[0].split("<think>")[-1].strip()
-        return thought or None
-    return None
+def _think_block(content: str) -> str | None:
+    """The text of a <think> block at the start of a content, or None."""
+    if "</think>" not in content:
+        return None
+    return content.split("</think>")[0].split("<think>")[-1].strip() or None
 
 
 def _tool_name(tool: dict) -> str:
-    function = tool.get("function", tool)
+    """A tool's function name (`parse_tools` gives every function schema OpenAI's shape)."""
+    function = tool.get("function")
     return function.get("name", "") if isinstance(function, dict) else ""
 
 

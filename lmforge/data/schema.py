@@ -255,11 +255,10 @@ def parse_message(turn: Any, what: str, role_key: str, content_key: str, roles: 
         calls = parse_tool_calls(require_str(turn.get(content_key), f"{what}.{content_key}"), f"{what}.{content_key}")
         return Message(ASSISTANT, "", tool_calls=calls, train=train)
     calls = parse_tool_calls(turn["tool_calls"], f"{what}.tool_calls") if turn.get("tool_calls") else None
-    if content_key not in turn and not calls:
-        raise RecordError("missing_field", f"{what} has no '{content_key}'")
+    if turn.get(content_key) is None and not calls:  # only a call may come without content (OpenAI's null)
+        raise RecordError("missing_field", f"{what} has no '{content_key}'" if content_key not in turn
+                          else f"{what}.{content_key} is missing")
     content, part_reasoning, part_calls = parse_content(turn.get(content_key), f"{what}.{content_key}")
-    if turn.get(content_key) is None and not calls:
-        raise RecordError("missing_field", f"{what}.{content_key} is missing")
     reasoning = _reasoning(turn, what) if role == ASSISTANT else None
     calls = (calls or ()) + (part_calls or ()) or None
     return Message(role, content, reasoning=reasoning if reasoning is not None else part_reasoning,

@@ -8,7 +8,7 @@ import enum
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from lmforge.data.cache import (
@@ -32,7 +32,7 @@ from lmforge.data.formats import (
     to_conversation,
 )
 from lmforge.data.render import MaskingStrategy, Rendered, Renderer, Unrendered, split_turns
-from lmforge.data.schema import Conversation, parse_tools
+from lmforge.data.schema import parse_tools
 from lmforge.errors import DataError, LmforgeError, RecordError
 
 CHUNK = 256
@@ -132,15 +132,7 @@ def _render_chunk(chunk: list[tuple[str, str, Any, DataFormat]]) -> list[tuple[s
     Checking happens here, in the worker, so that the main process only reads and writes."""
     assert _RENDERER is not None
     return [(path, location, result if isinstance(result, RecordError) else [_compact(r) for r in result])
-            for path, location, result in check_then_render(chunk, _conversation, _render_samples)]
-
-
-def _conversation(record: Any, fmt: DataFormat) -> Conversation:
-    """The record's conversation, with `--tools` where the record names no tools of its own."""
-    conversation = to_conversation(record, fmt)
-    if conversation.tools is None and _OPTIONS.tools is not None:
-        conversation = replace(conversation, tools=_OPTIONS.tools, plain=False)
-    return conversation
+            for path, location, result in check_then_render(chunk, to_conversation, _render_samples)]
 
 
 def _render_samples(conversations: list) -> list[list[Rendered] | RecordError]:
@@ -259,7 +251,7 @@ def prepare(
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
-        renderer = Renderer(tokenizer, chat_template, options.masking, options.unrendered)
+        renderer = Renderer(tokenizer, chat_template, options.masking, options.unrendered, options.tools)
         stats = _write(tmp, _rendered_records(paths, renderer, options, skips, num_workers), options, skips)
         if stats.kept == 0:
             raise LmforgeError(f"no usable record in {', '.join(paths)}:\n{stats.summary()}")
