@@ -734,8 +734,10 @@ def end_of_turn_token_id(renderer: Renderer) -> int | None:
     """The special token that closes an assistant turn under this template (the token
     generation must stop at), found by rendering a probe conversation."""
     probe = validate([Message(USER, "1"), Message(ASSISTANT, "2")])
+    if renderer.strategy == MaskingStrategy.ALL:  # every token trained: the answer's span is not marked
+        renderer = Renderer(renderer.tokenizer, renderer.chat_template)
     try:
-        rendered = Renderer(renderer.tokenizer, renderer.chat_template, MaskingStrategy.ASSISTANT)(probe)
+        rendered = renderer(probe)
     except RecordError as e:
         raise LmforgeError(f"the chat template cannot render a user/assistant exchange: {e}") from None
     trained = [t for t, label in zip(rendered.input_ids, rendered.labels) if label != IGNORE_INDEX]
