@@ -6,7 +6,7 @@
 Synthetic preference pairs (a prompt of about --prompt_words words, two answers of about
 --answer_words words each, random English words: with Qwen's tokenizer about one token a word)
 are written as a prompt/chosen/rejected JSONL file and trained on with the real entry,
-`lmforge.methods.dpo.main`: LoRA r16 on all linear layers, bf16 autocast, the reference is the
+`lmforge.dpo.main`: LoRA r16 on all linear layers, bf16 autocast, the reference is the
 model with its adapter disabled. The first --warmup steps are not timed. The last line gives
 tokens/s (prompt and answer tokens of both sides, no padding), pairs/s and peak GPU memory.
 """
@@ -25,7 +25,7 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lmforge.methods import dpo  # noqa: E402
+from lmforge import dpo  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 SHAPES = {

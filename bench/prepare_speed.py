@@ -49,7 +49,7 @@ DEFAULT_DATA = os.path.join(SHARED, "fastchat_dummy_conversation.json")
 
 
 def load_conversations(path: str):
-    from lmforge.data.formats import iter_conversations
+    from lmforge.data.records import iter_conversations
 
     return [conversation for _, conversation in iter_conversations(path)]
 
@@ -133,7 +133,8 @@ PREPARE_CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
-from lmforge.data.sft import PrepareOptions, prepare
+from lmforge.data.encode import prepare_chat as prepare
+from lmforge.data.options import ChatOptions as PrepareOptions
 tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 start = time.perf_counter()
 cache = prepare([{data!r}], tokenizer, tokenizer.chat_template, PrepareOptions(), cache_dir={cache!r},
@@ -153,7 +154,7 @@ CAPACITY_CHILD = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
-from lmforge.data.formats import iter_conversations
+from lmforge.data.records import iter_conversations
 from lmforge.data.render import Renderer
 tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 conversations = [c for _, c in iter_conversations({data!r})]

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sft_throughput import MAX_LEN, Variant, run, synthetic_records  # noqa: E402
 
-from lmforge.data.packing import best_fit_decreasing, pack_records  # noqa: E402
+from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
 
 
 class Profile(transformers.TrainerCallback):

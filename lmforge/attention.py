@@ -30,9 +30,10 @@ import torch
 import inspect
 from typing import Callable
 
+from lmforge.data.collate import CU_SEQLENS
+
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 VARLEN = "lmforge_varlen"  # the name registered with transformers; users say `varlen`
-CU_SEQLENS = "lmforge_cu_seqlens"  # the model-input key carrying the documents' start offsets
 
 
 def allowed(document_ids: torch.Tensor) -> torch.Tensor:
@@ -90,17 +91,6 @@ def document_attention_mask(document_ids: torch.Tensor, implementation: str, dty
     if implementation == "sdpa":
         return allowed(document_ids)[:, None]
     return additive_mask(document_ids, dtype)
-
-
-def cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
-    """int32 [N + 1]: where each of the N sequences of the flattened [B * T] batch starts, then
-    B * T. A sequence is a run of one document id within a row (a row start always starts one),
-    so a run of padding is a sequence of its own. Computed on the CPU before the batch moves."""
-    ids = document_ids
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    offsets = starts.flatten().nonzero().flatten()
-    return torch.cat([offsets, offsets.new_tensor([ids.numel()])]).to(torch.int32)
 
 
 class _Kernel:

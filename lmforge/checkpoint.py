@@ -30,7 +30,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 Log = Callable[[str], None]
 
 
-def say(message: str) -> None:
+def print_flushed(message: str) -> None:
     """stdout, flushed: a supervisor (or a test) watching the log sees it before a kill."""
     print(message, flush=True)
 
@@ -119,7 +119,7 @@ def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(output_dir: str, log: Log = say) -> str | None:
+def last_complete_checkpoint(output_dir: str, log: Log = print_flushed) -> str | None:
     """The newest complete checkpoint; each newer one is reported with why it is skipped."""
     for _, path in reversed(find_checkpoints(output_dir)):
         problem = checkpoint_problem(path)
@@ -129,7 +129,7 @@ def last_complete_checkpoint(output_dir: str, log: Log = say) -> str | None:
     return None
 
 
-def remove_staging_leftovers(output_dir: str, log: Log = say) -> None:
+def remove_staging_leftovers(output_dir: str, log: Log = print_flushed) -> None:
     """Delete what a killed save (or a killed rotation) left in the staging directory."""
     staging = os.path.join(output_dir, STAGING_DIR)
     if not os.path.isdir(staging):
@@ -173,7 +173,7 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def publish(staged: str, final: str, log: Log = say) -> None:
+def publish(staged: str, final: str, log: Log = print_flushed) -> None:
     """Rename a finished staged checkpoint to its final name. A directory already there under
     that name is an incomplete checkpoint of an earlier attempt at this step (resume never starts
     before a complete one), and is replaced."""

@@ -1,5 +1,10 @@
 """Typed configuration: model, data and training arguments, parsed from flags and YAML.
 
+Parsing only parses: values are read, checked and completed here, and nothing outside the
+returned objects changes. What a run does to its process (environment variables, the
+accelerator's settings, the notes a user should see about the machine) is `setup_process`,
+one explicit step the methods take after parsing.
+
 Flag names follow FastChat's and happy-llm's scripts (`--model_name_or_path`, `--data_path`,
 `--model_max_length`, `--lazy_preprocess`, every `TrainingArguments` flag), so their command
 lines run with `lmforge sft` in place of the script.
@@ -15,11 +20,18 @@ from typing import Any, Optional, Sequence
 
 import transformers
 
-from lmforge.data.formats import DataFormat, OnBadRecord, TextSplit
-from lmforge.data.preference import PreferenceFormat
-from lmforge.data.pretrain import Remainder
-from lmforge.data.render import MaskingStrategy, Unrendered
-from lmforge.data.sft import LongRecords, ReasoningTurns
+from lmforge.data.options import (
+    DEFAULT_MAX_LENGTH,
+    DataFormat,
+    LongRecords,
+    MaskingStrategy,
+    OnBadRecord,
+    PreferenceFormat,
+    ReasoningTurns,
+    Remainder,
+    TextSplit,
+    Unrendered,
+)
 from lmforge.errors import LmforgeError
 
 
@@ -55,9 +67,6 @@ class ModelArguments:
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Accepted for FastChat compatibility: the transformers cache directory."}
     )
-
-
-DEFAULT_MAX_LENGTH = 2048
 
 
 @dataclass
@@ -296,6 +305,8 @@ class PretrainDataArguments:
 
     def __post_init__(self):
         check_val_split(self.val_split, self.validation_files, "--validation_files")
+        if self.model_max_length is None:
+            self.model_max_length = self.block_size
 
 
 @dataclass
@@ -436,6 +447,12 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Where logs go besides trainer_state.json and the run report: auto (tensorboard when "
                           "installed, else none), none, tensorboard, wandb, swanlab, mlflow, or several, comma-separated."},
     )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "transformers' removal of dataset columns the model's forward does not name. Off: "
+                          "lmforge's rows hold only what its collators use (packed rows need document_ids, pairs "
+                          "their two sides)."},
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={"help": "transformers' filter that logs the running mean in place of a NaN / inf loss. Off by "
@@ -526,6 +543,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        self.notes: list[str] = []  # said to the user by `setup_process`, once, by the main process
         if self.eval_samples < 0 or self.eval_sample_tokens < 1:
             raise LmforgeError(f"--eval_samples must be ≥ 0 and --eval_sample_tokens ≥ 1, got {self.eval_samples} "
                                f"and {self.eval_sample_tokens}")
@@ -538,9 +556,6 @@ class TrainingArguments(transformers.TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio:
             self.warmup_steps = self.warmup_ratio
-        if self.logging_dir:
-            # transformers 5 reads the TensorBoard directory from the environment.
-            os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir
         if not fsdp_enabled(self.fsdp):
             self.fsdp = None
         if self.fsdp and self.deepspeed:
@@ -570,11 +585,6 @@ class TrainingArguments(transformers.TrainingArguments):
         _check_reporters(self.report_to)
         self._cpu_fallback()
         super().__post_init__()
-        if self.dataloader_pin_memory:
-            # Each batch goes to the GPU without the host waiting for the copy (the data loader
-            # leaves it in pinned memory): a blocking copy would stall the host at every step,
-            # and a small model's step is bound by how fast the host queues its kernels.
-            self.accelerator_config.non_blocking = True
 
     def _cpu_fallback(self) -> None:
         """A GPU command line (--bf16 True) on a machine without a GPU trains on the CPU, with
@@ -585,7 +595,7 @@ class TrainingArguments(transformers.TrainingArguments):
             return
         if self.bf16 and not self.use_cpu:
             self.use_cpu = True
-            print("lmforge: no GPU: training on the CPU (bf16 autocast)")
+            self.notes.append("no GPU: training on the CPU (bf16 autocast)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not self.deepspeed:
             # Under a launcher without a GPU, accelerate makes a process group (gloo) only for
             # use_cpu; otherwise every process would train alone, on the whole data, into the
@@ -604,9 +614,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if int(config.get("version", 2)) == 2:
             self.fsdp = True  # the words are in the config now; transformers' own translation is deprecated
         if not torch.cuda.is_available() or self.use_cpu:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print("lmforge: --fsdp on a machine without a GPU: accelerate enables FSDP for GPU backends only, so "
-                      "this trains as DDP (every process holds the whole model)")
+            self.notes.append("--fsdp on a machine without a GPU: accelerate enables FSDP for GPU backends only, so "
+                              "this trains as DDP (every process holds the whole model)")
             return
         if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # With CPU offload the sharded parameters, gradients and optimizer state live on the CPU: the
@@ -614,6 +623,23 @@ class TrainingArguments(transformers.TrainingArguments):
             # NCCL cannot reduce. `accelerate launch` sets up this pair of backends for FSDP; torchrun
             # and a bare TrainingArguments do not.
             self.ddp_backend = "cuda:nccl,cpu:gloo"
+
+
+def setup_process(args: TrainingArguments) -> None:
+    """What parsed flags do to this process, in one place, after parsing: the environment the
+    libraries read, the accelerator's copy settings, and the notes about the machine (printed
+    by the main process)."""
+    if args.logging_dir:
+        # transformers 5 reads the TensorBoard directory from the environment.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = args.logging_dir
+    if args.dataloader_pin_memory:
+        # Each batch goes to the GPU without the host waiting for the copy (the data loader
+        # leaves it in pinned memory): a blocking copy would stall the host at every step,
+        # and a small model's step is bound by how fast the host queues its kernels.
+        args.accelerator_config.non_blocking = True
+    if args.process_index == 0:
+        for note in args.notes:
+            print(f"lmforge: {note}")
 
 
 def read_json_object(path: str, flag: str) -> dict:

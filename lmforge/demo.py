@@ -316,7 +316,7 @@ def write_summary(out: str, result: dict, stages: Stages, held_out: int) -> str:
 def main(argv: Sequence[str]) -> dict:
     (args,) = parse((DemoArguments,), argv)
     from lmforge.export import merge
-    from lmforge.methods import lora, pretrain, sft
+    from lmforge import lora, pretrain, sft
     from lmforge.tokenizer import train_bpe_tokenizer
 
     start = time.time()

@@ -1,8 +1,100 @@
-"""`python -m lmforge.dpo` / `torchrun -m lmforge.dpo` / `deepspeed --module lmforge.dpo`: the same
-entry as `lmforge dpo`."""
+"""`lmforge dpo`: preference training (DPO, IPO, hinge) on pairs of answers to one prompt,
+full-parameter or LoRA / QLoRA, with `lmforge sft`'s model loading, distributed launchers,
+auto-resume and final save.
 
-from lmforge.cli import run_entry
-from lmforge.methods.dpo import main
+    lmforge dpo --model_name_or_path SFT_MODEL --data_path pairs.jsonl --output_dir out \\
+        --lora True --beta 0.1 --bf16 True --learning_rate 5e-6
+    torchrun --nproc_per_node 4 -m lmforge.dpo ...   # the same entry under a launcher
 
-if __name__ == "__main__":
+Pairs → cache (exact masks, prompt tokens checked identical) → 2B padded rows per batch →
+DpoTrainer (policy and reference log-probs at the answer tokens, without the full logits) →
+the model (or adapter) + tokenizer with its chat template, as `lmforge sft` writes them.
+The reference is the model the run starts from: under LoRA the same weights with the adapter
+disabled, for full fine-tuning a frozen copy, or its log-probs computed once before training
+(`--precompute_ref_log_probs`, stored in the cache). The steps are `recipe.run`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Sequence
+
+from lmforge.config import DpoArguments, PreferenceDataArguments
+from lmforge.data.batches import Batches, PreparedData
+from lmforge.data.encode import PAIRS
+from lmforge.data.split import split_dataset
+from lmforge.distributed import local_main_first
+from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, reference_entry, with_reference_columns
+from lmforge.errors import LmforgeError
+from lmforge.model import apply_lora
+from lmforge.recipe import Flags, Method, Model, run
+
+
+class Dpo(Method):
+    command, kind, data_arguments, method_arguments = "dpo", PAIRS, PreferenceDataArguments, DpoArguments
+    unit = "pairs"
+
+    def check(self, flags: Flags) -> None:
+        """A frozen copy is a whole model on every process: refused where the model is sharded."""
+        args, dpo = flags.args, flags.method
+        sharded = args.fsdp or (getattr(args, "hf_deepspeed_config", None) is not None
+                                and args.hf_deepspeed_config.is_zero3())
+        if sharded and not flags.lora.lora and not dpo.precompute_ref_log_probs:
+            raise LmforgeError("full-parameter DPO under FSDP or ZeRO-3 would keep an unsharded frozen reference on "
+                               "every GPU; pass --precompute_ref_log_probs True (reference computed once, before "
+                               "training) or --lora True (the reference is the model with its adapter disabled)")
+        args.prediction_loss_only = True  # evaluation reports the DPO loss and its metrics, not logits
+
+    def packing(self, flags: Flags) -> bool:
+        return False  # the two sides of a pair are padded rows of one batch
+
+    def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
+        args, dpo = flags.args, flags.method
+        if dpo.disable_dropout:
+            disable_dropout(model)
+        if dpo.precompute_ref_log_probs:
+            # The model as loaded is the reference; its log-probs are cached beside the tokens.
+            with local_main_first(args, args.prepare_timeout, "computing the reference log-probabilities"):
+                self._add_reference_columns(flags, data, batches, model)
+        reference = None
+        if flags.lora.lora:
+            model = apply_lora(model, flags.lora, args.gradient_checkpointing)
+        elif not dpo.precompute_ref_log_probs:
+            reference = frozen_copy(model)
+        if args.process_index == 0:
+            print(f"lmforge: DPO ({dpo.loss_type.value}, beta {dpo.beta}); reference: "
+                  + ("precomputed" if dpo.precompute_ref_log_probs else "the model with its adapter disabled"
+                     if flags.lora.lora else "a frozen copy of the starting model"))
+        return Model(model, DpoTrainer, {"dpo": dpo, "reference": reference})
+
+    @staticmethod
+    def _add_reference_columns(flags: Flags, data: PreparedData, batches: Batches, model) -> None:
+        """The reference log-probabilities of every pair of each cache entry, as two more columns
+        of the rows (computed over the whole entry, then split as --val_split splits it)."""
+        args = flags.args
+        log = print if args.process_index == 0 else lambda *_: None
+
+        def with_reference(entry):
+            ref = reference_entry(model, entry.entry, batches.collator, args, args.fused_loss,
+                                  flags.data.data_cache_dir, log)
+            return with_reference_columns(entry.dataset(), ref)
+
+        train = with_reference(data.train)
+        if batches.held_out is not None:
+            batches.train, batches.eval = split_dataset(train, flags.data.val_split, args.seed)
+        else:
+            batches.train = train
+            batches.eval = with_reference(data.eval) if data.eval is not None else None
+
+    def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:
+        return {"pairs": len(batches.train), "dpo": {k: getattr(v, "value", v) for k, v in asdict(flags.method).items()}}
+
+
+def main(argv: Sequence[str], callbacks: Sequence = ()) -> str:
+    return run(Dpo(), argv, callbacks)
+
+
+if __name__ == "__main__":  # python -m lmforge.dpo / torchrun -m lmforge.dpo / deepspeed --module lmforge.dpo
+    from lmforge.cli import run_entry
+
     run_entry("dpo", main)

@@ -1,8 +1,27 @@
-"""`python -m lmforge.lora` / `torchrun -m lmforge.lora` / `deepspeed --module lmforge.lora`: the same
-entry as `lmforge lora`."""
+"""`lmforge lora`: `lmforge sft` with LoRA on — FastChat's train_lora.py command line runs here
+unchanged (`--q_lora True` for QLoRA).
 
-from lmforge.cli import run_entry
-from lmforge.methods.lora import main
+    deepspeed --module lmforge.lora --model_name_or_path MODEL --data_path data.json \\
+        --output_dir out --bf16 True --deepspeed zero2
+"""
 
-if __name__ == "__main__":
+from __future__ import annotations
+
+from typing import Sequence
+
+from lmforge.recipe import run
+from lmforge.sft import Sft
+
+
+class Lora(Sft):
+    command, lora_default = "lora", True
+
+
+def main(argv: Sequence[str], callbacks: Sequence = ()) -> str:
+    return run(Lora(), argv, callbacks)
+
+
+if __name__ == "__main__":  # python -m lmforge.lora / torchrun -m lmforge.lora / deepspeed --module lmforge.lora
+    from lmforge.cli import run_entry
+
     run_entry("lora", main)

@@ -22,6 +22,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from lmforge.data.collate import label_positions
 from lmforge.data.render import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 
@@ -162,15 +163,6 @@ def fused_head_supported(model) -> str | None:
     if getattr(head, "bias", None) is not None:
         return "the output head has a bias"
     return None
-
-
-def label_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices (into batch x length) of the positions whose next-token label is not
-    -100. Computed on the CPU, before the batch moves to the GPU, so that selecting them there
-    is an index_select: a boolean mask on the GPU would stall the host until the GPU caught
-    up (its result size is data-dependent), twice per micro-batch."""
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def labelled_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import parse
-from lmforge.data.formats import TextSplit, iter_documents
+from lmforge.data.options import TextSplit
+from lmforge.data.sources import iter_documents
 from lmforge.data.templates import (
     BUILTIN_SPECIAL_TOKENS,
     BUILTIN_TEMPLATES,

@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from typing import Sequence
 
 import torch
@@ -21,64 +20,37 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask
+from lmforge.attention import VARLEN, document_attention_mask
 from lmforge.checkpoint import (
     STAGING_DIR,
     clear_staged,
     last_complete_checkpoint,
+    print_flushed,
     publish,
     remove_staging_leftovers,
     rotate,
-    say,
     staging_root,
     tidy_staging,
     write_manifest,
 )
+from lmforge.data.collate import LABEL_POSITIONS, add_batch_extras, for_the_step
 from lmforge.data.sampler import EpochShuffle
 from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError
-from lmforge.loss import fused_causal_lm_loss, fused_head_supported, label_positions, use_liger
+from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import ReportAtCheckpoints, add_perplexity
 from lmforge.progress import install as install_progress
 from lmforge.report import PLOTS_DIR, REPORT_NAME, record_end, try_write_report
-from lmforge.saved import check_saved_model
+from lmforge.verify_save import check_saved_model
 
 BASE_CONFIG = "lmforge_base_config.json"
-LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and removes itself
 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
 FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
 OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
-
-
-def add_batch_extras(batch: dict, positions: bool, offsets: bool) -> dict:
-    """What the GPU step needs of a batch that is cheap on the CPU and costly on the GPU: the
-    labelled positions for the fused loss and, for varlen attention, the documents' offsets.
-    Both have data-dependent sizes: computed from a batch already on the GPU they would make
-    the host wait for the GPU to catch up (nonzero), leaving it idle while the host queues the
-    next kernels. Batches that already carry them, or live on the GPU, pass unchanged."""
-    labels, documents = batch.get("labels"), batch.get("document_ids")
-    extra = {}
-    if positions and LABEL_POSITIONS not in batch and torch.is_tensor(labels) and labels.device.type == "cpu":
-        extra[LABEL_POSITIONS] = label_positions(labels)
-    if offsets and CU_SEQLENS not in batch and torch.is_tensor(documents) and documents.device.type == "cpu":
-        extra[CU_SEQLENS] = cu_seqlens(documents)
-    return {**batch, **extra} if extra else batch
-
-
-class WithBatchExtras:
-    """A data collator followed by `add_batch_extras`, so the extras are computed where the
-    batch is made (in the data loader's workers, when there are some) and travel to the GPU
-    with it: accelerate moves each batch to the device before the Trainer sees it."""
-
-    def __init__(self, collator, positions: bool, offsets: bool):
-        self.collator, self.positions, self.offsets = collator, positions, offsets
-
-    def __call__(self, features):
-        return add_batch_extras(self.collator(features), self.positions, self.offsets)
 
 
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
@@ -89,7 +61,7 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
     if main_process:
         remove_staging_leftovers(output_dir)
-    checkpoint = last_complete_checkpoint(output_dir, log=say if main_process else lambda _: None) \
+    checkpoint = last_complete_checkpoint(output_dir, log=print_flushed if main_process else lambda _: None) \
         if resume else None
     if checkpoint is not None:
         return checkpoint
@@ -130,7 +102,7 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
 
     Under FSDP and ZeRO-3 each process holds a shard: the weights are gathered into one whole
     model (or adapter) written by the main process, and what was written is checked against the
-    model (`lmforge.saved`) before it is moved in. Returns that check's summary on the main process."""
+    model (`lmforge.verify_save`) before it is moved in. Returns that check's summary on the main process."""
     model = trainer.model
     unwrapped = getattr(model, "module", model)
     unwrapped.config.use_cache = True
@@ -298,43 +270,34 @@ def _one_local_device(grads: list[torch.Tensor]) -> bool:
     return not any(isinstance(g, DTensor) for g in grads) and len({g.device for g in grads}) == 1
 
 
-PAUSE_SAVE_ENV = "LMFORGE_TEST_PAUSE_SAVE"
-LOGITS_ENV = "LMFORGE_TEST_LOGITS"
+class LmforgeCallback(transformers.TrainerCallback):
+    """The events lmforge adds to the HF Trainer's (`transformers.TrainerCallback`). A callback
+    passed to a method's `main(argv, callbacks=...)` (or to `train_and_save`) may define them;
+    lmforge calls them on every callback of the Trainer that has the method (`lmforge_event`),
+    so subclassing this class is optional. These are the no-op defaults:
+
+      - `on_checkpoint_staged(args, state, staged_dir)`: on the main process, once the Trainer
+        has written every file of checkpoint-`state.global_step` (all ranks' shards) into
+        `staged_dir`, under its staging name, and before its manifest is written and it is
+        published under its final name. A run killed here leaves an incomplete checkpoint.
+      - `on_final_save(trainer)`: on every process, right after the final model is saved in the
+        output directory (not after a run stopped by a signal). The in-memory model is still
+        the trained one (sharded under FSDP / ZeRO-3: a forward pass there is a collective).
+    """
+
+    def on_checkpoint_staged(self, args, state, staged_dir: str) -> None:
+        pass
+
+    def on_final_save(self, trainer: transformers.Trainer) -> None:
+        pass
 
 
-def fixed_input_ids(vocab_size: int, length: int = 32) -> list[int]:
-    """A fixed token sequence (the same for every run and tokenizer of that vocabulary size)."""
-    return [(i * 7919 + 13) % vocab_size for i in range(length)]
-
-
-def record_logits_for_tests(trainer: transformers.Trainer, path: str) -> None:
-    """LMFORGE_TEST_LOGITS=PATH: after the final save, the in-memory model (sharded or not,
-    with the precision it trained in) computes the logits of `fixed_input_ids`, and the main
-    process writes them to PATH, so a test can compare them with the saved model's. Every
-    process runs the forward pass: under FSDP and ZeRO-3 it gathers the shards."""
-    model = trainer.model
-    base = model.get_base_model() if is_peft(model) else model
-    ids = torch.tensor([fixed_input_ids(base.config.get_text_config().vocab_size)], device=trainer.args.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), trainer.compute_loss_context_manager():
-        logits = model(input_ids=ids, use_cache=False).logits
-    model.train(was_training)
-    if trainer.is_world_process_zero():
-        torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu()}, path)
-
-
-def pause_for_tests(step: int, staged: str) -> None:
-    """LMFORGE_TEST_PAUSE_SAVE=STEP:SECONDS holds the save of checkpoint-STEP for SECONDS after
-    its files are written and before its manifest, so a test can kill a run inside a save
-    deterministically (it waits for the line printed here)."""
-    spec = os.environ.get(PAUSE_SAVE_ENV)
-    if not spec:
-        return
-    at, seconds = spec.split(":")
-    if int(at) == step:
-        say(f"lmforge: {PAUSE_SAVE_ENV}: pausing {seconds} s inside the save of {staged}")
-        time.sleep(float(seconds))
+def lmforge_event(trainer: transformers.Trainer, event: str, *args) -> None:
+    """Call `event` (an `LmforgeCallback` method) on each of the Trainer's callbacks that has it."""
+    for callback in trainer.callback_handler.callbacks:
+        method = getattr(callback, event, None)
+        if callable(method):
+            method(*args)
 
 
 class Trainer(transformers.Trainer):
@@ -369,9 +332,10 @@ class Trainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.fused_head = self._fused_head()
         self.meter = install_progress(self)  # rank 0's progress bar / lines; tokens/s in the logs
-        if self.data_collator is not None and not isinstance(self.data_collator, WithBatchExtras):
-            self.data_collator = WithBatchExtras(self.data_collator, positions=self.fused_head is not None,
-                                                 offsets=self._attn_implementation() == VARLEN)
+        # The collator adds what this model's step needs (labelled positions for the fused loss,
+        # document offsets for varlen attention), in the data loader, before the batch moves.
+        self.data_collator = for_the_step(self.data_collator, label_positions=self.fused_head is not None,
+                                          varlen_offsets=self._attn_implementation() == VARLEN)
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
                            mode=self.args.compile_mode,
@@ -484,7 +448,7 @@ class Trainer(transformers.Trainer):
             # it is about to get (in the state saved inside it too).
             self.state.best_model_checkpoint = final
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        pause_for_tests(self.state.global_step, staged)
+        lmforge_event(self, "on_checkpoint_staged", self.args, self.state, staged)
         write_manifest(staged, self.state.global_step)
         publish(staged, final)
         # The Trainer's own rotation ran inside the staging directory (nothing to rotate
@@ -552,7 +516,7 @@ class StopOnSignal(transformers.TrainerCallback):
         control.should_save = True
         control.should_training_stop = True
         if state.is_world_process_zero:
-            say(f"lmforge: {signal.Signals(signum).name} received: writing a checkpoint at step "
+            print_flushed(f"lmforge: {signal.Signals(signum).name} received: writing a checkpoint at step "
                 f"{state.global_step}, then stopping")
 
 
@@ -564,7 +528,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     """The part every method shares: the Trainer (`trainer_class`, lmforge's or a subclass, with
     `trainer_kwargs`), auto-resume, the final save, the run report (at each checkpoint and at
     the end). SIGTERM / SIGINT during training end it with a checkpoint and `TrainingStopped`.
-    `callbacks` are added to lmforge's own."""
+    `callbacks` are added to lmforge's own; they may also take lmforge's events (`LmforgeCallback`)."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
     callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []), *callbacks]
@@ -595,8 +559,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
             trainer.evaluate()
         # A signal after the last step does not stop the short final save.
         summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
-        if os.environ.get(LOGITS_ENV):
-            record_logits_for_tests(trainer, os.environ[LOGITS_ENV])
+        lmforge_event(trainer, "on_final_save", trainer)
     finally:
         stop.restore()
     if args.process_index == 0:

@@ -13,7 +13,9 @@
 # the one before; the LoRA + ZeRO-3 adapter is merged with `lmforge merge`.
 # scripts/gpu_multi_check.py then prints one row per run: per-step losses against the reference,
 # the saved model's tensors against the base's, the saved weights' logits against the logits the
-# in-memory model computed at the end of its run (LMFORGE_TEST_LOGITS), peak memory, wall time.
+# in-memory model computed at the end of its run (tests/hooks.py --record_logits), peak memory, wall time.
+# Every run is `lmforge sft` started through tests/hooks.py, which adds the test callbacks
+# (recording those logits; pausing inside a save for the killed runs).
 #
 # Runs overlap (PAR at a time; two 0.5B runs fit one H200 many times over), so wall times are not
 # throughput figures. Every launch is killed, with all its processes, past its time limit, and no
@@ -39,6 +41,7 @@ LIMIT=${LIMIT:-200}        # seconds one launch may take
 TOTAL=${TOTAL:-420}        # seconds for the whole script: no launch starts in its last 90
 PORT_BASE=${PORT_BASE:-29400}
 W=${W:-/tmp/lmforge-multi}
+HOOKS=$PWD/tests/hooks.py  # `lmforge COMMAND` with test callbacks (a script path: any launcher takes it)
 export GPU_MULTI_BF16=${BF16:-True}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LMFORGE_CACHE=$W/cache
 
@@ -103,15 +106,16 @@ run_limited() {
     return $rc
 }
 
-# KIND PORT: the launcher words (array L) and the per-process batch (PER) for KIND.
+# KIND PORT: the launcher words (array L, followed by the script $HOOKS and its arguments) and
+# the per-process batch (PER) for KIND.
 launcher() {
     case $1 in
-        gpu0) L=(env CUDA_VISIBLE_DEVICES=0 python3 -m lmforge.sft); PER=$BATCH ;;
-        gpu1) L=(env CUDA_VISIBLE_DEVICES=1 python3 -m lmforge.sft); PER=$BATCH ;;
-        torchrun) L=(torchrun --nproc_per_node "$NPROC" --master_port "$2" -m lmforge.sft); PER=$((BATCH / NPROC)) ;;
-        deepspeed) L=(deepspeed --num_gpus "$DS_NPROC" --master_port "$2" --module lmforge.sft); PER=$((BATCH / DS_NPROC)) ;;
+        gpu0) L=(env CUDA_VISIBLE_DEVICES=0 python3); PER=$BATCH ;;
+        gpu1) L=(env CUDA_VISIBLE_DEVICES=1 python3); PER=$BATCH ;;
+        torchrun) L=(torchrun --nproc_per_node "$NPROC" --master_port "$2"); PER=$((BATCH / NPROC)) ;;
+        deepspeed) L=(deepspeed --num_gpus "$DS_NPROC" --master_port "$2"); PER=$((BATCH / DS_NPROC)) ;;
         accelerate) L=(accelerate launch --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no
-                       --dynamo_backend no --main_process_port "$2" -m lmforge.sft); PER=$((BATCH / NPROC)) ;;
+                       --dynamo_backend no --main_process_port "$2"); PER=$((BATCH / NPROC)) ;;
     esac
 }
 
@@ -124,7 +128,7 @@ finish() {  # NAME RC START
 train() {
     local name=$1 kind=$2 port=$3 start=$SECONDS; shift 3
     launcher "$kind" "$port"
-    run_limited "$name" "$LIMIT" env LMFORGE_TEST_LOGITS="$W"/logits/"$name".pt "${L[@]}" "${COMMON[@]}" \
+    run_limited "$name" "$LIMIT" "${L[@]}" "$HOOKS" --record_logits "$W"/logits/"$name".pt sft "${COMMON[@]}" \
         --output_dir "$W"/runs/"$name" --per_device_train_batch_size "$PER" --max_steps "$STEPS" "$@"
     finish "$name" $? "$start"
 }
@@ -135,9 +139,9 @@ train() {
 train_killed_and_resumed() {
     local name=$1 kind=$2 port=$3 start=$SECONDS; shift 3
     launcher "$kind" "$port"
-    local cmd=("${L[@]}" "${COMMON[@]}" --output_dir "$W"/runs/"$name" --per_device_train_batch_size "$PER"
-               --max_steps "$STEPS" "$@" --save_strategy steps --save_steps $((STEPS / 2)))
-    setsid env LMFORGE_TEST_PAUSE_SAVE="$STEPS":600 "${cmd[@]}" > "$W"/logs/"$name"-killed.log 2>&1 &
+    local flags=("${COMMON[@]}" --output_dir "$W"/runs/"$name" --per_device_train_batch_size "$PER"
+                 --max_steps "$STEPS" "$@" --save_strategy steps --save_steps $((STEPS / 2)))
+    setsid "${L[@]}" "$HOOKS" --pause_save "$STEPS":600 sft "${flags[@]}" > "$W"/logs/"$name"-killed.log 2>&1 &
     local pid=$! waited=0
     until grep -q "pausing .* inside the save" "$W"/logs/"$name"-killed.log 2> /dev/null; do
         sleep 1
@@ -149,7 +153,7 @@ train_killed_and_resumed() {
     sleep 2  # the killed workers' GPU memory and ports released
     echo "gpu_multi: first run killed after ${waited}s; checkpoints: $(ls "$W"/runs/"$name" | grep checkpoint | tr '\n' ' ')" \
         >> "$W"/logs/"$name".log
-    run_limited "$name" "$LIMIT" env LMFORGE_TEST_LOGITS="$W"/logits/"$name".pt "${cmd[@]}"
+    run_limited "$name" "$LIMIT" "${L[@]}" "$HOOKS" --record_logits "$W"/logits/"$name".pt sft "${flags[@]}"
     finish "$name" $? "$start"
 }
 
@@ -158,13 +162,11 @@ train_killed_and_resumed() {
 multinode() {
     local name=multinode port=$1 start=$SECONDS
     local rdzv=(--nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint localhost:"$port" --rdzv_id lmforge-mn)
-    local flags=(-m lmforge.sft "${COMMON[@]}" --output_dir "$W"/runs/$name --per_device_train_batch_size $((BATCH / 2))
-                 --max_steps "$STEPS")
-    run_limited $name-node1 "$LIMIT" env CUDA_VISIBLE_DEVICES=1 LMFORGE_TEST_LOGITS="$W"/logits/$name.pt \
-        torchrun "${rdzv[@]}" --node_rank 1 "${flags[@]}" &
+    local flags=("$HOOKS" --record_logits "$W"/logits/$name.pt sft "${COMMON[@]}" --output_dir "$W"/runs/$name
+                 --per_device_train_batch_size $((BATCH / 2)) --max_steps "$STEPS")
+    run_limited $name-node1 "$LIMIT" env CUDA_VISIBLE_DEVICES=1 torchrun "${rdzv[@]}" --node_rank 1 "${flags[@]}" &
     local other=$!
-    run_limited $name "$LIMIT" env CUDA_VISIBLE_DEVICES=0 LMFORGE_TEST_LOGITS="$W"/logits/$name.pt \
-        torchrun "${rdzv[@]}" --node_rank 0 "${flags[@]}"
+    run_limited $name "$LIMIT" env CUDA_VISIBLE_DEVICES=0 torchrun "${rdzv[@]}" --node_rank 0 "${flags[@]}"
     local rc=$?
     wait "$other"
     local rc1=$?

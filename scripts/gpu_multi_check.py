@@ -6,7 +6,7 @@ what the runs left behind into one compact table.
 
 `report` reads WORK/runs/NAME (the output directories), WORK/logs/NAME.log, WORK/rc/NAME
 ("returncode seconds") and WORK/logits/NAME.pt (the in-memory model's logits, written by the
-run itself through LMFORGE_TEST_LOGITS). For each run: did it finish; its per-step losses
+run itself through tests/hooks.py --record_logits). For each run: did it finish; its per-step losses
 against its reference run (max |diff| over the common steps); is the saved model (or adapter)
 complete — the same tensor names and full shapes as the base model (or the 1-GPU adapter);
 do the saved weights compute the logits the in-memory model computed; and how far they are
@@ -82,7 +82,7 @@ def losses(run_dir: str) -> dict[int, float]:
 
 
 def saved_shapes(run_dir: str) -> dict[str, tuple]:
-    from lmforge.saved import saved_shapes as read
+    from lmforge.verify_save import saved_shapes as read
 
     return read(run_dir) if os.path.isdir(run_dir) else {}
 
@@ -152,7 +152,9 @@ def compare_losses(mine: dict[int, float], ref: dict[int, float], from_step: int
 
 
 def report(work: str) -> int:
-    from lmforge.train import fixed_input_ids
+    # The token sequence the runs' RecordLogits used (tests/hooks.py, next to the other test callbacks).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from hooks import fixed_input_ids
 
     base_shapes = saved_shapes(os.path.join(work, "base"))
     vocab = json.load(open(os.path.join(work, "base", "config.json")))["vocab_size"]

@@ -15,6 +15,19 @@ ALPACA_DEMO = SHARED_DATA / "llama_factory" / "alpaca_en_demo.json"
 KTO_DEMO = SHARED_DATA / "llama_factory" / "kto_en_demo.json"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped on a machine without CUDA (pick them with `-m gpu`; leave out
+    the end-to-end runs with `-m "not e2e"`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own token cache, so tests never see each other's entries."""

@@ -31,6 +31,8 @@ from lmforge.cli import main as cli
 
 from conftest import QWEN_TOKENIZER, ROOT
 
+pytestmark = pytest.mark.e2e  # see the markers in pyproject.toml
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def _run_file_not_a_mapping(ctx: Ctx) -> Bad:
 
 
 def _cache_disk_full(ctx: Ctx) -> Bad:
-    from lmforge.data import cache
+    from lmforge.data import store as cache
 
     real_flush = cache.RowWriter.flush
 
@@ -822,8 +824,8 @@ class _Payload:
 
 @pytest.fixture
 def built_entry(tmp_path, qwen_tokenizer):
-    from lmforge.data.sft import PrepareOptions
-    from lmforge.data.sft import prepare as prepare_cache
+    from lmforge.data.encode import prepare_chat as prepare_cache
+    from lmforge.data.options import ChatOptions as PrepareOptions
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([GOOD, SYSTEM, GOOD]))

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lmforge.cli import main as cli
 from lmforge.demo import make_task, statements, transcript
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # see the markers in pyproject.toml
 
 
 def test_held_out_questions_are_new_phrasings_of_trained_facts():

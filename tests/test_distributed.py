@@ -47,9 +47,11 @@ from lmforge.config import (
 )
 from lmforge.distributed import configure_fsdp_wrapping, decoder_layer_classes, local_main_first
 from lmforge.errors import LmforgeError
-from lmforge.saved import check_saved_model, saved_shapes
+from lmforge.verify_save import check_saved_model, saved_shapes
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # see the markers in pyproject.toml
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (make test installs it)")
@@ -58,6 +60,7 @@ TINY_QWEN = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_h
                  num_key_value_heads=1, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
 STEPS = 4
 GLOBAL_BATCH = 8
+HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")  # the test callbacks' entry
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +96,21 @@ def flags(base: str, out: str, per_device: int, *extra: str) -> list[str]:
             "--report_to", "none", "--disable_tqdm", "True", "--dataloader_pin_memory", "False", *extra]
 
 
-def env_for(work, logits: str | None = None, **more) -> dict:
+def env_for(work, **more) -> dict:
     bin_dir = os.path.dirname(sys.executable)  # torchrun, deepspeed and ninja live beside the interpreter
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": str(work / "cache"),
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **more}
-    if logits:
-        env["LMFORGE_TEST_LOGITS"] = logits
-    return env
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": str(work / "cache"),
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **more}
+
+
+def sft_with(*hooks: str) -> list[str]:
+    """The script and arguments (for python, torchrun or deepspeed) that run `lmforge sft` with
+    the test callbacks of tests/hooks.py: `--record_logits PATH`, `--pause_save STEP:SECONDS`."""
+    return [HOOKS, *hooks, "sft"]
+
+
+def recording(path) -> list[str]:
+    """`lmforge sft` writing the in-memory model's logits at the end of the run to `path`."""
+    return sft_with("--record_logits", str(path))
 
 
 def run(argv: list[str], env: dict, cwd) -> str:
@@ -111,15 +122,15 @@ def run(argv: list[str], env: dict, cwd) -> str:
 
 def one_process(base, work, name: str, *extra: str) -> str:
     out = str(work / name)
-    run([sys.executable, "-m", "lmforge.sft", *flags(base, out, GLOBAL_BATCH, *extra)],
-        env_for(work, str(work / f"{name}.pt")), work)
+    run([sys.executable, *recording(work / f"{name}.pt"), *flags(base, out, GLOBAL_BATCH, *extra)],
+        env_for(work), work)
     return out
 
 
 def deepspeed_one_process(base, work, name: str, *extra: str, env_extra: dict | None = None) -> str:
     out = str(work / name)
-    run(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "lmforge.sft",
-         *flags(base, out, GLOBAL_BATCH, *extra)], env_for(work, str(work / f"{name}.pt"), **(env_extra or {})), work)
+    run(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), *recording(work / f"{name}.pt"),
+         *flags(base, out, GLOBAL_BATCH, *extra)], env_for(work, **(env_extra or {})), work)
     return out
 
 
@@ -160,8 +171,8 @@ def lora_reference(base, work) -> str:
 def test_ddp_two_processes_train_what_one_does(base, work, reference):
     out = str(work / "ddp")
     log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "lmforge.sft", *flags(base, out, GLOBAL_BATCH // 2)],
-              env_for(work, str(work / "ddp.pt")), work)
+               str(free_port()), *recording(work / "ddp.pt"), *flags(base, out, GLOBAL_BATCH // 2)],
+              env_for(work), work)
     assert "each at its full shape" in log
     # The same rows in each optimizer step (4 + 4 instead of 8), the loss averaged over the
     # labelled tokens of both processes: the same curve, up to the order of float sums.
@@ -203,10 +214,11 @@ def test_lora_zero3_adapter_merges_and_resumes(base, work, lora_reference):
     # Killed (SIGKILL, the launcher and its worker) inside the save of checkpoint-4, after its
     # files and before its manifest; the same command resumes from checkpoint-2.
     resumed = str(work / "lora_zero3_resume")
-    argv = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "lmforge.sft",
-            *flags(base, resumed, GLOBAL_BATCH, *lora, "--save_strategy", "steps", "--save_steps", "2")]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(work),
-                            env=env_for(work, LMFORGE_TEST_PAUSE_SAVE=f"{STEPS}:120"), start_new_session=True)
+    launcher = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port())]
+    sft_flags = flags(base, resumed, GLOBAL_BATCH, *lora, "--save_strategy", "steps", "--save_steps", "2")
+    proc = subprocess.Popen([*launcher, *sft_with("--pause_save", f"{STEPS}:120"), *sft_flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(work),
+                            env=env_for(work), start_new_session=True)
     deadline = time.monotonic() + 600
     for line in proc.stdout:
         if "inside the save" in line or time.monotonic() > deadline:
@@ -214,7 +226,7 @@ def test_lora_zero3_adapter_merges_and_resumes(base, work, lora_reference):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(resumed, f"checkpoint-{STEPS}"))
-    log = run(argv, env_for(work, str(work / "lora_zero3_resume.pt")), work)
+    log = run([*launcher, *recording(work / "lora_zero3_resume.pt"), *sft_flags], env_for(work), work)
     assert f"resuming from {resumed}/checkpoint-2" in log
     assert_same_losses(step_losses(resumed), step_losses(out), rtol=1e-6)
     ours, uninterrupted = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (resumed, out))

@@ -25,12 +25,14 @@ import transformers
 from lmforge.cli import main as cli
 from lmforge.config import DpoLoss
 from lmforge.data.collate import PairCollator
-from lmforge.data.formats import Message
-from lmforge.data.preference import Pair, PreferenceFormat, check_pair, iter_pairs, prepare_pairs
+from lmforge.data.encode import check_pair, prepare_pairs
+from lmforge.data.options import PreferenceFormat
+from lmforge.data.records import Pair, iter_pairs
+from lmforge.data.schema import Message
 from lmforge.data.render import IGNORE_INDEX, Rendered
-from lmforge.data.sft import PrepareOptions
+from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.errors import RecordError
-from lmforge.preference import batch_log_probs, preference_loss
+from lmforge.dpo_trainer import batch_log_probs, preference_loss
 
 from conftest import ROOT
 
@@ -339,7 +341,7 @@ def test_full_dpo_raises_margin_and_accuracy(tmp_path, small_base, capsys):
 def test_lora_dpo_keeps_base_and_disabled_adapter_is_the_base(tmp_path, small_base):
     from lmforge.config import DpoArguments, LoraArguments, ModelArguments, TrainingArguments
     from lmforge.model import apply_lora, load_model, load_tokenizer
-    from lmforge.preference import DpoTrainer
+    from lmforge.dpo_trainer import DpoTrainer
     from lmforge.train import train_and_save
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(8))

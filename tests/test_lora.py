@@ -13,7 +13,8 @@ import transformers
 from lmforge.cli import main as cli
 from lmforge.config import LoraArguments, ModelArguments, TrainingArguments
 from lmforge.data.collate import PaddedCollator
-from lmforge.data.sft import PrepareOptions, prepare
+from lmforge.data.encode import prepare_chat as prepare
+from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.model import apply_lora, load_model, load_tokenizer
 from lmforge.train import train_and_save
 
@@ -126,8 +127,8 @@ def _has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _has_bitsandbytes(),
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes (verified on the GPU device)")
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_bitsandbytes(), reason="QLoRA needs bitsandbytes (verified on the GPU device)")
 def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
     import bitsandbytes as bnb
 
@@ -151,8 +152,8 @@ def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _has_bitsandbytes(),
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes (verified on the GPU device)")
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_bitsandbytes(), reason="QLoRA needs bitsandbytes (verified on the GPU device)")
 def test_qlora_stores_tied_embedding_and_head_in_one_4bit_copy(tmp_path):
     import bitsandbytes as bnb
 

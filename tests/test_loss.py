@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, linear_cross_entropy
-from tests.test_packing import one_step, packed_batch, records, tiny_model
+from tests.data.test_pack import one_step, packed_batch, records, tiny_model
 
 
 def test_chunked_linear_cross_entropy_equals_cross_entropy():

@@ -71,9 +71,9 @@ def test_state_dict_restores_the_masters():
 def test_trainer_uses_master_weights_for_a_bf16_model_and_resumes(tmp_path):
     from lmforge.config import TrainingArguments
     from lmforge.data.collate import PackedCollator
-    from lmforge.data.packing import best_fit_decreasing, pack_records
+    from lmforge.data.pack import best_fit_decreasing, pack_records
     from lmforge.train import Trainer
-    from tests.test_packing import ListDataset, records, tiny_model
+    from tests.data.test_pack import ListDataset, records, tiny_model
 
     recs = records(40, seed=3)
     bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], 48, seed=0)

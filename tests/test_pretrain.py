@@ -11,8 +11,10 @@ import transformers
 
 from lmforge.cli import main as cli
 from lmforge.data.collate import PaddedCollator
-from lmforge.data.formats import TextSplit, iter_documents
-from lmforge.data.pretrain import PretrainOptions, Remainder, prepare_pretrain
+from lmforge.data.encode import prepare_text as prepare_pretrain
+from lmforge.data.options import Remainder, TextSplit
+from lmforge.data.options import TextOptions as PretrainOptions
+from lmforge.data.sources import iter_documents
 from lmforge.errors import DataError, LmforgeError
 from lmforge.model import apply_rope_scaling
 

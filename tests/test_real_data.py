@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data.formats import iter_conversations
+from lmforge.data.records import iter_conversations
 from lmforge.data.render import Renderer
 from lmforge.data.templates import resolve_template
 
 from conftest import ALPACA_DEMO, DUMMY_CONVERSATIONS, KTO_DEMO
-from test_render import labelled_spans
+from tests.data.test_render import labelled_spans
 
 FILES = {"fastchat_dummy": DUMMY_CONVERSATIONS, "alpaca_demo": ALPACA_DEMO, "kto_demo": KTO_DEMO}
 

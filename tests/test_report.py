@@ -204,7 +204,7 @@ def test_preflight_check_is_printed_before_training(small_run):
 
 def test_highlight_marks_exactly_the_labelled_tokens(qwen_tokenizer):
     renderer = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)
-    from lmforge.data.formats import Message, validate
+    from lmforge.data.schema import Message, validate
 
     conversation = validate([Message("system", "Be brief."), Message("user", "Hi!"), Message("assistant", "Hello."),
                              Message("user", "2+2?"), Message("assistant", "4, as in [four].")])

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -48,6 +48,8 @@ from lmforge.train import last_complete_checkpoint, resolve_resume, train_and_sa
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
+pytestmark = pytest.mark.e2e  # see the markers in pyproject.toml
+
 MAX_STEPS = 24
 SAVE_STEPS = 3
 # With the 512-token tokenizer, 50 records pack into 33 rows of up to 256 tokens: 17 batches of
@@ -61,6 +63,7 @@ TINY_QWEN = {
 }
 LOSS_LINE = re.compile(r"^\{'loss'")
 RESUMED = re.compile(r"lmforge: resuming from (\S+checkpoint-(\d+))")
+HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")  # the test callbacks' entry
 
 
 @dataclass
@@ -72,8 +75,11 @@ class Setup:
     baseline: str
 
 
-def argv(setup: Setup, out: str) -> list[str]:
-    return [sys.executable, "-m", "lmforge", "sft", "--config_name", setup.config,
+def argv(setup: Setup, out: str, hooks: Sequence[str] = ()) -> list[str]:
+    """`lmforge sft`; with `hooks` (tests/hooks.py options: `--pause_save STEP:SECONDS`) through
+    tests/hooks.py, which runs the same command with those test callbacks."""
+    entry = [HOOKS, *hooks] if hooks else ["-m", "lmforge"]
+    return [sys.executable, *entry, "sft", "--config_name", setup.config,
             "--tokenizer_name", setup.tokenizer, "--data_path", setup.data, "--output_dir", out,
             "--model_max_length", "256", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
             "--learning_rate", "1e-3", "--warmup_steps", "2", "--max_steps", str(MAX_STEPS),
@@ -97,11 +103,11 @@ class Run:
 
 
 def run(setup: Setup, out: str, stop: Optional[Callable[[Run], Optional[float]]] = None,
-        sig: int = signal.SIGKILL, extra_env: Optional[dict] = None) -> Run:
-    """Run the command; `stop` sees the log so far after every line and returns a delay after
-    which `sig` is sent (or None to keep going)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": setup.cache, **(extra_env or {})}
-    proc = subprocess.Popen(argv(setup, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        sig: int = signal.SIGKILL, hooks: Sequence[str] = ()) -> Run:
+    """Run the command (with the test callbacks `hooks`, see `argv`); `stop` sees the log so far
+    after every line and returns a delay after which `sig` is sent (or None to keep going)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": setup.cache}
+    proc = subprocess.Popen(argv(setup, out, hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     lines: list[str] = []
@@ -191,7 +197,7 @@ def test_sigkill_at_random_moments_resumes_exactly(setup, tmp_path):
             # pauses after its files are written and before its manifest, and is killed there.
             at = (expected_resume // SAVE_STEPS + 1) * SAVE_STEPS
             paused = run(setup, out, lambda r: 0.0 if "pausing 60 s inside the save" in r.log else None,
-                         extra_env={"LMFORGE_TEST_PAUSE_SAVE": f"{at}:60"})
+                         hooks=("--pause_save", f"{at}:60"))
             assert paused.returncode == -signal.SIGKILL, paused.log
             staged = os.path.join(out, STAGING_DIR, f"checkpoint-{at}")
             assert os.path.isfile(os.path.join(staged, "model.safetensors"))

@@ -20,6 +20,8 @@ from lmforge.cli import main as cli
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # see the markers in pyproject.toml
+
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (make test installs it)")
 
@@ -171,12 +173,14 @@ def test_happy_llm_pretrain_command(tmp_path, small_tokenizer):
 
 
 def test_renamed_flags_keep_their_meaning(tmp_path, monkeypatch):
-    from lmforge.config import TrainingArguments, parse
+    from lmforge.config import TrainingArguments, parse, setup_process
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     (args,) = parse((TrainingArguments,), ["--output_dir", str(tmp_path), "--evaluation_strategy", "steps",
                                             "--warmup_ratio", "0.03", "--logging_dir", str(tmp_path / "logs")])
     assert args.eval_strategy == "steps" and args.warmup_steps == 0.03
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # parsing changes nothing outside the arguments
+    setup_process(args)  # the run's explicit step after parsing
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "logs")
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
 

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 import transformers
 
 from lmforge import attention
-from lmforge.attention import CU_SEQLENS, VARLEN, cu_seqlens, document_attention_mask, is_no_mask, register_varlen
+from lmforge.attention import VARLEN, document_attention_mask, is_no_mask, register_varlen
+from lmforge.data.collate import CU_SEQLENS, cu_seqlens
 from lmforge.data.collate import PackedCollator, PaddedCollator
-from lmforge.data.packing import best_fit_decreasing, pack_records
-from tests.test_packing import VOCAB, loss_and_grads, records, tiny_model
+from lmforge.data.pack import best_fit_decreasing, pack_records
+from tests.data.test_pack import VOCAB, loss_and_grads, records, tiny_model
 
 
 def test_cu_seqlens_starts_every_document_row_and_padding_run():
@@ -186,9 +187,9 @@ def test_trainer_batches_carry_offsets_and_label_positions_from_the_collator(ref
     from transformers import masking_utils
 
     from lmforge.config import TrainingArguments
-    from lmforge.loss import label_positions
-    from lmforge.train import LABEL_POSITIONS, Trainer
-    from tests.test_packing import ListDataset
+    from lmforge.data.collate import LABEL_POSITIONS, label_positions
+    from lmforge.train import Trainer
+    from tests.data.test_pack import ListDataset
 
     seen = []
     find = masking_utils.find_packed_sequence_indices
@@ -238,7 +239,7 @@ def test_varlen_refused_without_a_gpu():
         attention_implementation(ModelArguments(config_name="x", attn_implementation="varlen"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen flash kernel runs on CUDA only")
+@pytest.mark.gpu  # PyTorch's varlen flash kernel runs on CUDA only
 def test_varlen_flash_kernel_packed_equals_unpacked_on_gpu():
     """The real kernel, bf16 autocast over fp32 weights (the Trainer's bf16 mode): packed loss
     equals the unpacked SDPA run within bf16 noise, gradients point the same way, and a record's

@@ -1,14 +1,31 @@
-"""Batches: records padded on the right to the longest in the batch (not to model_max_length,
-which is what makes the seed scripts slow), labels padded with -100, an attention mask.
-Rows without labels (pretraining blocks) are trained on every token."""
+"""Stage 7 of the data chain, collate: rows → the batch the model step takes, with everything
+that step needs and that is cheap on the CPU but costly on the GPU.
+
+- `PaddedCollator`: one record per row, padded on the right to the longest in the batch (not
+  to model_max_length, which is what makes the seed scripts slow), labels padded with -100,
+  an attention mask. Rows without labels (pretraining blocks) train on every token.
+- `PackedCollator`: packed rows (`pack.py`): positions and document ids, no attention mask
+  (the trainer builds the per-document mask, or none for varlen attention).
+- `PairCollator`: DPO pairs as 2B padded rows, the chosen sides then the rejected sides.
+
+Every collator can add, for the step: the labelled positions (`label_positions`, for the fused
+loss) and the documents' offsets (`varlen_offsets`, for varlen attention). Both have
+data-dependent sizes: computed from a batch already on the GPU they would make the host wait
+for the GPU to catch up (nonzero), leaving it idle while it should queue the next kernels.
+Computed here they are made in the data loader's workers and travel to the GPU with the batch.
+The Trainer turns them on for the model it trains (`for_the_step`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lmforge.data.render import IGNORE_INDEX
+
+LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and removes itself
+CU_SEQLENS = "lmforge_cu_seqlens"  # the model-input key carrying the documents' start offsets
 
 
 def padded_length(longest: int, multiple: int) -> int:
@@ -16,14 +33,80 @@ def padded_length(longest: int, multiple: int) -> int:
     return (longest + multiple - 1) // multiple * multiple
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into batch x length) of the positions whose next-token label is not
+    -100. Computed on the CPU, before the batch moves to the GPU, so that selecting them there
+    is an index_select: a boolean mask on the GPU would stall the host until the GPU caught
+    up (its result size is data-dependent), twice per micro-batch."""
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def cu_seqlens(document_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [N + 1]: where each of the N sequences of the flattened [B * T] batch starts, then
+    B * T. A sequence is a run of one document id within a row (a row start always starts one),
+    so a run of padding is a sequence of its own. Computed on the CPU before the batch moves."""
+    ids = document_ids
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    return torch.cat([offsets, offsets.new_tensor([ids.numel()])]).to(torch.int32)
+
+
+def add_batch_extras(batch: dict, positions: bool, offsets: bool) -> dict:
+    """`batch` with the labelled positions and / or the documents' offsets added. Batches that
+    already carry them, or live on the GPU, pass unchanged."""
+    labels, documents = batch.get("labels"), batch.get("document_ids")
+    extra = {}
+    if positions and LABEL_POSITIONS not in batch and torch.is_tensor(labels) and labels.device.type == "cpu":
+        extra[LABEL_POSITIONS] = label_positions(labels)
+    if offsets and CU_SEQLENS not in batch and torch.is_tensor(documents) and documents.device.type == "cpu":
+        extra[CU_SEQLENS] = cu_seqlens(documents)
+    return {**batch, **extra} if extra else batch
+
+
 @dataclass
-class PaddedCollator:
+class Collator:
+    """What every collator is told: the padding token and the batch length, and which of the
+    model step's extras to add."""
+
     pad_token_id: int
     pad_to_multiple_of: int = 1
     """Round the batch length up to a multiple of this (8 helps tensor cores on GPU)."""
+    model_max_length: int | None = None
+    """Pad every batch to exactly this length (compiled blocks then see one shape only);
+    None: to the longest row, rounded up to `pad_to_multiple_of`."""
+    label_positions: bool = False
+    """Add the labelled positions (`LABEL_POSITIONS`) for the fused loss."""
+    varlen_offsets: bool = False
+    """Add the documents' offsets (`CU_SEQLENS`) for varlen attention."""
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = padded_length(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        return add_batch_extras(self.rows(features), self.label_positions, self.varlen_offsets)
+
+    def length(self, rows: list[dict]) -> int:
+        if self.model_max_length is not None:
+            return self.model_max_length
+        return padded_length(max(len(r["input_ids"]) for r in rows), self.pad_to_multiple_of)
+
+    def rows(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def for_the_step(collator, label_positions: bool, varlen_offsets: bool):
+    """`collator` set to add the extras the model step needs (an lmforge collator), or as it
+    is (another; the Trainer then adds them to each batch itself)."""
+    if isinstance(collator, Collator):
+        return replace(collator, label_positions=label_positions, varlen_offsets=varlen_offsets)
+    return collator
+
+
+@dataclass
+class PaddedCollator(Collator):
+    """One record per row, padded on the right, with an attention mask."""
+
+    def rows(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = self.length(features)
         batch = len(features)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
@@ -37,24 +120,21 @@ class PaddedCollator:
 
 
 @dataclass
-class PackedCollator:
-    """Packed rows (see `packing.py`) padded to the longest row; padding gets document id -1,
+class PackedCollator(Collator):
+    """Packed rows (see `pack.py`) padded to the longest row; padding gets document id -1,
     label -100 and positions of its own. No attention_mask: the trainer builds the
     per-document mask from document_ids for the model's attention implementation."""
 
-    pad_token_id: int
-    pad_to_multiple_of: int = 1
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        length = padded_length(max(len(r["input_ids"]) for r in rows), self.pad_to_multiple_of)
-        batch = len(rows)
+    def rows(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = self.length(features)
+        batch = len(features)
         out = {
             "input_ids": torch.full((batch, length), self.pad_token_id, dtype=torch.long),
             "labels": torch.full((batch, length), IGNORE_INDEX, dtype=torch.long),
             "position_ids": torch.arange(length, dtype=torch.long).repeat(batch, 1),
             "document_ids": torch.full((batch, length), -1, dtype=torch.long),
         }
-        for i, r in enumerate(rows):
+        for i, r in enumerate(features):
             n = len(r["input_ids"])
             for key in ("input_ids", "labels", "position_ids", "document_ids"):
                 out[key][i, :n] = torch.as_tensor(r[key], dtype=torch.long)
@@ -66,18 +146,15 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class PairCollator:
+class PairCollator(Collator):
     """Preference pairs as one batch of 2B padded rows: the B chosen sides, then the B rejected
     sides, so both are scored in one forward pass. Reference log-probabilities, when the rows
     carry them (`--precompute_ref_log_probs`), come as `ref_logps` in the same row order."""
 
-    pad_token_id: int
-    pad_to_multiple_of: int = 1
-
-    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+    def rows(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
                 for side in ("chosen", "rejected") for p in pairs]
-        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of)(rows)
+        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of, self.model_max_length).rows(rows)
         if all(c in pairs[0] for c in REFERENCE_COLUMNS):
             batch["ref_logps"] = torch.tensor([p[c] for c in REFERENCE_COLUMNS for p in pairs], dtype=torch.float64)
         return batch

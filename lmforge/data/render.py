@@ -1,5 +1,5 @@
-"""Conversation → (input_ids, labels): one render, assistant spans found in the text, tokens
-labelled by their character offsets.
+"""Stage 3 of the data chain, render + mask: Conversation → (input_ids, labels), one render,
+assistant spans found in the text, tokens labelled by their character offsets.
 
 The ids are exactly `tokenizer.apply_chat_template(messages, tools=tools)`: the whole
 conversation is rendered once with the chat template and tokenized once. The mask is defined on
@@ -38,36 +38,16 @@ Labels follow the HF convention: aligned with input_ids, -100 where no loss; the
 from __future__ import annotations
 
 import bisect
-import enum
 import json
 import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from lmforge.data.options import MaskingStrategy, Unrendered
 from lmforge.data.schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, validate
 from lmforge.errors import LmforgeError, RecordError
 
 IGNORE_INDEX = -100
-
-
-class MaskingStrategy(str, enum.Enum):
-    """Which tokens carry loss (a message's own `train` flag overrides it for that message)."""
-
-    ASSISTANT = "assistant"
-    """Every assistant turn: its content and the end-of-turn token that closes it (default)."""
-    LAST_ASSISTANT = "last_assistant"
-    """Only the last assistant turn; earlier turns are context."""
-    ALL = "all"
-    """Every token of the conversation, system and user turns included."""
-
-
-class Unrendered(str, enum.Enum):
-    """What to do with a part of a record that the chat template does not render."""
-
-    ERROR = "error"
-    """Refuse the record, naming the part and the template's behaviour (default)."""
-    DROP = "drop"
-    """Train the record without that part (a system message, reasoning, tools), counted."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Records → `Conversation`: the one conversation type every chat method trains on.
+"""Stage 2 of the data chain (with `records.py`), the schema: `Message` and `Conversation`, the
+one conversation type every chat method trains on.
 
-A record's messages are read here whatever file format they came in (`formats.py` finds the
+A record's messages are read here whatever file format they came in (`records.py` finds the
 list of messages and the record-level fields): roles, contents (a string or OpenAI-style parts),
 reasoning, tool calls, tool results, the tools a record offers, and per-message loss flags.
 Nothing a record carries is dropped here except what is documented: an empty system message,

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from chat_reference import labelled_runs
-from lmforge.data.formats import DataFormat, to_conversation
+from lmforge.data.options import DataFormat
+from lmforge.data.records import to_conversation
 from lmforge.data.render import MaskingStrategy, Renderer
 from lmforge.data.schema import Conversation, Message
 from lmforge.errors import RecordError
@@ -124,7 +125,7 @@ def test_tools_a_template_cannot_render_are_an_error(qwen_tokenizer):
 def test_llama_factory_dataset_info_columns_and_tags(tmp_path):
     """A data file described in a dataset_info.json beside it is read with its column names and
     role tags (LLaMA-Factory's way of naming them)."""
-    from lmforge.data.formats import iter_conversations
+    from lmforge.data.records import iter_conversations
 
     (tmp_path / "chat.json").write_text(json.dumps([{"dialog": [
         {"speaker": "person", "text": "Weather?"},
@@ -147,7 +148,9 @@ def test_llama_factory_dataset_info_columns_and_tags(tmp_path):
 
 
 def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer):
-    from lmforge.data.sft import PrepareOptions, prepare, read_tools
+    from lmforge.data.encode import prepare_chat as prepare
+    from lmforge.data.options import ChatOptions as PrepareOptions
+    from lmforge.data.sources import read_tools
 
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]))
@@ -167,7 +170,9 @@ def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer
 
 def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer):
     from lmforge.data.render import Unrendered
-    from lmforge.data.sft import PrepareOptions, ReasoningTurns, prepare
+    from lmforge.data.encode import prepare_chat as prepare
+    from lmforge.data.options import ChatOptions as PrepareOptions
+    from lmforge.data.options import ReasoningTurns
 
     three = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
                           {"role": "assistant", "content": "b", "reasoning_content": "Think it over."},

@@ -11,7 +11,7 @@ import transformers
 
 from lmforge.attention import document_attention_mask
 from lmforge.data.collate import PackedCollator, PaddedCollator
-from lmforge.data.packing import best_fit_decreasing, pack_records
+from lmforge.data.pack import best_fit_decreasing, pack_records
 from lmforge.data.render import IGNORE_INDEX as X
 
 VOCAB = 97
@@ -152,7 +152,7 @@ def test_accumulation_8x1_equals_2x4(tmp_path, fused_loss):
 
 
 def test_pretrain_blocks_split_at_eos():
-    from lmforge.data.packing import split_block
+    from lmforge.data.pack import split_block
 
     eos = 2
     row = split_block([7, 8, eos, 9, 10, eos, 11], eos)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from lmforge.data.formats import Conversation, DataFormat, Message, to_conversation
+from lmforge.data.options import DataFormat
+from lmforge.data.records import to_conversation
+from lmforge.data.schema import Conversation, Message
 from lmforge.data.render import IGNORE_INDEX as X
 from lmforge.data.render import MaskingStrategy, Renderer, end_of_turn_token_id
 from lmforge.data.templates import BUILTIN_TEMPLATES, VICUNA_SYSTEM, resolve_template
@@ -235,7 +237,7 @@ def test_other_template_shapes(qwen_tokenizer, shape):
 
 def all_conversations() -> list[Conversation]:
     from conftest import ALPACA_DEMO
-    from lmforge.data.formats import iter_conversations
+    from lmforge.data.records import iter_conversations
 
     return dummy_conversations(500) + [c for _, c in iter_conversations(str(ALPACA_DEMO))]
 

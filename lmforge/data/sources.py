@@ -1,15 +1,17 @@
-"""Readers: data files (.json, .jsonl, .parquet) in ShareGPT, OpenAI-messages or Alpaca format,
-normalised into one `Conversation` type (`schema.py` reads the messages).
+"""Stage 1 of the data chain, sources: data files → raw records (or text documents), each with
+its location for messages (`line 12` of a JSONL file, `record 3` of a JSON list or Parquet
+file), before any record is interpreted.
 
-Every record is checked before any tokenizer sees it. A bad record raises `RecordError`;
-`iter_conversations` turns that into a `DataError` naming the file and the record, or counts it
-as a skip when the user asked for skipping.
+Files are streamed (a JSONL file line by line, a JSON list value by value), checked as UTF-8
+and JSON with the position of the first fault named. A LLaMA-Factory `dataset_info.json`
+beside a file renames its columns and role tags. The bad-record policy lives here too: a
+`RecordError` of any later stage becomes a `DataError` naming the file and the record, or a
+counted skip when the user asked for skipping (`SkipCounter`).
 """
 
 from __future__ import annotations
 
 import codecs
-import enum
 import json
 import os
 import re
@@ -17,33 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from lmforge.data.schema import (
-    ASSISTANT,
-    OPENAI_ROLES,
-    SHAREGPT_ROLES,
-    SYSTEM,
-    USER,
-    Conversation,
-    Message,
-    parse_messages,
-    parse_tools,
-    require_str,
-    validate,
-)
+from lmforge.data.options import OnBadRecord, TextSplit
+from lmforge.data.schema import parse_tools, require_str
 from lmforge.errors import DataError, RecordError
-
-
-class DataFormat(str, enum.Enum):
-    AUTO = "auto"
-    SHAREGPT = "sharegpt"
-    OPENAI = "openai"
-    ALPACA = "alpaca"
-
-
-class OnBadRecord(str, enum.Enum):
-    ERROR = "error"
-    SKIP = "skip"
-
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -319,87 +297,7 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw records → Conversation
-# ---------------------------------------------------------------------------------------------
-
-
-def detect_format(record: Any) -> DataFormat:
-    """The format of a record, from its keys."""
-    if isinstance(record, dict):
-        if "conversations" in record:
-            return DataFormat.SHAREGPT
-        if "messages" in record:
-            return DataFormat.OPENAI
-        if "instruction" in record or "output" in record:
-            return DataFormat.ALPACA
-        keys = sorted(record)
-        raise RecordError(
-            "unknown_format",
-            f"cannot tell the format from the keys {keys}: expected 'conversations' (ShareGPT), "
-            "'messages' (OpenAI) or 'instruction'/'output' (Alpaca); or pass --data_format",
-        )
-    raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-
-
-def _messages_field(record: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
-    if not isinstance(record, dict):
-        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise RecordError("missing_field", f"field '{key}' is missing (keys: {sorted(record)})")
-    messages = parse_messages(record[key], key, role_key, content_key, roles)
-    # LLaMA-Factory keeps the system prompt in a column of its own.
-    if isinstance(record.get("system"), str) and not any(m.role == SYSTEM for m in messages):
-        messages.insert(0, Message(SYSTEM, record["system"]))
-    return messages
-
-
-def from_sharegpt(record: Any) -> Conversation:
-    messages = _messages_field(record, "conversations", "from", "value", SHAREGPT_ROLES)
-    return validate(messages, parse_tools(record.get("tools")))
-
-
-def from_openai(record: Any) -> Conversation:
-    messages = _messages_field(record, "messages", "role", "content", OPENAI_ROLES)
-    return validate(messages, parse_tools(record.get("tools")))
-
-
-def from_alpaca(record: Any) -> Conversation:
-    if not isinstance(record, dict):
-        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    instruction = require_str(record.get("instruction"), "field 'instruction'")
-    output = require_str(record.get("output"), "field 'output'")
-    extra = record.get("input") or ""
-    extra = require_str(extra, "field 'input'")
-    messages = []
-    system = record.get("system")
-    if system:
-        messages.append(Message(SYSTEM, require_str(system, "field 'system'")))
-    for h, pair in enumerate(record.get("history") or []):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise RecordError("malformed_turn", f"history[{h}] must be a [question, answer] pair")
-        messages.append(Message(USER, require_str(pair[0], f"history[{h}][0]")))
-        messages.append(Message(ASSISTANT, require_str(pair[1], f"history[{h}][1]")))
-    # The instruction and its input are joined by a newline, the usual Alpaca convention.
-    messages.append(Message(USER, instruction + ("\n" + extra if extra else "")))
-    messages.append(Message(ASSISTANT, output))
-    return validate(messages)
-
-
-NORMALISERS: dict[DataFormat, Callable[[Any], Conversation]] = {
-    DataFormat.SHAREGPT: from_sharegpt,
-    DataFormat.OPENAI: from_openai,
-    DataFormat.ALPACA: from_alpaca,
-}
-
-
-def to_conversation(record: Any, fmt: DataFormat) -> Conversation:
-    if fmt == DataFormat.AUTO:
-        fmt = detect_format(record)
-    return NORMALISERS[fmt](record)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files → Conversations, with the error / skip policy
+# The bad-record policy: errors or counted skips
 # ---------------------------------------------------------------------------------------------
 
 
@@ -429,43 +327,6 @@ def skip_summary(skipped: dict[str, int], examples: dict[str, str]) -> list[str]
     for kind, n in sorted(skipped.items()):
         lines.append(f"  {kind}: {n}  (e.g. {examples.get(kind, '')})")
     return lines
-
-
-def iter_conversations(
-    path: str,
-    fmt: DataFormat = DataFormat.AUTO,
-    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
-    skips: SkipCounter | None = None,
-) -> Iterator[tuple[str, Conversation]]:
-    """Yield `(location, Conversation)` for each good record of `path`.
-
-    The format is fixed from the first record when `fmt` is auto, so a file that mixes formats
-    is reported rather than half-read under two interpretations.
-    """
-    for location, record, record_fmt in iter_records(path, fmt, on_bad_record, skips):
-        try:
-            yield location, to_conversation(record, record_fmt)
-        except RecordError as e:
-            bad_record(path, location, e, on_bad_record, skips)
-
-
-def iter_records(
-    path: str,
-    fmt: DataFormat = DataFormat.AUTO,
-    on_bad_record: OnBadRecord = OnBadRecord.ERROR,
-    skips: SkipCounter | None = None,
-) -> Iterator[tuple[str, Any, DataFormat]]:
-    """Yield `(location, raw record, format)`: the first step of `iter_conversations`, which
-    fixes the format, without checking the records (`to_conversation` does that; `prepare`
-    does it in its worker processes). A file described by a LLaMA-Factory `dataset_info.json`
-    beside it has its columns and role tags read from there."""
-    columns = llama_factory_columns(path)
-    if columns is None:
-        yield from records_with_format(path, fmt, detect_format, on_bad_record, skips)
-        return
-    mapped_fmt = DataFormat.SHAREGPT if columns.get("formatting") == "sharegpt" else DataFormat.ALPACA
-    for location, record in read_records(path):
-        yield location, remap_record(record, columns), mapped_fmt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,22 +386,6 @@ def remap_record(record: Any, spec: dict) -> Any:
     return out
 
 
-def check_then_render(chunk: list[tuple[str, str, Any, Any]], check: Callable[[Any, Any], Any],
-                      render_batch: Callable[[list], list]) -> list[tuple[str, str, Any]]:
-    """`(path, location, rendered or RecordError)` for a chunk of `(path, location, raw record,
-    format)`: each record checked (`check(record, format)`, raising RecordError), then the good
-    ones rendered in one batch (one tokenizer call for all), in the chunk's order."""
-    checked: list[Any] = []
-    for _, _, record, fmt in chunk:
-        try:
-            checked.append(check(record, fmt))
-        except RecordError as e:
-            checked.append(e)
-    rendered = iter(render_batch([c for c in checked if not isinstance(c, RecordError)]))
-    return [(path, location, c if isinstance(c, RecordError) else next(rendered))
-            for (path, location, _, _), c in zip(chunk, checked)]
-
-
 def records_with_format(path: str, fmt: Any, detect: Callable[[Any], Any], on_bad_record: OnBadRecord,
                         skips: SkipCounter | None) -> Iterator[tuple[str, Any, Any]]:
     """`(location, raw record, format)` for each record of `path`: `fmt`, or while it is `auto`,
@@ -570,17 +415,6 @@ def bad_record(path: str, location: str, error: RecordError, on_bad_record: OnBa
 # ---------------------------------------------------------------------------------------------
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
-
-
-class TextSplit(str, enum.Enum):
-    """How a .txt file is cut into documents (an EOS token follows each document)."""
-
-    FILE = "file"
-    """The whole file is one document."""
-    BLANK_LINE = "blank_line"
-    """Paragraphs separated by one or more blank lines are documents."""
-    LINE = "line"
-    """Every non-empty line is a document."""
 
 
 def _split_text(text: str, split: TextSplit) -> list[str]:
@@ -636,3 +470,18 @@ def iter_documents(
                 continue
             raise DataError(path, location, e.reason) from None
         yield location, text
+
+
+def read_tools(path: str) -> tuple[dict, ...]:
+    """`--tools FILE`: a JSON list of tool schemas (OpenAI's, or LLaMA-Factory's flat ones)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise DataError(path, None, "file does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, None, f"--tools: cannot read it as JSON: {e}") from None
+    try:
+        return parse_tools(value, "the file")
+    except RecordError as e:
+        raise DataError(path, None, f"--tools: {e.reason}") from None

@@ -1,4 +1,4 @@
-"""The token cache: data is tokenized once into a memory-mapped Arrow file, keyed by the content
+"""Stage 5 of the data chain, the store: the token cache. Data is tokenized once into a memory-mapped Arrow file, keyed by the content
 of the data files, the tokenizer, the template and every option that changes the tokens. A
 rerun, a resume and every rank open the same file instead of tokenizing again, and the corpus
 never sits in Python lists in memory (FastChat and happy-llm hold it all in RAM).
@@ -7,7 +7,7 @@ Layout: `<cache_dir>/<kind>/<key>/tokens.arrow` (an Arrow IPC stream, opened wit
 `datasets.Dataset.from_file`, which memory-maps it), `stats.json` and `entry.json` (the row
 count and byte size of tokens.arrow). An entry is built in a temporary directory and renamed
 into place when complete, so a crash leaves no entry that looks finished. This module is the
-generic part; `data/sft.py` and `data/pretrain.py` say what goes into an entry.
+generic part; `encode.py` says what goes into an entry.
 
 Nothing in the cache is a pickle: an entry is Arrow (columns of int32 lists or float64, checked) and
 JSON, read as data only, so whoever can write to a cache directory can change token ids but
@@ -18,22 +18,19 @@ cannot make lmforge run code. An entry that does not check out against `entry.js
 from __future__ import annotations
 
 import array
-import collections
 import enum
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import pyarrow as pa
 
-from lmforge.data.formats import SUPPORTED_SUFFIXES, require_file
+from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError
 
 CACHE_VERSION = 4  # 3: entries carry entry.json; 4: masks on the rendered text
@@ -221,34 +218,6 @@ def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[s
     return CacheEntry(final, stats)
 
 
-class PrepareProgress:
-    """Preparation's own progress: records read, tokens written, rate, printed every `every`
-    seconds while the cache is built (lines, not a redrawn bar: they read the same in a log
-    file and on a terminal), then a last line with the totals. Only the process that builds
-    the cache prints."""
-
-    def __init__(self, what: str, every: float = 10.0, log=print, clock=time.monotonic):
-        self.what, self.every, self.log, self.clock = what, every, log, clock
-        self.started = self.last = clock()
-        self.records = self.tokens = 0
-
-    def update(self, records: int = 1, tokens: int = 0) -> None:
-        self.records += records
-        self.tokens += tokens
-        now = self.clock()
-        if now - self.last >= self.every:
-            self.last = now
-            self.log(f"lmforge: {self.what}: {self._figures(now)}")
-
-    def done(self) -> None:
-        self.log(f"lmforge: {self.what}: done, {self._figures(self.clock())}")
-
-    def _figures(self, now: float) -> str:
-        seconds = max(now - self.started, 1e-9)
-        return (f"{self.records:,} records, {self.tokens:,} tokens in {seconds:.0f} s "
-                f"({self.records / seconds:,.0f} records/s)")
-
-
 class RowWriter:
     """Streams rows (lists of ints per column) into `tokens.arrow`, a batch at a time.
 
@@ -297,41 +266,21 @@ def _int32_lists(offsets: array.array, values: array.array) -> pa.Array:
     return pa.ListArray.from_arrays(int32s(offsets), int32s(values))
 
 
-def ordered_map(fn: Callable, chunks: Iterable, num_workers: int, initializer: Callable, initargs: tuple) -> Iterator:
-    """`fn` over `chunks` in `num_workers` processes (in this one when ≤ 1), results in order.
+def dump_records(cache: Cached, path: str, n: int) -> int:
+    """Write the first `n` cached records, in source order, as JSONL {input_ids, labels}.
 
-    spawn, not fork: forking a process that already runs torch / tokenizers threads can
-    deadlock. `initargs` (the tokenizer, the template) is pickled once per worker. At most
-    two chunks per worker are in flight (`Pool.imap` would read ahead through the whole
-    input), so memory does not grow with the data."""
-    if num_workers <= 1:
-        initializer(*initargs)
-        for chunk in chunks:
-            yield fn(chunk)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_workers, initializer=_start_worker, initargs=(initializer, *initargs)) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(fn, (chunk,)))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def _start_worker(initializer: Callable, *initargs) -> None:
-    # One core per worker: the tokenizer's own thread pool would oversubscribe the machine.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    initializer(*initargs)
-
-
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    Written to a temporary file renamed into place, so a failed write (a full disk) leaves no
+    truncated dump that looks complete."""
+    ds = cache.dataset()
+    n = min(n, len(ds))
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            for row in ds.select(range(n)):
+                f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise LmforgeError(f"--dump {path}: cannot write it: {e.strerror or e}") from None
+    return n

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import DpoArguments, DpoLoss
-from lmforge.data.cache import FLOAT_COLUMN, CacheEntry, build_or_load
-from lmforge.data.collate import REFERENCE_COLUMNS
+from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
+from lmforge.data.collate import LABEL_POSITIONS, REFERENCE_COLUMNS, label_positions
 from lmforge.errors import LmforgeError
-from lmforge.loss import label_positions, sequence_log_probs
-from lmforge.train import LABEL_POSITIONS, Trainer, is_peft
+from lmforge.loss import sequence_log_probs
+from lmforge.train import Trainer, is_peft
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 

@@ -9,9 +9,10 @@ import os
 import pytest
 
 from lmforge.cli import main as cli
-from lmforge.data import sft as sft_data
-from lmforge.data.sft import LongRecords, PrepareOptions, prepare
-from lmforge.data.formats import OnBadRecord
+from lmforge.data import encode
+from lmforge.data.encode import prepare_chat as prepare
+from lmforge.data.options import ChatOptions as PrepareOptions
+from lmforge.data.options import LongRecords, OnBadRecord
 from lmforge.data.render import Renderer
 from lmforge.data.templates import BUILTIN_TEMPLATES
 from lmforge.errors import DataError, LmforgeError
@@ -40,7 +41,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypa
     def no_render(*a, **k):
         raise AssertionError("rendered again")
 
-    monkeypatch.setattr(sft_data, "_rendered_records", no_render)
+    monkeypatch.setattr(encode, "ordered_map", no_render)
     again = prepare([data], qwen_tokenizer, template, PrepareOptions())
     assert again.path == first.path and again.stats == first.stats
     monkeypatch.undo()
@@ -60,7 +61,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypa
 def test_cached_rows_equal_the_renderer(tmp_path, qwen_tokenizer):
     data = write_json(tmp_path / "d.json", records(4))
     entry = prepare([data], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
-    from lmforge.data.formats import iter_conversations
+    from lmforge.data.records import iter_conversations
 
     renderer = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)
     expected = [renderer(c) for _, c in iter_conversations(data)]
@@ -163,7 +164,7 @@ def _no_setup() -> None:
 def test_workers_read_at_most_two_chunks_ahead_each():
     # Bounded memory with workers: the input is read as results are taken, not all at once
     # (multiprocessing's imap would queue every chunk of the data).
-    from lmforge.data.cache import ordered_map
+    from lmforge.data.encode import ordered_map
 
     pulled = []
 
@@ -200,7 +201,7 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
 
 
 def test_preparation_progress_lines_and_totals():
-    from lmforge.data.cache import PrepareProgress
+    from lmforge.data.encode import PrepareProgress
 
     now = [0.0]
     lines: list[str] = []

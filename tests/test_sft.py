@@ -16,6 +16,8 @@ from lmforge.cli import main as cli
 
 from conftest import ALPACA_DEMO, DUMMY_CONVERSATIONS, QWEN_TOKENIZER
 
+pytestmark = pytest.mark.e2e  # see the markers in pyproject.toml
+
 TINY_QWEN = {
     "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 151936, "max_position_embeddings": 512,

@@ -7,15 +7,10 @@ import json
 
 import pytest
 
-from lmforge.data.formats import (
-    Conversation,
-    DataFormat,
-    Message,
-    OnBadRecord,
-    SkipCounter,
-    iter_conversations,
-    to_conversation,
-)
+from lmforge.data.options import DataFormat, OnBadRecord
+from lmforge.data.records import iter_conversations, to_conversation
+from lmforge.data.schema import Conversation, Message
+from lmforge.data.sources import SkipCounter
 from lmforge.errors import DataError
 
 EXPECTED = Conversation((
@@ -193,7 +188,7 @@ def stream_files(tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("block", [1, 7, 1 << 20])
 def test_json_and_jsonl_stream_the_same_records(tmp_path, monkeypatch, block):
-    from lmforge.data import formats
+    from lmforge.data import sources as formats
 
     monkeypatch.setattr(formats, "READ_BYTES", block)  # records cut by block ends everywhere
     for path in stream_files(tmp_path):
@@ -204,7 +199,7 @@ def test_json_and_jsonl_stream_the_same_records(tmp_path, monkeypatch, block):
 
 
 def test_well_formed_files_are_never_read_whole(tmp_path, monkeypatch):
-    from lmforge.data import formats
+    from lmforge.data import sources as formats
 
     def whole(path):
         raise AssertionError("read whole")

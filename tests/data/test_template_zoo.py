@@ -20,13 +20,14 @@ import pytest
 
 from chat_reference import STYLES, X, labelled_runs, reference_labels, reference_spans
 from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
-from lmforge.data.formats import DataFormat, to_conversation
-from lmforge.data.preference import render_pairs, to_pair
+from lmforge.data.encode import render_pairs
+from lmforge.data.options import DataFormat
+from lmforge.data.records import to_conversation, to_pair
 from lmforge.data.render import MaskingStrategy, Renderer, Unrendered, end_of_turn_token_id, split_turns
 from lmforge.data.schema import Conversation
 from lmforge.errors import RecordError
 
-TEMPLATES = pathlib.Path(__file__).parent / "templates"
+TEMPLATES = pathlib.Path(__file__).parents[1] / "templates"  # tests/templates
 TOKENS = json.loads((TEMPLATES / "tokens.json").read_text())
 ZOO = sorted(TOKENS)
 STYLE_OF = {"qwen2.5": "chatml", "gemma-2": "gemma", "gemma-3": "gemma"}
