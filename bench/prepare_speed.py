@@ -6,8 +6,8 @@
 1. Rendering, one process, one thread (TOKENIZERS_PARALLELISM=false), the FastChat dummy
    conversations with the tokenizer's own template: conversations/s of (a) HF
    `apply_chat_template` once per conversation, tokenized (no masks), (b) the same in one
-   batched call, (c) lmforge's renderer as it was at --baseline_rev (masks from token-prefix
-   renders; read from git, skipped without it), (d) lmforge's renderer now (masks on the
+   batched call, (c) lmforge's renderer as it was at --baseline_rev (read from git, skipped
+   without it), (d) lmforge's renderer now (masks on the
    rendered text; `Renderer.render_batch`, 256 per batch, what `prepare` uses). Before timing,
    (d)'s ids are checked to equal (a)'s, and (c) and (d) are compared record by record. Each
    figure is the best of --rounds, the methods interleaved: conversations per second of wall
@@ -95,11 +95,11 @@ def render_rates(tokenizer, conversations, rounds: int, baseline_rev: str) -> di
         before = old.render_batch(conversations)
         same = sum(not isinstance(b, Exception) and (b.input_ids, b.labels) == (a.input_ids, a.labels)
                    for a, b in zip(spans, before))
-        print(f"lmforge at {baseline_rev} (token-prefix masks) and now (character-span masks): "
+        print(f"lmforge at {baseline_rev} and now: "
               f"{same} of {len(conversations)} records identical")
-        methods[f"lmforge at {baseline_rev} (token-prefix masks)"] = \
+        methods[f"lmforge at {baseline_rev}"] = \
             lambda: [old.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)]
-    methods["lmforge now (character-span masks)"] = \
+    methods["lmforge now"] = \
         lambda: [renderer.render_batch(conversations[i : i + 256]) for i in range(0, len(conversations), 256)]
     wall: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
@@ -207,9 +207,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     parser.add_argument("--data", default=DEFAULT_DATA, help="ShareGPT JSON list (default: FastChat's dummy data)")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--baseline_rev", default="5dea9bc",
-                        help="git revision whose renderer is timed beside today's (default: the last with "
-                             "token-prefix masks, 2026-12-01)")
+    parser.add_argument("--baseline_rev", default="1f99034",
+                        help="git revision whose renderer is timed beside today's (default: the last before the "
+                             "data path became one chain of stage modules, 2026-12-02; 5dea9bc is the last with "
+                             "token-prefix masks, whose render.py needs that revision's lmforge.data.formats)")
     parser.add_argument("--scaling_records", type=int, default=50_000, help="0 skips the 1 vs 2 process run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--memory_records", type=int, default=200_000, help="0 skips the memory run")

@@ -176,34 +176,43 @@ def labelled_targets(labels: torch.Tensor, positions: torch.Tensor | None) -> tu
 
 
 @contextlib.contextmanager
-def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "auto",
-                       positions: torch.Tensor | None = None):
-    """Within this block, `head(hidden)` returns the summed next-token cross-entropy of the
-    positions whose shifted label is not -100 (`positions`, from `label_positions`, when the
-    caller has them), instead of the logits. Yields a list that receives the loss tensor the
-    head returned."""
+def _head_replaced(head: nn.Module, labels: torch.Tensor, positions: torch.Tensor | None, what: str, compute):
+    """Within this block, `head(hidden)` returns `compute(hidden, selected, target)` instead of the
+    logits: `selected` are the hidden states at the labelled positions (`positions`, from
+    `label_positions`, when the caller has them), `target` their next tokens. Yields a list that
+    receives what the head returned."""
     positions, target = labelled_targets(labels, positions)
     returned: list[torch.Tensor] = []
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:2] != labels.shape:
-            raise RuntimeError(f"fused loss: the head got hidden states of shape {tuple(hidden.shape)}, "
+            raise RuntimeError(f"{what}: the head got hidden states of shape {tuple(hidden.shape)}, "
                                f"labels are {tuple(labels.shape)}")
-        if positions.numel() == 0:
-            # No labelled token in this micro-batch: zero, with the head's weight still in the
-            # graph (DDP expects a gradient for every parameter it manages).
-            loss = (hidden.sum() + head_weight(head).sum()) * 0.0
-        else:
-            selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-            loss = linear_cross_entropy(selected, head_weight(head), target, kernel=kernel)
-        returned.append(loss)
-        return loss
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        out = compute(hidden, selected, target)
+        returned.append(out)
+        return out
 
     head.forward = forward  # an instance attribute: the module's hooks still run around it
     try:
         yield returned
     finally:
         del head.forward
+
+
+def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "auto",
+                       positions: torch.Tensor | None = None):
+    """Within this block, `head(hidden)` returns the summed next-token cross-entropy of the
+    positions whose shifted label is not -100, instead of the logits (`_head_replaced`)."""
+
+    def loss(hidden: torch.Tensor, selected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.numel() == 0:
+            # No labelled token in this micro-batch: zero, with the head's weight still in the
+            # graph (DDP expects a gradient for every parameter it manages).
+            return (hidden.sum() + head_weight(head).sum()) * 0.0
+        return linear_cross_entropy(selected, head_weight(head), target, kernel=kernel)
+
+    return _head_replaced(head, labels, positions, "fused loss", loss)
 
 
 def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
@@ -304,31 +313,19 @@ def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, target: t
         return _ChunkedLinearLogProbs.apply(hidden, weight, target, chunk)
 
 
-@contextlib.contextmanager
 def head_computes_log_probs(head: nn.Module, labels: torch.Tensor, positions: torch.Tensor | None = None,
                             chunk: int | None = None):
     """Within this block, `head(hidden)` returns the log-probability of each labelled next token
     (the positions whose shifted label is not -100, in row-major order), a 1-D tensor, instead
-    of the logits. Yields a list that receives what the head returned."""
-    positions, target = labelled_targets(labels, positions)
-    returned: list[torch.Tensor] = []
+    of the logits (`_head_replaced`)."""
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[:2] != labels.shape:
-            raise RuntimeError(f"log-probs: the head got hidden states of shape {tuple(hidden.shape)}, "
-                               f"labels are {tuple(labels.shape)}")
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    def log_probs(hidden: torch.Tensor, selected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logps = linear_token_log_probs(selected, head_weight(head), target, chunk)
-        if positions.numel() == 0:
+        if target.numel() == 0:
             logps = logps + (hidden.sum() + head_weight(head).sum()) * 0.0  # keep every weight in the graph
-        returned.append(logps)
         return logps
 
-    head.forward = forward
-    try:
-        yield returned
-    finally:
-        del head.forward
+    return _head_replaced(head, labels, positions, "log-probs", log_probs)
 
 
 def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,

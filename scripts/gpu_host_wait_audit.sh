@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU: the host-wait audit and the SFT bench rows after the batch-extras /
-# no-mask / unrepeated-heads changes (issue "Speed"). SHAPES / METHODS / ONLY / STEPS select;
+# no-mask / unrepeated-heads changes. SHAPES / METHODS / ONLY / STEPS select;
 # NO_TESTS skips the GPU tests; AUDIT=1 adds --sync_audit. Full log in $OUT/host-wait-SHAPE-METHOD.log.
 set -uo pipefail
 W=/tmp/lmforge-gpu

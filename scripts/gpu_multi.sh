@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue "Several GPUs", on the 2-GPU device (nvidia-h200-x2), from the repository root:
+# DDP / FSDP / ZeRO on several GPUs, on the 2-GPU device (nvidia-h200-x2), from the repository root:
 #
 #     bash scripts/gpu_multi.sh          # about 5-6 minutes; the table at the end
 #

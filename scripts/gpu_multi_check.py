@@ -1,4 +1,4 @@
-"""Helpers of scripts/gpu_multi.sh (issue "Several GPUs"): builds the base model, and reads
+"""Helpers of scripts/gpu_multi.sh: builds the base model, and reads
 what the runs left behind into one compact table.
 
     python3 scripts/gpu_multi_check.py base SHAPE TOKENIZER OUT

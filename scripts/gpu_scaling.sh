@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue "Scaling run on 4 and 8 GPUs", on nvidia-h200-x8 (on nvidia-h200-x4: GPUS="2 4"), from the
+# Scaling on 4 and 8 GPUs, on nvidia-h200-x8 (on nvidia-h200-x4: GPUS="2 4"), from the
 # repository root:
 #
 #     bash scripts/gpu_scaling.sh          # the same command again until no row is pending

@@ -1,4 +1,4 @@
-"""Helpers of scripts/gpu_scaling.sh (issue "Scaling run on 4 and 8 GPUs"): writes the synthetic
+"""Helpers of scripts/gpu_scaling.sh: writes the synthetic
 conversations the runs train on, and reads what the runs logged into one table.
 
     python3 scripts/gpu_scaling_report.py check SHAPE TOKENIZER

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU: lmforge's varlen attention (PyTorch's built-in flash varlen kernel) — the GPU
-# tests, then the SFT bench rows against flex (issue "Speed"). ONLY / SHAPES / METHODS select.
+# tests, then the SFT bench rows against flex. ONLY / SHAPES / METHODS select.
 set -uo pipefail
 DATA=${DATA:-.devdata}
 W=/tmp/lmforge-gpu
