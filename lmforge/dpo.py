@@ -87,7 +87,8 @@ class Dpo(Method):
             batches.eval = with_reference(data.eval) if data.eval is not None else None
 
     def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:
-        return {"pairs": len(batches.train), "dpo": {k: getattr(v, "value", v) for k, v in asdict(flags.method).items()}}
+        settings = {k: getattr(v, "value", v) for k, v in asdict(flags.method).items()}
+        return {"pairs": len(batches.train), "packing": False, "dpo": settings}
 
 
 def main(argv: Sequence[str], callbacks: Sequence = ()) -> str:

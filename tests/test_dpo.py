@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -26,11 +27,11 @@ from lmforge.cli import main as cli
 from lmforge.config import DpoLoss
 from lmforge.data.collate import PairCollator
 from lmforge.data.encode import check_pair, prepare_pairs
+from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.data.options import PreferenceFormat
 from lmforge.data.records import Pair, iter_pairs
-from lmforge.data.schema import Message
 from lmforge.data.render import IGNORE_INDEX, Rendered
-from lmforge.data.options import ChatOptions as PrepareOptions
+from lmforge.data.schema import Message
 from lmforge.errors import RecordError
 from lmforge.dpo_trainer import batch_log_probs, preference_loss
 
@@ -448,3 +449,21 @@ def test_module_entry_and_bad_flags(tmp_path, small_base):
     assert run.stderr.strip().splitlines()[-1] == \
         "lmforge dpo: error: --label_smoothing applies to --loss_type sigmoid, not hinge"
     assert "Traceback" not in run.stderr
+
+
+def test_val_split_holds_out_pairs_with_their_precomputed_reference(tmp_path, small_base, capsys):
+    """--val_split holds out pairs for DPO as for SFT (drawn by --seed), also when the reference
+    log-probabilities are precomputed over the whole file: each held-out row keeps its own."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(8))
+    out = tmp_path / "out"
+    argv = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--precompute_ref_log_probs", "True",
+            "--save_strategy", "no", "--val_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--seed", "3"]
+    assert cli(dpo_argv(small_base, data, str(out), *argv)) == 0
+    log = capsys.readouterr().out
+    assert "--val_split 0.25: 2 of 8 pairs held out for evaluation (drawn by --seed 3)" in log
+    info = json.loads((out / "lmforge_run.json").read_text())
+    assert info["pairs"] == 6 and info["rows"] == 6
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_loss" in h]
+    assert evals and all(math.isfinite(h["eval_loss"]) for h in evals)

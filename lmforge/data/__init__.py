@@ -1,5 +1,5 @@
 """The data chain: files in, the batches the model step takes out. One module per stage, in order;
-each stage's output is the next one's input.
+a stage imports only the stages before it (tests/test_layout.py checks).
 
     1 sources.py    files → raw records (or text documents), each with its location
                     (also: the bad-record policy, LLaMA-Factory's dataset_info.json, --tools files)
@@ -7,9 +7,10 @@ each stage's output is the next one's input.
       schema.py     the messages of a record: roles, content parts, reasoning, tool calls, flags
     3 render.py     Conversation → Rendered (input_ids, labels): the loss mask on the rendered text
       templates.py  the chat template a run renders with (the tokenizer's own, or a built-in)
-    4 encode.py     the prepare driver: read → check + render (worker processes) → length policy
-                    → rows; one driver for every kind of record (CHAT, PAIRS, TEXT)
-    5 store.py      rows → a content-keyed, memory-mapped token-cache entry (complete or absent)
+    4 store.py      rows → a content-keyed, memory-mapped token-cache entry (complete or absent)
+    5 encode.py     the prepare driver: read (1) → check + render (2, 3) in worker processes →
+                    length policy → rows into the store (4); one driver for every kind of record
+                    (CHAT, PAIRS, TEXT)
     6 pack.py       cached rows → packed rows (SFT) or document-masked blocks (pretraining)
     7 collate.py    rows → a padded batch with what the model step needs (positions, offsets)
 

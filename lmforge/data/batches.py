@@ -4,8 +4,8 @@ Trainer takes.
     sources.py   files → raw records (or text documents), each with its location
     records.py   raw record → Conversation (SFT) or Pair (DPO), checked   (schema.py: messages)
     render.py    Conversation → (input_ids, labels), the mask on the rendered text  (templates.py)
-    encode.py    the prepare driver: records → rendered → length policy → rows, in workers
     store.py     rows → a content-keyed, memory-mapped token-cache entry
+    encode.py    the prepare driver: records → rendered → length policy → rows into the store
     pack.py      cached rows → packed rows (SFT) or document-masked blocks (pretraining)
     collate.py   rows → the batch the model step takes (padding, positions, offsets)
 

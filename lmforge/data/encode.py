@@ -1,4 +1,4 @@
-"""Stage 4 of the data chain, encode: the one prepare driver. Records of one kind go from the
+"""Stage 5 of the data chain, encode: the one prepare driver. Records of one kind go from the
 sources through their check and render (in worker processes) and the length policy into a
 token-cache entry (`store.py`), counted as they go:
 

@@ -1,4 +1,4 @@
-"""Stage 5 of the data chain, the store: the token cache. Data is tokenized once into a memory-mapped Arrow file, keyed by the content
+"""Stage 4 of the data chain, the store: the token cache. Data is tokenized once into a memory-mapped Arrow file, keyed by the content
 of the data files, the tokenizer, the template and every option that changes the tokens. A
 rerun, a resume and every rank open the same file instead of tokenizing again, and the corpus
 never sits in Python lists in memory (FastChat and happy-llm hold it all in RAM).
