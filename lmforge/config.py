@@ -625,6 +625,20 @@ class TrainingArguments(transformers.TrainingArguments):
             self.ddp_backend = "cuda:nccl,cpu:gloo"
 
 
+@dataclass
+class DpoTrainingArguments(TrainingArguments):
+    """`lmforge dpo`'s training flags: the Trainer's, evaluating the DPO loss and its metrics."""
+
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "DPO evaluation reports the loss and the reward metrics, not logits."})
+
+    def __post_init__(self):
+        if not self.prediction_loss_only:
+            raise LmforgeError("--prediction_loss_only False: DPO evaluation computes the loss and reward metrics "
+                               "of each pair, not logits to return")
+        super().__post_init__()
+
+
 def setup_process(args: TrainingArguments) -> None:
     """What parsed flags do to this process, in one place, after parsing: the environment the
     libraries read, the accelerator's copy settings, and the notes about the machine (printed

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Sequence
 
-from lmforge.config import DpoArguments, PreferenceDataArguments
+from lmforge.config import DpoArguments, DpoTrainingArguments, PreferenceDataArguments
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
@@ -32,6 +32,7 @@ from lmforge.recipe import Flags, Method, Model, run
 
 class Dpo(Method):
     command, kind, data_arguments, method_arguments = "dpo", PAIRS, PreferenceDataArguments, DpoArguments
+    training_arguments = DpoTrainingArguments
     unit = "pairs"
 
     def check(self, flags: Flags) -> None:
@@ -43,7 +44,6 @@ class Dpo(Method):
             raise LmforgeError("full-parameter DPO under FSDP or ZeRO-3 would keep an unsharded frozen reference on "
                                "every GPU; pass --precompute_ref_log_probs True (reference computed once, before "
                                "training) or --lora True (the reference is the model with its adapter disabled)")
-        args.prediction_loss_only = True  # evaluation reports the DPO loss and its metrics, not logits
 
     def packing(self, flags: Flags) -> bool:
         return False  # the two sides of a pair are padded rows of one batch
