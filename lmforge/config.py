@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -63,6 +64,11 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model/tokenizer code from the model directory to run. Off by default."}
+    )
+    resize_token_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Grow the model's embedding (and head) to a tokenizer with more tokens than it has rows; "
+                          "the new rows start untrained. Off: such a pair is refused as a mismatch."},
     )
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Accepted for FastChat compatibility: the transformers cache directory."}
@@ -549,9 +555,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                f"and {self.eval_sample_tokens}")
         if not 0 < self.compile_memory_budget <= 1:
             raise LmforgeError(f"--compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
-        if self.output_dir is None:
+        if self.output_dir is None or not str(self.output_dir).strip():
             # transformers would default to ./trainer_output, a directory the user never named.
             raise LmforgeError("--output_dir is required: the directory checkpoints and the trained model go to")
+        check_training_values(self)
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.warmup_ratio:
@@ -560,6 +567,15 @@ class TrainingArguments(transformers.TrainingArguments):
             self.fsdp = None
         if self.fsdp and self.deepspeed:
             raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
+        self.fsdp_requested = self.fsdp  # the flag as given, for the checks of what it combines with
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            # FastChat's command line carries --fsdp; one process has nothing to shard across
+            # (accelerate refuses FSDP outside distributed training, after everything has loaded).
+            # Its words are still checked, so the command line is right for the launcher.
+            fsdp_config_from_flags(self.fsdp, self.fsdp_config, self.fsdp_transformer_layer_cls_to_wrap)
+            self.notes.append(f"--fsdp {self.fsdp!r} in one process: nothing to shard across, so this trains "
+                              "without FSDP; launch with torchrun --nproc_per_node N to shard over N GPUs")
+            self.fsdp = None
         if self.fsdp:
             self._configure_fsdp()
         elif self.fsdp_transformer_layer_cls_to_wrap:
@@ -625,6 +641,24 @@ class TrainingArguments(transformers.TrainingArguments):
             self.ddp_backend = "cuda:nccl,cpu:gloo"
 
 
+def check_training_values(args: TrainingArguments) -> None:
+    """Values that would fail late (a ZeroDivisionError, a torch traceback after the model has
+    loaded) or train nothing while exiting 0, refused at parsing in one line naming the flag."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, flag) < 1:
+            raise LmforgeError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not args.learning_rate > 0:
+        raise LmforgeError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.max_steps == 0:
+        raise LmforgeError("--max_steps 0 trains nothing: pass a positive number of optimizer steps, or leave it "
+                           "out to train --num_train_epochs epochs")
+    if args.max_steps < 0 and not args.num_train_epochs > 0:
+        raise LmforgeError(f"--num_train_epochs {args.num_train_epochs} trains nothing: pass a positive number of "
+                           "epochs (or --max_steps)")
+    if args.save_steps is not None and args.save_steps <= 0:
+        raise LmforgeError(f"--save_steps must be positive, got {args.save_steps}")
+
+
 @dataclass
 class DpoTrainingArguments(TrainingArguments):
     """`lmforge dpo`'s training flags: the Trainer's, evaluating the DPO loss and its metrics."""
@@ -672,40 +706,83 @@ def read_json_object(path: str, flag: str) -> dict:
 
 
 def yaml_to_argv(path: str) -> list[str]:
-    """Turn a YAML run file into flags, so flags after it on the command line override it."""
+    """Turn a YAML run file into flags, so flags after it on the command line override it. A
+    value is a scalar, a list of scalars (a flag that takes several), or a mapping for the flags
+    that take a JSON object (`fsdp_config`, `deepspeed`, `lr_scheduler_kwargs`, ...); every
+    error names the file (and the key)."""
     import yaml
 
+    if os.path.isdir(path):
+        raise LmforgeError(f"{path}: is a directory, not a run file")
     if not os.path.isfile(path):
         raise LmforgeError(f"{path}: run file does not exist")
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:  # PyYAML tells UTF-8 from UTF-16 by the bytes
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot read the run file: {e.strerror}") from None
+    except yaml.reader.ReaderError as e:  # not UTF-8, or a character YAML does not allow
+        if e.encoding and e.encoding != "unicode":  # PyYAML's "unicode": a character it refuses
+            raise LmforgeError(f"{path}: not valid {e.encoding.upper()} (byte {e.position}: {e.reason})") from None
+        raise LmforgeError(f"{path}, character {e.position}: not valid YAML: {e.reason}") from None
     except yaml.YAMLError as e:
         # PyYAML's own text spans several lines and repeats the file name; keep its position
         # and its one-line reason.
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise LmforgeError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LmforgeError(f"{path}{where}: not valid YAML: {reason}") from None
+    if values is None:  # an empty file (or only comments): no flags
+        values = {}
     if not isinstance(values, dict):
         raise LmforgeError(f"{path}: a run file must map flag names to values")
+    takes_mapping = set(getattr(transformers.TrainingArguments, "_VALID_DICT_FIELDS", ())) | {
+        "accelerator_config", "fsdp_config", "deepspeed", "gradient_checkpointing_kwargs", "lr_scheduler_kwargs"}
+    kinds = {type(None): "null", dict: "mapping", list: "list"}
     argv: list[str] = []
     for key, value in values.items():
+        if not isinstance(key, str) or not key.strip():
+            raise LmforgeError(f"{path}: the key {key!r} is not a flag name")
+        if value is None:
+            raise LmforgeError(f"{path}: {key!r} is null (no value); give it a value, or leave the key out for "
+                               "its default")
         argv.append(f"--{key}")
         if isinstance(value, list):
+            if not value:
+                raise LmforgeError(f"{path}: {key!r} is an empty list; give it one or more values, or leave the "
+                                   "key out for its default")
+            inner = next((kinds[type(v)] for v in value if type(v) in kinds), None)
+            if inner:
+                raise LmforgeError(f"{path}: {key!r} is a list holding a {inner}; a flag takes one value or a "
+                                   "list of plain values")
             argv.extend(str(v) for v in value)
         elif isinstance(value, dict):
-            argv.append(json.dumps(value))
+            if key not in takes_mapping:
+                raise LmforgeError(f"{path}: {key!r} is a mapping; a flag takes one value or a list of values (only "
+                                   f"{', '.join(sorted(takes_mapping))} take a mapping)")
+            argv.append(json.dumps(value, default=str))
         else:
             argv.append(str(value))
     return argv
 
 
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
+
+
 def expand_argv(argv: Sequence[str]) -> list[str]:
-    """A leading `run.yaml` becomes flags; the rest of the command line follows it."""
+    """A leading `run.yaml` becomes flags; the rest of the command line follows it. A negative
+    number after a flag (`--learning_rate -1e-3`) is joined to it (`--learning_rate=-1e-3`):
+    argparse takes "-1e-3" for a flag of its own and says only "expected one argument"."""
     argv = list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
-        return yaml_to_argv(argv[0]) + argv[1:]
-    return argv
+        argv = yaml_to_argv(argv[0]) + argv[1:]
+    joined: list[str] = []
+    for token in argv:
+        if (joined and NEGATIVE_NUMBER.fullmatch(token) and joined[-1].startswith("--") and "=" not in joined[-1]):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
 
 
 class _ArgumentParser(transformers.HfArgumentParser):
@@ -725,7 +802,7 @@ def check_combinations(objs: Sequence[Any]) -> None:
     if args is None:
         return
     ds_config = getattr(args, "hf_deepspeed_config", None)
-    if lora is not None and lora.q_lora and args.fsdp:
+    if lora is not None and lora.q_lora and getattr(args, "fsdp_requested", args.fsdp):
         # Not verified here: FSDP2 with bitsandbytes' 4-bit weights needs a floating quant storage and
         # flat 4-bit parameters that survive sharding; lmforge's QLoRA loads the 4-bit base onto each
         # process' GPU (a device_map) instead, which is what DDP and ZeRO-2 expect.

@@ -32,6 +32,18 @@ def decoder_layer_classes(model) -> list[str]:
     return [name for name in dict.fromkeys(declared) if name in present]
 
 
+def check_layer_classes(model, given: list[str]) -> None:
+    """Every class named by --fsdp_transformer_layer_cls_to_wrap is in the model."""
+    base = _base_model(model)
+    missing = [c for c in given if c not in {type(m).__name__ for m in base.modules()}]
+    if missing:
+        raise LmforgeError(
+            f"--fsdp_transformer_layer_cls_to_wrap {','.join(given)}: the model ({type(base).__name__}) has no "
+            f"{', '.join(missing)}; its decoder layer class is "
+            f"{', '.join(decoder_layer_classes(model)) or 'not declared (no _no_split_modules)'}. "
+            "Leave the flag out to use it")
+
+
 def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> list[str] | None:
     """With FSDP on: the layer classes it wraps, each instance its own unit (sharded, gathered
     for its forward and backward, freed after). `--fsdp_transformer_layer_cls_to_wrap` is
@@ -40,22 +52,20 @@ def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> 
     the Trainer exists. Returns the classes, or None when FSDP is off or wraps by another policy."""
     plugin_args = getattr(args, "fsdp_plugin_args", None)
     if not args.fsdp or plugin_args is None:
+        # FSDP off (one process runs without it): a wrong class name is still named now, not
+        # when the same command line runs under a launcher.
+        if getattr(args, "fsdp_transformer_layer_cls_to_wrap", None):
+            check_layer_classes(model, [c for c in args.fsdp_transformer_layer_cls_to_wrap.split(",") if c])
         return None
     if plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP":
         return None
     base = _base_model(model)
-    present = {type(m).__name__ for m in base.modules()}
     given = plugin_args.get("transformer_cls_names_to_wrap")
     if isinstance(given, str):
         given = [c for c in given.split(",") if c]
     detected = decoder_layer_classes(model)
     if given:
-        missing = [c for c in given if c not in present]
-        if missing:
-            raise LmforgeError(
-                f"--fsdp_transformer_layer_cls_to_wrap {','.join(given)}: the model "
-                f"({type(base).__name__}) has no {', '.join(missing)}; its decoder layer class is "
-                f"{', '.join(detected) or 'not declared (no _no_split_modules)'}. Leave the flag out to use it")
+        check_layer_classes(model, given)
         classes, source = list(given), "--fsdp_transformer_layer_cls_to_wrap"
     elif detected:
         classes, source = detected, "the model's _no_split_modules"

@@ -164,10 +164,39 @@ def quantization_config(lora: LoraArguments):
     )
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_weights(args: ModelArguments) -> None:
+    """A --model_name_or_path directory without weight files fails here, in one line, before the
+    data is tokenized (transformers would say so only when the model loads)."""
+    path = args.model_name_or_path
+    if args.config_name or not path or not os.path.isdir(path):
+        return
+    if not any(name.endswith(WEIGHT_FILES) or name.endswith(".index.json") for name in os.listdir(path)):
+        raise LmforgeError(f"--model_name_or_path {path}: no weights there (no *.safetensors or pytorch_model*.bin); "
+                           f"to train from random weights built from its config, pass --config_name {path}")
+
+
+def check_vocabulary(args: ModelArguments, config, tokenizer) -> None:
+    """A tokenizer with more tokens than the weights have embeddings belongs to another model (the
+    demo's 512-token model with Qwen's 151,665-token tokenizer): refused unless asked for, as
+    growing the embedding would train a model whose new rows are random. Fewer tokens than rows
+    is usual (Qwen pads its table to a multiple of 64)."""
+    rows = config.get_text_config().vocab_size
+    if len(tokenizer) <= rows or args.config_name or args.resize_token_embeddings:
+        return
+    raise LmforgeError(
+        f"the tokenizer has {len(tokenizer):,} tokens, the model at {args.model_name_or_path} {rows:,} embeddings: "
+        "they do not belong together (check --tokenizer_name). To add the missing rows (new, untrained "
+        "embeddings), pass --resize_token_embeddings True")
+
+
 def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_max_length: int | None = None,
                lora: LoraArguments | None = None):
     """The causal LM to train, with `use_cache` off (training recomputes every position)."""
     config = load_config(args)
+    check_vocabulary(args, config, tokenizer)
     apply_rope_scaling(config, model_max_length)
     dtype = DTYPES[args.torch_dtype]
     attn = attention_implementation(args, flash_attn)
@@ -183,8 +212,10 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_
                 # 4-bit weights are placed on this process' GPU at load time.
                 extra = {"quantization_config": quant, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
                 dtype = torch.bfloat16
+            # The absolute path: PEFT records it in adapter_config.json as the base model, which
+            # must load from wherever the adapter is used (users move directories).
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                args.model_name_or_path, config=config, dtype=dtype, attn_implementation=attn,
+                os.path.abspath(args.model_name_or_path), config=config, dtype=dtype, attn_implementation=attn,
                 trust_remote_code=args.trust_remote_code, **extra,
             )
         else:

@@ -8,13 +8,24 @@ differs; `run` is the rest, read top to bottom:
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME
 
-from lmforge.config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, setup_process
+from lmforge.config import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+    expand_argv,
+    parse,
+    setup_process,
+)
 from lmforge.data.batches import Batches, PreparedData, build_batches, prepare_data
 from lmforge.data.encode import Kind
 from lmforge.data.options import ChatOptions
@@ -22,9 +33,10 @@ from lmforge.data.pack import PackedDataset
 from lmforge.data.sources import read_tools
 from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
-from lmforge.model import apply_lora, gpu_memory_gib, load_config, load_model, load_tokenizer
-from lmforge.report import key_flags
-from lmforge.train import resolve_resume, train_and_save
+from lmforge.errors import LmforgeError
+from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
+from lmforge.report import key_flags, read_run_info
+from lmforge.train import resolve_resume, resume_policy, train_and_save
 
 
 @dataclass
@@ -112,8 +124,20 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     setup_process(args)  # the environment, the accelerator, the launcher: after parsing, once
     main_process = args.process_index == 0
     log = print if main_process else lambda *_: None
+    command_line = expand_argv(argv)  # a YAML run file as the flags it held
+    finished = finished_run(args.output_dir, method.command, command_line)
+    if finished is not None and args.resume:
+        log(f"lmforge: {args.output_dir} already holds the result of this command ({finished}); nothing to do. "
+            "Pass --resume False --overwrite_output_dir True to train it again from the start")
+        return args.output_dir
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
+    check_output_dir(args.output_dir)
+    if checkpoint:
+        # Flags changed since the run was started (or last resumed): applied, or refused now.
+        saved = read_run_info(args.output_dir).get("config")
+        callbacks = [*resume_policy(checkpoint, saved, key_flags(*flags.all()), log), *callbacks]
     load_config(flags.model)  # a wrong model path fails now, not after tokenizing
+    check_weights(flags.model)
 
     # The first process of each machine tokenizes into the cache; the others then find it there.
     with local_main_first(args, args.prepare_timeout, method.tokenizing):
@@ -134,7 +158,7 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
 
     run_info = {
-        "command": method.command, "flags": list(argv), "started": started,
+        "command": method.command, "flags": list(argv), "command_line": command_line, "started": started,
         "config": key_flags(*flags.all()),
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
@@ -146,6 +170,49 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
                           checkpoint, data.end_of_turn_id, run_info, preflight=method.preflight(flags, data, batches),
                           callbacks=[*method.callbacks(flags, data, batches), *callbacks],
                           trainer_class=trained.trainer_class, trainer_kwargs=trained.trainer_kwargs)
+
+
+def finished_run(output_dir: str, command: str, command_line: list[str]) -> str | None:
+    """What `output_dir` holds when the same command line already ran to its end there (the
+    final save is whole: its trainer_state.json is written last), else None. A rerun of a
+    finished command then changes nothing instead of training past its last step."""
+    state_path = os.path.join(output_dir, TRAINER_STATE_NAME)
+    info = read_run_info(output_dir)
+    same = info.get("command") == command and _elsewhere(info.get("command_line") or []) == _elsewhere(command_line)
+    if not os.path.isfile(state_path) or not same:
+        return None
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return f"trained to step {state.get('global_step')} of {state.get('max_steps')}, saved"
+
+
+def _elsewhere(command_line: list[str]) -> list[str]:
+    """The command line without its --output_dir: a finished run moved or copied to another
+    directory is still that run."""
+    out: list[str] = []
+    skip = False
+    for token in command_line:
+        if skip:
+            skip = False
+        elif token == "--output_dir":
+            skip = True
+        elif not token.startswith("--output_dir="):
+            out.append(token)
+    return out
+
+
+def check_output_dir(path: str) -> None:
+    """A directory the run can write to, made now: a read-only place fails here, in one line,
+    not at the first checkpoint after the data and the model have loaded."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(f"--output_dir {path}: cannot create it: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LmforgeError(f"--output_dir {path}: not writable by this user")
 
 
 def chat_options(data: DataArguments) -> ChatOptions:

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import transformers
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmforge.attention import VARLEN, document_attention_mask
@@ -72,6 +73,70 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
             "pass --overwrite_output_dir True to train into it anyway, or choose another directory"
         )
     return None
+
+
+# What a resumed run may change. The checkpoint holds the weights, the optimizer and scheduler
+# state, the RNG and the position in the data; flags that change none of those apply from the
+# resumed step (the learning rate is written into the restored optimizer and scheduler, which
+# would otherwise keep the old one). Every other recorded flag shapes the data, the model or the
+# batches the checkpoint was trained on: a change would mix two runs under one name, so it is refused.
+RESUME_APPLIES = frozenset({
+    "learning_rate", "max_steps", "num_train_epochs", "lr_scheduler_type", "warmup_steps", "max_grad_norm",
+    "gradient_checkpointing", "attn_implementation", "eval_strategy", "eval_steps", "logging_steps",
+    "save_strategy", "save_steps",
+})
+
+
+def changed_flags(saved: dict, now: dict) -> dict[str, tuple]:
+    """{flag: (value the run was started or last resumed with, value now)} for the recorded flags
+    (`report.KEY_FLAGS`) that differ."""
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print) -> list[transformers.TrainerCallback]:
+    """Say which flags differ from the run being resumed and what is done about each; refuse
+    the ones a checkpoint cannot continue with. Returns the callbacks that apply the others."""
+    if not saved:
+        return []  # a run from before lmforge recorded its flags: nothing to compare
+    changes = changed_flags(saved, now)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_APPLIES}
+    if refused:
+        listed = ", ".join(f"--{k} {a} → {b}" for k, (a, b) in refused.items())
+        raise LmforgeError(
+            f"resuming from {checkpoint} with changed flags that shape the data, the model or the batches it was "
+            f"trained on ({listed}); run the command it was started with (lmforge_run.json), pass another "
+            "--output_dir, or --resume False --overwrite_output_dir True to start over in this one")
+    if changes:
+        log("lmforge: resuming with changed flags, applied from the resumed step: "
+            + ", ".join(f"--{k} {a} → {b}" for k, (a, b) in changes.items()))
+    if "learning_rate" in changes:
+        return [ApplyLearningRate(changes["learning_rate"][1])]
+    return []
+
+
+class ApplyLearningRate(transformers.TrainerCallback):
+    """A new --learning_rate for a resumed run: the restored optimizer and scheduler carry the
+    old one (the scheduler's base rates come from its state); both are set to the new rate before
+    the first resumed step, with the schedule's position kept."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        if optimizer is None:
+            return
+        for group in optimizer.param_groups:
+            group["initial_lr"] = self.learning_rate
+            group["lr"] = self.learning_rate
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [self.learning_rate for _ in scheduler.base_lrs]
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas:  # LambdaLR, HF's schedules: the rate at the restored position
+                for group, factor in zip(optimizer.param_groups, lambdas):
+                    group["lr"] = self.learning_rate * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def set_generation_defaults(model, tokenizer, end_of_turn_id: int | None) -> None:
@@ -257,6 +322,36 @@ class NonFiniteGuard(transformers.TrainerCallback):
             f"The last good checkpoint is {newest or 'none (no checkpoint was written yet)'}. "
             "Lower the learning rate, check the data of this step, or resume from the checkpoint."
         )
+
+
+class TrainingCollapsed(LmforgeError):
+    pass
+
+
+class CollapseGuard(transformers.TrainerCallback):
+    """Stops a run whose gradients have vanished while its loss has not: the gradient norm is 0
+    at `patience` logged steps in a row with a loss above 0. A far too large learning rate does
+    this in one step (`--learning_rate 1e6` saturates every activation; the loss then sits at
+    ln(vocabulary) for the whole run), and a run that went on would save a destroyed model and
+    exit 0. Non-finite gradients are `NonFiniteGuard`'s."""
+
+    def __init__(self, patience: int = 3):
+        self.patience = patience
+        self.flat: list[int] = []  # the steps of the current run of zero-gradient logs
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        try:
+            norm, loss = float(logs["grad_norm"]), float(logs["loss"])
+        except (KeyError, TypeError, ValueError):
+            return  # an evaluation log, or a run that does not log the gradient norm
+        self.flat = self.flat + [state.global_step] if norm == 0.0 and loss > 0.0 else []
+        if len(self.flat) >= self.patience:
+            lr = f"--learning_rate {args.learning_rate:g}"
+            raise TrainingCollapsed(
+                f"the gradient norm has been 0 at steps {', '.join(map(str, self.flat))} while the loss stays at "
+                f"{loss:.4g}: the model no longer learns (its activations saturated; {lr} may be far too high). "
+                "Lower the learning rate and train again from the start (--overwrite_output_dir True)")
 
 
 def _takes_found_inf(optimizer) -> bool:
@@ -531,7 +626,8 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     `callbacks` are added to lmforge's own; they may also take lmforge's events (`LmforgeCallback`)."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
-    callbacks = [NonFiniteGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []), *callbacks]
+    callbacks = [NonFiniteGuard(), CollapseGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []),
+                 *callbacks]
     trainer = (trainer_class or Trainer)(  # looked up now: tests may replace lmforge.train.Trainer
         model=model,
         args=args,
@@ -550,7 +646,17 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
                                          "world_size": args.world_size})
     stop.install()
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        if checkpoint and last_step_reached(checkpoint, args) and not (trainer.is_deepspeed_enabled
+                                                                       or trainer.is_fsdp_enabled):
+            # The run was stopped during its final save: its last checkpoint is the trained model.
+            # Resuming would train one step past the end (the Trainer runs a step before it checks
+            # the step count); the weights and state are loaded instead and only the save is redone.
+            if args.process_index == 0:
+                print(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
         if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
@@ -571,6 +677,20 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         if report:
             print(f"lmforge: run report: {report}")
     return args.output_dir
+
+
+def last_step_reached(checkpoint: str, args) -> bool:
+    """Whether `checkpoint` is the last step of the run these arguments describe: --max_steps
+    reached, or (epochs) the step count its own run planned, for the same --num_train_epochs."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    step = state.get("global_step") or 0
+    if args.max_steps > 0:
+        return step >= args.max_steps
+    return state.get("num_train_epochs") == args.num_train_epochs and step >= (state.get("max_steps") or step + 1)
 
 
 def last_eval_step(state) -> int | None:

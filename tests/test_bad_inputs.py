@@ -111,7 +111,7 @@ def pretrain(ctx: Ctx, train_file: str, *flags: str) -> list[str]:
 
 
 def with_bad_record(ctx: Ctx, bad: dict, first: dict = GOOD) -> str:
-    """A JSON list of a good record then the bad one: the bad one is `record 1`."""
+    """A JSON list of a good record then the bad one: the bad one is `record 2`."""
     return ctx.write("data.json", [first, bad])
 
 
@@ -182,55 +182,55 @@ FORMAT_HINT = ("expected 'conversations' (ShareGPT), 'messages' (OpenAI) or 'ins
 
 def _unknown_format(ctx: Ctx) -> Bad:
     p = ctx.write("data.json", [{"prompt": "q", "completion": "a"}, GOOD])
-    return Bad(prepare("--data_path", p), f"{p}, record 0: cannot tell the format from the keys ['completion', "
+    return Bad(prepare("--data_path", p), f"{p}, record 1: cannot tell the format from the keys ['completion', "
                                           f"'prompt']: {FORMAT_HINT}")
 
 
 def _mixed_formats(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, {"instruction": "q", "output": "a"})
     return Bad(prepare("--data_path", p),
-               f"{p}, record 1: field 'messages' is missing (keys: ['instruction', 'output'])")
+               f"{p}, record 2: field 'messages' is missing (keys: ['instruction', 'output'])")
 
 
 def _unknown_role(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, user_assistant(("user", "q"), ("bot", "a")))
     return Bad(prepare("--data_path", p),
-               f"{p}, record 1: messages[1] has unknown role 'bot'; known roles: "
+               f"{p}, record 2: messages[1] has unknown role 'bot'; known roles: "
                "['assistant', 'developer', 'ipython', 'system', 'tool', 'user']")
 
 
 def _roles_out_of_order(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, user_assistant(("user", "q"), ("tool", "42"), ("assistant", "a")))
-    return Bad(prepare("--data_path", p), f"{p}, record 1: turn 1 is a tool result that follows no assistant tool call")
+    return Bad(prepare("--data_path", p), f"{p}, record 2: turn 1 is a tool result that follows no assistant tool call")
 
 
 def _empty_content(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, user_assistant(("user", "q"), ("assistant", "  \n")))
-    return Bad(prepare("--data_path", p), f"{p}, record 1: turn 1 (assistant) is empty")
+    return Bad(prepare("--data_path", p), f"{p}, record 2: turn 1 (assistant) is empty")
 
 
 def _non_string_content(ctx: Ctx) -> Bad:
     # A number where text (or OpenAI's list of content parts) belongs.
     p = with_bad_record(ctx, user_assistant(("user", 42), ("assistant", "a")))
     return Bad(prepare("--data_path", p),
-               f"{p}, record 1: messages[0].content must be a string or a list of content parts, got int")
+               f"{p}, record 2: messages[0].content must be a string or a list of content parts, got int")
 
 
 def _missing_field(ctx: Ctx) -> Bad:
     sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     p = with_bad_record(ctx, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}, first=sharegpt)
-    return Bad(prepare("--data_path", p), f"{p}, record 1: conversations[1] has no 'value'")
+    return Bad(prepare("--data_path", p), f"{p}, record 2: conversations[1] has no 'value'")
 
 
 def _malformed_history(ctx: Ctx) -> Bad:
     alpaca = {"instruction": "q", "output": "a"}
     p = with_bad_record(ctx, {"instruction": "q", "output": "a", "history": [["only a question"]]}, first=alpaca)
-    return Bad(prepare("--data_path", p), f"{p}, record 1: history[0] must be a [question, answer] pair")
+    return Bad(prepare("--data_path", p), f"{p}, record 2: history[0] must be a [question, answer] pair")
 
 
 def _no_assistant_turn(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, user_assistant(("system", "s"), ("user", "q")))
-    return Bad(prepare("--data_path", p), f"{p}, record 1: the conversation has no assistant turn to train on")
+    return Bad(prepare("--data_path", p), f"{p}, record 2: the conversation has no assistant turn to train on")
 
 
 def _all_too_long(ctx: Ctx) -> Bad:
@@ -239,14 +239,14 @@ def _all_too_long(ctx: Ctx) -> Bad:
     p = ctx.write("data.json", [GOOD, GOOD])
     return Bad(prepare("--data_path", p, "--model_max_length", "8", "--long_records", "drop"),
                f"no usable record in {p}:\nrecords: 2  kept: 0  truncated: 0\ntokens: 0  trained tokens: 0\n"
-               f"skipped: 2\n  too_long: 2  (e.g. {p}, record 0: {n} tokens, longer than model_max_length=8)")
+               f"skipped: 2\n  too_long: 2  (e.g. {p}, record 1: {n} tokens, longer than model_max_length=8)")
 
 
 def _template_cannot_render(ctx: Ctx) -> Bad:
     p = with_bad_record(ctx, SYSTEM)
     tok = ctx.fixture("tokenizer_dirs")(NO_SYSTEM_TEMPLATE)
     return Bad(["prepare", "--tokenizer_name", tok, "--data_path", p],
-               f"{p}, record 1: the chat template does not take a system message (it raises: this template has no "
+               f"{p}, record 2: the chat template does not take a system message (it raises: this template has no "
                "system role); pass --unrendered drop to train without it")
 
 
@@ -295,7 +295,7 @@ def _parquet(ctx: Ctx, rows: dict) -> str:
 def _parquet_wrong_columns(ctx: Ctx) -> Bad:
     p = _parquet(ctx, {"question": ["q"], "answer": ["a"]})
     return Bad(prepare("--data_path", p),
-               f"{p}, record 0: cannot tell the format from the keys ['answer', 'question']: {FORMAT_HINT}")
+               f"{p}, record 1: cannot tell the format from the keys ['answer', 'question']: {FORMAT_HINT}")
 
 
 def _eval_file_bad(ctx: Ctx) -> Bad:
@@ -554,7 +554,7 @@ def _pretrain_wrong_text_field(ctx: Ctx) -> Bad:
 
 def _pretrain_parquet_wrong_columns(ctx: Ctx) -> Bad:
     p = _parquet(ctx, {"body": ["some text"], "url": ["https://example.com"]})
-    return Bad(pretrain(ctx, p), f"{p}, record 0: field 'text' is missing (keys: ['body', 'url']); see --text_field")
+    return Bad(pretrain(ctx, p), f"{p}, record 1: field 'text' is missing (keys: ['body', 'url']); see --text_field")
 
 
 def _block_size_over_corpus(ctx: Ctx) -> Bad:
@@ -562,6 +562,73 @@ def _block_size_over_corpus(ctx: Ctx) -> Bad:
     return Bad(pretrain(ctx, p, "--block_size", "4096"),
                f"{p}: 4 tokens in all, fewer than one block of --block_size 4096; lower --block_size or pass "
                "--remainder pad")
+
+
+def _batch_size_zero(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--per_device_train_batch_size", "0"), "--per_device_train_batch_size must be at least 1, got 0")
+
+
+def _accumulation_zero(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be at least 1, got 0")
+
+
+def _negative_learning_rate(ctx: Ctx) -> Bad:
+    # Written with a space: argparse alone takes "-1e-3" for a flag ("expected one argument").
+    return Bad(sft(ctx, "--learning_rate", "-1e-3"), "--learning_rate must be positive, got -0.001")
+
+
+def _negative_learning_rate_joined(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--learning_rate=-1e-3"), "--learning_rate must be positive, got -0.001")
+
+
+def _max_steps_zero(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--max_steps", "0"), "--max_steps 0 trains nothing: pass a positive number of optimizer "
+                                             "steps, or leave it out to train --num_train_epochs epochs")
+
+
+def _epochs_zero(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--max_steps", "-1", "--num_train_epochs", "0"),
+               "--num_train_epochs 0.0 trains nothing: pass a positive number of epochs (or --max_steps)")
+
+
+def _output_dir_empty(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--output_dir", ""), "--output_dir is required: the directory checkpoints and the trained "
+                                             "model go to")
+
+
+def _output_dir_read_only(ctx: Ctx) -> Bad:
+    # Tests may run as root, whom permissions do not stop: the check's answer is what is set here.
+    out = ctx.tmp / "out"
+    out.mkdir()
+    ctx.monkeypatch.setattr("lmforge.recipe.os.access", lambda path, mode: path != str(out))
+    return Bad(sft(ctx), f"--output_dir {out}: not writable by this user")
+
+
+def _model_dir_without_weights(ctx: Ctx) -> Bad:
+    model = ctx.tmp / "model"
+    ctx.write("model/config.json", json.dumps(TINY_QWEN))
+    argv = sft(ctx)
+    argv[argv.index("--config_name") : argv.index("--config_name") + 2] = ["--model_name_or_path", str(model)]
+    return Bad(argv, f"--model_name_or_path {model}: no weights there (no *.safetensors or pytorch_model*.bin); to "
+                     f"train from random weights built from its config, pass --config_name {model}")
+
+
+def _tokenizer_not_of_the_model(ctx: Ctx) -> Bad:
+    import transformers
+
+    model = str(ctx.tmp / "model")
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**{**TINY_QWEN, "vocab_size": 512})).save_pretrained(model)
+    argv = sft(ctx)
+    argv[argv.index("--config_name") : argv.index("--config_name") + 2] = ["--model_name_or_path", model]
+    return Bad(argv, f"the tokenizer has 151,665 tokens, the model at {model} 512 embeddings: they do not belong "
+                     "together (check --tokenizer_name). To add the missing rows (new, untrained embeddings), pass "
+                     "--resize_token_embeddings True")
+
+
+def _learning_rate_destroys_the_model(ctx: Ctx) -> Bad:
+    return Bad(sft(ctx, "--learning_rate", "1e6", "--max_steps", "8", "--logging_steps", "1"),
+               "the gradient norm has been 0 at steps 2, 3, 4 while the loss stays at ", exact=False)
 
 
 CATALOGUE = [
@@ -634,6 +701,18 @@ CATALOGUE = [
     Kind("pretrain wrong text field", _pretrain_wrong_text_field),
     Kind("pretrain parquet without text column", _pretrain_parquet_wrong_columns),
     Kind("--block_size larger than the corpus", _block_size_over_corpus),
+    # Values caught at parsing, and runs that would train nothing or a destroyed model
+    Kind("--per_device_train_batch_size 0", _batch_size_zero),
+    Kind("--gradient_accumulation_steps 0", _accumulation_zero),
+    Kind("--learning_rate -1e-3", _negative_learning_rate),
+    Kind("--learning_rate=-1e-3", _negative_learning_rate_joined),
+    Kind("--max_steps 0", _max_steps_zero),
+    Kind("--num_train_epochs 0", _epochs_zero),
+    Kind("--output_dir empty", _output_dir_empty),
+    Kind("output dir read-only", _output_dir_read_only),
+    Kind("model directory without weights", _model_dir_without_weights),
+    Kind("tokenizer of another model", _tokenizer_not_of_the_model),
+    Kind("--learning_rate 1e6 destroys the model", _learning_rate_destroys_the_model),
 ]
 
 

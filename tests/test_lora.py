@@ -191,3 +191,14 @@ def test_qlora_stores_tied_embedding_and_head_in_one_4bit_copy(tmp_path):
                    None, {})
     assert torch.equal(head.weight.data.view(torch.uint8), packed_before.view(torch.uint8))
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_adapter_names_its_base_by_an_absolute_path(tmp_path, base_model, monkeypatch):
+    """PEFT stores the base model's path in adapter_config.json; given as a relative path it would
+    load only from the directory the run started in."""
+    monkeypatch.chdir(os.path.dirname(base_model))
+    out = str(tmp_path / "out")
+    assert cli(lora_argv(os.path.basename(base_model), out, "--max_steps", "1", "--save_strategy", "no")) == 0
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        stored = json.load(f)["base_model_name_or_path"]
+    assert os.path.isabs(stored) and os.path.realpath(stored) == os.path.realpath(base_model)

@@ -75,7 +75,7 @@ class Setup:
     baseline: str
 
 
-def argv(setup: Setup, out: str, hooks: Sequence[str] = ()) -> list[str]:
+def argv(setup: Setup, out: str, hooks: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
     """`lmforge sft`; with `hooks` (tests/hooks.py options: `--pause_save STEP:SECONDS`) through
     tests/hooks.py, which runs the same command with those test callbacks."""
     entry = [HOOKS, *hooks] if hooks else ["-m", "lmforge"]
@@ -84,7 +84,7 @@ def argv(setup: Setup, out: str, hooks: Sequence[str] = ()) -> list[str]:
             "--model_max_length", "256", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
             "--learning_rate", "1e-3", "--warmup_steps", "2", "--max_steps", str(MAX_STEPS),
             "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--seed", "7", "--report_to", "none",
-            "--disable_tqdm", "True", "--dataloader_pin_memory", "False"]
+            "--disable_tqdm", "True", "--dataloader_pin_memory", "False", *extra]
 
 
 @dataclass
@@ -103,11 +103,11 @@ class Run:
 
 
 def run(setup: Setup, out: str, stop: Optional[Callable[[Run], Optional[float]]] = None,
-        sig: int = signal.SIGKILL, hooks: Sequence[str] = ()) -> Run:
+        sig: int = signal.SIGKILL, hooks: Sequence[str] = (), extra: Sequence[str] = ()) -> Run:
     """Run the command (with the test callbacks `hooks`, see `argv`); `stop` sees the log so far
     after every line and returns a delay after which `sig` is sent (or None to keep going)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_CACHE": setup.cache}
-    proc = subprocess.Popen(argv(setup, out, hooks), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(argv(setup, out, hooks, extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     watchdog = threading.Timer(300, proc.kill)
     watchdog.start()
     lines: list[str] = []
@@ -485,3 +485,62 @@ def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_run(out, 8, save_steps=5)
     assert find_checkpoints(out) == []
+
+
+def test_rerun_of_a_finished_command_changes_nothing(setup, tmp_path):
+    """The same command line again over its finished run (here a copy of it): recognised, left as
+    it is, exit 0; no step past --max_steps, no new checkpoint."""
+    out = tmp_path / "out"
+    shutil.copytree(setup.baseline, out)
+    weights = (out / "model.safetensors").read_bytes()
+    again = run(setup, str(out))
+    assert again.returncode == 0, again.log
+    assert (f"lmforge: {out} already holds the result of this command (trained to step {MAX_STEPS} of {MAX_STEPS}, "
+            "saved); nothing to do") in again.log
+    assert "resuming" not in again.log and (out / "model.safetensors").read_bytes() == weights
+    assert newest_step(str(out)) == MAX_STEPS
+
+
+def test_run_killed_during_its_final_save_redoes_only_the_save(setup, tmp_path):
+    """Killed after its last checkpoint, before the final save was whole: the rerun writes the
+    final save from that checkpoint, without training a step past the end."""
+    out = tmp_path / "out"
+    shutil.copytree(setup.baseline, out)
+    for entry in out.iterdir():  # what a kill during the final save leaves: the checkpoints, the run record
+        if not entry.name.startswith("checkpoint-") and entry.name != "lmforge_run.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    again = run(setup, str(out))
+    assert again.returncode == 0, again.log
+    assert f"checkpoint-{MAX_STEPS} is this run's last step; writing its final save, without training" in again.log
+    assert not any(LOSS_LINE.match(line) for line in again.log.splitlines()) and newest_step(str(out)) == MAX_STEPS
+    assert_same_weights(str(out), setup.baseline)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+
+
+def interrupted_copy(setup: Setup, out) -> None:
+    """The uninterrupted run's checkpoints and run record, without its final save."""
+    shutil.copytree(setup.baseline, out)
+    for entry in out.iterdir():
+        if not entry.name.startswith("checkpoint-") and entry.name != "lmforge_run.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def test_resume_applies_a_changed_learning_rate_and_refuses_a_changed_seed(setup, tmp_path):
+    """Resume says which flags differ: a new --learning_rate (and a longer --max_steps) apply from
+    the resumed step, the rate written into the restored optimizer and schedule; a changed --seed
+    (the data order, dropout) is refused before anything loads."""
+    out = tmp_path / "out"
+    interrupted_copy(setup, out)
+    refused = run(setup, str(out), extra=("--seed", "8"))
+    assert refused.returncode == 2
+    assert (f"resuming from {out / f'checkpoint-{MAX_STEPS}'} with changed flags that shape the data, the model or "
+            "the batches it was trained on (--seed 7 → 8)") in refused.log
+    longer = MAX_STEPS + 4
+    resumed = run(setup, str(out), extra=("--learning_rate", "5e-4", "--max_steps", str(longer)))
+    assert resumed.returncode == 0, resumed.log
+    assert ("lmforge: resuming with changed flags, applied from the resumed step: --learning_rate 0.001 → 0.0005, "
+            f"--max_steps {MAX_STEPS} → {longer}") in resumed.log
+    rates = {step: lr for step, _, _, lr, _ in logged_steps(str(out))}
+    warmup = 2  # --warmup_steps: the linear schedule decays from there to 0 at the last step
+    for step in range(MAX_STEPS + 1, longer + 1):  # the rate logged at a step is the one it used
+        assert rates[step] == pytest.approx(5e-4 * (longer - step + 1) / (longer - warmup)), step

@@ -100,6 +100,22 @@ def test_fastchat_train_fsdp_command(tmp_path, tiny_llama):
     assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
 
 
+def test_fastchat_fsdp_command_in_one_process_trains_without_sharding(tmp_path, tiny_llama, capsys, monkeypatch):
+    """The same command line without a launcher: nothing to shard across, so it trains unsharded
+    and says so (accelerate would refuse FSDP outside distributed training, with a traceback)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = str(tmp_path / "output" / "vicuna-7b-sft")
+    assert cli(["sft", "--model_name_or_path", tiny_llama, "--data_path", str(DUMMY_CONVERSATIONS),
+                "--output_dir", out, "--per_device_train_batch_size", "4", "--learning_rate", "2e-5",
+                "--model_max_length", "2048", "--bf16", "True", "--fsdp", "full_shard auto_wrap",
+                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--lazy_preprocess", "True",
+                "--max_steps", "2", "--report_to", "none"]) == 0
+    said = capsys.readouterr().out
+    assert ("lmforge: --fsdp 'full_shard auto_wrap' in one process: nothing to shard across, so this trains without "
+            "FSDP; launch with torchrun --nproc_per_node N to shard over N GPUs") in said
+    assert final_step(out) == 2
+
+
 FASTCHAT_ZERO2 = {
     "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "contiguous_gradients": True,
                           "overlap_comm": True},

@@ -370,7 +370,7 @@ class TextKind(Kind):
         stats = TextStats()
         size = options.block_size
         buffer: list[int] = []
-        progress = PrepareProgress("tokenizing")
+        progress = PrepareProgress("tokenizing", unit="document")
         with RowWriter(tmp, self.columns) as writer:
             for ids in documents:
                 progress.update(1, len(ids))
@@ -504,13 +504,15 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
 
 
 class PrepareProgress:
-    """Preparation's own progress: records read, tokens written, rate, printed every `every`
-    seconds while the cache is built (lines, not a redrawn bar: they read the same in a log
-    file and on a terminal), then a last line with the totals. Only the process that builds
-    the cache prints."""
+    """Preparation's own progress: records (or, for pretraining text, documents: `unit`) read,
+    tokens written, and both rates, printed every `every` seconds while the cache is built
+    (lines, not a redrawn bar: they read the same in a log file and on a terminal), then a
+    last line with the totals. A rate is given to three figures (a .txt file read as one
+    document makes a fraction of a document a second, not 0), and left out under a second,
+    where it would say little. Only the process that builds the cache prints."""
 
-    def __init__(self, what: str, every: float = 10.0, log=print, clock=time.monotonic):
-        self.what, self.every, self.log, self.clock = what, every, log, clock
+    def __init__(self, what: str, every: float = 10.0, log=print, clock=time.monotonic, unit: str = "record"):
+        self.what, self.every, self.log, self.clock, self.unit = what, every, log, clock, unit
         self.started = self.last = clock()
         self.records = self.tokens = 0
 
@@ -526,6 +528,15 @@ class PrepareProgress:
         self.log(f"lmforge: {self.what}: done, {self._figures(self.clock())}")
 
     def _figures(self, now: float) -> str:
-        seconds = max(now - self.started, 1e-9)
-        return (f"{self.records:,} records, {self.tokens:,} tokens in {seconds:.0f} s "
-                f"({self.records / seconds:,.0f} records/s)")
+        seconds = max(now - self.started, 0.0)
+        units = f"{self.unit}{'' if self.records == 1 else 's'}"
+        took = f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+        figures = f"{self.records:,} {units}, {self.tokens:,} tokens in {took}"
+        if seconds < 1:
+            return figures
+        return f"{figures} ({_rate(self.records / seconds)} {self.unit}s/s, {_rate(self.tokens / seconds)} tokens/s)"
+
+
+def _rate(per_second: float) -> str:
+    """A rate to three figures (0.25, 12.5, 1,667): never 0 where some work was done."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"

@@ -27,6 +27,7 @@ from lmforge.data.schema import (
     parse_message,
     parse_messages,
     parse_tools,
+    require_field,
     require_str,
     validate,
 )
@@ -88,8 +89,8 @@ def from_openai(record: Any) -> Conversation:
 def from_alpaca(record: Any) -> Conversation:
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    instruction = require_str(record.get("instruction"), "field 'instruction'")
-    output = require_str(record.get("output"), "field 'output'")
+    instruction = require_field(record, "instruction", "field 'instruction'")
+    output = require_field(record, "output", "field 'output'")
     extra = record.get("input") or ""
     extra = require_str(extra, "field 'input'")
     messages = []
@@ -194,12 +195,16 @@ def detect_pair_format(record: Any) -> PreferenceFormat:
 
 
 def _side(record: dict, key: str) -> Any:
-    if key not in record or record[key] is None:
+    if key not in record:
         raise RecordError("missing_side", f"field '{key}' is missing (keys: {sorted(record)})")
+    if record[key] is None:
+        raise RecordError("missing_side", f"field '{key}' is null")
     return record[key]
 
 
 def _string(value: Any, what: str) -> str:
+    if value is None:
+        raise RecordError("non_string_content", f"{what} is null, not a string")
     if not isinstance(value, str):
         raise RecordError("non_string_content", f"{what} must be a string, got {type(value).__name__}")
     return value

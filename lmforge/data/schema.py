@@ -8,7 +8,7 @@ Nothing a record carries is dropped here except what is documented: an empty sys
 which means "no system prompt" (the template then renders what it renders without one).
 
 Only what is actually invalid is refused, each with a `RecordError` saying what is wrong: an
-unknown role, a missing or wrongly typed field, an empty user or assistant turn, a tool result
+unknown role, a missing, null or wrongly typed field, an empty user or assistant turn, a tool result
 that answers no call, a conversation with no assistant turn. The order of user and assistant
 turns is the template's business: a template that cannot render an order raises, and that
 error names the record (`render.py`).
@@ -117,11 +117,21 @@ class Conversation:
 
 
 def require_str(value: Any, what: str) -> str:
+    """`value` (a field that is there) as a string; null is called null. A field that may be
+    absent is read with `require_field`, which tells the two apart."""
     if value is None:
-        raise RecordError("missing_field", f"{what} is missing")
+        raise RecordError("missing_field", f"{what} is null")
     if not isinstance(value, str):
         raise RecordError("non_string_content", f"{what} must be a string, got {type(value).__name__}")
     return value
+
+
+def require_field(obj: dict, key: str, what: str) -> str:
+    """`obj[key]` as a string: "is missing" when there is no such key, "is null" when it holds
+    null (an export that writes null for an empty cell is told so, not that it lacks the key)."""
+    if key not in obj:
+        raise RecordError("missing_field", f"{what} is missing")
+    return require_str(obj[key], what)
 
 
 def _json_value(value: Any, what: str) -> Any:
@@ -186,8 +196,10 @@ def parse_tool_calls(value: Any, what: str) -> tuple[dict, ...]:
 def _part_text(part: Any, what: str) -> str:
     if isinstance(part, str):
         return part
-    text = next((part[k] for k in ("text", "value", "content") if k in part), None)
-    return require_str(text, f"{what} text")
+    key = next((k for k in ("text", "value", "content") if k in part), None)
+    if key is None:
+        raise RecordError("missing_field", f"{what} text is missing")
+    return require_str(part[key], f"{what} text")
 
 
 def parse_content(value: Any, what: str) -> tuple[str, str | None, tuple[dict, ...] | None]:
@@ -252,13 +264,15 @@ def parse_message(turn: Any, what: str, role_key: str, content_key: str, roles: 
     if role is None:
         raise RecordError("unknown_role", f"{what} has unknown role {turn[role_key]!r}; known roles: {sorted(roles)}")
     train = _train_flag(turn, what)
+    if content_key not in turn and (role == FUNCTION_CALL or not turn.get("tool_calls")):
+        raise RecordError("missing_field", f"{what} has no '{content_key}'")
     if role == FUNCTION_CALL:
-        calls = parse_tool_calls(require_str(turn.get(content_key), f"{what}.{content_key}"), f"{what}.{content_key}")
+        calls = parse_tool_calls(require_str(turn[content_key], f"{what}.{content_key}"), f"{what}.{content_key}")
         return Message(ASSISTANT, "", tool_calls=calls, train=train)
     calls = parse_tool_calls(turn["tool_calls"], f"{what}.tool_calls") if turn.get("tool_calls") else None
     if turn.get(content_key) is None and not calls:  # only a call may come without content (OpenAI's null)
-        raise RecordError("missing_field", f"{what} has no '{content_key}'" if content_key not in turn
-                          else f"{what}.{content_key} is missing")
+        raise RecordError("missing_field", f"{what}.{content_key} is null (only an assistant turn that calls tools "
+                                           "may have no content)")
     content, part_reasoning, part_calls = parse_content(turn.get(content_key), f"{what}.{content_key}")
     reasoning = _reasoning(turn, what) if role == ASSISTANT else None
     calls = (calls or ()) + (part_calls or ()) or None

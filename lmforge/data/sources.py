@@ -7,6 +7,22 @@ and JSON with the position of the first fault named. A LLaMA-Factory `dataset_in
 beside a file renames its columns and role tags. The bad-record policy lives here too: a
 `RecordError` of any later stage becomes a `DataError` naming the file and the record, or a
 counted skip when the user asked for skipping (`SkipCounter`).
+
+Records are numbered as the user counts them, from 1: a JSONL record by its line in the file
+(blank lines counted), a JSON list's or Parquet file's record by its place in the file, a
+text file's document by its place among the documents.
+
+A `.json` file holds a list of records. A JSON object at the top instead is read as:
+  - one record, when it is itself a record: it has a key of a known chat, preference or text
+    format (`conversations`, `messages`, `instruction` / `output`, `prompt` / `question`,
+    `chosen` / `rejected`, `text`), or its only key holds a list of message turns (objects
+    with a `role` or `from`), as a file saved from one conversation does;
+  - the records of its list, when its only key holds a list of objects (`{"data": [...]}`,
+    as some exports write; what the `field=` of the Hugging Face `datasets` JSON loader picks,
+    here only where no other key could be meant), said once on the console
+    (`lmforge: FILE: records read from its "data" list`);
+  - anything else (several keys, such as `{"version": ..., "data": [...]}`, or one key that
+    holds no list of objects) is refused: the file holds one object, not a list of records.
 """
 
 from __future__ import annotations
@@ -227,7 +243,7 @@ def _stream_json_list(path: str) -> Iterator[tuple[str, Any]]:
         text.pos += 1
         if text.next_char() == "]":
             raise _NotStreamed  # an empty list: the whole-file reader says so
-        index = 0
+        index = 1
         while True:
             value = text.value(decoder)
             yield f"record {index}", value
@@ -251,17 +267,44 @@ def _read_json_whole(path: str) -> Iterator[tuple[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(path, f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}") from None
     if isinstance(data, dict):
-        # Accept one object holding the list, as some exports do ({"data": [...]}).
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(path, None, "expected a JSON list of records (or one object holding one list)")
-        data = lists[0]
+        data = _object_records(path, data)
     if not isinstance(data, list):
         raise DataError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
     if not data:
         raise DataError(path, None, "the JSON list holds no records")
-    for i, record in enumerate(data):
+    for i, record in enumerate(data, start=1):
         yield f"record {i}", record
+
+
+# The keys that make a top-level JSON object a record of its own (chat, preference, text).
+RECORD_KEYS = frozenset({"conversations", "messages", "instruction", "output", "prompt", "question", "chosen",
+                         "rejected", "text"})
+TURN_KEYS = ("role", "from")
+
+
+def _list_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def _object_records(path: str, data: dict) -> list:
+    """The records of a `.json` file that holds one JSON object, as the module docstring says:
+    `[data]` when the object is a record, the list its only key holds when that is a list of
+    objects (or empty); anything else is refused."""
+    if RECORD_KEYS.intersection(data):
+        return [data]
+    if len(data) == 1:
+        key, value = next(iter(data.items()))
+        if _list_of_objects(value) and any(k in value[0] for k in TURN_KEYS):
+            return [data]  # one conversation's turns under a key of its own (a dataset_info.json column)
+        if _list_of_objects(value) or value == []:
+            print(f"lmforge: {path}: records read from its {json.dumps(key, ensure_ascii=False)} list")
+            return value
+    lists = [k for k, v in data.items() if _list_of_objects(v)]
+    hint = (f"; to train on the records of its {lists[0]!r} list, write that list alone to the file"
+            if len(lists) == 1 else "")
+    raise DataError(path, None, f"the file holds one JSON object (keys: {sorted(data)}), not a list of records: "
+                                "expected a JSON list of records, one record, or an object whose only key holds "
+                                f"the list of records{hint}")
 
 
 def _read_jsonl_whole(path: str) -> Iterator[tuple[str, Any]]:
@@ -290,8 +333,8 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
     index = 0
     for batch in parquet.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
-            yield f"record {index}", record
             index += 1
+            yield f"record {index}", record
     if index == 0:
         raise DataError(path, None, "the Parquet file holds no rows")
 
@@ -449,7 +492,7 @@ def iter_documents(
         text = _read_text(path)
         if not text.strip():
             raise DataError(path, None, "file is empty")
-        for i, doc in enumerate(_split_text(text, TextSplit(split))):
+        for i, doc in enumerate(_split_text(text, TextSplit(split)), start=1):
             yield f"document {i}", doc
         return
     if suffix not in TEXT_SUFFIXES:

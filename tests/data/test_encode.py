@@ -93,7 +93,7 @@ def test_long_records_truncated_or_dropped_and_counted(tmp_path, qwen_tokenizer)
     assert max(len(r) for r in cut.dataset()["input_ids"]) == 64
     # Truncation that leaves no answer token is a counted skip, not a record with no loss.
     assert cut.stats.skipped == {"no_trained_tokens_after_truncation": 1}
-    assert "d.json, record 5:" in cut.stats.skip_examples["no_trained_tokens_after_truncation"]
+    assert "d.json, record 6:" in cut.stats.skip_examples["no_trained_tokens_after_truncation"]
     dropped = prepare([path], qwen_tokenizer, t, PrepareOptions(model_max_length=64, long_records=LongRecords.DROP))
     assert (dropped.stats.records, dropped.stats.kept, dropped.stats.skipped) == (6, 3, {"too_long": 3})
 
@@ -101,7 +101,7 @@ def test_long_records_truncated_or_dropped_and_counted(tmp_path, qwen_tokenizer)
 def test_bad_record_error_or_skip(tmp_path, qwen_tokenizer):
     data = records(2) + [{"messages": [{"role": "user", "content": "only a question"}]}]
     path = write_json(tmp_path / "d.json", data)
-    with pytest.raises(DataError, match=r"d.json, record 2: the conversation has no assistant turn"):
+    with pytest.raises(DataError, match=r"d.json, record 3: the conversation has no assistant turn"):
         prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
     skipped = prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template,
                       PrepareOptions(on_bad_record=OnBadRecord.SKIP))
@@ -197,7 +197,7 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
             prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / cache),
                     num_workers=workers)
         errors.append(str(e.value))
-    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 3: turn 1 is a tool result")
+    assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 4: turn 1 is a tool result")
 
 
 def test_preparation_progress_lines_and_totals():
@@ -209,7 +209,7 @@ def test_preparation_progress_lines_and_totals():
     for _ in range(3):
         now[0] += 4  # a line once 10 s have passed since the last one, not at every record
         progress.update(1, 100)
-    assert lines == ["lmforge: tokenizing: 3 records, 300 tokens in 12 s (0 records/s)"]
+    assert lines == ["lmforge: tokenizing: 3 records, 300 tokens in 12 s (0.25 records/s, 25 tokens/s)"]
     now[0] = 20
     progress.done()
-    assert lines[-1] == "lmforge: tokenizing: done, 3 records, 300 tokens in 20 s (0 records/s)"
+    assert lines[-1] == "lmforge: tokenizing: done, 3 records, 300 tokens in 20 s (0.15 records/s, 15 tokens/s)"

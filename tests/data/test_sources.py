@@ -68,7 +68,7 @@ def test_file_types_read_the_same_records(tmp_path, suffix):
         pq.write_table(pa.Table.from_pylist(records), path)
     got = list(iter_conversations(str(path)))
     assert [c for _, c in got] == [EXPECTED, EXPECTED]
-    assert got[1][0] == ("line 2" if suffix == ".jsonl" else "record 1")
+    assert got[1][0] == ("line 2" if suffix == ".jsonl" else "record 2")
 
 
 def error_of(path, fmt=DataFormat.AUTO) -> str:
@@ -91,14 +91,14 @@ def test_malformed_json_is_located(tmp_path):
 def test_unknown_role(tmp_path):
     bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}
     path = write(tmp_path, "d.json", json.dumps([SHAREGPT, bad]))
-    assert error_of(path) == f"{path}, record 1: conversations[1] has unknown role 'robot'; known roles: " \
+    assert error_of(path) == f"{path}, record 2: conversations[1] has unknown role 'robot'; known roles: " \
         "['assistant', 'bard', 'bing', 'chatgpt', 'function_call', 'gpt', 'human', 'observation', 'system', 'tool', 'user']"
 
 
 def test_empty_turn(tmp_path):
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}
     path = write(tmp_path, "d.json", json.dumps([bad]))
-    assert error_of(path) == f"{path}, record 0: turn 1 (assistant) is empty"
+    assert error_of(path) == f"{path}, record 1: turn 1 (assistant) is empty"
 
 
 def test_conversation_without_assistant_turn(tmp_path):
@@ -113,7 +113,7 @@ def test_roles_out_of_order(tmp_path):
     bad = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"},
                         {"role": "assistant", "content": "a"}]}
     path = write(tmp_path, "d.json", json.dumps([bad]))
-    assert error_of(path) == f"{path}, record 0: turn 1 is a tool result that follows no assistant tool call"
+    assert error_of(path) == f"{path}, record 1: turn 1 is a tool result that follows no assistant tool call"
 
 
 @pytest.mark.parametrize("record, reason", [
@@ -134,12 +134,12 @@ def test_roles_out_of_order(tmp_path):
 ])
 def test_missing_fields_and_wrong_types(tmp_path, record, reason):
     path = write(tmp_path, "d.json", json.dumps([record]))
-    assert error_of(path) == f"{path}, record 0: {reason}"
+    assert error_of(path) == f"{path}, record 1: {reason}"
 
 
 def test_unrecognised_format_names_the_keys(tmp_path):
     path = write(tmp_path, "d.json", json.dumps([{"prompt": "q", "completion": "a"}]))
-    assert "record 0: cannot tell the format from the keys ['completion', 'prompt']" in error_of(path)
+    assert "record 1: cannot tell the format from the keys ['completion', 'prompt']" in error_of(path)
 
 
 def test_file_problems(tmp_path):
@@ -159,15 +159,15 @@ def test_skip_counts_bad_records_by_reason(tmp_path):
     path = write(tmp_path, "d.json", json.dumps(records))
     skips = SkipCounter.new()
     got = list(iter_conversations(path, DataFormat.AUTO, OnBadRecord.SKIP, skips))
-    assert [loc for loc, _ in got] == ["record 0", "record 3"]
+    assert [loc for loc, _ in got] == ["record 1", "record 4"]
     assert dict(skips.counts) == {"no_assistant_turn": 2, "unknown_role": 1}
-    assert skips.examples["unknown_role"].startswith(f"{path}, record 2: messages[0] has unknown role 'bot'")
+    assert skips.examples["unknown_role"].startswith(f"{path}, record 3: messages[0] has unknown role 'bot'")
 
 
 def test_forced_format_reports_missing_key(tmp_path):
     path = write(tmp_path, "d.json", json.dumps([OPENAI]))
     assert error_of(path, DataFormat.SHAREGPT) == \
-        f"{path}, record 0: field 'conversations' is missing (keys: ['messages'])"
+        f"{path}, record 1: field 'conversations' is missing (keys: ['messages'])"
 
 
 # JSON and JSONL are read as a stream (bounded memory); the whole-file readers stay the
