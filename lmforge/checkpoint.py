@@ -6,10 +6,13 @@ without looking inside them, so with `save_total_limit` it can delete the only g
 
   - a checkpoint is written under `OUTPUT_DIR/.lmforge-staging/checkpoint-N`; when every file is
     there (all ranks done), `lmforge_manifest.json` lists each file (recursively: DeepSpeed and
-    FSDP shards are directories) with its size, everything is fsynced, and the directory is
-    renamed to `OUTPUT_DIR/checkpoint-N` - a rename within one file system is atomic;
-  - a checkpoint is complete when its manifest reads and every listed file has its size; resume
-    takes the newest complete one and names each one it skips and why;
+    FSDP shards are directories) with its size and CRC-32, everything is fsynced, and the
+    directory is renamed to `OUTPUT_DIR/checkpoint-N` - a rename within one file system is atomic;
+  - a checkpoint is complete when its manifest reads and every listed file has its size (cheap:
+    rotation, messages); the checkpoint resume picks is also read whole and each file's CRC-32
+    compared (`verify=True`), so a flipped byte of the same size is caught too. Resume takes the
+    newest complete (and, verified, undamaged) one and names each one it skips and why. Format-1
+    manifests (sizes only, before checksums) are still accepted on their sizes;
   - rotation counts complete checkpoints only, keeps the one just written and the best one, and
     never touches an incomplete one, so a corrupt newest checkpoint cannot push out a good one.
 """
@@ -20,10 +23,24 @@ import json
 import os
 import re
 import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 MANIFEST_NAME = "lmforge_manifest.json"
-MANIFEST_FORMAT = 1
+# 1: "files" (relative path -> size). 2: the same "files" (so an older lmforge still resumes
+# from it on sizes) plus "crc32" (relative path -> 8 hex digits).
+MANIFEST_FORMAT = 2
+# The checksum guards against accidental damage (bit rot, a bad copy, a short or garbled sync),
+# not against tampering, so it is chosen for speed: on one core, page cache warm, zlib.crc32
+# ran at 4-5 GB/s, hashlib.blake2b at 1.0-1.2 GB/s (a 2-core AMD EPYC, zlib 1.2.13). For a
+# Qwen2.5-0.5B checkpoint (0.99 GB bf16 weights + 3.95 GB AdamW state), saved in 3.3-7.6 s
+# there, the checksums add ~0.7-1 s; on a 16-core training host, 0.38 s for those 4.94 GB in
+# parallel ranges (1.98 s one thread per file). CRC-32 detects every burst error of up to 32
+# bits and misses random damage with probability 2^-32.
+CHECKSUM = "crc32"
+BLOCK = 4 << 20  # read size: 1, 4 and 8 MiB measured the same
+CHUNK = 64 << 20  # a large file is checksummed in ranges of this size, in parallel
 STAGING_DIR = ".lmforge-staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -60,13 +77,81 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _crc32_shift(crc: int, length: int) -> int:
+    """`crc` multiplied by x^(8 * length) modulo the CRC-32 polynomial (zlib's crc32_combine
+    core, which Python's zlib does not expose): crc32(a + b) is
+    _crc32_shift(crc32(a), len(b)) ^ crc32(b)."""
+    def multiply(a: int, b: int) -> int:  # a * b modulo the polynomial, bit-reflected as zlib's
+        product, bit = 0, 1 << 31
+        while a:
+            if a & bit:
+                product ^= b
+                a ^= bit
+            bit >>= 1
+            b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+        return product
+
+    power = 1 << 30  # x^1; squared k times it is x^(2^k)
+    bits, result = length * 8, 1 << 31  # x^0
+    while bits:
+        if bits & 1:
+            result = multiply(power, result)
+        bits >>= 1
+        power = multiply(power, power)
+    return multiply(result, crc)
+
+
+def _crc_range(full: str, offset: int, length: int) -> tuple[int, int]:
+    """(CRC-32, bytes read) of `length` bytes of a file from `offset`, read in BLOCK pieces."""
+    buf = bytearray(min(BLOCK, length))
+    view = memoryview(buf)
+    crc = done = 0
+    with open(full, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < length:
+            n = f.readinto(view[:min(BLOCK, length - done)])
+            if not n:  # the file shrank meanwhile: the size check reports it
+                break
+            crc = zlib.crc32(view[:n], crc)  # releases the GIL: the ranges are read in parallel
+            done += n
+    return crc, done
+
+
+def _checksums(path: str, rels: Iterable[str], fsync: bool = False) -> list[tuple[int, str]]:
+    """(bytes read, CRC-32 as 8 hex digits) of each file, each read once. A checkpoint's time
+    goes to a few large files (weights, optimizer state) and CRC-32 is CPU-bound (~4-5 GB/s a
+    core), so files are cut into CHUNK ranges checksummed by several threads and their CRCs
+    combined. With `fsync`, the files are flushed to disk meanwhile, from one more thread."""
+    rels = list(rels)
+    fulls = [os.path.join(path, rel) for rel in rels]
+    ranges = [(i, offset, min(CHUNK, size - offset))
+              for i, size in enumerate(os.path.getsize(full) for full in fulls)
+              for offset in range(0, size, CHUNK)]
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    with ThreadPoolExecutor(1) as flusher, ThreadPoolExecutor(max(1, min(8, cores, len(ranges)))) as pool:
+        flushed = [flusher.submit(_fsync, full) for full in fulls] if fsync else []
+        parts = list(pool.map(lambda r: _crc_range(fulls[r[0]], r[1], r[2]), ranges))
+        for future in flushed:
+            future.result()
+    crcs, sizes = [0] * len(rels), [0] * len(rels)
+    for (i, _, _), (crc, done) in zip(ranges, parts):  # in file order, then offset order
+        crcs[i] = _crc32_shift(crcs[i], done) ^ crc
+        sizes[i] += done
+    return [(size, f"{crc:08x}") for size, crc in zip(sizes, crcs)]
+
+
 def write_manifest(path: str, step: int) -> dict[str, int]:
-    """List the checkpoint's files and sizes in `path`/lmforge_manifest.json, after flushing
-    them; the manifest is the last file written into a checkpoint."""
-    files = checkpoint_files(path)
-    for rel in files:
-        _fsync(os.path.join(path, rel))
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    """List the checkpoint's files, sizes and CRC-32s in `path`/lmforge_manifest.json, after
+    flushing them (each file is read once, just after it was written, so mostly from the page
+    cache); the manifest is the last file written into a checkpoint. Returns the sizes."""
+    rels = list(checkpoint_files(path))
+    read = _checksums(path, rels, fsync=True)
+    files = {rel: size for rel, (size, _) in zip(rels, read)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files,
+                CHECKSUM: {rel: crc for rel, (_, crc) in zip(rels, read)}}
     target = os.path.join(path, MANIFEST_NAME)
     with open(target, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -77,8 +162,11 @@ def write_manifest(path: str, step: int) -> dict[str, int]:
     return files
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint at `path` cannot be resumed from, or None when it is complete."""
+def checkpoint_problem(path: str, verify: bool = False) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it is complete: the
+    manifest reads and every listed file is there with its size. With `verify`, every file is
+    also read whole and its CRC-32 compared with the manifest's (a format-1 manifest has none:
+    its sizes are all there is to check)."""
     manifest_path = os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(manifest_path):
         return f"no {MANIFEST_NAME} (its save did not finish, or an older lmforge wrote it)"
@@ -87,7 +175,10 @@ def checkpoint_problem(path: str) -> str | None:
             manifest = json.load(f)
         files = manifest["files"]
         step = manifest["step"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        checksums = manifest[CHECKSUM] if manifest.get("format", 1) >= 2 else None  # format 1: sizes only
+        if not isinstance(files, dict) or not isinstance(checksums, dict | None):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST_NAME} ({e.__class__.__name__})"
     m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if m and int(m.group(1)) != step:
@@ -99,10 +190,19 @@ def checkpoint_problem(path: str) -> str | None:
         actual = os.path.getsize(full)
         if actual != size:
             return f"{rel} has {actual} bytes, its manifest says {size}"
+    if verify and checksums is not None:
+        # Sizes first (above, cheap for every file), then the reads.
+        for rel in files:
+            if rel not in checksums:
+                return f"its manifest has no {CHECKSUM} for {rel}"
+        for rel, (_, actual_crc) in zip(files, _checksums(path, files)):
+            if actual_crc != checksums[rel]:
+                return f"{rel} is damaged: its {CHECKSUM} is {actual_crc}, its manifest says {checksums[rel]}"
     return None
 
 
 def checkpoint_is_complete(path: str) -> bool:
+    """The cheap check (sizes): for rotation and messages, which must not read whole checkpoints."""
     return checkpoint_problem(path) is None
 
 
@@ -119,10 +219,12 @@ def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(output_dir: str, log: Log = print_flushed) -> str | None:
-    """The newest complete checkpoint; each newer one is reported with why it is skipped."""
+def last_complete_checkpoint(output_dir: str, log: Log = print_flushed, verify: bool = False) -> str | None:
+    """The newest complete checkpoint; each newer one is reported with why it is skipped. With
+    `verify` (resume: the checkpoint about to be loaded) the one returned has also had every
+    file's checksum verified - a whole read of one checkpoint, plus of each damaged one skipped."""
     for _, path in reversed(find_checkpoints(output_dir)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, verify=verify)
         if problem is None:
             return path
         log(f"lmforge: ignoring incomplete checkpoint {path}: {problem}")

@@ -7,6 +7,7 @@ goes in and checks what comes out.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ from lmforge.report import PLOTS_DIR, REPORT_NAME, record_end, try_write_report
 from lmforge.verify_save import check_saved_model
 
 BASE_CONFIG = "lmforge_base_config.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
@@ -62,8 +64,10 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
     if main_process:
         remove_staging_leftovers(output_dir)
-    checkpoint = last_complete_checkpoint(output_dir, log=print_flushed if main_process else lambda _: None) \
-        if resume else None
+    # The checkpoint about to be loaded is verified whole (sizes and checksums), on every rank,
+    # so that all ranks choose the same one.
+    checkpoint = last_complete_checkpoint(output_dir, log=print_flushed if main_process else lambda _: None,
+                                          verify=True) if resume else None
     if checkpoint is not None:
         return checkpoint
     foreign = set(os.listdir(output_dir)) - OWN_FILES if os.path.isdir(output_dir) else set()
@@ -198,14 +202,37 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
                 # merged model with it, so the merged model computes what the adapter run did.
                 unwrapped.get_base_model().config.to_json_file(os.path.join(staging, BASE_CONFIG))
         trainer.accelerator.wait_for_everyone()  # every rank's part of the save is on disk
-    except BaseException:
+    except BaseException as e:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise disk_full_error(output_dir, "the final model", e) or e
         raise
     if main:
         move_entries(staging, output_dir)
     trainer.save_state()
     return summary
+
+
+DISK_NEARLY_FULL = 64 * 2**20  # bytes: less than this left, a failed write is taken for a full disk
+
+
+def disk_full_error(directory: str, what: str, error: BaseException) -> LmforgeError | None:
+    """The one-line error for a save that failed because the disk is full, or None when the
+    disk has room (the failure is something else, raised as it is). A full disk surfaces in many
+    forms: OSError ENOSPC from Python's writes, a RuntimeError from torch.save's zip writer
+    ("unexpected pos ...") or from safetensors, with no errno to tell; the free space does."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if getattr(error, "errno", None) not in DISK_FULL and free >= DISK_NEARLY_FULL:
+        return None
+    what = getattr(error, "filename", None) or what
+    return LmforgeError(
+        f"no space left on the disk of {directory} while writing {what} ({free / 2**20:.1f} MiB free); nothing "
+        "half-written is used (a checkpoint is complete or absent). Free space or point --output_dir at a larger "
+        "disk, then run the same command again to resume")
 
 
 def move_entries(staging: str, output_dir: str) -> None:
@@ -530,6 +557,8 @@ class Trainer(transformers.Trainer):
         self._staging_for = staging_root(run_dir)
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:
+            raise disk_full_error(run_dir, name, e) or e
         finally:
             self._staging_for = None
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk

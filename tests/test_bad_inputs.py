@@ -392,8 +392,33 @@ def _final_save_disk_full(ctx: Ctx) -> Bad:
         assert not (out / ".lmforge-final").exists()
         assert not (out / "trainer_state.json").exists()
 
-    return Bad(sft(ctx), f"No space left on device writing {out / '.lmforge-final' / 'model.safetensors'}",
-               after=nothing_half_written)
+    return Bad(sft(ctx), f"no space left on the disk of {out} while writing "
+                         f"{out / '.lmforge-final' / 'model.safetensors'} (", exact=False, after=nothing_half_written)
+
+
+def _checkpoint_disk_full(ctx: Ctx) -> Bad:
+    """What a full disk looks like inside a checkpoint: torch.save's zip writer fails with a
+    RuntimeError that carries no errno (measured on a full tmpfs); the free space tells."""
+    import shutil
+
+    import torch
+
+    def zip_writer_fails(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3712 vs 3604")
+
+    out = ctx.tmp / "out"
+    ctx.monkeypatch.setattr(torch, "save", zip_writer_fails)
+    real = shutil.disk_usage
+    ctx.monkeypatch.setattr("lmforge.train.shutil.disk_usage",
+                            lambda path: real(path)._replace(free=12288) if str(path) == str(out) else real(path))
+
+    def no_checkpoint() -> None:
+        assert not list(out.glob("checkpoint-*"))
+
+    return Bad(sft(ctx, "--save_strategy", "steps", "--save_steps", "1"),
+               f"no space left on the disk of {out} while writing checkpoint-1 (0.0 MiB free); nothing half-written "
+               "is used (a checkpoint is complete or absent). Free space or point --output_dir at a larger disk, then "
+               "run the same command again to resume", after=no_checkpoint)
 
 
 def _model_path_missing(ctx: Ctx) -> Bad:
@@ -680,6 +705,7 @@ CATALOGUE = [
     Kind("output dir not given", _output_dir_not_given),
     Kind("full disk writing the token cache", _cache_disk_full),
     Kind("full disk saving the model", _final_save_disk_full),
+    Kind("full disk writing a checkpoint", _checkpoint_disk_full),
     Kind("--dump into a missing directory", _dump_dir_missing),
     # Flags and their combinations
     Kind("unknown flag", _unknown_flag),
