@@ -673,6 +673,12 @@ class DpoTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def setup_process(args: TrainingArguments) -> None:
     """What parsed flags do to this process, in one place, after parsing: the environment the
     libraries read, the accelerator's copy settings, and the notes about the machine (printed
@@ -680,6 +686,9 @@ def setup_process(args: TrainingArguments) -> None:
     if args.logging_dir:
         # transformers 5 reads the TensorBoard directory from the environment.
         os.environ["TENSORBOARD_LOGGING_DIR"] = args.logging_dir
+    if args.dataloader_pin_memory and not torch_cuda_available():
+        # Pinned memory is for copies to a GPU; without one torch warns at every data loader.
+        args.dataloader_pin_memory = False
     if args.dataloader_pin_memory:
         # Each batch goes to the GPU without the host waiting for the copy (the data loader
         # leaves it in pinned memory): a blocking copy would stall the host at every step,

@@ -130,7 +130,8 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
         log(f"lmforge: {args.output_dir} already holds the result of this command ({finished}); nothing to do. "
             "Pass --resume False --overwrite_output_dir True to train it again from the start")
         return args.output_dir
-    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save)
+    checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save,
+                                args.resume_from_checkpoint)
     check_output_dir(args.output_dir)
     if checkpoint:
         # Flags changed since the run was started (or last resumed): applied, or refused now.

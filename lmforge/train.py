@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import threading
 from typing import Sequence
@@ -24,8 +26,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmforge.attention import VARLEN, document_attention_mask
 from lmforge.checkpoint import (
+    CHECKPOINT_RE,
     STAGING_DIR,
+    checkpoint_problem,
     clear_staged,
+    find_checkpoints,
     last_complete_checkpoint,
     print_flushed,
     publish,
@@ -56,14 +61,17 @@ FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the 
 OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
 
 
-def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> str | None:
+def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True,
+                   chosen: str | None = None) -> str | None:
     """Where to resume from (the newest complete checkpoint; newer incomplete ones are named and
-    skipped), or None to start fresh; refuses to train over unrelated files. The main process
-    also deletes what a killed save left in the staging directory."""
+    skipped; or `chosen`, --resume_from_checkpoint), or None to start fresh; refuses to train over
+    unrelated files. The main process also deletes what a killed save left in the staging directory."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
     if main_process:
         remove_staging_leftovers(output_dir)
+    if chosen:
+        return chosen_checkpoint(output_dir, chosen, main_process)
     # The checkpoint about to be loaded is verified whole (sizes and checksums), on every rank,
     # so that all ranks choose the same one.
     checkpoint = last_complete_checkpoint(output_dir, log=print_flushed if main_process else lambda _: None,
@@ -141,6 +149,29 @@ class ApplyLearningRate(transformers.TrainerCallback):
                 for group, factor in zip(optimizer.param_groups, lambdas):
                     group["lr"] = self.learning_rate * factor(scheduler.last_epoch)
                 scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def chosen_checkpoint(output_dir: str, chosen: str, main_process: bool) -> str:
+    """--resume_from_checkpoint: a complete checkpoint of this run, verified. The checkpoints after
+    it belong to the abandoned continuation (a diverged run, say): they are moved aside into
+    OUTPUT_DIR/abandoned-after-checkpoint-N, kept but never resumed from, so that a later
+    automatic resume cannot pick them up again."""
+    problem = checkpoint_problem(chosen, verify=True) if os.path.isdir(chosen) else "no such directory"
+    if problem:
+        raise LmforgeError(f"--resume_from_checkpoint {chosen}: not a complete checkpoint ({problem})")
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(chosen)))
+    if not match or os.path.realpath(os.path.dirname(os.path.normpath(chosen))) != os.path.realpath(output_dir):
+        raise LmforgeError(f"--resume_from_checkpoint {chosen}: not a checkpoint-N directory of --output_dir "
+                           f"{output_dir}")
+    step = int(match.group(1))
+    newer = [path for s, path in find_checkpoints(output_dir) if s > step]
+    if newer and main_process:
+        aside = os.path.join(output_dir, f"abandoned-after-checkpoint-{step}")
+        os.makedirs(aside, exist_ok=True)
+        for path in newer:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        print_flushed(f"lmforge: resuming from {chosen}: the {len(newer)} later checkpoint(s) moved to {aside}")
+    return chosen
 
 
 def set_generation_defaults(model, tokenizer, end_of_turn_id: int | None) -> None:
@@ -289,8 +320,10 @@ class NonFiniteGuard(transformers.TrainerCallback):
 
     def __init__(self):
         self.pending: list[tuple[int, torch.Tensor, object]] = []  # (step, host flag, event)
+        self.state = None  # the Trainer's state: its logged gradient norms say when a divergence began
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.state = state
         step = state.global_step + 1
         self._check(args, wait=False)
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
@@ -341,14 +374,9 @@ class NonFiniteGuard(transformers.TrainerCallback):
                 self.pending.clear()
                 self._stop(step, args)
 
-    @staticmethod
-    def _stop(step: int, args) -> None:
-        newest = last_complete_checkpoint(args.output_dir, log=lambda *_: None)
-        raise NonFiniteGradients(
-            f"non-finite gradients (NaN or inf) at step {step}; stopped before applying it. "
-            f"The last good checkpoint is {newest or 'none (no checkpoint was written yet)'}. "
-            "Lower the learning rate, check the data of this step, or resume from the checkpoint."
-        )
+    def _stop(self, step: int, args) -> None:
+        history = self.state.log_history if self.state is not None else []
+        raise NonFiniteGradients(nonfinite_message(step, args.output_dir, history))
 
 
 class TrainingCollapsed(LmforgeError):
@@ -379,6 +407,48 @@ class CollapseGuard(transformers.TrainerCallback):
                 f"the gradient norm has been 0 at steps {', '.join(map(str, self.flat))} while the loss stays at "
                 f"{loss:.4g}: the model no longer learns (its activations saturated; {lr} may be far too high). "
                 "Lower the learning rate and train again from the start (--overwrite_output_dir True)")
+
+
+def divergence_start(history: list[dict], factor: float = 10.0, warmup: int = 3) -> tuple[int, int | None] | None:
+    """(the first logged step whose gradient norm left its usual range, the last logged step
+    before it), or None: a norm that is not finite, or above `factor` times the median of the norms
+    logged before it (once `warmup` have been)."""
+    norms: list[float] = []
+    last_sane = None
+    for entry in history:
+        if "grad_norm" not in entry:
+            continue
+        norm = float(entry["grad_norm"])
+        if not math.isfinite(norm) or (len(norms) >= warmup and norm > factor * statistics.median(norms)):
+            return entry["step"], last_sane
+        norms.append(norm)
+        last_sane = entry["step"]
+    return None
+
+
+def nonfinite_message(step: int, output_dir: str, history: list[dict]) -> str:
+    """What NonFiniteGuard says: where the run stopped, the checkpoint to go back to (the newest
+    one from before the gradient norm left its usual range: a checkpoint can be finite and already
+    ruined), and a command that continues from it."""
+    head = f"non-finite gradients (NaN or inf) at step {step}; stopped before applying it. "
+    start = divergence_start(history)
+    if start is not None and start[0] <= step:
+        first, last_sane = start
+        good = [(s, p) for s, p in find_checkpoints(output_dir)
+                if last_sane is not None and s <= last_sane and checkpoint_problem(p) is None]
+        where = f"The gradient norm left its usual range at step {first}; "
+        if not good:
+            return head + where + ("no checkpoint was written before that: start again with a lower --learning_rate "
+                                   "(--resume False --overwrite_output_dir True).")
+        path = max(good)[1]
+        return head + where + (f"the newest checkpoint from before that is {path}. Rerun with "
+                               f"--resume_from_checkpoint {path} and a lower --learning_rate (a resume applies it), "
+                               f"or check the data of steps {first} to {step}.")
+    newest = last_complete_checkpoint(output_dir, log=lambda *_: None)
+    if newest is None:
+        return head + "No checkpoint was written yet: start again with a lower --learning_rate, or check the data."
+    return head + (f"The last good checkpoint is {newest}. Rerun with --resume_from_checkpoint {newest} and a lower "
+                   "--learning_rate (a resume applies it), or check the data of this step.")
 
 
 def _takes_found_inf(optimizer) -> bool:

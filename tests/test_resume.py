@@ -544,3 +544,18 @@ def test_resume_applies_a_changed_learning_rate_and_refuses_a_changed_seed(setup
     warmup = 2  # --warmup_steps: the linear schedule decays from there to 0 at the last step
     for step in range(MAX_STEPS + 1, longer + 1):  # the rate logged at a step is the one it used
         assert rates[step] == pytest.approx(5e-4 * (longer - step + 1) / (longer - warmup)), step
+
+
+def test_resume_from_a_chosen_checkpoint_sets_the_later_ones_aside(setup, tmp_path):
+    """--resume_from_checkpoint (what the non-finite guard's advice names): the run continues from
+    that checkpoint, exactly; the later checkpoints are kept aside, never resumed from again."""
+    out = tmp_path / "out"
+    interrupted_copy(setup, out)
+    chosen = out / "checkpoint-12"
+    resumed = run(setup, str(out), extra=("--resume_from_checkpoint", str(chosen)))
+    assert resumed.returncode == 0, resumed.log
+    aside = out / "abandoned-after-checkpoint-12"
+    assert f"lmforge: resuming from {chosen}: the 4 later checkpoint(s) moved to {aside}" in resumed.log
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-15", "checkpoint-18", "checkpoint-21",
+                                                       "checkpoint-24"]
+    assert_same_weights(str(out), setup.baseline)

@@ -86,3 +86,27 @@ def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path):
     for name, param in model.named_parameters():
         if name != "model.norm.weight":
             assert torch.equal(param.detach(), snapshot.weights[name]), name
+
+
+def test_the_guard_names_a_checkpoint_from_before_the_divergence(tmp_path):
+    """A checkpoint can be finite and already ruined: the guard names the newest one from before
+    the gradient norm left its usual range, with a command that continues from it."""
+    from lmforge.train import divergence_start, nonfinite_message
+    from tests.test_checkpoint import make_checkpoint
+
+    for step in (2, 4, 6, 8):
+        make_checkpoint(tmp_path, step)
+    history = [{"step": s, "loss": 2.0, "grad_norm": n} for s, n in
+               [(1, 1.0), (2, 1.2), (3, 0.9), (4, 1.1), (5, 1.0), (6, 40.0), (7, 3e4), (8, 2e9)]]
+    assert divergence_start(history) == (6, 5)
+    message = nonfinite_message(9, str(tmp_path), history)
+    good = tmp_path / "checkpoint-4"
+    assert message == (f"non-finite gradients (NaN or inf) at step 9; stopped before applying it. The gradient norm "
+                       f"left its usual range at step 6; the newest checkpoint from before that is {good}. Rerun with "
+                       f"--resume_from_checkpoint {good} and a lower --learning_rate (a resume applies it), or check "
+                       "the data of steps 6 to 9.")
+    # Steady norms: the newest checkpoint is the good one.
+    steady = [{"step": s, "loss": 2.0, "grad_norm": 1.0} for s in range(1, 9)]
+    assert divergence_start(steady) is None
+    assert f"The last good checkpoint is {tmp_path / 'checkpoint-8'}. Rerun with --resume_from_checkpoint" in \
+        nonfinite_message(9, str(tmp_path), steady)
