@@ -77,6 +77,11 @@ class TokenizerTrainArguments:
 
 def main(argv: Sequence[str]) -> None:
     argv = list(argv)
+    if {"-h", "--help", "--help_all"} & set(argv):  # `lmforge tokenizer --help` prints this before importing
+        from lmforge.cli import help_text
+
+        print(help_text("tokenizer"))
+        return
     if not argv or argv[0] != "train":
         raise LmforgeError("usage: lmforge tokenizer train --train_files FILE [FILE ...] --vocab_size N --output_dir DIR")
     (args,) = parse((TokenizerTrainArguments,), argv[1:])
