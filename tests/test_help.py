@@ -1,7 +1,7 @@
 """`lmforge COMMAND --help`: lmforge's flags first, grouped, read from the source without
 importing torch or transformers; `--help_all` adds the Trainer's; `lmforge --version`.
 
-The fast help reads the dataclasses' source (lmforge/cli.py says why); the tests here hold it
+The fast help reads the dataclasses' source (lmforge/flag_help.py says why); the tests here hold it
 to the imported dataclasses, flag by flag, and the table of which dataclasses each command
 parses to what the commands really parse, so that neither can drift."""
 
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from lmforge import cli
+from lmforge import cli, flag_help
 
 COMMANDS = list(cli.COMMANDS)
 TRAINING = ["sft", "lora", "dpo", "pretrain", "prepare"]
@@ -32,23 +32,23 @@ def flag_names(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fast():
-    return {c: cli.help_text(c) for c in COMMANDS}
+    return {c: flag_help.help_text(c) for c in COMMANDS}
 
 
 @pytest.fixture(scope="module")
 def full():
-    return {c: cli.help_text(c, full=True) for c in COMMANDS}
+    return {c: flag_help.help_text(c, full=True) for c in COMMANDS}
 
 
 def test_every_command_has_help():
-    assert set(cli.HELP) == set(cli.COMMANDS)
+    assert set(flag_help.HELP) == set(cli.COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_usage_line_names_the_command(command, fast, full):
     for text in (fast[command], full[command]):
         assert text.splitlines()[0].startswith(f"usage: lmforge {command} ")
-    assert cli.help_text("sft").splitlines()[0] == "usage: lmforge sft [flags]"
+    assert flag_help.help_text("sft").splitlines()[0] == "usage: lmforge sft [flags]"
 
 
 def test_groups_in_order_lmforge_flags_before_the_trainers(fast, full):
@@ -58,8 +58,8 @@ def test_groups_in_order_lmforge_flags_before_the_trainers(fast, full):
     assert "--fused_loss" in text and "--compile_blocks" in text and "--resume" in text
     lines = full["sft"].splitlines()
     trainer_at = lines.index(next(line for line in lines if line.startswith("the Trainer's flags")))
-    lmforge_flags = {f.name for _, group in cli.source_help_flags("sft").groups for f in group}
-    trainer_flags = set(cli.source_help_flags("sft").trainer)
+    lmforge_flags = {f.name for _, group in flag_help.source_help_flags("sft").groups for f in group}
+    trainer_flags = set(flag_help.source_help_flags("sft").trainer)
     for i, line in enumerate(lines):
         m = FLAG_LINE.match(line + " ")
         if m and m.group(1) in lmforge_flags:
@@ -72,7 +72,7 @@ def test_trainer_flags_behind_help_all(fast, full):
     assert "warmup_steps" not in flag_names(fast["sft"])
     assert "warmup_steps" in flag_names(full["sft"]) and "learning_rate" in flag_names(full["sft"])
     pointer = fast["sft"].splitlines()[-1]
-    n = len(cli.imported_help_flags("sft").trainer)
+    n = len(flag_help.imported_help_flags("sft").trainer)
     assert pointer.startswith(f"the Trainer's {n} other flags") and pointer.endswith("lmforge sft --help_all")
     assert "--output_dir" in pointer
     # prepare declares --output_dir itself (optional there): it is lmforge's flag, not the Trainer's
@@ -109,9 +109,9 @@ def test_boolean_and_enum_flags_shown_with_their_values(fast):
 def test_fast_help_is_the_dataclasses(command):
     """No drift: the flags read from the source are the imported dataclasses' fields, with the
     same types, defaults and help texts; with the Trainer's, every flag `parse` accepts."""
-    source, imported = cli.source_help_flags(command), cli.imported_help_flags(command)
+    source, imported = flag_help.source_help_flags(command), flag_help.imported_help_flags(command)
     assert source == imported
-    classes = [cli._import_class(ref) for _, ref in cli.HELP[command].groups]
+    classes = [flag_help._import_class(ref) for _, ref in flag_help.HELP[command].groups]
     parsed = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
     shown = [f.name for _, group in source.groups for f in group] + (source.trainer or [])
     assert sorted(shown) == sorted(parsed)
@@ -135,11 +135,11 @@ def test_help_table_is_what_the_command_parses(command, monkeypatch):
             monkeypatch.setattr(owner, "parse", capture)
     with pytest.raises(Parsed) as parsed:
         module.main(MAIN_ARGS.get(command, []))
-    assert parsed.value.args[0] == tuple(cli._import_class(ref) for _, ref in cli.HELP[command].groups)
+    assert parsed.value.args[0] == tuple(flag_help._import_class(ref) for _, ref in flag_help.HELP[command].groups)
     if command in TRAINING:
         method = next(v for v in vars(module).values() if isinstance(v, type)
                       and issubclass(v, lmforge.recipe.Method) and getattr(v, "command", None) == command)
-        assert dict(cli.HELP[command].shown_defaults).get("lora", False) == method.lora_default
+        assert dict(flag_help.HELP[command].shown_defaults).get("lora", False) == method.lora_default
 
 
 def test_version(capsys, monkeypatch):
