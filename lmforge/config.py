@@ -568,7 +568,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.fsdp and self.deepspeed:
             raise LmforgeError("--fsdp and --deepspeed are two ways to shard a model; pass one of them")
         self.fsdp_requested = self.fsdp  # the flag as given, for the checks of what it combines with
-        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if self.fsdp and launched_processes() <= 1:
             # FastChat's command line carries --fsdp; one process has nothing to shard across
             # (accelerate refuses FSDP outside distributed training, after everything has loaded).
             # Its words are still checked, so the command line is right for the launcher.
@@ -671,6 +671,16 @@ class DpoTrainingArguments(TrainingArguments):
             raise LmforgeError("--prediction_loss_only False: DPO evaluation computes the loss and reward metrics "
                                "of each pair, not logits to return")
         super().__post_init__()
+
+
+def launched_processes() -> int:
+    """How many processes train together: the process group's size once one exists, else what
+    the launcher (torchrun, deepspeed, accelerate) put in WORLD_SIZE; 1 without a launcher."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def torch_cuda_available() -> bool:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -287,7 +288,10 @@ def test_a_failure_of_the_first_process_stops_the_others(tmp_path):
 # --- FSDP configuration ------------------------------------------------------------------------
 
 def fsdp_args(tmp_path, *argv: str) -> TrainingArguments:
-    (args,) = parse((TrainingArguments,), ["--output_dir", str(tmp_path), *argv])
+    """The arguments as parsed under a launcher of two processes (in one process there is nothing
+    to shard, and --fsdp is turned off: test_fastchat_fsdp_command_in_one_process_...)."""
+    with mock.patch("lmforge.config.launched_processes", return_value=2):
+        (args,) = parse((TrainingArguments,), ["--output_dir", str(tmp_path), *argv])
     return args
 
 
