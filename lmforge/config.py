@@ -12,7 +12,9 @@ lines run with `lmforge sft` in place of the script.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
 import json
 import os
 import re
@@ -600,7 +602,13 @@ class TrainingArguments(transformers.TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         _check_reporters(self.report_to)
         self._cpu_fallback()
-        super().__post_init__()
+        if self.deepspeed:
+            # DeepSpeed's distributed set-up, run from here, prints a build notice of its own on
+            # stdout ("... deepspeed_shm_comm_op built successfully"): not an event of this run.
+            with contextlib.redirect_stdout(io.StringIO()):
+                super().__post_init__()
+        else:
+            super().__post_init__()
 
     def _cpu_fallback(self) -> None:
         """A GPU command line (--bf16 True) on a machine without a GPU trains on the CPU, with

@@ -21,6 +21,7 @@ from lmforge.config import parse
 from lmforge.data.render import template_end_of_turn
 from lmforge.errors import LmforgeError
 from lmforge.model import DTYPES
+from lmforge.progress import library_bars
 from lmforge.train import BASE_CONFIG, set_generation_defaults
 
 
@@ -54,7 +55,8 @@ def merge(base: str, adapter: str, output: str, torch_dtype: str = "float32"):
     if os.path.isfile(trained):
         config = type(config).from_json_file(trained)
     config.quantization_config = None  # QLoRA: merge into the unquantised base
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[torch_dtype])
+    with library_bars(False):  # the merge is one line, printed when it is done
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[torch_dtype])
     tokenizer = _tokenizer_for(adapter, base)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -66,7 +68,8 @@ def merge(base: str, adapter: str, output: str, torch_dtype: str = "float32"):
     merged.config.use_cache = True
     set_generation_defaults(merged, tokenizer, template_end_of_turn(tokenizer))
     os.makedirs(output, exist_ok=True)
-    merged.save_pretrained(output)
+    with library_bars(False):
+        merged.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return merged
 

@@ -15,6 +15,7 @@ import transformers
 from lmforge.attention import VARLEN, register_varlen
 from lmforge.config import LoraArguments, ModelArguments, read_json_object
 from lmforge.errors import LmforgeError
+from lmforge.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -193,8 +194,10 @@ def check_vocabulary(args: ModelArguments, config, tokenizer) -> None:
 
 
 def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_max_length: int | None = None,
-               lora: LoraArguments | None = None):
-    """The causal LM to train, with `use_cache` off (training recomputes every position)."""
+               lora: LoraArguments | None = None, progress_bars: bool = False):
+    """The causal LM to train, with `use_cache` off (training recomputes every position).
+    transformers' "Loading weights" bar is shown only with `progress_bars` (a run with bars,
+    --disable_tqdm False)."""
     config = load_config(args)
     check_vocabulary(args, config, tokenizer)
     apply_rope_scaling(config, model_max_length)
@@ -214,10 +217,11 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_
                 dtype = torch.bfloat16
             # The absolute path: PEFT records it in adapter_config.json as the base model, which
             # must load from wherever the adapter is used (users move directories).
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                os.path.abspath(args.model_name_or_path), config=config, dtype=dtype, attn_implementation=attn,
-                trust_remote_code=args.trust_remote_code, **extra,
-            )
+            with library_bars(progress_bars):
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    os.path.abspath(args.model_name_or_path), config=config, dtype=dtype, attn_implementation=attn,
+                    trust_remote_code=args.trust_remote_code, **extra,
+                )
         else:
             model = transformers.AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=attn,

@@ -6,7 +6,11 @@ TensorBoard / wandb and the report); eval perplexity; the report rewritten at ea
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
+import os
 import time
 from typing import Mapping, Optional
 
@@ -134,33 +138,55 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _number(value, spec: str = ".4g") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _preference_fields(logs: Mapping, prefix: str = "") -> dict[str, str]:
+    """DPO's reward accuracy and margin (TRL's names), when the log has them."""
+    fields = {}
+    for key, name in (("rewards/accuracies", "reward acc"), ("rewards/margins", "margin")):
+        if prefix + key in logs:
+            fields[name] = _number(logs[prefix + key], ".3g")
+    return fields
+
+
 def progress_fields(logs: Mapping) -> dict[str, str]:
     fields = {}
     if "loss" in logs:
-        fields["loss"] = f"{logs['loss']:.4g}"
+        fields["loss"] = _number(logs["loss"])
     if "learning_rate" in logs:
-        fields["lr"] = f"{logs['learning_rate']:.3g}"
+        fields["lr"] = _number(logs["learning_rate"], ".3g")
     if "tokens_per_second" in logs:
         fields["tok/s"] = _short(logs["tokens_per_second"])
+    fields.update(_preference_fields(logs))
     return fields
 
 
 class ProgressBar(ProgressCallback):
     """The Trainer's tqdm bar (steps, elapsed time, ETA) with the latest loss, learning rate
     and useful tokens/s on it: a training log updates the bar instead of printing a dict under
-    it; evaluation results and the summary are still printed. Rank 0 only (as the Trainer's)."""
+    it; an evaluation, the summary and any other log are one lmforge line each (`log_line`),
+    written above the bar. Rank 0 only (as the Trainer's)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs and self.training_bar is not None:
             self.training_bar.set_postfix(progress_fields(logs), refresh=True)
             return
-        super().on_log(args, state, control, logs=logs, **kwargs)
+        line = log_line(state, logs)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:  # an evaluation after training, its bar closed
+            print(line, flush=True)
 
 
 class ProgressLines(PrinterCallback):
-    """--disable_tqdm: the Trainer's log dicts as before (scripts read them), printed by rank 0
-    only, and after each training log one line a person reads: step, loss, learning rate,
-    useful tokens/s, elapsed time and ETA."""
+    """--disable_tqdm: one line a person reads per log, printed by rank 0 only, in place of the
+    Trainer's log dicts (the logs themselves go to trainer_state.json, TensorBoard / wandb and
+    the report): a training log's step, loss, learning rate, useful tokens/s, elapsed time and
+    ETA; an evaluation's loss and perplexity; the run's summary (`log_line`)."""
 
     def __init__(self):
         self.started: Optional[float] = None
@@ -170,22 +196,86 @@ class ProgressLines(PrinterCallback):
         self.started, self.first_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
-            logs.pop("total_flos", None)
+        if logs is None:
             return
-        super().on_log(args, state, control, logs=logs, **kwargs)
-        if logs and "loss" in logs and self.started is not None:
-            print(progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.started,
-                                state.global_step - self.first_step), flush=True)
+        logs.pop("total_flos", None)  # as the Trainer's printer did: kept from the callbacks after it
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs and self.started is not None:
+            line = progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.started,
+                                 state.global_step - self.first_step)
+        else:
+            line = log_line(state, logs)
+        print(line, flush=True)
 
 
-def progress_line(step: int, max_steps: int, logs: Mapping, elapsed: float, steps_done: int) -> str:
+def progress_line(step: int, max_steps: int, logs: Mapping, elapsed: Optional[float] = None,
+                  steps_done: int = 0) -> str:
     parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f} %)"]
     parts += [f"{k} {v}" for k, v in progress_fields(logs).items()]
-    parts.append(f"elapsed {_eta(elapsed)}")
-    if steps_done > 0:
-        parts.append(f"ETA {_eta(elapsed / steps_done * max(max_steps - step, 0))}")
+    if elapsed is not None:
+        parts.append(f"elapsed {_eta(elapsed)}")
+        if steps_done > 0:
+            parts.append(f"ETA {_eta(elapsed / steps_done * max(max_steps - step, 0))}")
     return "lmforge: " + ", ".join(parts)
+
+
+def eval_line(step: int, max_steps: int, logs: Mapping) -> str:
+    """An evaluation's log as one line: loss, perplexity (DPO: reward accuracy and margin) and
+    the time it took."""
+    parts = []
+    if "eval_loss" in logs:
+        parts.append(f"loss {_number(logs['eval_loss'])}")
+    if "eval_perplexity" in logs:
+        parts.append(f"perplexity {_number(logs['eval_perplexity'])}")
+    parts += [f"{k} {v}" for k, v in _preference_fields(logs, "eval_").items()]
+    took = f" ({logs['eval_runtime']:.1f} s)" if isinstance(logs.get("eval_runtime"), (int, float)) else ""
+    return f"lmforge: eval at step {step}/{max_steps}: " + ", ".join(parts) + took
+
+
+def summary_line(step: int, max_steps: int, logs: Mapping) -> str:
+    """The Trainer's end-of-training log (this session's) as one line."""
+    head = f"lmforge: trained to step {step}/{max_steps}"
+    if isinstance(logs.get("train_runtime"), (int, float)):
+        head += f" in {_eta(logs['train_runtime'])}"
+    parts = [head]
+    if "train_loss" in logs:
+        parts.append(f"mean loss {_number(logs['train_loss'])}")
+    if isinstance(logs.get("useful_tokens_per_second"), (int, float)):
+        parts.append(f"tok/s {_short(logs['useful_tokens_per_second'])}")
+    return ", ".join(parts)
+
+
+def log_line(state, logs: Mapping) -> str:
+    """The one line a log is shown as: a training step's, an evaluation's, the summary's, or,
+    for a log of another kind (a callback's own), its fields. Only a training step's line starts
+    with "lmforge: step " (scripts count those)."""
+    step, max_steps = state.global_step, state.max_steps
+    if "loss" in logs:
+        return progress_line(step, max_steps, logs)
+    if "train_runtime" in logs:
+        return summary_line(step, max_steps, logs)
+    if any(k.startswith("eval_") for k in logs):
+        return eval_line(step, max_steps, logs)
+    fields = ", ".join(f"{k} {_number(v)}" for k, v in logs.items() if k not in ("epoch", "total_flos"))
+    return f"lmforge: log at step {step}/{max_steps}: {fields}"
+
+
+LOG_FILE = "lmforge_log.jsonl"
+
+
+class LogFile(transformers.TrainerCallback):
+    """Every log as it happens, one JSON object a line, in OUTPUT_DIR/lmforge_log.jsonl (rank 0):
+    the numbers the console's lines round, also for a run stopped before its first checkpoint
+    (trainer_state.json is written only with one). A resumed run appends; where steps repeat,
+    the later entry is the one that counts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        with open(os.path.join(args.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 class ReportAtCheckpoints(transformers.TrainerCallback):
@@ -197,6 +287,45 @@ class ReportAtCheckpoints(transformers.TrainerCallback):
             try_write_report(args.output_dir)
 
 
+@contextlib.contextmanager
+def library_bars(show: bool):
+    """transformers' own progress bars ("Loading weights" in from_pretrained, "Writing model
+    shards" in save_pretrained) off in the block unless `show`, then as they were (through
+    transformers' switch; never turned on where a user turned them off)."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not show and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+# What DeepSpeed logs while it is imported and picks its accelerator: transformers and accelerate
+# import it in every run where it is installed (also without --deepspeed), and on a machine
+# without a GPU it says "Setting accelerator to CPU. If you have GPU ..." at WARNING level.
+DEEPSPEED_IMPORT_LINES = ("Setting accelerator to ", "Setting ds_accelerator to ")
+
+
+def _not_deepspeed_import_line(record: logging.LogRecord) -> bool:
+    try:
+        return not str(record.getMessage()).startswith(DEEPSPEED_IMPORT_LINES)
+    except Exception:  # a record that does not format: shown as it is
+        return True
+
+
+def quiet_deepspeed_import() -> None:
+    """Drop DeepSpeed's accelerator-detection lines (`DEEPSPEED_IMPORT_LINES`) from its logger
+    ("DeepSpeed", created when deepspeed is imported; a filter set before that stays on it):
+    every other DeepSpeed message is shown as before. Idempotent."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    if _not_deepspeed_import_line not in ds_logger.filters:
+        ds_logger.addFilter(_not_deepspeed_import_line)
+
+
 def install(trainer: transformers.Trainer) -> TokenMeter:
     """Replace the Trainer's progress display by lmforge's and add the meter; returns the
     meter (the Trainer feeds it batches and asks it for log fields)."""
@@ -206,4 +335,5 @@ def install(trainer: transformers.Trainer) -> TokenMeter:
         trainer.add_callback(ProgressLines())
     meter = TokenMeter()
     trainer.add_callback(meter)
+    trainer.add_callback(LogFile())
     return meter

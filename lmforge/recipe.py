@@ -153,7 +153,8 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     describe_batches(batches, flags.data.val_split, args.seed, method.unit, log)
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights
-    model = load_model(flags.model, data.tokenizer, args.flash_attn, flags.data.model_max_length, flags.lora)
+    model = load_model(flags.model, data.tokenizer, args.flash_attn, flags.data.model_max_length, flags.lora,
+                       progress_bars=not args.disable_tqdm)
     trained = method.build_model(flags, data, batches, model)
     if main_process and next(trained.model.parameters()).is_cuda:
         print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")

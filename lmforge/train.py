@@ -47,10 +47,14 @@ from lmforge.errors import LmforgeError
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
-from lmforge.progress import ReportAtCheckpoints, add_perplexity
+from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
 from lmforge.report import PLOTS_DIR, REPORT_NAME, record_end, try_write_report
-from lmforge.verify_save import check_saved_model
+from lmforge.verify_save import check_saved_model, loaded_through_tie
+
+# Before anything imports deepspeed (TrainingArguments with --deepspeed at parsing, the Trainer
+# and accelerate in every run where it is installed): no "Setting accelerator to CPU" line.
+quiet_deepspeed_import()
 
 BASE_CONFIG = "lmforge_base_config.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -58,7 +62,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
 FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
-OWN_FILES = {"lmforge_run.json", "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
+OWN_FILES = {"lmforge_run.json", LOG_FILE, "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
 
 
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True,
@@ -99,6 +103,9 @@ RESUME_APPLIES = frozenset({
 })
 
 
+SCHEDULE_FLAGS = frozenset({"learning_rate", "max_steps", "num_train_epochs", "lr_scheduler_type", "warmup_steps"})
+
+
 def changed_flags(saved: dict, now: dict) -> dict[str, tuple]:
     """{flag: (value the run was started or last resumed with, value now)} for the recorded flags
     (`report.KEY_FLAGS`) that differ."""
@@ -121,8 +128,10 @@ def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print) -> 
     if changes:
         log("lmforge: resuming with changed flags, applied from the resumed step: "
             + ", ".join(f"--{k} {a} → {b}" for k, (a, b) in changes.items()))
-    if "learning_rate" in changes:
-        return [ApplyLearningRate(changes["learning_rate"][1])]
+    if changes.keys() & SCHEDULE_FLAGS:
+        # The restored optimizer holds the rate the old schedule gave the last step; the rate
+        # (new or not) is recomputed on the schedule these flags now describe.
+        return [ApplyLearningRate(now["learning_rate"])]
     return []
 
 
@@ -446,7 +455,8 @@ def nonfinite_message(step: int, output_dir: str, history: list[dict]) -> str:
                                f"or check the data of steps {first} to {step}.")
     newest = last_complete_checkpoint(output_dir, log=lambda *_: None)
     if newest is None:
-        return head + "No checkpoint was written yet: start again with a lower --learning_rate, or check the data."
+        return head + ("The last good checkpoint is none (no checkpoint was written yet): start again with a lower "
+                       "--learning_rate, or check the data of this step.")
     return head + (f"The last good checkpoint is {newest}. Rerun with --resume_from_checkpoint {newest} and a lower "
                    "--learning_rate (a resume applies it), or check the data of this step.")
 
@@ -570,6 +580,15 @@ class Trainer(transformers.Trainer):
         self.meter.annotate(logs, self.args)
         add_perplexity(logs)
         super().log(logs, start_time)
+
+    def _issue_warnings_after_load(self, load_result):
+        # A checkpoint of a model with tied weights holds each shared tensor once (save_pretrained
+        # drops lm_head.weight when it is the embedding): loading the embedding loaded it, so it
+        # is not reported missing. A key missing for any other reason still is.
+        tied = loaded_through_tie(self.model, load_result.missing_keys)
+        if tied and hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys, a named tuple
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
 
     def _prepare_inputs(self, inputs):
         # Batches that did not come through the wrapped collator (a caller's own loop).
@@ -755,7 +774,9 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
             trainer._load_from_checkpoint(checkpoint)
             trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         else:
-            trainer.train(resume_from_checkpoint=checkpoint)
+            # lmforge's bar or lines are the progress: no "Writing model shards" bar per checkpoint.
+            with library_bars(False):
+                trainer.train(resume_from_checkpoint=checkpoint)
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
         if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
@@ -763,7 +784,8 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
             # step or --eval_strategy is no: the report and trainer_state.json end with it.
             trainer.evaluate()
         # A signal after the last step does not stop the short final save.
-        summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
+        with library_bars(not args.disable_tqdm):  # its "Writing model shards" bar only with bars
+            summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
         lmforge_event(trainer, "on_final_save", trainer)
     finally:
         stop.restore()

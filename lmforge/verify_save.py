@@ -71,6 +71,20 @@ def _tied_output_names(model) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if module is head}
 
 
+def loaded_through_tie(model, missing_keys: Iterable[str]) -> set[str]:
+    """The `missing_keys` of a state-dict load into `model` that name a parameter shared with a
+    key the checkpoint did hold (tied weights: the output head that is the input embedding), so
+    loading that key loaded them too. A missing key with no loaded twin is not among them."""
+    missing = set(missing_keys)
+    if not missing:
+        return set()
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {name for shared in names.values() if len(shared) > 1 and not missing.issuperset(shared)
+            for name in shared if name in missing}
+
+
 def check_saved_model(directory: str, model) -> str:
     """Raise an LmforgeError naming what is missing or partial in the weights saved in `directory`
     for `model` (the in-memory, possibly sharded model); return a one-line summary when whole."""

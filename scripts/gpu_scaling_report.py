@@ -23,7 +23,6 @@ the scaling efficiency against the same engine on 2 processes (tokens/s per GPU 
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -115,45 +114,32 @@ def write_data(base: str, records: int, max_length: int, work: str) -> None:
 # report
 # ---------------------------------------------------------------------------------------------
 
-LOG_DICT = re.compile(r"(\{.*'tokens_per_second'.*\})")
-PROGRESS = re.compile(r"lmforge: step (\d+)/(\d+)")
 MEMORY_KEYS = ("peak_gpu_memory_gib", "peak_rss_gib")
 
 
-def _number(value) -> float:
-    # The Trainer's printer writes floats as "%.4g" strings.
-    return float(value)
-
-
-def training_logs(run_dir: str, log_file: str) -> tuple[list[dict], str]:
+def training_logs(run_dir: str) -> tuple[list[dict], str]:
     """The run's training logs (those with lmforge's token fields), each with its step, and
-    where they were read: trainer_state.json when the run got to its final save, else the log
-    dicts the first process printed, each followed by lmforge's progress line (its step)."""
+    where they were read: trainer_state.json when the run got to its final save, else
+    lmforge_log.jsonl, which lmforge appends every log to as it happens (a step logged twice,
+    by a resumed run, counts once: the later entry)."""
     state = os.path.join(run_dir, "trainer_state.json")
     if os.path.isfile(state):
         with open(state) as f:
             history = json.load(f).get("log_history", [])
         return [h for h in history if "tokens_per_second" in h and "tokens" in h], "trainer_state.json"
-    logs, pending = [], None
-    if not os.path.isfile(log_file):
-        return logs, "no log"
-    with open(log_file, errors="replace") as f:
+    path = os.path.join(run_dir, "lmforge_log.jsonl")
+    if not os.path.isfile(path):
+        return [], "no log"
+    by_step: dict[int, dict] = {}
+    with open(path, errors="replace") as f:
         for line in f:
-            found = LOG_DICT.search(line)
-            if found:
-                try:
-                    pending = ast.literal_eval(found.group(1))
-                except (ValueError, SyntaxError):
-                    pending = None
-                continue
-            step = PROGRESS.search(line)
-            if step and pending is not None:
-                entry = {k: v for k, v in pending.items() if k == "tokens" or k == "tokens_per_second" or k in MEMORY_KEYS}
-                entry = {k: (int(v) if k == "tokens" else _number(v)) for k, v in entry.items()}
-                entry["step"] = int(step.group(1))
-                logs.append(entry)
-                pending = None
-    return logs, "the log"
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            if isinstance(entry, dict) and "tokens_per_second" in entry and "tokens" in entry:
+                by_step[int(entry["step"])] = entry
+    return [by_step[step] for step in sorted(by_step)], "lmforge_log.jsonl"
 
 
 def timed_rate(logs: list[dict], warmup: int) -> tuple[float | None, int]:
@@ -255,7 +241,7 @@ def run_rows(work: str, warmup: int) -> list[dict]:
                 info = json.load(f)
             row["nproc"] = int(info.get("world_size", nproc))
             row["device"] = info.get("device")
-        logs, source = training_logs(run_dir, row_log(work, name))
+        logs, source = training_logs(run_dir)
         rate, steps = timed_rate(logs, warmup)
         memory = [h[k] for h in logs for k in MEMORY_KEYS if k in h]
         row.update(rc=rc, detail=detail, steps=steps, source=source)

@@ -1,6 +1,6 @@
 """scripts/gpu_scaling_report.py's arithmetic, from a made-up work directory: the timed rate,
 MFU and scaling efficiency of scripts/gpu_scaling.sh's table, read from trainer_state.json and
-from a run's log alike."""
+from the log file lmforge appends to alike."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def write(path, text):
     path.write_text(text)
 
 
-def log_line(step: int, steps: int, tokens: int, rate: float, memory: float) -> str:
-    # As the Trainer's printer writes a log (floats as "%.4g" strings), then lmforge's progress line.
-    fields = {"loss": "11.93", "learning_rate": "2e-05", "tokens_per_second": f"{rate:.4g}", "tokens": tokens,
-              "trained_tokens": tokens // 2, "peak_gpu_memory_gib": f"{memory:.4g}", "epoch": "0.05"}
-    return f"{fields}\nlmforge: step {step}/{steps} ({100 * step // steps} %), loss 11.93, tok/s {rate:.0f}\n"
+def log_entries(*entries: tuple[int, int, float, float]) -> str:
+    """lmforge_log.jsonl: each log as lmforge appends it (step, tokens so far, rate, memory)."""
+    return "".join(json.dumps({"step": step, "loss": 11.93, "learning_rate": 2e-05, "tokens_per_second": rate,
+                               "tokens": tokens, "trained_tokens": tokens // 2, "peak_gpu_memory_gib": memory,
+                               "epoch": 0.05}) + "\n" for step, tokens, rate, memory in entries)
 
 
 @pytest.fixture
@@ -42,15 +42,17 @@ def work(tmp_path):
     write(tmp_path / "runs" / "fsdp-2" / "trainer_state.json", json.dumps({"log_history": history}))
     write(tmp_path / "runs" / "fsdp-2" / "lmforge_run.json", json.dumps({"world_size": 2, "device": "NVIDIA H200"}))
     write(tmp_path / "rc" / "fsdp-2", "0 95\n")
-    # fsdp-4 stopped before its save: its log. After step 4: 9,600 tokens in 2 s, then 9,600 in 2 s.
-    write(tmp_path / "logs" / "fsdp-4.log", "torchrun ...\nsome warning\n" + log_line(4, 12, 9600, 100, 40.0)
-          + log_line(8, 12, 19200, 4800, 40.5) + "noise\n" + log_line(12, 12, 28800, 4800, 41.25))
+    # fsdp-4 stopped before its save: its log file (the last line cut short by the kill, step 8
+    # logged twice, the later entry counts). After step 4: 9,600 tokens in 2 s, then 9,600 in 2 s.
+    write(tmp_path / "runs" / "fsdp-4" / "lmforge_log.jsonl",
+          log_entries((4, 9600, 100, 40.0), (8, 19200, 9, 40.5), (8, 19200, 4800, 40.5), (12, 28800, 4800, 41.25))
+          + '{"step": 13, "tok')
     write(tmp_path / "runs" / "fsdp-4" / "lmforge_run.json", json.dumps({"world_size": 4}))
     write(tmp_path / "rc" / "fsdp-4", "0 80 stopped once step 12 was logged\n")
     write(tmp_path / "logs" / "zero3-4.log", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory.\n")
     write(tmp_path / "rc" / "zero3-4", "1 60\n")
     # lora LoRA 8: done, timed from its log; zero3-8: not run yet.
-    write(tmp_path / "logs" / "lora_zero2-8.log", log_line(4, 8, 1000, 10, 20.0) + log_line(8, 8, 9000, 2000, 20.0))
+    write(tmp_path / "runs" / "lora_zero2-8" / "lmforge_log.jsonl", log_entries((4, 1000, 10, 20.0), (8, 9000, 2000, 20.0)))
     write(tmp_path / "rc" / "lora_zero2-8", "0 50\n")
     return tmp_path
 
@@ -69,7 +71,7 @@ def test_rates_mfu_and_scaling(work):
     assert fsdp2["scaling"] == pytest.approx(1.0)
 
     fsdp4 = rows["fsdp-4"]
-    assert fsdp4["source"] == "the log" and fsdp4["steps"] == 8 and fsdp4["nproc"] == 4
+    assert fsdp4["source"] == "lmforge_log.jsonl" and fsdp4["steps"] == 8 and fsdp4["nproc"] == 4
     assert fsdp4["tokens_per_second"] == pytest.approx(4800)
     assert fsdp4["peak_gib"] == 41.25
     # Per GPU 1,200 at 4 against 666.7 at 2.

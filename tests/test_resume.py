@@ -61,7 +61,7 @@ TINY_QWEN = {
     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 512,
     "tie_word_embeddings": True, "attention_dropout": 0.1,
 }
-LOSS_LINE = re.compile(r"^\{'loss'")
+LOSS_LINE = re.compile(r"^lmforge: step \d+/")
 RESUMED = re.compile(r"lmforge: resuming from (\S+checkpoint-(\d+))")
 HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")  # the test callbacks' entry
 

@@ -70,7 +70,7 @@ def test_killed_run_resumes_and_output_loads(tmp_path, tiny_config):
         final = json.load(f)
     assert final["global_step"] == 12
     # The resumed run logged only the steps after its checkpoint.
-    logged_steps = [line for line in log.splitlines() if line.startswith("{'loss'")]
+    logged_steps = [line for line in log.splitlines() if line.startswith("lmforge: step ")]
     assert len(logged_steps) == 12 - resumed_from, log
 
     import torch
