@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 
@@ -234,8 +235,27 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if quant is not None and lora.q_lora_embeddings:
         quantize_frozen_embeddings(model, lora)
+    align_token_ids(model, tokenizer)
     model.config.use_cache = False
     return model
+
+
+def align_token_ids(model, tokenizer) -> None:
+    """The model's config and generation config take the tokenizer's PAD / BOS / EOS ids, as the
+    Trainer does when training starts; done here, when the model loads, and silently: the
+    Trainer's own alignment then finds nothing to change, and its warning (printed on every run
+    whose tokenizer was given a pad token) says nothing a user must act on."""
+    try:
+        from transformers.trainer_utils import align_special_tokens
+    except ImportError:  # a transformers without it aligns nothing at training start either
+        return
+    logger = logging.getLogger("transformers.trainer_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        align_special_tokens(model, tokenizer)
+    finally:
+        logger.setLevel(level)
 
 
 def quantize_frozen_embeddings(model, lora: LoraArguments, log=print) -> None:

@@ -235,7 +235,9 @@ def describe_batches(batches: Batches, val_split: float, seed: int, unit: str, l
     """The log lines of the batching: the packing, and what --val_split held out."""
     rows, records = batches.train, batches.records
     if isinstance(rows, PackedDataset):
-        log(f"lmforge: packing: {len(records)} records into {len(rows)} rows of up to {rows.model_max_length} tokens")
+        plural = "row" if len(rows) == 1 else "rows"
+        log(f"lmforge: packing: {len(records)} records into {len(rows)} {plural} of up to {rows.model_max_length} "
+            "tokens")
     if batches.held_out is not None:
         held = len(batches.held_out)
         log(f"lmforge: --val_split {val_split}: {held} of {held + len(records)} {unit} held out for evaluation "
