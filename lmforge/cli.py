@@ -5,13 +5,12 @@ importing the command (`flag_help.py`); `lmforge --version` names the installed 
 
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 from typing import Callable, Sequence
 
 from lmforge.commands import COMMANDS
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.flag_help import help_text, help_wanted, print_help
 
 
@@ -51,7 +50,7 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
     except OSError as e:
         # A full disk can strike any write (a checkpoint, the final save, a log); wherever it
         # does, the user needs the one line that names it, not a traceback through the Trainer.
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise
         where = f" writing {e.filename}" if e.filename else ""
         print(f"lmforge {command}: error: {e.strerror or 'no space left on device'}{where}", file=sys.stderr)

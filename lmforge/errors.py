@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a failed write says the disk (or the quota) is full: by errno, or by its text for
+    writers that raise with the message but no errno set (pyarrow)."""
+    text = str(error)
+    return (getattr(error, "errno", None) in DISK_FULL or "No space left on device" in text
+            or "Disk quota exceeded" in text)
+
 
 class LmforgeError(Exception):
     """An error the user can fix; the CLI prints it without a traceback and exits non-zero."""

@@ -7,7 +7,6 @@ goes in and checks what comes out.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from lmforge.checkpoint import (
 from lmforge.data.collate import LABEL_POSITIONS, add_batch_extras, for_the_step
 from lmforge.data.sampler import EpochShuffle
 from lmforge.distributed import configure_fsdp_wrapping
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
@@ -57,7 +56,6 @@ from lmforge.verify_save import check_saved_model, loaded_through_tie
 quiet_deepspeed_import()
 
 BASE_CONFIG = "lmforge_base_config.json"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
@@ -266,7 +264,7 @@ def disk_full_error(directory: str, what: str, error: BaseException) -> LmforgeE
         free = shutil.disk_usage(directory).free
     except OSError:
         return None
-    if getattr(error, "errno", None) not in DISK_FULL and free >= DISK_NEARLY_FULL:
+    if not is_disk_full(error) and free >= DISK_NEARLY_FULL:
         return None
     what = getattr(error, "filename", None) or what
     return LmforgeError(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import array
 import enum
-import errno
 import hashlib
 import json
 import os
@@ -31,11 +30,10 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 import pyarrow as pa
 
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, is_disk_full
 
 CACHE_VERSION = 4  # 3: entries carry entry.json; 4: masks on the rendered text
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_cache_dir() -> str:
@@ -165,11 +163,6 @@ def load_entry(path: str) -> dict:
     return stats
 
 
-def _is_disk_full(e: OSError) -> bool:
-    # pyarrow's writers raise OSError with the message but not always the errno set.
-    return e.errno in DISK_FULL or "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
-
-
 def _write_json(path: str, value: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
@@ -206,7 +199,7 @@ def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[s
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if is_disk_full(e):
             writing = f" (writing {e.filename})" if e.filename else ""
             raise LmforgeError(
                 f"cannot write the token cache under {parent}: no space left on device{writing}; nothing "
