@@ -8,14 +8,12 @@ differs; `run` is the rest, read top to bottom:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import transformers
-from transformers.trainer import TRAINER_STATE_NAME
 
 from lmforge.config import (
     DataArguments,
@@ -36,7 +34,7 @@ from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.report import key_flags, read_run_info
-from lmforge.train import resolve_resume, resume_policy, train_and_save
+from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
 
 
 @dataclass
@@ -178,15 +176,10 @@ def finished_run(output_dir: str, command: str, command_line: list[str]) -> str 
     """What `output_dir` holds when the same command line already ran to its end there (the
     final save is whole: its trainer_state.json is written last), else None. A rerun of a
     finished command then changes nothing instead of training past its last step."""
-    state_path = os.path.join(output_dir, TRAINER_STATE_NAME)
     info = read_run_info(output_dir)
     same = info.get("command") == command and _elsewhere(info.get("command_line") or []) == _elsewhere(command_line)
-    if not os.path.isfile(state_path) or not same:
-        return None
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    state = read_trainer_state(output_dir) if same else None
+    if state is None:
         return None
     return f"trained to step {state.get('global_step')} of {state.get('max_steps')}, saved"
 

@@ -798,13 +798,22 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     return args.output_dir
 
 
+def read_trainer_state(directory: str) -> dict | None:
+    """The trainer_state.json of a checkpoint or a finished run, or None where it is absent or
+    does not read."""
+    try:
+        with open(os.path.join(directory, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def last_step_reached(checkpoint: str, args) -> bool:
     """Whether `checkpoint` is the last step of the run these arguments describe: --max_steps
     reached, or (epochs) the step count its own run planned, for the same --num_train_epochs."""
-    try:
-        with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    state = read_trainer_state(checkpoint)
+    if state is None:
         return False
     step = state.get("global_step") or 0
     if args.max_steps > 0:
