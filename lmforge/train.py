@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 import transformers
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmforge.attention import VARLEN, document_attention_mask
@@ -539,7 +538,7 @@ class Trainer(transformers.Trainer):
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
                            mode=self.args.compile_mode,
-                           memory_budget=getattr(self.args, "compile_memory_budget", 1.0))
+                           memory_budget=getattr(self.args, "compile_memory_budget", None) or 1.0)
 
     def _fused_head(self):
         if not getattr(self.args, "fused_loss", False):
@@ -676,6 +675,23 @@ class TrainingStopped(LmforgeError):
         self.exit_code = 128 + signum
 
 
+class NothingLeftToTrain(Exception):
+    """Raised inside `Trainer.train()` when the checkpoint it resumed is the run's last step."""
+
+
+class StopWhenNothingLeft(transformers.TrainerCallback):
+    """A run stopped during its final save resumes from a checkpoint at its last step. The
+    Trainer's loop would train one more step before it compares the step count with
+    --max_steps, moving the weights past what the run was asked for. `on_train_begin` comes
+    after the weights, optimizer and schedule are loaded (for DeepSpeed and FSDP the shards load
+    only inside train(), so loading them beforehand is not an option): train() is left there,
+    with the model as the checkpoint holds it, and the caller redoes only the final save."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain
+
+
 class StopOnSignal(transformers.TrainerCallback):
     """SIGTERM (a scheduler's notice before preemption) or SIGINT (Ctrl-C) stops the run at
     the next optimizer-step boundary with a checkpoint, through the Trainer's own controls
@@ -754,6 +770,8 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         callbacks=callbacks,
         **(trainer_kwargs or {}),
     )
+    # First of all callbacks: it leaves train() before any other starts a bar or prints a plan.
+    trainer.callback_handler.callbacks.insert(0, StopWhenNothingLeft())
     if args.process_index == 0:
         if is_peft(model):
             trainable, total = model.get_nb_trainable_parameters()
@@ -762,19 +780,13 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
                                          "world_size": args.world_size})
     stop.install()
     try:
-        if checkpoint and last_step_reached(checkpoint, args) and not (trainer.is_deepspeed_enabled
-                                                                       or trainer.is_fsdp_enabled):
-            # The run was stopped during its final save: its last checkpoint is the trained model.
-            # Resuming would train one step past the end (the Trainer runs a step before it checks
-            # the step count); the weights and state are loaded instead and only the save is redone.
-            if args.process_index == 0:
-                print(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
-            trainer._load_from_checkpoint(checkpoint)
-            trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        else:
+        try:
             # lmforge's bar or lines are the progress: no "Writing model shards" bar per checkpoint.
             with library_bars(False):
                 trainer.train(resume_from_checkpoint=checkpoint)
+        except NothingLeftToTrain:
+            if args.process_index == 0:
+                print(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
         if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
@@ -807,18 +819,6 @@ def read_trainer_state(directory: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
-
-
-def last_step_reached(checkpoint: str, args) -> bool:
-    """Whether `checkpoint` is the last step of the run these arguments describe: --max_steps
-    reached, or (epochs) the step count its own run planned, for the same --num_train_epochs."""
-    state = read_trainer_state(checkpoint)
-    if state is None:
-        return False
-    step = state.get("global_step") or 0
-    if args.max_steps > 0:
-        return step >= args.max_steps
-    return state.get("num_train_epochs") == args.num_train_epochs and step >= (state.get("max_steps") or step + 1)
 
 
 def last_eval_step(state) -> int | None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,9 +188,18 @@ def test_ddp_two_processes_train_what_one_does(base, work, reference):
 
 # --- DeepSpeed ZeRO-3 -------------------------------------------------------------------------
 
+ZERO3 = ("--deepspeed", "zero3", "--save_strategy", "steps", "--save_steps", str(STEPS))
+
+
+@pytest.fixture(scope="module")
+def zero3(base, work) -> str:
+    """A full ZeRO-3 run with a checkpoint at its last step."""
+    return deepspeed_one_process(base, work, "zero3", *ZERO3)
+
+
 @needs_deepspeed
-def test_zero3_saves_the_whole_model(base, work, reference):
-    out = deepspeed_one_process(base, work, "zero3", "--deepspeed", "zero3")
+def test_zero3_saves_the_whole_model(base, work, reference, zero3):
+    out = zero3
     assert_same_losses(step_losses(out), step_losses(reference))
     # Every tensor of the base at its full shape (in memory ZeRO-3 holds [0]-shaped partitions
     # outside a module's forward), computing what the in-memory model computed.
@@ -198,6 +209,26 @@ def test_zero3_saves_the_whole_model(base, work, reference):
     ref = transformers.AutoModelForCausalLM.from_pretrained(reference)
     ids = torch.load(str(work / "zero3.pt"))["input_ids"]
     assert torch.allclose(logits_of(model, ids), logits_of(ref, ids), atol=1e-4)
+
+
+@needs_deepspeed
+def test_zero3_run_killed_during_its_final_save_redoes_only_the_save(base, work, zero3):
+    """The run's checkpoints without its final save (what a kill during that save leaves): the
+    rerun loads the sharded checkpoint (only possible inside the Trainer's train()) and leaves
+    before a step, so the final weights are the uninterrupted run's, not one step past them."""
+    out = work / "zero3_final_save"
+    shutil.copytree(zero3, out)
+    for entry in out.iterdir():
+        if not entry.name.startswith("checkpoint-") and entry.name != "lmforge_run.json":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    log = run(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), *sft_with(),
+               *flags(base, str(out), GLOBAL_BATCH, *ZERO3)], env_for(work), work)
+    assert f"checkpoint-{STEPS} is this run's last step; writing its final save, without training" in log
+    assert not re.search(r"lmforge: step \d+/", log), log[-3000:]
+    ours, uninterrupted = (load_file(os.path.join(d, "model.safetensors")) for d in (out, zero3))
+    assert ours.keys() == uninterrupted.keys()
+    assert all(torch.equal(ours[k], uninterrupted[k]) for k in ours)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
 
 
 @needs_deepspeed
