@@ -18,7 +18,8 @@ from lmforge.config import LoraArguments, ModelArguments, read_json_object
 from lmforge.errors import LmforgeError
 from lmforge.progress import library_bars
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
+          None: torch.float32}  # None: --torch_dtype not chosen yet (lmforge.fast_path chooses it for a run)
 
 
 def custom_code_requests(path: str) -> list[str]:

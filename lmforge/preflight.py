@@ -147,6 +147,25 @@ def plan_lines(plan: Plan, args: transformers.TrainingArguments) -> list[str]:
     return lines
 
 
+def speed_line(model, args) -> str:
+    """The settings the step's speed depends on, as in effect (chosen or given)."""
+    from lmforge.optim import wants_master_weights
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weights = str(next(base.parameters()).dtype).removeprefix("torch.")
+    if wants_master_weights(model, args):
+        weights += " weights, AdamW over fp32 masters"
+    else:
+        autocast = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        weights += " weights" + (f" under {autocast} autocast" if autocast and weights.startswith("float32") else "")
+    budget = getattr(args, "compile_memory_budget", None)
+    compiled = ("compiled blocks" + (f" (activation memory budget {budget:g})" if budget and budget < 1 else "")
+                if getattr(args, "compile_blocks", False) else "eager")
+    attention = getattr(base.config, "_attn_implementation", None) or "default"
+    checkpointing = "gradient checkpointing" if args.gradient_checkpointing else "no gradient checkpointing"
+    return f"speed: {weights}; {compiled}; {attention} attention; {checkpointing}"
+
+
 class Preflight(transformers.TrainerCallback):
     """Prints the pre-flight check at the start of training (rank 0), once the Trainer knows
     the exact number of steps, and records its figures in lmforge_run.json for the report."""
@@ -171,6 +190,8 @@ class Preflight(transformers.TrainerCallback):
         if self.example is not None:
             lines.append(show_example(self.tokenizer, self.example, self.title, use_color()))
         lines += plan_lines(plan, args)
+        if model is not None:
+            lines.append(speed_line(model, args))
         print("\n".join(lines[:1] + ["  " + line.replace("\n", "\n  ") for line in lines[1:]]), flush=True)
         from lmforge.report import update_run_info
 

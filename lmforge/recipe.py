@@ -32,6 +32,8 @@ from lmforge.data.sources import read_tools
 from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
+from lmforge.fast_path import choose_fast_path
+from lmforge.fast_path import describe as describe_choices
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.report import key_flags, read_run_info
 from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
@@ -122,6 +124,11 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     setup_process(args)  # the environment, the accelerator, the launcher: after parsing, once
     main_process = args.process_index == 0
     log = print if main_process else lambda *_: None
+    # The fastest measured settings for the flags left unset; said now, before the first
+    # recorded flags (key_flags) and the model load depend on them.
+    speed = describe_choices(choose_fast_path(flags.model, args, packed_rows=method.packing(flags)))
+    if speed:
+        log("\n".join(speed))
     command_line = expand_argv(argv)  # a YAML run file as the flags it held
     finished = finished_run(args.output_dir, method.command, command_line)
     if finished is not None and args.resume:

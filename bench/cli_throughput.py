@@ -1,0 +1,437 @@
+"""Throughput of `lmforge sft | lora | dpo` as users run them, beside the seed-style Trainer and
+TRL, in one run on one GPU, with one clock.
+
+    python bench/cli_throughput.py --tokenizer .devdata/tokenizers/qwen2.5-0.5b-instruct \\
+        --rows 0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge 1b-lora-trl 1b-lora-lmforge ...
+    python bench/cli_throughput.py --list          # the rows and what each runs
+
+Every row runs in a process of its own (`--run ROW`; no compiled code, allocator state or patched
+model class carries over) on the same synthetic data, written once: single-turn chat records whose
+lengths (in random English words, about a token each with Qwen's or Llama's tokenizer) are drawn
+from a log-normal with median 450 and a heavy tail, capped so that a rendered record fits 2048
+tokens, the user turn holding the first half and the assistant (the loss) the second; for DPO,
+preference pairs (a 300-word prompt, two 200-word answers) as message lists. Models are random
+initialisations of the shapes in bench/configs (the LoRA and DPO bases saved once, in bf16).
+
+The clock is the same for every row: a callback and a wrapper of `transformers.Trainer.training_step`
+(which lmforge's, TRL's and the seed-style trainers all go through). From the start of step
+`--warmup` + 1 to the end of the last step it counts the useful (non-pad) tokens of every batch
+(`lmforge.progress.useful_tokens`, summed on the GPU) and waits for the GPU only at the window's two
+ends. DPO rows are compared by pairs a second (the same pairs each step on every side).
+
+Rows:
+  *-seed     FastChat's train.py: the plain HF Trainer, fp32 weights under bf16 autocast, every
+             record right-padded to 2048, gradient checkpointing, SDPA, the model's own loss.
+  *-trl      TRL's SFTTrainer (DPOTrainer for dpo rows) at its fastest that runs here: best-fit
+             packing (always padding-free), completion-only loss, bf16 weights, SDPA (flash-attn has
+             no wheel; flex_attention compiles per length and did not finish a step in 150 s), Liger
+             kernels, no gradient checkpointing (TRL's default is on: slower, not needed at this size).
+  *-lmforge  the lmforge command line with the seed flags (`--bf16 True`, batch 8, 2048) and nothing
+             else: lmforge's defaults for this machine. Rows with a suffix add flags (see --list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+MAX_LEN = 2048
+WORDS = ("time year people way day man thing woman life child world school state family student group country "
+         "problem hand part place case week company system program question work government number night point "
+         "home water room mother area money story fact month lot right study book eye job word business issue "
+         "side kind head house service friend father power hour game line end member law car city community name "
+         "president team minute idea kid body information back parent face others level office door health person "
+         "art war history party result change morning reason research girl guy moment air teacher force education").split()
+SHAPES = {"0.5b": "qwen2.5-0.5b", "1b": "llama-3.2-1b", "tiny": None}
+TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32768,
+        "tie_word_embeddings": True}
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str  # full, lora, qlora, dpo
+    runner: str  # seed, trl, lmforge
+    extra: list[str] = field(default_factory=list)
+    """More `lmforge` flags (lmforge rows)."""
+    max_len: int = MAX_LEN
+    batch: int = 8
+    long: bool = False
+    """Records of 16-30k words (long-context rows) instead of the chat mix."""
+
+    def describe(self) -> str:
+        return " ".join([self.runner, self.method, SHAPES[self.shape] or "tiny", f"{self.batch}x{self.max_len}",
+                         *self.extra])
+
+
+def _rows() -> dict[str, Row]:
+    rows: dict[str, Row] = {}
+    for shape in ("0.5b", "1b", "tiny"):
+        rows[f"{shape}-full-seed"] = Row(shape, "full", "seed")
+        rows[f"{shape}-full-trl"] = Row(shape, "full", "trl")
+        rows[f"{shape}-full-lmforge"] = Row(shape, "full", "lmforge")
+        # lmforge's eager path, as the defaults were before the fast path was chosen for a GPU.
+        rows[f"{shape}-full-lmforge-eager"] = Row(shape, "full", "lmforge",
+                                                  ["--compile_blocks", "False", "--torch_dtype", "float32"])
+        rows[f"{shape}-full-lmforge-budget1"] = Row(shape, "full", "lmforge", ["--compile_memory_budget", "1"])
+        rows[f"{shape}-lora-trl"] = Row(shape, "lora", "trl")
+        rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
+        rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
+        rows[f"{shape}-qlora-lmforge-ckpt"] = Row(shape, "qlora", "lmforge", ["--gradient_checkpointing", "True"])
+        rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl")
+        rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge")
+        rows[f"{shape}-long-lmforge"] = Row(shape, "full", "lmforge", max_len=32768, batch=1, long=True)
+        rows[f"{shape}-long-lmforge-ckpt"] = Row(shape, "full", "lmforge", ["--gradient_checkpointing", "True"],
+                                                 max_len=32768, batch=1, long=True)
+    return rows
+
+
+ROWS = _rows()
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+def write_chat(path: str, n: int, seed: int = 0, long: bool = False) -> None:
+    """`messages` records; the same file feeds lmforge, TRL (as prompt / completion) and the seed
+    runner. Lengths in words: log-normal, median 450, capped at 1950 (the template's tokens on top
+    stay under 2048); long records: 16,000-30,000 words."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            total = rng.randint(16000, 30000) if long else min(1950, max(16, int(rng.lognormvariate(math.log(450), 0.8))))
+            half = total // 2
+            f.write(json.dumps({"messages": [{"role": "user", "content": words(rng, half)},
+                                             {"role": "assistant", "content": words(rng, total - half)}]}) + "\n")
+
+
+def write_pairs(path: str, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": words(rng, 300)}],
+                                "chosen": [{"role": "assistant", "content": words(rng, 200)}],
+                                "rejected": [{"role": "assistant", "content": words(rng, 200)}]}) + "\n")
+
+
+def model_config(shape: str, tokenizer):
+    import transformers
+
+    if SHAPES[shape] is None:
+        return transformers.AutoConfig.for_model(**TINY, vocab_size=len(tokenizer))
+    with open(os.path.join(HERE, "configs", SHAPES[shape] + ".json")) as f:
+        config = json.load(f)
+    if len(tokenizer) > config["vocab_size"]:
+        # The Llama shape with Qwen's tokenizer: Qwen's embedding rows (the tokenizer's, padded to 64).
+        config["vocab_size"] = 151936 if len(tokenizer) <= 151936 else -(-len(tokenizer) // 64) * 64
+        config.pop("bos_token_id", None), config.pop("eos_token_id", None)
+    return transformers.AutoConfig.for_model(**config)
+
+
+def config_file(shape: str, work: str, tokenizer) -> str:
+    path = os.path.join(work, f"config-{shape}.json")
+    if not os.path.isfile(path):
+        model_config(shape, tokenizer).to_json_file(path)
+    return path
+
+
+def saved_base(shape: str, work: str, tokenizer) -> str:
+    """A random-init bf16 base on disk, with the tokenizer, for LoRA / QLoRA / DPO rows."""
+    import torch
+    import transformers
+
+    path = os.path.join(work, f"base-{shape}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(model_config(shape, tokenizer), dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        del model
+    return path
+
+
+# --- the clock ----------------------------------------------------------------------------------
+
+def install_clock(warmup: int):
+    """The callback that times steps warmup+1 .. last, with `transformers.Trainer.training_step`
+    wrapped to count the useful tokens of each batch in that window."""
+    import torch
+    import transformers
+
+    from lmforge.progress import useful_tokens
+
+    class Clock(transformers.TrainerCallback):
+        def __init__(self):
+            self.counting, self.tokens, self.start, self.end, self.steps = False, 0, None, None, 0
+            self.first_step = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup and self.start is None:
+                torch.cuda.synchronize()
+                self.start, self.counting, self.first_step = time.perf_counter(), True, state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.counting and state.global_step >= state.max_steps:
+                torch.cuda.synchronize()
+                self.end, self.counting = time.perf_counter(), False
+                self.steps = state.global_step - self.first_step
+
+    clock = Clock()
+    step = transformers.Trainer.training_step
+    if not torch.cuda.is_available():  # a dry run of the rows on a CPU
+        torch.cuda.synchronize = lambda *_: None
+
+    def counted(self, model, inputs, *args, **kwargs):
+        if clock.counting:
+            clock.tokens = clock.tokens + useful_tokens(inputs)
+        return step(self, model, inputs, *args, **kwargs)
+
+    transformers.Trainer.training_step = counted
+    return clock
+
+
+# --- the runners (inside the row's process) ------------------------------------------------------
+
+def run_lmforge(row: Row, a, clock) -> None:
+    from lmforge import dpo, sft
+
+    common = ["--bf16", "True", "--per_device_train_batch_size", str(row.batch), "--max_steps", str(a.steps),
+              "--learning_rate", "2e-5", "--save_strategy", "no", "--report_to", "none", "--logging_steps",
+              str(a.steps), "--output_dir", os.path.join(a.work, "out", a.run), "--overwrite_output_dir", "True",
+              "--resume", "False", "--disable_tqdm", "True", "--data_cache_dir", os.path.join(a.work, "cache")]
+    tok = a.tokenizer
+    if row.method == "dpo":
+        base = saved_base(row.shape, a.work, _tokenizer(tok))
+        dpo.main(["--model_name_or_path", base, "--data_path", os.path.join(a.work, "pairs.jsonl"),
+                  "--lora", "True", "--lora_r", "16", "--lora_alpha", "32", "--model_max_length", "1024",
+                  *common, *row.extra], callbacks=[clock])
+        return
+    data = os.path.join(a.work, "long.jsonl" if row.long else "chat.jsonl")
+    if row.method == "full":
+        model = ["--config_name", config_file(row.shape, a.work, _tokenizer(tok)), "--tokenizer_name", tok]
+    else:
+        model = ["--model_name_or_path", saved_base(row.shape, a.work, _tokenizer(tok)), "--lora", "True",
+                 "--lora_r", "16", "--lora_alpha", "32", *(["--q_lora", "True"] if row.method == "qlora" else [])]
+    sft.main([*model, "--data_path", data, "--model_max_length", str(row.max_len), *common, *row.extra],
+             callbacks=[clock])
+
+
+def _tokenizer(path: str):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _chat_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_seed(row: Row, a, clock) -> None:
+    """FastChat's train.py, reduced to what sets its speed: the HF Trainer, fp32 weights under
+    bf16 autocast, rows right-padded to model_max_length, gradient checkpointing, its own loss."""
+    import torch
+    import transformers
+
+    tokenizer = _tokenizer(a.tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for record in _chat_records(os.path.join(a.work, "chat.jsonl"))[: a.steps * row.batch]:
+        ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(record["messages"][:1], tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+        ids = ids[: row.max_len]
+        labels = [-100] * len(prompt) + ids[len(prompt):]
+        n = row.max_len - len(ids)
+        rows.append({"input_ids": torch.tensor(ids + [pad] * n), "labels": torch.tensor(labels[: len(ids)] + [-100] * n),
+                     "attention_mask": torch.tensor([1] * len(ids) + [0] * n)})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(model_config(row.shape, tokenizer), dtype=torch.float32,
+                                                          attn_implementation="sdpa")
+    model.config.use_cache = False
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(a.work, "out", a.run), max_steps=a.steps, per_device_train_batch_size=row.batch,
+        learning_rate=2e-5, bf16=True, gradient_checkpointing=True, save_strategy="no", report_to="none",
+        logging_steps=a.steps, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock]).train()
+
+
+def run_trl(row: Row, a, clock) -> None:
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    tokenizer = _tokenizer(a.tokenizer)
+    torch.manual_seed(0)
+    common = dict(output_dir=os.path.join(a.work, "out", a.run), max_steps=a.steps,
+                  per_device_train_batch_size=row.batch, bf16=True, gradient_checkpointing=False,
+                  save_strategy="no", report_to="none", logging_steps=a.steps, disable_tqdm=True,
+                  max_length=row.max_len if row.method != "dpo" else 1024, use_cpu=not torch.cuda.is_available())
+    lora = None
+    if row.method in ("lora", "dpo"):
+        import peft
+
+        lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                               task_type="CAUSAL_LM")
+    if row.method == "dpo":
+        model = transformers.AutoModelForCausalLM.from_pretrained(saved_base(row.shape, a.work, tokenizer),
+                                                                  dtype=torch.bfloat16, attn_implementation="sdpa")
+        data = datasets.Dataset.from_list(_chat_records(os.path.join(a.work, "pairs.jsonl")))
+        config = trl.DPOConfig(learning_rate=5e-5, **common)
+        trainer = trl.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                 peft_config=lora, callbacks=[clock])
+        trainer.train()
+        return
+    if row.method == "full":
+        model = transformers.AutoModelForCausalLM.from_config(model_config(row.shape, tokenizer),
+                                                              dtype=torch.bfloat16, attn_implementation="sdpa")
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(saved_base(row.shape, a.work, tokenizer),
+                                                                  dtype=torch.bfloat16, attn_implementation="sdpa")
+    records = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]}
+               for r in _chat_records(os.path.join(a.work, "long.jsonl" if row.long else "chat.jsonl"))]
+    config = trl.SFTConfig(packing=True, completion_only_loss=True, learning_rate=2e-5,
+                           use_liger_kernel=_installed("liger_kernel"), **common)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
+                             processing_class=tokenizer, peft_config=lora, callbacks=[clock])
+    trainer.train()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def run_row(a) -> None:
+    """One row, in this process; its figures go to WORK/results/ROW.json."""
+    import torch
+
+    row = ROWS[a.run]
+    clock = install_clock(a.warmup)
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    {"lmforge": run_lmforge, "seed": run_seed, "trl": run_trl}[row.runner](row, a, clock)
+    tokens = int(clock.tokens)
+    seconds = clock.end - clock.start
+    result = {"row": a.run, "run": row.describe(), "steps_timed": clock.steps, "seconds": seconds,
+              "tokens_per_s": tokens / seconds, "pairs_per_s": clock.steps * row.batch / seconds,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0}
+    os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
+    with open(os.path.join(a.work, "results", a.run + ".json"), "w") as f:
+        json.dump(result, f)
+
+
+# --- the side-by-side run ------------------------------------------------------------------------
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    import torch
+
+    out = []
+    for p in ("torch", "transformers", "peft", "trl", "liger-kernel", "bitsandbytes"):
+        try:
+            out.append(f"{p} {md.version(p)}")
+        except md.PackageNotFoundError:
+            pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{device}; " + ", ".join(out)
+
+
+def peer_of(name: str, runner: str) -> str | None:
+    """The row a row is compared with: its shape and method's TRL or seed row."""
+    shape, method = name.split("-")[:2]
+    if method == "long":
+        return None
+    peer = f"{shape}-{method}-{runner}"
+    return peer if peer in ROWS and peer != name else None
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    lines = [f"{'row':<28} {'useful tok/s':>12} {'pairs/s':>8} {'peak GiB':>9} {'vs TRL':>7} {'vs seed':>8}  run"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<28} {r['error']}")
+            continue
+        dpo = ROWS[name].method == "dpo"
+        key = "pairs_per_s" if dpo else "tokens_per_s"
+        ratios = []
+        for runner in ("trl", "seed"):
+            peer = results.get(peer_of(name, runner) or "", {})
+            ratios.append(f"{r[key] / peer[key]:.2f}x" if key in peer and ROWS[name].runner == "lmforge" else "")
+        lines.append(f"{name:<28} {r['tokens_per_s']:>12,.0f} {r['pairs_per_s'] if dpo else 0:>8.2f} "
+                     f"{r['peak_gib']:>9.1f} {ratios[0]:>7} {ratios[1]:>8}  {r['run']}")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", default=["0.5b-full-seed", "0.5b-full-trl", "0.5b-full-lmforge"])
+    p.add_argument("--tokenizer", default=os.path.join(ROOT, ".devdata", "tokenizers", "qwen2.5-0.5b-instruct"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--records", type=int, default=3000)
+    p.add_argument("--work", default="/tmp/lmforge-cli-bench")
+    p.add_argument("--timeout", type=int, default=600, help="seconds a row may take")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # one row, in this process
+    a = p.parse_args()
+    if a.list:
+        for name, row in ROWS.items():
+            print(f"{name:<28} {row.describe()}")
+        return
+    if a.run:
+        return run_row(a)
+    unknown = [r for r in a.rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; --list shows them")
+    os.makedirs(a.work, exist_ok=True)
+    write_chat(os.path.join(a.work, "chat.jsonl"), a.records)
+    write_chat(os.path.join(a.work, "long.jsonl"), 60, long=True)
+    write_pairs(os.path.join(a.work, "pairs.jsonl"), 2 * a.steps * 8)
+    results: dict[str, dict] = {}
+    for name in a.rows:
+        started = time.time()
+        cmd = [sys.executable, os.path.abspath(__file__), "--run", name, "--tokenizer", a.tokenizer, "--steps",
+               str(a.steps if not ROWS[name].long else max(a.warmup + 5, a.steps // 4)), "--warmup", str(a.warmup),
+               "--work", a.work]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            path = os.path.join(a.work, "results", name + ".json")
+            if done.returncode == 0 and os.path.isfile(path):
+                with open(path) as f:
+                    results[name] = json.load(f)
+            else:
+                tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
+                results[name] = {"error": f"exit {done.returncode}: " + " | ".join(tail)[-600:]}
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": f"over {a.timeout} s"}
+        print(json.dumps({name: results[name], "wall_s": round(time.time() - started, 1)}), flush=True)
+    print(f"device: {versions()}")
+    print(f"data: {a.records} single-turn chat records (log-normal words, median 450), {a.steps} steps, "
+          f"the first {a.warmup} untimed")
+    print("\n".join(table(results)))
+    with open(os.path.join(a.work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

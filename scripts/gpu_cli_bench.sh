@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The side-by-side throughput of the command lines (bench/cli_throughput.py) on the GPU device,
+# from the repository root:
+#   ROWS="0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge" bash scripts/gpu_cli_bench.sh
+# Wheels in .whl/ (trl, datasets, dill, multiprocess, liger-kernel; bitsandbytes for QLoRA rows)
+# are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
+# TESTS (pytest arguments, optional) read. The table and results.json go to $OUT when set.
+set -uo pipefail
+DATA=${DATA:-.devdata}
+W=${W:-/tmp/lmforge-cli-bench}
+OUT=${OUT:-$W}
+mkdir -p "$W" "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+else
+  export PYTHONPATH=$PWD
+fi
+export LMFORGE_CACHE=$W/cache TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ -n "${TESTS:-}" ]; then
+  LMFORGE_SHARED_DATA=$DATA timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs $TESTS 2>&1 | tail -6
+fi
+python3 bench/cli_throughput.py --tokenizer "$DATA/tokenizers/qwen2.5-0.5b-instruct" --work "$W" \
+  --rows ${ROWS:-0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge} --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" \
+  --timeout "${ROW_TIMEOUT:-300}" 2>&1 | tee "$OUT/bench.log" | cut -c1-2000
+cp "$W/results.json" "$OUT/" 2>/dev/null || true

@@ -1,0 +1,123 @@
+"""The speed settings chosen for flags left unset (lmforge/fast_path.py): on a CUDA GPU under --bf16,
+bf16 weights with fp32 masters, compiled blocks on packed rows and an activation memory budget;
+eager fp32 on a CPU, under DeepSpeed / FSDP and for rows of varying length; a flag the user gave
+is never changed."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmforge.config import ModelArguments, TrainingArguments
+from lmforge.fast_path import choose_fast_path, describe
+
+from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
+
+
+def flags(**given):
+    model = SimpleNamespace(torch_dtype=given.pop("torch_dtype", None))
+    args = SimpleNamespace(use_cpu=False, deepspeed=None, fsdp=None, bf16=True, fp16=False, compile_blocks=None,
+                           compile_memory_budget=None)
+    for k, v in given.items():
+        setattr(args, k, v)
+    return model, args
+
+
+def chosen(model, args) -> tuple:
+    return model.torch_dtype, args.compile_blocks, args.compile_memory_budget
+
+
+@pytest.mark.parametrize("given, cuda, packed, want", [
+    # FastChat's / happy-llm's command line on a GPU: the fastest measured settings.
+    ({}, True, True, ("bfloat16", True, 0.8)),
+    # Pairs (DPO) or --packing False: rows of many lengths, so eager; bf16 weights still.
+    ({}, True, False, ("bfloat16", False, 1.0)),
+    ({}, False, True, ("float32", False, 1.0)),  # a CPU
+    ({"deepspeed": "zero3.json"}, True, True, ("float32", False, 1.0)),
+    ({"fsdp": True}, True, True, ("float32", False, 1.0)),
+    ({"bf16": False, "fp16": True}, True, True, ("float32", True, 0.8)),
+    ({"bf16": False}, True, True, ("float32", True, 0.8)),  # fp32 training: compiled blocks still pay
+    # Given flags are kept as given.
+    ({"torch_dtype": "float32", "compile_blocks": False}, True, True, ("float32", False, 1.0)),
+    ({"compile_blocks": True, "compile_memory_budget": 1.0}, True, True, ("bfloat16", True, 1.0)),
+    ({"torch_dtype": "bfloat16", "compile_blocks": True}, False, True, ("bfloat16", True, 1.0)),
+])
+def test_choices(given, cuda, packed, want):
+    model, args = flags(**given)
+    choose_fast_path(model, args, packed_rows=packed, cuda=cuda)
+    assert chosen(model, args) == want
+
+
+def test_each_choice_says_why_and_given_flags_are_not_listed():
+    model, args = flags()
+    lines = describe(choose_fast_path(model, args, packed_rows=True, cuda=True))
+    assert lines == [
+        "lmforge: speed: --torch_dtype bfloat16 (the model computes in bf16, AdamW updates fp32 master weights "
+        "(--torch_dtype float32: fp32 weights under bf16 autocast))",
+        "lmforge: speed: --compile_blocks True (CUDA GPU and packed rows of one length (--compile_blocks False: eager))",
+        "lmforge: speed: --compile_memory_budget 0.8 (recomputes the cheapest activations in the backward: less "
+        "memory at no measured speed cost (1: keep them all))",
+    ]
+    model, args = flags(torch_dtype="float32", compile_blocks=False, compile_memory_budget=1.0)
+    assert describe(choose_fast_path(model, args, packed_rows=True, cuda=True)) == []
+    model, args = flags()
+    assert describe(choose_fast_path(model, args, packed_rows=True, cuda=False)) == [
+        "lmforge: speed: --torch_dtype float32, --compile_blocks False (no CUDA GPU: compiled blocks and bf16 "
+        "weights pay off on a GPU only)"]
+
+
+def test_parsed_flags_leave_the_choices_open(tmp_path):
+    """Unset on the command line means None after parsing (not a value that looks chosen)."""
+    args = TrainingArguments(output_dir=str(tmp_path))
+    assert ModelArguments().torch_dtype is None
+    assert args.compile_blocks is None and args.compile_memory_budget is None
+
+
+def test_a_cpu_run_says_what_it_chose_and_records_it(tmp_path, capsys):
+    from lmforge.cli import main as cli
+
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                  "vocab_size": 151936, "max_position_embeddings": 512}))
+    tokenizer = str(SHARED_DATA / "tokenizers" / "qwen2.5-0.5b-instruct")
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(json.loads(DUMMY_CONVERSATIONS.read_text())[:8]))
+    assert cli(["sft", "--config_name", str(config), "--tokenizer_name", tokenizer, "--data_path", str(data),
+                "--output_dir", str(out), "--bf16", "True", "--max_steps", "1", "--model_max_length", "256",
+                "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "True",
+                "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    log = capsys.readouterr().out
+    if torch.cuda.is_available():
+        pytest.skip("the CPU choices; the GPU ones are checked by test_gpu_run_takes_the_fast_path")
+    assert "lmforge: speed: --torch_dtype float32, --compile_blocks False (no CUDA GPU" in log
+    assert "  speed: float32 weights under bf16 autocast; eager; sdpa attention; no gradient checkpointing" in log
+    config = json.loads((out / "lmforge_run.json").read_text())["config"]
+    assert config["torch_dtype"] == "float32"
+
+
+@pytest.mark.gpu
+def test_gpu_run_takes_the_fast_path(tmp_path, capsys):
+    from lmforge.cli import main as cli
+
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                  "vocab_size": 151936, "max_position_embeddings": 512}))
+    tokenizer = str(SHARED_DATA / "tokenizers" / "qwen2.5-0.5b-instruct")
+    assert cli(["sft", "--config_name", str(config), "--tokenizer_name", tokenizer,
+                "--data_path", str(DUMMY_CONVERSATIONS), "--output_dir", str(out), "--bf16", "True",
+                "--max_steps", "3", "--model_max_length", "512", "--per_device_train_batch_size", "4",
+                "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1",
+                "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    log = capsys.readouterr().out
+    assert "lmforge: speed: --torch_dtype bfloat16" in log and "--compile_blocks True" in log
+    assert "compiled 2 decoder blocks" in log and "AdamW over fp32 master weights" in log
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(l == l and l < 20 for l in losses)
