@@ -92,6 +92,7 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-qlora-lmforge-ckpt"] = Row(shape, "qlora", "lmforge", ["--gradient_checkpointing", "True"])
         rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl")
         rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge")
+        rows[f"{shape}-dpo-lmforge-compile"] = Row(shape, "dpo", "lmforge", ["--compile_blocks", "True"])
         rows[f"{shape}-long-lmforge"] = Row(shape, "full", "lmforge", max_len=32768, batch=1, long=True)
         rows[f"{shape}-long-lmforge-ckpt"] = Row(shape, "full", "lmforge", ["--gradient_checkpointing", "True"],
                                                  max_len=32768, batch=1, long=True)
