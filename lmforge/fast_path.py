@@ -6,19 +6,24 @@ flag says otherwise:
     weights under bf16 autocast: no fp32 activations and residual stream, no casts of every weight
     on every use;
   - compiled decoder blocks (`model.compile_blocks`) where the rows all have one length (packed
-    rows, pretraining blocks): the elementwise work small models are bound by is fused;
+    rows, pretraining blocks) or are DPO's pairs: the elementwise work small models are bound by
+    is fused;
   - with them, an activation memory budget of 0.8: the compiler recomputes the cheapest
     activations in the backward instead of keeping them.
-On the H200 (docs/bench_results.md) these took the Qwen2.5-0.5B shape from 89k to 137k useful
-tokens/s and its peak memory from 34 to 20 GiB. Each choice is printed with the reason and the
-flag that turns it off.
+Measured on one H200 (bench/cli_throughput.py, 2026-12-02; docs/bench_results.md): FastChat's
+command line on the Qwen2.5-0.5B shape went from 89.6k useful tokens/s at 34.1 GiB (fp32 weights,
+eager) to 140.1k at 19.6 GiB. Each choice is printed with its reason and the flag that turns it off.
 
 Where they are not chosen, and why:
   - no CUDA GPU: bf16 weights would also be computed in bf16 on a CPU, whose bf16 matmuls are
-    slower than fp32 ones; and compiling a tiny CPU model costs more than it saves (the first
-    compiled step alone takes ~20 s, a whole demo stage 30-60 s);
-  - rows of varying length (--packing False, DPO's pairs): a compiled block would recompile per
-    length or need every row padded to --model_max_length;
+    slower than fp32 ones; and compiling costs more than it saves there. Measured on the 2-core
+    CPU machine (2026-12-02), `lmforge sft` of the demo-sized model (4 layers, width 128), 60
+    steps of 4 x 512: eager 23 s in all (8.6k tokens/s), compiled 45 s (the compiled steps ran
+    at 10.1k tokens/s once compiled: 6 % faster, after ~20 s of compiling, which would pay back
+    only after ~1.2M tokens; a demo stage trains far fewer);
+  - one record a row (--packing False): rows of many lengths, not measured compiled (DPO's pairs,
+    also of many lengths, are compiled: after the second length the compiler makes the graph
+    dynamic in it, and LoRA DPO on the 0.5B shape went from 26.2 to 35.8 pairs/s);
   - DeepSpeed or FSDP: their engines keep their own fp32 masters from fp32 weights, and compiled
     blocks under their parameter hooks were not measured;
   - --fp16: fp16 gradients need loss scaling, which the master-weight AdamW does not do; the
@@ -27,6 +32,7 @@ Where they are not chosen, and why:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 COMPILED_MEMORY_BUDGET = 0.8  # measured at no speed cost on the 0.5B shape (124.7k vs 123.8k tok/s, 19.6 vs 24.5 GiB)
@@ -39,10 +45,17 @@ class Choice:
     why: str
 
 
-def choose_fast_path(model_args, args, packed_rows: bool, cuda: bool | None = None) -> list[Choice]:
+class Rows(enum.Enum):
+    """What a method's batches hold."""
+
+    PACKED = "packed"  # packed rows of one length (chat rows, pretraining blocks)
+    PAIRS = "pairs"  # preference pairs padded to the longest of their batch (DPO)
+    PADDED = "padded"  # one record a row, padded to the longest of its batch (--packing False)
+
+
+def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None) -> list[Choice]:
     """Fill `torch_dtype`, `compile_blocks` and `compile_memory_budget` where the command line
-    left them unset (None), in place, and return each choice with its reason. `packed_rows`:
-    every batch holds rows of one length (packed chat rows, pretraining blocks)."""
+    left them unset (None), in place, and return each choice with its reason."""
     if cuda is None:
         import torch
 
@@ -70,8 +83,12 @@ def choose_fast_path(model_args, args, packed_rows: bool, cuda: bool | None = No
             on, why = False, "no CUDA GPU: compiled blocks and bf16 weights pay off on a GPU only"
         elif engine:
             on, why = False, f"not measured under {engine}"
-        elif not packed_rows:
-            on, why = False, "rows of varying length (a compiled block would recompile per length)"
+        elif rows is Rows.PADDED:
+            on, why = False, "rows of many lengths, not measured compiled (--packing True packs them)"
+        elif rows is Rows.PAIRS:
+            # The pairs' batches change length; after the second length the compiler makes the
+            # blocks' graph dynamic in it. LoRA DPO on the 0.5B shape: 26.2 -> 35.8 pairs/s.
+            on, why = True, "CUDA GPU; pair batches compile to one graph of dynamic length (--compile_blocks False: eager)"
         else:
             on, why = True, "CUDA GPU and packed rows of one length (--compile_blocks False: eager)"
         args.compile_blocks = on

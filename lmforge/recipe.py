@@ -25,14 +25,14 @@ from lmforge.config import (
     setup_process,
 )
 from lmforge.data.batches import Batches, PreparedData, build_batches, prepare_data
-from lmforge.data.encode import Kind
+from lmforge.data.encode import PAIRS, Kind
 from lmforge.data.options import ChatOptions
 from lmforge.data.pack import PackedDataset
 from lmforge.data.sources import read_tools
 from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
-from lmforge.fast_path import choose_fast_path
+from lmforge.fast_path import Rows, choose_fast_path
 from lmforge.fast_path import describe as describe_choices
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.report import key_flags, read_run_info
@@ -126,7 +126,8 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
-    speed = describe_choices(choose_fast_path(flags.model, args, packed_rows=method.packing(flags)))
+    rows = Rows.PAIRS if method.kind is PAIRS else Rows.PACKED if method.packing(flags) else Rows.PADDED
+    speed = describe_choices(choose_fast_path(flags.model, args, rows))
     if speed:
         log("\n".join(speed))
     command_line = expand_argv(argv)  # a YAML run file as the flags it held

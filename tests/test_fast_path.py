@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelArguments, TrainingArguments
-from lmforge.fast_path import choose_fast_path, describe
+from lmforge.fast_path import Rows, choose_fast_path, describe
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
@@ -30,30 +30,32 @@ def chosen(model, args) -> tuple:
     return model.torch_dtype, args.compile_blocks, args.compile_memory_budget
 
 
-@pytest.mark.parametrize("given, cuda, packed, want", [
+@pytest.mark.parametrize("given, cuda, rows, want", [
     # FastChat's / happy-llm's command line on a GPU: the fastest measured settings.
-    ({}, True, True, ("bfloat16", True, 0.8)),
-    # Pairs (DPO) or --packing False: rows of many lengths, so eager; bf16 weights still.
-    ({}, True, False, ("bfloat16", False, 1.0)),
-    ({}, False, True, ("float32", False, 1.0)),  # a CPU
-    ({"deepspeed": "zero3.json"}, True, True, ("float32", False, 1.0)),
-    ({"fsdp": True}, True, True, ("float32", False, 1.0)),
-    ({"bf16": False, "fp16": True}, True, True, ("float32", True, 0.8)),
-    ({"bf16": False}, True, True, ("float32", True, 0.8)),  # fp32 training: compiled blocks still pay
+    ({}, True, Rows.PACKED, ("bfloat16", True, 0.8)),
+    # DPO's pairs: compiled too (dynamic length); --packing False: eager; bf16 weights either way.
+    ({}, True, Rows.PAIRS, ("bfloat16", True, 0.8)),
+    ({}, True, Rows.PADDED, ("bfloat16", False, 1.0)),
+    ({}, False, Rows.PACKED, ("float32", False, 1.0)),  # a CPU
+    ({}, False, Rows.PAIRS, ("float32", False, 1.0)),
+    ({"deepspeed": "zero3.json"}, True, Rows.PACKED, ("float32", False, 1.0)),
+    ({"fsdp": True}, True, Rows.PACKED, ("float32", False, 1.0)),
+    ({"bf16": False, "fp16": True}, True, Rows.PACKED, ("float32", True, 0.8)),
+    ({"bf16": False}, True, Rows.PACKED, ("float32", True, 0.8)),  # fp32 training: compiled blocks still pay
     # Given flags are kept as given.
-    ({"torch_dtype": "float32", "compile_blocks": False}, True, True, ("float32", False, 1.0)),
-    ({"compile_blocks": True, "compile_memory_budget": 1.0}, True, True, ("bfloat16", True, 1.0)),
-    ({"torch_dtype": "bfloat16", "compile_blocks": True}, False, True, ("bfloat16", True, 1.0)),
+    ({"torch_dtype": "float32", "compile_blocks": False}, True, Rows.PACKED, ("float32", False, 1.0)),
+    ({"compile_blocks": True, "compile_memory_budget": 1.0}, True, Rows.PACKED, ("bfloat16", True, 1.0)),
+    ({"torch_dtype": "bfloat16", "compile_blocks": True}, False, Rows.PACKED, ("bfloat16", True, 1.0)),
 ])
-def test_choices(given, cuda, packed, want):
+def test_choices(given, cuda, rows, want):
     model, args = flags(**given)
-    choose_fast_path(model, args, packed_rows=packed, cuda=cuda)
+    choose_fast_path(model, args, rows, cuda=cuda)
     assert chosen(model, args) == want
 
 
 def test_each_choice_says_why_and_given_flags_are_not_listed():
     model, args = flags()
-    lines = describe(choose_fast_path(model, args, packed_rows=True, cuda=True))
+    lines = describe(choose_fast_path(model, args, Rows.PACKED, cuda=True))
     assert lines == [
         "lmforge: speed: --torch_dtype bfloat16 (the model computes in bf16, AdamW updates fp32 master weights "
         "(--torch_dtype float32: fp32 weights under bf16 autocast))",
@@ -62,9 +64,9 @@ def test_each_choice_says_why_and_given_flags_are_not_listed():
         "memory at no measured speed cost (1: keep them all))",
     ]
     model, args = flags(torch_dtype="float32", compile_blocks=False, compile_memory_budget=1.0)
-    assert describe(choose_fast_path(model, args, packed_rows=True, cuda=True)) == []
+    assert describe(choose_fast_path(model, args, Rows.PACKED, cuda=True)) == []
     model, args = flags()
-    assert describe(choose_fast_path(model, args, packed_rows=True, cuda=False)) == [
+    assert describe(choose_fast_path(model, args, Rows.PACKED, cuda=False)) == [
         "lmforge: speed: --torch_dtype float32, --compile_blocks False (no CUDA GPU: compiled blocks and bf16 "
         "weights pay off on a GPU only)"]
 
