@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lmforge import dpo  # noqa: E402
 
+from cli_throughput import WORDS  # noqa: E402  (bench/ is this script's directory)
+
 HERE = os.path.dirname(__file__)
 SHAPES = {
     "qwen2.5-0.5b": json.load(open(os.path.join(HERE, "configs", "qwen2.5-0.5b.json"))),
@@ -35,12 +37,6 @@ SHAPES = {
              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 151936,
              "max_position_embeddings": 4096, "tie_word_embeddings": True},
 }
-WORDS = ("time year people way day man thing woman life child world school state family student group country "
-         "problem hand part place case week company system program question work government number night point "
-         "home water room mother area money story fact month lot right study book eye job word business issue "
-         "side kind head house service friend father power hour game line end member law car city community name "
-         "president team minute idea kid body information back parent face others level office door health person "
-         "art war history party result change morning reason research girl guy moment air teacher force education").split()
 
 
 def sentence(rng: random.Random, words: int) -> str:

@@ -531,8 +531,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "torch.compile each decoder block (regional compilation: one compiled graph reused "
                           "by every layer, a short compile); fuses the elementwise work small models are bound by. "
-                          "Default: on with a CUDA GPU when every row has one length (packed rows, pretraining "
-                          "blocks) and neither DeepSpeed nor FSDP shards the model; off on a CPU."},
+                          "Default: on with a CUDA GPU for packed rows (SFT, LoRA, pretraining) and DPO's pairs "
+                          "when neither DeepSpeed nor FSDP shards the model; off on a CPU and with --packing False."},
     )
     compile_mode: str = field(
         default="default",

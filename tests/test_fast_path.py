@@ -78,46 +78,36 @@ def test_parsed_flags_leave_the_choices_open(tmp_path):
     assert args.compile_blocks is None and args.compile_memory_budget is None
 
 
-def test_a_cpu_run_says_what_it_chose_and_records_it(tmp_path, capsys):
+def tiny_sft(tmp_path, capsys, steps: int, records: int, layers: int) -> tuple:
+    """`lmforge sft --bf16 True` with only the seed-style flags, on a tiny Qwen-shaped model:
+    (output directory, console)."""
     from lmforge.cli import main as cli
 
-    out = tmp_path / "out"
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+    out, config, data = tmp_path / "out", tmp_path / "tiny.json", tmp_path / "d.json"
+    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32 * layers, "intermediate_size": 64 * layers,
+                                  "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1,
                                   "vocab_size": 151936, "max_position_embeddings": 512}))
-    tokenizer = str(SHARED_DATA / "tokenizers" / "qwen2.5-0.5b-instruct")
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps(json.loads(DUMMY_CONVERSATIONS.read_text())[:8]))
-    assert cli(["sft", "--config_name", str(config), "--tokenizer_name", tokenizer, "--data_path", str(data),
-                "--output_dir", str(out), "--bf16", "True", "--max_steps", "1", "--model_max_length", "256",
+    data.write_text(json.dumps(json.loads(DUMMY_CONVERSATIONS.read_text())[:records]))
+    assert cli(["sft", "--config_name", str(config), "--tokenizer_name",
+                str(SHARED_DATA / "tokenizers" / "qwen2.5-0.5b-instruct"), "--data_path", str(data),
+                "--output_dir", str(out), "--bf16", "True", "--max_steps", str(steps), "--model_max_length", "256",
                 "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "True",
-                "--data_cache_dir", str(tmp_path / "cache")]) == 0
-    log = capsys.readouterr().out
+                "--logging_steps", "1", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    return out, capsys.readouterr().out
+
+
+def test_a_cpu_run_says_what_it_chose_and_records_it(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("the CPU choices; the GPU ones are checked by test_gpu_run_takes_the_fast_path")
+    out, log = tiny_sft(tmp_path, capsys, steps=1, records=8, layers=1)
     assert "lmforge: speed: --torch_dtype float32, --compile_blocks False (no CUDA GPU" in log
     assert "  speed: float32 weights under bf16 autocast; eager; sdpa attention; no gradient checkpointing" in log
-    config = json.loads((out / "lmforge_run.json").read_text())["config"]
-    assert config["torch_dtype"] == "float32"
+    assert json.loads((out / "lmforge_run.json").read_text())["config"]["torch_dtype"] == "float32"
 
 
 @pytest.mark.gpu
 def test_gpu_run_takes_the_fast_path(tmp_path, capsys):
-    from lmforge.cli import main as cli
-
-    out = tmp_path / "out"
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
-                                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                  "vocab_size": 151936, "max_position_embeddings": 512}))
-    tokenizer = str(SHARED_DATA / "tokenizers" / "qwen2.5-0.5b-instruct")
-    assert cli(["sft", "--config_name", str(config), "--tokenizer_name", tokenizer,
-                "--data_path", str(DUMMY_CONVERSATIONS), "--output_dir", str(out), "--bf16", "True",
-                "--max_steps", "3", "--model_max_length", "512", "--per_device_train_batch_size", "4",
-                "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1",
-                "--data_cache_dir", str(tmp_path / "cache")]) == 0
-    log = capsys.readouterr().out
+    out, log = tiny_sft(tmp_path, capsys, steps=3, records=64, layers=2)
     assert "lmforge: speed: --torch_dtype bfloat16" in log and "--compile_blocks True" in log
     assert "compiled 2 decoder blocks" in log and "AdamW over fp32 master weights" in log
     state = json.loads((out / "trainer_state.json").read_text())
