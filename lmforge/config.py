@@ -185,7 +185,7 @@ def check_val_split(fraction: float, held_out: list[str], flag: str) -> None:
 @dataclass
 class PreferenceDataArguments(DataArguments):
     """`lmforge dpo`'s data flags: SFT's, with the preference formats; every pair is scored on its
-    last answer only and is one padded row per side (no --masking, no packing)."""
+    last answer only (no --masking); a batch's pairs are padded rows, or with --packing one row."""
 
     data_format: PreferenceFormat = field(
         default=PreferenceFormat.AUTO,
@@ -199,8 +199,9 @@ class PreferenceDataArguments(DataArguments):
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "Not available for DPO: the chosen and rejected sides of a pair are padded rows of one "
-                          "batch, scored in one forward pass."},
+        metadata={"help": "The sides of a batch's pairs one after another in one row, each in its own attention "
+                          "(padding-free; varlen on a CUDA GPU, a per-document mask otherwise). False: 2B rows padded "
+                          "to the longest side. Either way both sides are scored in one forward pass."},
     )
 
     def __post_init__(self):
@@ -209,8 +210,6 @@ class PreferenceDataArguments(DataArguments):
         if MaskingStrategy(self.masking) != MaskingStrategy.LAST_ASSISTANT:
             raise LmforgeError(f"--masking {MaskingStrategy(self.masking).value}: DPO scores the last answer of each "
                                "side only (last_assistant)")
-        if self.packing:
-            raise LmforgeError("--packing True is not available for DPO: each side of a pair is one padded row")
         if ReasoningTurns(self.reasoning_turns) != ReasoningTurns.RENDERED:
             raise LmforgeError("--reasoning_turns split is not available for DPO: a pair scores its last answer")
 

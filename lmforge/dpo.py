@@ -21,6 +21,7 @@ from typing import Sequence
 
 from lmforge.config import DpoArguments, DpoTrainingArguments, PreferenceDataArguments
 from lmforge.data.batches import Batches, PreparedData
+from lmforge.data.collate import PackedPairCollator
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
 from lmforge.distributed import local_main_first
@@ -46,7 +47,7 @@ class Dpo(Method):
                                "training) or --lora True (the reference is the model with its adapter disabled)")
 
     def packing(self, flags: Flags) -> bool:
-        return False  # the two sides of a pair are padded rows of one batch
+        return flags.data.packing  # the sides of a batch's pairs in one row (else 2B padded rows)
 
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         args, dpo = flags.args, flags.method
@@ -75,7 +76,10 @@ class Dpo(Method):
         log = print if args.process_index == 0 else lambda *_: None
 
         def with_reference(entry):
-            ref = reference_entry(model, entry.entry, batches.collator, args, args.fused_loss,
+            # Padded rows: the references are computed before training, once, and then read as
+            # columns of the pairs, so they need no packing.
+            collator = batches.collator.padded() if isinstance(batches.collator, PackedPairCollator) else batches.collator
+            ref = reference_entry(model, entry.entry, collator, args, args.fused_loss,
                                   flags.data.data_cache_dir, log)
             return with_reference_columns(entry.dataset(), ref)
 
@@ -88,7 +92,7 @@ class Dpo(Method):
 
     def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:
         settings = {k: getattr(v, "value", v) for k, v in asdict(flags.method).items()}
-        return {"pairs": len(batches.train), "packing": False, "dpo": settings}
+        return {"pairs": len(batches.train), "packing": flags.data.packing, "dpo": settings}
 
 
 def main(argv: Sequence[str], callbacks: Sequence = ()) -> str:

@@ -28,12 +28,12 @@ from torch import nn
 
 from lmforge.config import DpoArguments, DpoLoss
 from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
-from lmforge.data.collate import LABEL_POSITIONS, REFERENCE_COLUMNS, label_positions
+from lmforge.data.collate import CU_SEQLENS, LABEL_POSITIONS, REFERENCE_COLUMNS, SEQUENCE_STARTS, label_positions
 from lmforge.errors import LmforgeError
 from lmforge.loss import sequence_log_probs
 from lmforge.train import Trainer, is_peft
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", CU_SEQLENS)
 
 
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -87,8 +87,10 @@ def output_head(model: nn.Module, fused: bool) -> nn.Module | None:
 
 def batch_log_probs(model: nn.Module, head: nn.Module | None, batch: dict,
                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed answer log-probability, answer token count) for every row of a pair batch."""
-    return sequence_log_probs(model, head, {k: batch[k] for k in MODEL_INPUTS if k in batch}, positions)
+    """(summed answer log-probability, answer token count) for every side of a pair batch: its
+    rows, or the sides packed in one row (`SEQUENCE_STARTS`)."""
+    return sequence_log_probs(model, head, {k: batch[k] for k in MODEL_INPUTS if k in batch}, positions,
+                              starts=batch.get(SEQUENCE_STARTS))
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -197,6 +199,7 @@ class DpoTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions = inputs.pop(LABEL_POSITIONS, None)
+        self.attend_per_document(model, inputs)  # packed pairs (--packing True)
         # The reference first: its activations are freed before the policy's graph is built.
         ref = self.reference_log_probs(model, inputs, positions)
         logps, counts = batch_log_probs(model, self.fused_head, inputs, positions)

@@ -329,17 +329,26 @@ def head_computes_log_probs(head: nn.Module, labels: torch.Tensor, positions: to
 
 
 def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
-                       positions: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the labelled tokens' log-probabilities per row, number of labelled tokens per row)
-    for a batch holding `labels` (-100 where nothing is scored). With `head` (the model's output
-    head) the logits are never materialised (`head_computes_log_probs`); with None, the model's
-    own logits are used (models whose head is not a plain linear layer)."""
+                       positions: torch.Tensor | None = None, chunk: int | None = None,
+                       starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the labelled tokens' log-probabilities per sequence, number of labelled tokens per
+    sequence) for a batch holding `labels` (-100 where nothing is scored). A sequence is a row, or
+    with `starts` (each sequence's first index in the flattened batch, ascending: packed
+    sequences) the stretch from its start to the next. With `head` (the model's output head) the
+    logits are never materialised (`head_computes_log_probs`); with None, the model's own logits
+    are used (models whose head is not a plain linear layer)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     if positions is None:
         positions = label_positions(labels)
     positions = positions.to(labels.device)
-    rows = torch.div(positions, labels.shape[1], rounding_mode="floor")
+    if starts is None:
+        rows = torch.div(positions, labels.shape[1], rounding_mode="floor")
+        n = labels.shape[0]
+    else:
+        starts = starts.to(labels.device)
+        rows = torch.searchsorted(starts, positions, right=True) - 1  # on the device: no sync
+        n = starts.shape[0]
     if head is None:
         logits = model(**inputs).logits
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)
@@ -354,8 +363,8 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
             raise RuntimeError("log-probs: the model did not return what its output head computed (called "
                                f"{len(returned)} times, output shape {tuple(token_logps.shape)}); train with "
                                "--fused_loss False")
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(labels.shape[0], dtype=torch.long, device=token_logps.device)
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(n, dtype=torch.long, device=token_logps.device)
     sums = sums.index_add(0, rows, token_logps)
     counts = counts.index_add(0, rows, torch.ones_like(rows))
     return sums, counts

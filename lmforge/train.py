@@ -596,14 +596,21 @@ class Trainer(transformers.Trainer):
         model = self.model
         return getattr(getattr(model, "module", model).config, "_attn_implementation", "")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positions = inputs.pop(LABEL_POSITIONS, None)
+    @staticmethod
+    def attend_per_document(model, inputs: dict) -> None:
+        """A packed batch's `document_ids` become the attention mask that keeps each document to
+        itself, in the form the model's attention implementation takes (none for varlen, which
+        reads the documents' offsets)."""
         document_ids = inputs.pop("document_ids", None)
         if document_ids is not None:
             config = getattr(model, "module", model).config
             mask = document_attention_mask(document_ids, config._attn_implementation, torch.float32)
             if mask is not None:
                 inputs["attention_mask"] = mask
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions = inputs.pop(LABEL_POSITIONS, None)
+        self.attend_per_document(model, inputs)
         if self.fused_head is None or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

@@ -25,7 +25,7 @@ import transformers
 
 from lmforge.cli import main as cli
 from lmforge.config import DpoLoss
-from lmforge.data.collate import PairCollator
+from lmforge.data.collate import LABEL_POSITIONS, SEQUENCE_STARTS, PackedPairCollator, PairCollator
 from lmforge.data.encode import check_pair, prepare_pairs
 from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.data.options import PreferenceFormat
@@ -34,6 +34,7 @@ from lmforge.data.render import IGNORE_INDEX, Rendered
 from lmforge.data.schema import Message
 from lmforge.errors import RecordError
 from lmforge.dpo_trainer import batch_log_probs, preference_loss
+from lmforge.train import Trainer
 
 from conftest import ROOT
 
@@ -226,6 +227,57 @@ def test_sequence_log_probs_equal_a_direct_hf_computation(tmp_path, small_base):
     # Without the fused head (the model's own logits) the same values.
     with torch.no_grad():
         assert torch.allclose(batch_log_probs(model, None, batch)[0], direct, atol=1e-5)
+
+
+def test_packed_pairs_score_as_padded_pairs(tmp_path, small_base):
+    """--packing True: a batch's sides one after another in one row, each in its own attention
+    (here sdpa with the per-document mask the trainer builds): the padded rows' log-probs, answer
+    token counts and gradients, with no padding but the row's end."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
+    tok = transformers.AutoTokenizer.from_pretrained(small_base)
+    ds = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128)).dataset()
+    pairs = [ds[i] for i in range(len(ds))]
+    padded = PairCollator(tok.pad_token_id)(pairs)
+    packed = PackedPairCollator(tok.pad_token_id, label_positions=True)(pairs)
+    sides = [len(p[f"{side}_input_ids"]) for side in ("chosen", "rejected") for p in pairs]
+    assert packed["input_ids"].shape == (1, sum(sides))
+    assert packed[SEQUENCE_STARTS].tolist() == [sum(sides[:i]) for i in range(len(sides))]
+    assert packed["document_ids"][0].unique(return_counts=True)[1].tolist() == sides
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(small_base, dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
+    weights = torch.linspace(-1, 1, len(sides))
+    want, want_counts = batch_log_probs(model, head, padded)
+    (want * weights).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    inputs = dict(packed)
+    Trainer.attend_per_document(model, inputs)
+    got, got_counts = batch_log_probs(model, head, inputs, inputs.pop(LABEL_POSITIONS))
+    assert got_counts.tolist() == want_counts.tolist()
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    (got * weights).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_packed_pairs_train_as_padded_pairs(tmp_path, small_base):
+    """`lmforge dpo --packing True` (LoRA) logs the losses and rewards the padded run logs."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(24, seed=4))
+    logs = {}
+    for packing in ("False", "True"):
+        out = tmp_path / f"packing-{packing}"
+        assert cli(dpo_argv(small_base, data, str(out), "--lora", "True", "--lora_dropout", "0", "--max_steps", "3",
+                            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+                            "--save_strategy", "no", "--packing", packing)) == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        logs[packing] = [(h["loss"], h["rewards/margins"]) for h in history if "loss" in h]
+        assert json.loads((out / "lmforge_run.json").read_text())["packing"] is (packing == "True")
+    assert len(logs["True"]) == 3
+    for (loss, margin), (want_loss, want_margin) in zip(logs["True"], logs["False"]):
+        assert loss == pytest.approx(want_loss, rel=1e-4, abs=1e-6)
+        assert margin == pytest.approx(want_margin, rel=1e-3, abs=1e-5)
 
 
 def test_losses_follow_their_formulas():

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from lmforge.data.collate import Collator, PackedCollator, PairCollator, PaddedCollator
+from lmforge.data.collate import Collator, PackedCollator, PackedPairCollator, PairCollator, PaddedCollator
 from lmforge.data.encode import CHAT, PAIRS, TEXT, Kind, PairKind, prepare
 from lmforge.data.pack import DocumentBlocks, PackedDataset
 from lmforge.data.render import Renderer, end_of_turn_token_id, template_end_of_turn
@@ -87,8 +87,9 @@ def build_batches(data: PreparedData, model_max_length: int, packing: bool = Fal
     """Training and evaluation rows and their collator for `data`:
       - `val_split`: that fraction of the training records held out (drawn by `seed`);
       - chat records `packing` into rows of `model_max_length` (each record alone in its
-        attention), else one padded record per row; pairs as 2B padded rows; text blocks as
+        attention), else one padded record per row; text blocks as
         padded rows, or (`packing`, `--pretrain_document_mask`) with attention per document;
+      - pairs as 2B padded rows, or (`packing`) as one padding-free row of 2B documents;
       - `fixed_length`: every packed batch padded to `model_max_length` (compiled blocks see one
         shape); else to the longest row, rounded up to `pad_to_multiple_of`."""
     train = data.train.dataset()
@@ -101,7 +102,8 @@ def build_batches(data: PreparedData, model_max_length: int, packing: bool = Fal
     tokenizer = data.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if data.kind is PAIRS:
-        return Batches(train, eval_, PairCollator(pad, pad_to_multiple_of), records, held_out)
+        pairs = PackedPairCollator if packing else PairCollator
+        return Batches(train, eval_, pairs(pad, pad_to_multiple_of), records, held_out)
     if not packing:
         return Batches(train, eval_, PaddedCollator(pad, pad_to_multiple_of), records, held_out)
     if data.kind is TEXT:

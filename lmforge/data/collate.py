@@ -143,6 +143,7 @@ class PackedCollator(Collator):
 
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+SEQUENCE_STARTS = "sequence_starts"  # packed pairs: where each side starts in the flattened batch
 
 
 @dataclass
@@ -155,6 +156,50 @@ class PairCollator(Collator):
         rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
                 for side in ("chosen", "rejected") for p in pairs]
         batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of, self.model_max_length).rows(rows)
-        if all(c in pairs[0] for c in REFERENCE_COLUMNS):
-            batch["ref_logps"] = torch.tensor([p[c] for c in REFERENCE_COLUMNS for p in pairs], dtype=torch.float64)
-        return batch
+        return with_reference(batch, pairs)
+
+
+def with_reference(batch: dict, pairs: list[dict]) -> dict:
+    """`ref_logps` (chosen sides, then rejected) when the pairs carry precomputed references."""
+    if all(c in pairs[0] for c in REFERENCE_COLUMNS):
+        batch["ref_logps"] = torch.tensor([p[c] for c in REFERENCE_COLUMNS for p in pairs], dtype=torch.float64)
+    return batch
+
+
+@dataclass
+class PackedPairCollator(Collator):
+    """Preference pairs as one packed row: the B chosen sides, then the B rejected sides, one
+    after another (padding-free), each a document of its own (document id = its place among the
+    2B sides: its own attention and positions). `SEQUENCE_STARTS` holds each side's first index,
+    so the scores of the labelled positions are summed per side without a device sync. Only the
+    row's end is padded, to a multiple of `pad_to_multiple_of`."""
+
+    def rows(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        sides = [(p[f"{side}_input_ids"], p[f"{side}_labels"]) for side in ("chosen", "rejected") for p in pairs]
+        lengths = [len(ids) for ids, _ in sides]
+        length = padded_length(sum(lengths), self.pad_to_multiple_of)
+        out = {
+            "input_ids": torch.full((1, length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((1, length), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.arange(length, dtype=torch.long)[None].clone(),
+            "document_ids": torch.full((1, length), -1, dtype=torch.long),
+        }
+        start = 0
+        starts = []
+        for i, (ids, labels) in enumerate(sides):
+            n = len(ids)
+            starts.append(start)
+            out["input_ids"][0, start:start + n] = torch.as_tensor(ids, dtype=torch.long)
+            out["labels"][0, start:start + n] = torch.as_tensor(labels, dtype=torch.long)
+            # A side's first token predicts nothing of the side before it.
+            out["labels"][0, start] = IGNORE_INDEX
+            out["position_ids"][0, start:start + n] = torch.arange(n)
+            out["document_ids"][0, start:start + n] = i
+            start += n
+        out["position_ids"][0, start:] = torch.arange(length - start)
+        out[SEQUENCE_STARTS] = torch.tensor(starts, dtype=torch.long)
+        return with_reference(out, pairs)
+
+    def padded(self) -> PairCollator:
+        """The same pairs as padded rows (what the reference precomputation reads)."""
+        return PairCollator(self.pad_token_id, self.pad_to_multiple_of)
