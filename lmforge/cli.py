@@ -58,13 +58,20 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
     return 0
 
 
-def run_entry(command: str, entry: Callable[[list[str]], object]) -> None:
-    """`python -m lmforge.<command>` (and torchrun -m / deepspeed --module): the same entry and
-    error handling as `lmforge <command>`."""
+def answer_help(command: str) -> None:
+    """`python -m lmforge.<command> --help`: the help, then exit, read from the flags' source
+    (`flag_help.py`). The command modules call this before their own imports (torch,
+    transformers), so the help comes as fast as `lmforge <command> --help`."""
     wanted = help_wanted(sys.argv[1:])
     if wanted:
         print_help(help_text(command, full=wanted == "all"))
         sys.exit(0)
+
+
+def run_entry(command: str, entry: Callable[[list[str]], object]) -> None:
+    """`python -m lmforge.<command>` (and torchrun -m / deepspeed --module): the same entry and
+    error handling as `lmforge <command>`."""
+    answer_help(command)
     sys.exit(_call(command, entry, sys.argv[1:]))
 
 

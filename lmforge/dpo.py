@@ -16,6 +16,11 @@ disabled, for full fine-tuning a frozen copy, or its log-probs computed once bef
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m lmforge.dpo --help: answered before the imports below
+    from lmforge.cli import answer_help
+
+    answer_help("dpo")
+
 from dataclasses import asdict
 from typing import Sequence
 

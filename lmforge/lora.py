@@ -7,6 +7,11 @@ unchanged (`--q_lora True` for QLoRA).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m lmforge.lora --help: answered before the imports below
+    from lmforge.cli import answer_help
+
+    answer_help("lora")
+
 from typing import Sequence
 
 from lmforge.recipe import run

@@ -11,6 +11,11 @@ pretraining puts in them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m lmforge.pretrain --help: answered before the imports below
+    from lmforge.cli import answer_help
+
+    answer_help("pretrain")
+
 from dataclasses import asdict
 from typing import Sequence
 

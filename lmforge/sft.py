@@ -12,6 +12,11 @@ The steps are `recipe.run`'s; this module says what SFT puts in them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m lmforge.sft --help: answered before the imports below
+    from lmforge.cli import answer_help
+
+    answer_help("sft")
+
 from dataclasses import asdict
 from typing import Sequence
 

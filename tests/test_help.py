@@ -197,6 +197,23 @@ def test_fast_help_imports_neither_torch_nor_transformers():
     assert out.strip() == "0 []"
 
 
+@pytest.mark.parametrize("command", ["sft", "lora", "dpo", "pretrain"])
+def test_module_entry_help_imports_neither_torch_nor_transformers(command):
+    """`python -m lmforge.COMMAND --help` (the torchrun / deepspeed entry) answers before the
+    command module's own imports."""
+    code = ("import contextlib, io, runpy, sys\n"
+            f"sys.argv = ['{command}.py', '--help']\n"
+            "out = io.StringIO()\n"
+            "try:\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            f"        runpy.run_module('lmforge.{command}', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    rc = e.code\n"
+            "print(rc, out.getvalue().splitlines()[0], sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"0 usage: lmforge {command} [flags] []"
+
+
 def test_fast_help_subprocess_is_quick():
     """A generous bound (the help takes a fraction of a second; importing the command, seconds)."""
     started = time.monotonic()
