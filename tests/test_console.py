@@ -103,8 +103,9 @@ def test_with_bars_logs_are_lines_and_checkpoints_write_no_bar(files, capfd):
     assert not [line for line in captured.out.splitlines() if line.startswith("{")], captured.out
     assert sum(line.startswith("lmforge: eval at step 2/2: loss ") for line in captured.out.splitlines()) == 1
     assert "loss=" in captured.err  # the training bar carries the loss
-    # Two checkpoints written during training, no bar for them; the final save may have its own.
-    assert captured.err.count("Writing model shards: 100%") <= 1, captured.err
+    # Two checkpoints written during training, no bar for them; the final save may have its own
+    # (counted by its start: a bar may render its 100 % twice, as its rate changes on close).
+    assert captured.err.count("Writing model shards:   0%") <= 1, captured.err
 
 
 def test_a_tied_head_is_not_missing_a_missing_key_still_is(monkeypatch):
