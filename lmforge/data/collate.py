@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lmforge.data.pack import pack_records
 from lmforge.data.render import IGNORE_INDEX
 
 LABEL_POSITIONS = "lmforge_label_positions"  # a batch key the Trainer adds and removes itself
@@ -175,30 +176,12 @@ class PackedPairCollator(Collator):
     row's end is padded, to a multiple of `pad_to_multiple_of`."""
 
     def rows(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        sides = [(p[f"{side}_input_ids"], p[f"{side}_labels"]) for side in ("chosen", "rejected") for p in pairs]
-        lengths = [len(ids) for ids, _ in sides]
-        length = padded_length(sum(lengths), self.pad_to_multiple_of)
-        out = {
-            "input_ids": torch.full((1, length), self.pad_token_id, dtype=torch.long),
-            "labels": torch.full((1, length), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.arange(length, dtype=torch.long)[None].clone(),
-            "document_ids": torch.full((1, length), -1, dtype=torch.long),
-        }
-        start = 0
-        starts = []
-        for i, (ids, labels) in enumerate(sides):
-            n = len(ids)
-            starts.append(start)
-            out["input_ids"][0, start:start + n] = torch.as_tensor(ids, dtype=torch.long)
-            out["labels"][0, start:start + n] = torch.as_tensor(labels, dtype=torch.long)
-            # A side's first token predicts nothing of the side before it.
-            out["labels"][0, start] = IGNORE_INDEX
-            out["position_ids"][0, start:start + n] = torch.arange(n)
-            out["document_ids"][0, start:start + n] = i
-            start += n
-        out["position_ids"][0, start:] = torch.arange(length - start)
-        out[SEQUENCE_STARTS] = torch.tensor(starts, dtype=torch.long)
-        return with_reference(out, pairs)
+        sides = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+                 for side in ("chosen", "rejected") for p in pairs]
+        batch = PackedCollator(self.pad_token_id, self.pad_to_multiple_of).rows([pack_records(sides)])
+        lengths = torch.tensor([len(s["input_ids"]) for s in sides])
+        batch[SEQUENCE_STARTS] = lengths.cumsum(0) - lengths
+        return with_reference(batch, pairs)
 
     def padded(self) -> PairCollator:
         """The same pairs as padded rows (what the reference precomputation reads)."""
