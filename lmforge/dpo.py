@@ -32,6 +32,7 @@ from lmforge.data.split import split_dataset
 from lmforge.distributed import local_main_first
 from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, reference_entry, with_reference_columns
 from lmforge.errors import LmforgeError
+from lmforge.fast_path import Rows
 from lmforge.model import apply_lora
 from lmforge.recipe import Flags, Method, Model, run
 
@@ -53,6 +54,9 @@ class Dpo(Method):
 
     def packing(self, flags: Flags) -> bool:
         return flags.data.packing  # the sides of a batch's pairs in one row (else 2B padded rows)
+
+    def rows(self, flags: Flags) -> Rows:
+        return Rows.PAIRS  # packed or not, the batches change length with their pairs
 
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         args, dpo = flags.args, flags.method

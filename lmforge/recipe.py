@@ -25,7 +25,7 @@ from lmforge.config import (
     setup_process,
 )
 from lmforge.data.batches import Batches, PreparedData, build_batches, prepare_data
-from lmforge.data.encode import PAIRS, Kind
+from lmforge.data.encode import Kind
 from lmforge.data.options import ChatOptions
 from lmforge.data.pack import PackedDataset
 from lmforge.data.sources import read_tools
@@ -88,6 +88,10 @@ class Method:
     def packing(self, flags: Flags) -> bool:
         return flags.data.packing
 
+    def rows(self, flags: Flags) -> Rows:
+        """What the batches hold, for the speed settings chosen on this machine."""
+        return Rows.PACKED if self.packing(flags) else Rows.PADDED
+
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         """The loaded model made into what trains (LoRA adapters, a reference for DPO)."""
         if flags.lora.lora:
@@ -126,8 +130,7 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
-    rows = Rows.PAIRS if method.kind is PAIRS else Rows.PACKED if method.packing(flags) else Rows.PADDED
-    speed = describe_choices(choose_fast_path(flags.model, args, rows))
+    speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags)))
     if speed:
         log("\n".join(speed))
     command_line = expand_argv(argv)  # a YAML run file as the flags it held
