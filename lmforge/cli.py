@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"lmforge: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    wanted = help_wanted(rest)
-    if wanted:  # before the command's module is imported: that import alone takes seconds
-        print_help(help_text(command, full=wanted == "all"))
+    if printed_help(command, rest):  # before the command's module is imported: that import alone takes seconds
         return 0
     module = importlib.import_module(COMMANDS[command][0])
     return _call(command, module.main, rest)
@@ -58,13 +56,20 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
     return 0
 
 
-def answer_help(command: str) -> None:
-    """`python -m lmforge.<command> --help`: the help, then exit, read from the flags' source
-    (`flag_help.py`). The command modules call this before their own imports (torch,
-    transformers), so the help comes as fast as `lmforge <command> --help`."""
-    wanted = help_wanted(sys.argv[1:])
+def printed_help(command: str, argv: Sequence[str]) -> bool:
+    """Print `command`'s help, read from the flags' source (`flag_help.py`), if `argv` asks for
+    it; whether it did."""
+    wanted = help_wanted(argv)
     if wanted:
         print_help(help_text(command, full=wanted == "all"))
+    return bool(wanted)
+
+
+def answer_help(command: str) -> None:
+    """`python -m lmforge.<command> --help`: the help, then exit. The command modules call this
+    before their own imports (torch, transformers), so the help comes as fast as `lmforge
+    <command> --help`."""
+    if printed_help(command, sys.argv[1:]):
         sys.exit(0)
 
 
