@@ -201,12 +201,8 @@ class ProgressLines(PrinterCallback):
         logs.pop("total_flos", None)  # as the Trainer's printer did: kept from the callbacks after it
         if not state.is_world_process_zero or not logs:
             return
-        if "loss" in logs and self.started is not None:
-            line = progress_line(state.global_step, state.max_steps, logs, time.perf_counter() - self.started,
-                                 state.global_step - self.first_step)
-        else:
-            line = log_line(state, logs)
-        print(line, flush=True)
+        timing = () if self.started is None else (time.perf_counter() - self.started, state.global_step - self.first_step)
+        print(log_line(state, logs, *timing), flush=True)
 
 
 def progress_line(step: int, max_steps: int, logs: Mapping, elapsed: Optional[float] = None,
@@ -246,13 +242,14 @@ def summary_line(step: int, max_steps: int, logs: Mapping) -> str:
     return ", ".join(parts)
 
 
-def log_line(state, logs: Mapping) -> str:
-    """The one line a log is shown as: a training step's, an evaluation's, the summary's, or,
-    for a log of another kind (a callback's own), its fields. Only a training step's line starts
-    with "lmforge: step " (scripts count those)."""
+def log_line(state, logs: Mapping, elapsed: Optional[float] = None, steps_done: int = 0) -> str:
+    """The one line a log is shown as: a training step's (with the time since training started
+    and the steps done in it, its elapsed time and ETA), an evaluation's, the summary's, or, for
+    a log of another kind (a callback's own), its fields. Only a training step's line starts with
+    "lmforge: step " (scripts count those)."""
     step, max_steps = state.global_step, state.max_steps
     if "loss" in logs:
-        return progress_line(step, max_steps, logs)
+        return progress_line(step, max_steps, logs, elapsed, steps_done)
     if "train_runtime" in logs:
         return summary_line(step, max_steps, logs)
     if any(k.startswith("eval_") for k in logs):
@@ -267,8 +264,19 @@ LOG_FILE = "lmforge_log.jsonl"
 class LogFile(transformers.TrainerCallback):
     """Every log as it happens, one JSON object a line, in OUTPUT_DIR/lmforge_log.jsonl (rank 0):
     the numbers the console's lines round, also for a run stopped before its first checkpoint
-    (trainer_state.json is written only with one). A resumed run appends; where steps repeat,
-    the later entry is the one that counts."""
+    (trainer_state.json is written only with one). A run starts by dropping the entries past the
+    step it starts from (all of them for a fresh start; a resumed run's steps after its
+    checkpoint, which it trains again), then appends."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = os.path.join(args.output_dir, LOG_FILE)
+        if not state.is_world_process_zero or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if _logged_step(line) <= state.global_step]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -276,6 +284,15 @@ class LogFile(transformers.TrainerCallback):
         entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
         with open(os.path.join(args.output_dir, LOG_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a lmforge_log.jsonl line; a line that does not read (a write cut short) counts
+    as past every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class ReportAtCheckpoints(transformers.TrainerCallback):

@@ -161,3 +161,19 @@ def test_deepspeed_import_says_nothing_about_its_accelerator():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Setting accelerator" not in proc.stdout + proc.stderr
+
+
+def test_log_file_keeps_only_the_steps_up_to_where_a_run_starts(tmp_path):
+    """A resumed run drops the entries past its checkpoint (it logs those steps again), a fresh
+    run all of them; a line cut short by a kill is dropped too."""
+    from lmforge.progress import LOG_FILE, LogFile
+
+    path = tmp_path / LOG_FILE
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)) + '{"step": 9, "lo')
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    LogFile().on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=4), None)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    LogFile().on_train_begin(args, SimpleNamespace(is_world_process_zero=False, global_step=0), None)
+    assert len(path.read_text().splitlines()) == 4  # only the main process writes the file
+    LogFile().on_train_begin(args, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+    assert path.read_text() == ""
