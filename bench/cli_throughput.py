@@ -90,9 +90,13 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
         rows[f"{shape}-qlora-lmforge-ckpt"] = Row(shape, "qlora", "lmforge", ["--gradient_checkpointing", "True"])
-        rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl")
-        rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge")
-        rows[f"{shape}-dpo-lmforge-compile"] = Row(shape, "dpo", "lmforge", ["--compile_blocks", "True"])
+        rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl", max_len=1024)
+        rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge", max_len=1024)
+        rows[f"{shape}-dpo-lmforge-compile"] = Row(shape, "dpo", "lmforge", ["--compile_blocks", "True"], max_len=1024)
+        rows[f"{shape}-dpo-lmforge-packed"] = Row(shape, "dpo", "lmforge", ["--packing", "True"], max_len=1024)
+        rows[f"{shape}-dpo-lmforge-packed-eager"] = Row(shape, "dpo", "lmforge",
+                                                        ["--packing", "True", "--compile_blocks", "False"],
+                                                        max_len=1024)
         rows[f"{shape}-long-lmforge"] = Row(shape, "full", "lmforge", max_len=32768, batch=1, long=True)
         rows[f"{shape}-long-lmforge-ckpt"] = Row(shape, "full", "lmforge", ["--gradient_checkpointing", "True"],
                                                  max_len=32768, batch=1, long=True)
@@ -180,6 +184,7 @@ def install_clock(warmup: int):
         def __init__(self):
             self.counting, self.tokens, self.start, self.end, self.steps = False, 0, None, None, 0
             self.first_step = None
+            self.extra: list = []  # more callbacks (the profile)
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == warmup and self.start is None:
@@ -206,6 +211,85 @@ def install_clock(warmup: int):
     return clock
 
 
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's part of the step, from its name (for the profile's summary)."""
+    n = name.lower()
+    for kind, marks in (("attention", ("flash", "fmha", "attention")),
+                        ("optimizer", ("adam", "multi_tensor", "foreach", "fused_adam")),
+                        ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")),
+                        ("copy / cast", ("copy", "memcpy", "cast", "to_copy")),
+                        ("memset / fill", ("memset", "fill")),
+                        ("compiled (triton)", ("triton",)),
+                        ("loss / softmax", ("softmax", "log_softmax", "cross_entropy", "nll"))):
+        if any(m in n for m in marks):
+            return kind
+    return "other"
+
+
+def install_profile(first: int, steps: int, path: str):
+    """A callback that profiles steps first+1 .. first+steps (before the clock's window) and
+    writes what a step is made of to PATH.txt (and its trace to PATH.trace.json.gz)."""
+    import gzip
+    import shutil
+
+    import torch
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    class Profile(transformers.TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first and self.prof is None:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step != first + steps:
+                return
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.t0) / steps
+            self.prof.__exit__(None, None, None)
+            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+            busy, end = 0.0, -1.0
+            for a, b in spans:  # the union of kernel intervals: time the GPU was running something
+                busy += max(0.0, b - max(a, end))
+                end = max(end, b)
+            busy_s = busy / 1e6 / steps
+            total = sum(e.device_time for e in events) / 1e6 / steps
+            lines = [f"wall {1000 * wall:.1f} ms/step; GPU busy {1000 * busy_s:.1f} ms/step "
+                     f"({100 * busy_s / wall:.0f} %); kernel time {1000 * total:.1f} ms/step; "
+                     f"{len(events) / steps:.0f} kernels/step"]
+            kinds: dict[str, list[float]] = {}
+            for e in events:
+                k = kinds.setdefault(kernel_kind(e.name), [0.0, 0])
+                k[0] += e.device_time / 1e3 / steps
+                k[1] += 1 / steps
+            for kind, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+                lines.append(f"  {kind:<20} {ms:8.2f} ms/step  {n:6.0f} kernels/step")
+            host = {}
+            for e in self.prof.events():
+                if e.device_type == torch.autograd.DeviceType.CPU and any(
+                        s in e.name for s in ("Synchronize", "aten::item", "_local_scalar_dense", "cudaMemcpy")):
+                    host[e.name] = host.get(e.name, 0) + 1 / steps
+            lines.append("host waits / copies per step: " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
+            lines.append(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                                        max_name_column_width=90))
+            with open(path + ".txt", "w") as f:
+                f.write("\n".join(lines) + "\n")
+            trace = path + ".trace.json"
+            self.prof.export_chrome_trace(trace)
+            with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(trace)
+            self.prof = None
+
+    return Profile()
+
+
 # --- the runners (inside the row's process) ------------------------------------------------------
 
 def run_lmforge(row: Row, a, clock) -> None:
@@ -219,8 +303,8 @@ def run_lmforge(row: Row, a, clock) -> None:
     if row.method == "dpo":
         base = saved_base(row.shape, a.work, _tokenizer(tok))
         dpo.main(["--model_name_or_path", base, "--data_path", os.path.join(a.work, "pairs.jsonl"),
-                  "--lora", "True", "--lora_r", "16", "--lora_alpha", "32", "--model_max_length", "1024",
-                  *common, *row.extra], callbacks=[clock])
+                  "--lora", "True", "--lora_r", "16", "--lora_alpha", "32", "--model_max_length", str(row.max_len),
+                  *common, *row.extra], callbacks=[clock, *clock.extra])
         return
     data = os.path.join(a.work, "long.jsonl" if row.long else "chat.jsonl")
     if row.method == "full":
@@ -229,7 +313,7 @@ def run_lmforge(row: Row, a, clock) -> None:
         model = ["--model_name_or_path", saved_base(row.shape, a.work, _tokenizer(tok)), "--lora", "True",
                  "--lora_r", "16", "--lora_alpha", "32", *(["--q_lora", "True"] if row.method == "qlora" else [])]
     sft.main([*model, "--data_path", data, "--model_max_length", str(row.max_len), *common, *row.extra],
-             callbacks=[clock])
+             callbacks=[clock, *clock.extra])
 
 
 def _tokenizer(path: str):
@@ -269,7 +353,7 @@ def run_seed(row: Row, a, clock) -> None:
         output_dir=os.path.join(a.work, "out", a.run), max_steps=a.steps, per_device_train_batch_size=row.batch,
         learning_rate=2e-5, bf16=True, gradient_checkpointing=True, save_strategy="no", report_to="none",
         logging_steps=a.steps, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock]).train()
+    transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock, *clock.extra]).train()
 
 
 def run_trl(row: Row, a, clock) -> None:
@@ -283,7 +367,7 @@ def run_trl(row: Row, a, clock) -> None:
     common = dict(output_dir=os.path.join(a.work, "out", a.run), max_steps=a.steps,
                   per_device_train_batch_size=row.batch, bf16=True, gradient_checkpointing=False,
                   save_strategy="no", report_to="none", logging_steps=a.steps, disable_tqdm=True,
-                  max_length=row.max_len if row.method != "dpo" else 1024, use_cpu=not torch.cuda.is_available())
+                  max_length=row.max_len, use_cpu=not torch.cuda.is_available())
     lora = None
     if row.method in ("lora", "dpo"):
         import peft
@@ -296,7 +380,7 @@ def run_trl(row: Row, a, clock) -> None:
         data = datasets.Dataset.from_list(_chat_records(os.path.join(a.work, "pairs.jsonl")))
         config = trl.DPOConfig(learning_rate=5e-5, **common)
         trainer = trl.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                 peft_config=lora, callbacks=[clock])
+                                 peft_config=lora, callbacks=[clock, *clock.extra])
         trainer.train()
         return
     if row.method == "full":
@@ -310,7 +394,7 @@ def run_trl(row: Row, a, clock) -> None:
     config = trl.SFTConfig(packing=True, completion_only_loss=True, learning_rate=2e-5,
                            use_liger_kernel=_installed("liger_kernel"), **common)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
-                             processing_class=tokenizer, peft_config=lora, callbacks=[clock])
+                             processing_class=tokenizer, peft_config=lora, callbacks=[clock, *clock.extra])
     trainer.train()
 
 
@@ -324,8 +408,16 @@ def run_row(a) -> None:
     """One row, in this process; its figures go to WORK/results/ROW.json."""
     import torch
 
+    import faulthandler
+
     row = ROWS[a.run]
+    # A row that runs out of time says where it was: every thread's stack, printed shortly before.
+    faulthandler.dump_traceback_later(max(10, a.timeout - 15), exit=False)
     clock = install_clock(a.warmup)
+    if a.profile:
+        os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
+        first = max(1, a.warmup - a.profile - 1)  # after compiling, before the timed window
+        clock.extra = [install_profile(first, a.profile, os.path.join(a.work, "results", a.run + ".profile"))]
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -392,6 +484,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=3000)
     p.add_argument("--work", default="/tmp/lmforge-cli-bench")
     p.add_argument("--timeout", type=int, default=600, help="seconds a row may take")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many steps before the timed window (its summary printed after the row)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--run", help=argparse.SUPPRESS)  # one row, in this process
     a = p.parse_args()
@@ -413,7 +507,7 @@ def main() -> None:
         started = time.time()
         cmd = [sys.executable, os.path.abspath(__file__), "--run", name, "--tokenizer", a.tokenizer, "--steps",
                str(a.steps if not ROWS[name].long else max(a.warmup + 5, a.steps // 4)), "--warmup", str(a.warmup),
-               "--work", a.work]
+               "--work", a.work, "--profile", str(a.profile), "--timeout", str(a.timeout)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             path = os.path.join(a.work, "results", name + ".json")
@@ -423,9 +517,17 @@ def main() -> None:
             else:
                 tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
                 results[name] = {"error": f"exit {done.returncode}: " + " | ".join(tail)[-600:]}
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout or b""  # what the row printed (its stacks, from faulthandler)
+            out = (out.decode(errors="replace") if isinstance(out, bytes) else out).strip().splitlines()
+            err = e.stderr or b""
+            err = (err.decode(errors="replace") if isinstance(err, bytes) else err).strip().splitlines()
+            print("\n".join((out + err)[-60:]), flush=True)
             results[name] = {"error": f"over {a.timeout} s"}
         print(json.dumps({name: results[name], "wall_s": round(time.time() - started, 1)}), flush=True)
+        profile = os.path.join(a.work, "results", name + ".profile.txt")
+        if os.path.isfile(profile):
+            print(f"== profile of {name}\n" + open(profile).read(), flush=True)
     print(f"device: {versions()}")
     print(f"data: {a.records} single-turn chat records (log-normal words, median 450), {a.steps} steps, "
           f"the first {a.warmup} untimed")

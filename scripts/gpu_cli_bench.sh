@@ -23,5 +23,5 @@ if [ -n "${TESTS:-}" ]; then
 fi
 python3 bench/cli_throughput.py --tokenizer "$DATA/tokenizers/qwen2.5-0.5b-instruct" --work "$W" \
   --rows ${ROWS:-0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge} --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" \
-  --timeout "${ROW_TIMEOUT:-300}" 2>&1 | tee "$OUT/bench.log" | cut -c1-2000
-cp "$W/results.json" "$OUT/" 2>/dev/null || true
+  --timeout "${ROW_TIMEOUT:-300}" --profile "${PROFILE:-0}" 2>&1 | tee "$OUT/bench.log" | cut -c1-2000
+cp "$W/results.json" "$W"/results/*.trace.json.gz "$OUT/" 2>/dev/null || true
