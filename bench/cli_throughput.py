@@ -89,6 +89,9 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-lora-trl"] = Row(shape, "lora", "trl")
         rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
+        for budget in ("0.1", "0.3"):
+            rows[f"{shape}-qlora-lmforge-budget{budget}"] = Row(shape, "qlora", "lmforge",
+                                                                 ["--compile_memory_budget", budget])
         rows[f"{shape}-qlora-lmforge-ckpt"] = Row(shape, "qlora", "lmforge", ["--gradient_checkpointing", "True"])
         rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl", max_len=1024)
         rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge", max_len=1024)

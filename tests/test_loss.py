@@ -96,3 +96,61 @@ def test_compiled_blocks_compute_the_same_loss_and_gradients():
     assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for name, grad in grads(model).items():
         assert torch.allclose(grad, expected[name], rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_softmax_rows_kernel_equals_torch(dtype):
+    """lmforge.loss_kernel against torch in fp64: log-sum-exp, the target's logit, and the gradient
+    it writes over the logits, with and without a per-row scale; a vocabulary that is not a
+    multiple of the kernel's block."""
+    from lmforge import loss_kernel
+
+    torch.manual_seed(0)
+    vocab = 3 * loss_kernel.BLOCK + 1000
+    logits = (torch.randn(37, vocab, device="cuda") * 4).to(dtype)
+    target = torch.randint(0, vocab, (37,), device="cuda")
+    scale = torch.randn(37, device="cuda")
+    x = logits.double()
+    ref_lse = torch.logsumexp(x, -1)
+    ref_grad = torch.softmax(x, -1) - torch.nn.functional.one_hot(target, vocab).double()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for grad_scale in (None, scale):
+        out = logits.clone()
+        lse, picked = loss_kernel.softmax_rows(out, target, grad_scale=grad_scale)
+        assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
+        assert torch.equal(picked.double(), x.gather(1, target[:, None]).squeeze(1))
+        want = ref_grad * (1 if grad_scale is None else scale.double()[:, None])
+        assert torch.allclose(out.double(), want.to(dtype).double(), **tol)
+    kept = logits.clone()
+    loss_kernel.softmax_rows(kept, target, write_grad=False)
+    assert torch.equal(kept, logits)
+
+
+@pytest.mark.gpu
+def test_chunked_loss_and_log_probs_on_the_gpu_equal_the_fp64_reference():
+    """The chunked loss and DPO's log-probs as they run on a GPU (the kernel, the fp32-accumulated
+    weight gradient) against fp64 torch on the same bf16 inputs."""
+    from lmforge.loss import linear_token_log_probs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(700, 64, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(20000, 64, device="cuda") * 0.1).to(torch.bfloat16)
+    target = torch.randint(0, 20000, (700,), device="cuda")
+    for which in ("loss", "log_probs"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        if which == "loss":
+            ours = linear_cross_entropy(h, w, target, chunk=256)
+            ref = torch.nn.functional.cross_entropy(h64 @ w64.T, target, reduction="sum")
+            ours.backward(), ref.backward()
+        else:
+            up = torch.randn(700, device="cuda")
+            ours = linear_token_log_probs(h, w, target, chunk=256)
+            ref = torch.log_softmax(h64 @ w64.T, -1).gather(1, target[:, None]).squeeze(1)
+            ours.backward(up), ref.backward(up.double())
+        assert torch.allclose(ours.double(), ref, rtol=1e-3, atol=1e-3)
+        for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+            cos = torch.nn.functional.cosine_similarity(got.double().flatten(), want.flatten(), dim=0)
+            assert cos > 0.9999, (which, cos)
+            assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -1,0 +1,163 @@
+"""Parts of a training step, timed alone on the GPU: the chunked loss with and without lmforge's
+softmax-rows kernel, that kernel's block sizes, and variable-length attention (PyTorch's flash
+kernel against cuDNN's) on the 0.5B shape's packed batch.
+
+    python bench/step_parts.py
+
+Each part: median of 10 timed repetitions after 3 untimed ones (CUDA events), and the largest
+difference to the reference it replaces.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lmforge import loss, loss_kernel  # noqa: E402
+
+
+def timed(fn, reps: int = 10) -> float:
+    """Median milliseconds of `fn()`."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def old_path():
+    """The loss as it was: compiled torch ops for the softmax rows, a 16-bit weight-gradient
+    product added to the fp32 sum."""
+    usable, add = loss_kernel.usable, loss.add_matmul
+
+    def add_then(acc, a, b):
+        acc += a @ b
+
+    loss_kernel.usable, loss.add_matmul = (lambda x: False), add_then
+    return lambda: (setattr(loss_kernel, "usable", usable), setattr(loss, "add_matmul", add))
+
+
+def loss_parts(rows: int, hidden: int, vocab: int) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), device="cuda")
+
+    def step(fn):
+        def run():
+            h.grad = w.grad = None
+            fn(h, w, t).backward()
+        return run
+
+    ce = step(lambda h, w, t: loss.linear_cross_entropy(h, w, t))
+    lp = step(lambda h, w, t: loss.linear_token_log_probs(h, w, t).sum())
+    results = {}
+    for name, fn in (("loss", ce), ("log-probs", lp)):
+        new_ms = timed(fn)
+        new = (h.grad.clone(), w.grad.clone())
+        restore = old_path()
+        old_ms = timed(fn)
+        old = (h.grad.clone(), w.grad.clone())
+        restore()
+        diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(new, old))
+        results[name] = (old_ms, new_ms)
+        print(f"{name} fwd+bwd {rows} x {hidden} -> {vocab}: torch ops {old_ms:.2f} ms, kernel {new_ms:.2f} ms "
+              f"({old_ms / new_ms:.2f}x); largest gradient difference / largest gradient {diff:.2e}", flush=True)
+    chunk = loss.CHUNK_LOGITS // vocab
+    logits = (torch.randn(chunk, vocab, device="cuda") * 3).to(torch.bfloat16)
+    target = t[:chunk]
+    gbytes = logits.numel() * 2 * 3 / 1e9  # read twice, written once
+    for block in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16, 32):
+            loss_kernel.BLOCK, loss_kernel.NUM_WARPS = block, warps
+            try:
+                ms = timed(lambda: loss_kernel.softmax_rows(logits, target))
+            except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses
+                print(f"  block {block} warps {warps}: {type(e).__name__}")
+                continue
+            print(f"  softmax rows, one chunk {chunk} x {vocab}: block {block:>5} warps {warps:>2}: "
+                  f"{ms:.3f} ms ({gbytes / ms:.2f} TB/s)", flush=True)
+    loss_kernel.BLOCK, loss_kernel.NUM_WARPS = 8192, 16
+
+
+def doc_lengths(total: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    out, left = [], total
+    while left > 0:
+        n = min(left, max(16, min(2000, int(rng.lognormvariate(math.log(450), 0.8)))))
+        out.append(n)
+        left -= n
+    return out
+
+
+def attention_parts(tokens: int = 16384, heads: int = 14, kv_heads: int = 2, dim: int = 64) -> None:
+    from torch.nn.attention.varlen import varlen_attn
+
+    torch.manual_seed(0)
+    lengths = doc_lengths(tokens)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
+    longest = max(lengths)
+    print(f"attention: {tokens} tokens in {len(lengths)} documents (longest {longest}), {heads} / {kv_heads} heads "
+          f"of {dim}", flush=True)
+
+    def expand(x):
+        return x.repeat_interleave(heads // kv_heads, dim=1)
+
+    def flash(bound):
+        def run():
+            q.grad = k.grad = v.grad = None
+            out = varlen_attn(q, expand(k), expand(v), cu, cu, bound, bound, window_size=(-1, 0))
+            out.backward(up)
+            return out
+        return run
+
+    def cudnn(bound, gqa_native):
+        def run():
+            q.grad = k.grad = v.grad = None
+            kk, vv = (k, v) if gqa_native else (expand(k), expand(v))
+            out = torch.ops.aten._cudnn_attention_forward(q, kk, vv, None, cu, cu, bound, bound, True, 0.0, True,
+                                                          False, scale=dim ** -0.5)[0]
+            out.backward(up)
+            return out
+        return run
+
+    ref = flash(tokens)()
+    ref_grads = [x.grad.clone() for x in (q, k, v)]
+    for name, fn in (("flash, max length = row", flash(tokens)), ("flash, max length = longest", flash(longest)),
+                     ("cudnn, heads expanded", cudnn(longest, False)), ("cudnn, gqa", cudnn(longest, True))):
+        try:
+            out = fn()
+            grads = [x.grad for x in (q, k, v)]
+            diff = max([(out.float() - ref.float()).abs().max().item()] +
+                       [(a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads)])
+            ms = timed(fn)
+            print(f"  {name}: fwd+bwd {ms:.3f} ms per layer; largest difference to flash {diff:.3e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report what this PyTorch does not take
+            print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+
+
+def main() -> None:
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    loss_parts(8192, 896, 151936)
+    attention_parts()
+
+
+if __name__ == "__main__":
+    main()
