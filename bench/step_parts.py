@@ -80,6 +80,7 @@ def loss_parts(rows: int, hidden: int, vocab: int) -> None:
     logits = (torch.randn(chunk, vocab, device="cuda") * 3).to(torch.bfloat16)
     target = t[:chunk]
     gbytes = logits.numel() * 2 * 3 / 1e9  # read twice, written once
+    block_then, warps_then = loss_kernel.BLOCK, loss_kernel.NUM_WARPS
     for block in (2048, 4096, 8192, 16384):
         for warps in (4, 8, 16, 32):
             loss_kernel.BLOCK, loss_kernel.NUM_WARPS = block, warps
@@ -90,7 +91,7 @@ def loss_parts(rows: int, hidden: int, vocab: int) -> None:
                 continue
             print(f"  softmax rows, one chunk {chunk} x {vocab}: block {block:>5} warps {warps:>2}: "
                   f"{ms:.3f} ms ({gbytes / ms:.2f} TB/s)", flush=True)
-    loss_kernel.BLOCK, loss_kernel.NUM_WARPS = 8192, 16
+    loss_kernel.BLOCK, loss_kernel.NUM_WARPS = block_then, warps_then
 
 
 def doc_lengths(total: int, seed: int = 0) -> list[int]:

@@ -551,7 +551,8 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "With --compile_blocks: the share (0-1] of the blocks' activations the compiler may keep "
                           "for the backward; below 1 it recomputes the cheapest ones instead (PyTorch's activation "
                           "memory budget). Less memory than gradient checkpointing costs, for a little time. "
-                          "Default: 0.8 with compiled blocks on a CUDA GPU (no measured speed cost), else 1."},
+                          "Default: 0.8 with compiled blocks on a CUDA GPU (no measured speed cost), 0.1 there under "
+                          "--q_lora without gradient checkpointing (memory first), else 1."},
     )
 
     def __post_init__(self):

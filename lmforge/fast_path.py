@@ -9,7 +9,8 @@ flag says otherwise:
     rows, pretraining blocks) or are DPO's pairs: the elementwise work small models are bound by
     is fused;
   - with them, an activation memory budget of 0.8: the compiler recomputes the cheapest
-    activations in the backward instead of keeping them.
+    activations in the backward instead of keeping them; 0.1 under --q_lora (a 4-bit base is
+    chosen to fit a small memory: 8.4 GiB instead of 30.8 for the 1B shape, at 83 % of the speed).
 Measured on one H200 (bench/cli_throughput.py, 2026-12-02; docs/bench_results.md): FastChat's
 command line on the Qwen2.5-0.5B shape went from 89.6k useful tokens/s at 34.1 GiB (fp32 weights,
 eager) to 140.1k at 19.6 GiB. Each choice is printed with its reason and the flag that turns it off.
@@ -36,6 +37,10 @@ import enum
 from dataclasses import dataclass
 
 COMPILED_MEMORY_BUDGET = 0.8  # measured at no speed cost on the 0.5B shape (124.7k vs 123.8k tok/s, 19.6 vs 24.5 GiB)
+# QLoRA is chosen to fit a small memory: there the compiler keeps a tenth of the blocks' activations.
+# Llama-3.2-1B shape, QLoRA r16, 8 x 2048 tokens, one H200 (bench/cli_throughput.py, 2026-12-02):
+# budget 0.8 74.3k tokens/s at 30.8 GiB; 0.1 61.7k at 8.4 GiB; gradient checkpointing 53.2k at 6.2 GiB.
+QUANTIZED_MEMORY_BUDGET = 0.1
 
 
 @dataclass
@@ -53,9 +58,10 @@ class Rows(enum.Enum):
     PADDED = "padded"  # one record a row, padded to the longest of its batch (--packing False)
 
 
-def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None) -> list[Choice]:
+def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, quantized: bool = False) -> list[Choice]:
     """Fill `torch_dtype`, `compile_blocks` and `compile_memory_budget` where the command line
-    left them unset (None), in place, and return each choice with its reason."""
+    left them unset (None), in place, and return each choice with its reason. `quantized`: a
+    4-bit base model (QLoRA), where memory comes first."""
     if cuda is None:
         import torch
 
@@ -95,11 +101,18 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None) -> 
         choices.append(Choice("compile_blocks", on, why))
 
     if args.compile_memory_budget is None:
-        budget = COMPILED_MEMORY_BUDGET if args.compile_blocks and cuda else 1.0
-        args.compile_memory_budget = budget
-        if args.compile_blocks and cuda:
-            choices.append(Choice("compile_memory_budget", budget, "recomputes the cheapest activations in the "
-                                  "backward: less memory at no measured speed cost (1: keep them all)"))
+        if not (args.compile_blocks and cuda):
+            args.compile_memory_budget = 1.0
+        elif quantized and not args.gradient_checkpointing:
+            args.compile_memory_budget = QUANTIZED_MEMORY_BUDGET
+            choices.append(Choice("compile_memory_budget", QUANTIZED_MEMORY_BUDGET,
+                                  "QLoRA: the compiler recomputes most activations in the backward, a fraction "
+                                  "of the memory for a sixth of the speed (0.8: 20 % faster, 3.6x the memory)"))
+        else:
+            args.compile_memory_budget = COMPILED_MEMORY_BUDGET
+            choices.append(Choice("compile_memory_budget", COMPILED_MEMORY_BUDGET, "recomputes the cheapest "
+                                  "activations in the backward: less memory at no measured speed cost (1: keep "
+                                  "them all)"))
     return choices
 
 

@@ -130,7 +130,7 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
-    speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags)))
+    speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags), quantized=flags.lora.q_lora))
     if speed:
         log("\n".join(speed))
     command_line = expand_argv(argv)  # a YAML run file as the flags it held

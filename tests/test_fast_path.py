@@ -20,7 +20,7 @@ from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 def flags(**given):
     model = SimpleNamespace(torch_dtype=given.pop("torch_dtype", None))
     args = SimpleNamespace(use_cpu=False, deepspeed=None, fsdp=None, bf16=True, fp16=False, compile_blocks=None,
-                           compile_memory_budget=None)
+                           compile_memory_budget=None, gradient_checkpointing=False)
     for k, v in given.items():
         setattr(args, k, v)
     return model, args
@@ -51,6 +51,20 @@ def test_choices(given, cuda, rows, want):
     model, args = flags(**given)
     choose_fast_path(model, args, rows, cuda=cuda)
     assert chosen(model, args) == want
+
+
+@pytest.mark.parametrize("given, cuda, want", [
+    ({}, True, ("bfloat16", True, 0.1)),  # QLoRA on a GPU: memory first
+    ({"gradient_checkpointing": True}, True, ("bfloat16", True, 0.8)),  # checkpointing already saves it
+    ({"compile_memory_budget": 0.5}, True, ("bfloat16", True, 0.5)),
+    ({}, False, ("float32", False, 1.0)),
+])
+def test_choices_for_a_4bit_base(given, cuda, want):
+    model, args = flags(**given)
+    choices = choose_fast_path(model, args, Rows.PACKED, cuda=cuda, quantized=True)
+    assert chosen(model, args) == want
+    if want[2] == 0.1:
+        assert any(c.flag == "compile_memory_budget" and "QLoRA" in c.why for c in choices)
 
 
 def test_each_choice_says_why_and_given_flags_are_not_listed():
