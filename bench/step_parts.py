@@ -141,7 +141,7 @@ def attention_parts(tokens: int = 16384, heads: int = 14, kv_heads: int = 2, dim
 
     ref = flash(tokens)()
     ref_grads = [x.grad.clone() for x in (q, k, v)]
-    for name, fn in (("flash, max length = row", flash(tokens)), ("flash, max length = longest", flash(longest)),
+    for name, fn in (("flash, max length = all tokens", flash(tokens)), ("flash, max length = longest", flash(longest)),
                      ("cudnn, heads expanded", cudnn(longest, False)), ("cudnn, gqa", cudnn(longest, True))):
         try:
             out = fn()
