@@ -70,10 +70,12 @@ class Row:
     batch: int = 8
     long: bool = False
     """Records of 16-30k words (long-context rows) instead of the chat mix."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment of the row's process (e.g. inductor settings)."""
 
     def describe(self) -> str:
         return " ".join([self.runner, self.method, SHAPES[self.shape] or "tiny", f"{self.batch}x{self.max_len}",
-                         *self.extra])
+                         *self.extra, *(f"{k}={v}" for k, v in self.env.items())])
 
 
 def _rows() -> dict[str, Row]:
@@ -96,6 +98,10 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl", max_len=1024)
         rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge", max_len=1024)
         rows[f"{shape}-dpo-lmforge-compile"] = Row(shape, "dpo", "lmforge", ["--compile_blocks", "True"], max_len=1024)
+        # Inductor's C++ wrapper: the compiled graphs launch their kernels from C++, not Python.
+        cpp = {"TORCHINDUCTOR_CPP_WRAPPER": "1"}
+        rows[f"{shape}-dpo-lmforge-cppwrap"] = Row(shape, "dpo", "lmforge", max_len=1024, env=cpp)
+        rows[f"{shape}-full-lmforge-cppwrap"] = Row(shape, "full", "lmforge", env=cpp)
         rows[f"{shape}-dpo-lmforge-packed"] = Row(shape, "dpo", "lmforge", ["--packing", "True"], max_len=1024)
         rows[f"{shape}-dpo-lmforge-packed-eager"] = Row(shape, "dpo", "lmforge",
                                                         ["--packing", "True", "--compile_blocks", "False"],
@@ -512,7 +518,8 @@ def main() -> None:
                str(a.steps if not ROWS[name].long else max(a.warmup + 5, a.steps // 4)), "--warmup", str(a.warmup),
                "--work", a.work, "--profile", str(a.profile), "--timeout", str(a.timeout)]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
+                                  env={**os.environ, **ROWS[name].env})
             path = os.path.join(a.work, "results", name + ".json")
             if done.returncode == 0 and os.path.isfile(path):
                 with open(path) as f:
