@@ -455,7 +455,17 @@ def versions() -> str:
         except md.PackageNotFoundError:
             pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"{device}; " + ", ".join(out)
+    return f"{device}, host CPU {host_cpu()}; " + ", ".join(out)
+
+
+def host_cpu() -> str:
+    """The host's processor model: rows bound by kernel launches (DPO) run at its pace."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x{len(names)}" if names else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def peer_of(name: str, runner: str) -> str | None:
