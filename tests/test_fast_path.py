@@ -127,3 +127,22 @@ def test_gpu_run_takes_the_fast_path(tmp_path, capsys):
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)
+
+
+def test_fastchat_command_line_in_one_process_gets_the_fast_path(tmp_path, monkeypatch):
+    """FastChat's train.py flags (FSDP included) run as one process: the FSDP flag is dropped at
+    parsing (nothing to shard across), so on a CUDA GPU the fast path is chosen as for the plain
+    seed flags (under FSDP proper the engine's path: the decision table above)."""
+    from lmforge.recipe import parse_flags
+    from lmforge.sft import Sft
+
+    argv = ["--model_name_or_path", "base", "--data_path", "data.json", "--output_dir", str(tmp_path),
+            "--bf16", "True", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16",
+            "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type",
+            "cosine", "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+            "--tf32", "True", "--model_max_length", "2048", "--lazy_preprocess", "True"]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    flags = parse_flags(Sft(), argv)
+    choose_fast_path(flags.model, flags.args, Sft().rows(flags), cuda=True)
+    assert flags.args.fsdp is None and flags.args.fsdp_requested
+    assert chosen(flags.model, flags.args) == ("bfloat16", True, 0.8)
