@@ -425,7 +425,7 @@ def run_row(a) -> None:
     clock = install_clock(a.warmup)
     if a.profile:
         os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
-        first = max(1, a.warmup - a.profile - 1)  # after compiling, before the timed window
+        first = a.warmup - a.profile - 1  # after compiling, ending a step before the timed window
         clock.extra = [install_profile(first, a.profile, os.path.join(a.work, "results", a.run + ".profile"))]
     gpu = torch.cuda.is_available()
     if gpu:
@@ -508,6 +508,9 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--run", help=argparse.SUPPRESS)  # one row, in this process
     a = p.parse_args()
+    if a.profile and a.warmup - a.profile - 1 < 1:
+        p.error(f"--profile {a.profile} needs --warmup {a.profile + 2} or more: the profiled steps come after the "
+                "first and end before the timed window")
     if a.list:
         for name, row in ROWS.items():
             print(f"{name:<28} {row.describe()}")
@@ -524,6 +527,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in a.rows:
         started = time.time()
+        for kind in (".json", ".profile.txt", ".profile.trace.json.gz"):  # nothing left from an earlier run
+            stale = os.path.join(a.work, "results", name + kind)
+            if os.path.isfile(stale):
+                os.remove(stale)
         cmd = [sys.executable, os.path.abspath(__file__), "--run", name, "--tokenizer", a.tokenizer, "--steps",
                str(a.steps if not ROWS[name].long else max(a.warmup + 5, a.steps // 4)), "--warmup", str(a.warmup),
                "--work", a.work, "--profile", str(a.profile), "--timeout", str(a.timeout)]

@@ -105,8 +105,11 @@ def doc_lengths(total: int, seed: int = 0) -> list[int]:
 
 
 def attention_parts(tokens: int = 16384, heads: int = 14, kv_heads: int = 2, dim: int = 64) -> None:
-    from torch.nn.attention.varlen import varlen_attn
-
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        print(f"attention: this torch ({torch.__version__}) has no varlen_attn")
+        return
     torch.manual_seed(0)
     lengths = doc_lengths(tokens)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)

@@ -9,8 +9,9 @@ flag says otherwise:
     rows, pretraining blocks) or are DPO's pairs: the elementwise work small models are bound by
     is fused;
   - with them, an activation memory budget of 0.8: the compiler recomputes the cheapest
-    activations in the backward instead of keeping them; 0.1 under --q_lora (a 4-bit base is
-    chosen to fit a small memory: 8.4 GiB instead of 30.8 for the 1B shape, at 83 % of the speed).
+    activations in the backward instead of keeping them; 0.1 under --q_lora without gradient
+    checkpointing (a 4-bit base is chosen to fit a small memory: 8.4 GiB instead of 30.8 for the
+    1B shape's SFT, at 83 % of the speed; QLoRA DPO takes the same rule, not measured).
 Measured on one H200 (bench/cli_throughput.py, 2026-12-02; docs/bench_results.md): FastChat's
 command line on the Qwen2.5-0.5B shape went from 89.6k useful tokens/s at 34.1 GiB (fp32 weights,
 eager) to 140.1k at 19.6 GiB (143.6k at 18.1 GiB with the loss kernel of lmforge/loss_kernel.py).

@@ -17,6 +17,7 @@ FSDP and DeepSpeed hooks fire as usual): for the duration of one call the output
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -73,10 +74,23 @@ def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     0.5B shape's step on one H200)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
+    elif acc.device.type == "cuda" and _addmm_takes_out_dtype(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += a @ b
+
+
+@functools.cache
+def _addmm_takes_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch sums a 16-bit product into an fp32 matrix in place (`out_dtype`, newer
+    than the oldest torch lmforge supports), checked once on a small case against the plain sum."""
+    a = torch.arange(6, device=device, dtype=dtype).reshape(2, 3)
+    acc = torch.ones(2, 2, device=device)
+    try:
+        torch.addmm(acc, a, a.T, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(acc, 1 + a.float() @ a.float().T)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

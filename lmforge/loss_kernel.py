@@ -43,6 +43,9 @@ def _kernel():
         row = tl.program_id(0).to(tl.int64)
         base = x_ptr + row * stride
         target = tl.load(target_ptr + row)
+        # Read before the first pass: its reductions synchronise the program's warps, so every
+        # warp has read the target's logit before any of them overwrites the row in the second.
+        picked = tl.load(base + target).to(tl.float32)
         cols = tl.arange(0, BLOCK)
         # Online log-sum-exp: a running maximum and the sum of exp(x - maximum), rescaled when
         # the maximum grows. The first block holds at least one real entry, so m is finite after it.
@@ -55,7 +58,7 @@ def _kernel():
             m = new_m
         lse = m + tl.log(s)
         tl.store(lse_ptr + row, lse)
-        tl.store(picked_ptr + row, tl.load(base + target).to(tl.float32))  # before the row is overwritten
+        tl.store(picked_ptr + row, picked)
         if WRITE_GRAD:
             if HAS_SCALE:
                 scale = tl.load(scale_ptr + row).to(tl.float32)
@@ -78,12 +81,15 @@ def softmax_rows(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.T
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("softmax_rows: the logits' rows must be contiguous")
+    target = target.contiguous()
+    grad_scale = grad_scale.contiguous() if grad_scale is not None else None
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     picked = torch.empty_like(lse)
     if n:
-        _kernel()[(n,)](logits, logits.stride(0), target, grad_scale if grad_scale is not None else lse, lse, picked,
-                        vocab, HAS_SCALE=grad_scale is not None, WRITE_GRAD=write_grad, BLOCK=BLOCK,
-                        num_warps=NUM_WARPS)
+        with torch.cuda.device(logits.device):  # Triton launches on the current device
+            _kernel()[(n,)](logits, logits.stride(0), target, grad_scale if grad_scale is not None else lse, lse,
+                            picked, vocab, HAS_SCALE=grad_scale is not None, WRITE_GRAD=write_grad, BLOCK=BLOCK,
+                            num_warps=NUM_WARPS)
     return lse, picked
 
 

@@ -110,6 +110,7 @@ def test_the_softmax_rows_kernel_equals_torch(dtype):
     vocab = 3 * loss_kernel.BLOCK + 1000
     logits = (torch.randn(37, vocab, device="cuda") * 4).to(dtype)
     target = torch.randint(0, vocab, (37,), device="cuda")
+    target[:4] = torch.tensor([vocab - 1, 0, 3 * loss_kernel.BLOCK, loss_kernel.BLOCK - 1])  # block edges, the tail
     scale = torch.randn(37, device="cuda")
     x = logits.double()
     ref_lse = torch.logsumexp(x, -1)
