@@ -156,14 +156,17 @@ _METAVARS = {"int": "INT", "float": "FLOAT", "str": "STR", "dict": "JSON"}
 
 
 def _union(kinds: list[tuple]) -> tuple:
-    """The kind of a Union flag: as HfArgumentParser reads it, Optional[X] is X and X | str
-    (transformers' enums) is X."""
-    kinds = [k for k in kinds if k != _NONE]
-    for wanted in ("choices", "bool"):
-        for k in kinds:
-            if k[0] == wanted:
-                return k
-    return kinds[0] if len(kinds) == 1 or ("scalar", "str") not in kinds else ("scalar", "str")
+    """The kind of a Union flag (its members' kinds in the order written), by HfArgumentParser's
+    rule: without None, the member that is not the second's str (X | str, transformers' enums:
+    X; str | list[X]: the list); with None, the first member unless the second is not None
+    (Optional[X]: X; str | None | Literal[False]: str); Optional[bool] is bool."""
+    if len(kinds) == 1:
+        return kinds[0]
+    if _NONE not in kinds:
+        return kinds[0] if kinds[1] == ("scalar", "str") else kinds[1]
+    if ("bool",) in kinds:
+        return ("bool",)
+    return kinds[0] if kinds[1] == _NONE else kinds[1]
 
 
 def _metavar(kind: tuple, metadata: dict) -> str:
@@ -275,6 +278,14 @@ def imported_help_flags(command: str, trainer: bool = False) -> HelpFlags:
 
 # The help from the source (`lmforge COMMAND --help`): nothing is imported.
 
+def _members(node: ast.expr) -> list[ast.expr]:
+    """The members of `a | b | c` in the order written (the parser nests them to the left), as
+    typing flattens them."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _members(node.left) + _members(node.right)
+    return [node]
+
+
 class _Unknown(Exception):
     """An expression the source reader does not evaluate."""
 
@@ -381,7 +392,7 @@ class _Source:
             if isinstance(node.value, str):
                 return self.kind(module, ast.parse(node.value, mode="eval").body)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-            return _union([self.kind(module, node.left), self.kind(module, node.right)])
+            return _union([self.kind(module, member) for member in _members(node)])
         if isinstance(node, ast.Subscript):
             outer = ast.unparse(node.value).split(".")[-1]
             args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]

@@ -222,3 +222,32 @@ def test_fast_help_subprocess_is_quick():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: lmforge sft [flags]")
     assert elapsed < 5, f"lmforge sft --help took {elapsed:.1f} s"
+
+
+def test_help_all_shows_each_trainer_flag_as_the_parser_reads_it():
+    """Every Trainer flag of --help_all against HfArgumentParser's own reading of it: the choices
+    it accepts, a list where it takes several values, {True,False} for booleans, INT / FLOAT for
+    numbers (a union such as `str | list[DebugOption]` is read by the parser's rule, not guessed)."""
+    import enum
+
+    import transformers
+    from transformers.hf_argparser import string_to_bool
+
+    parser = transformers.HfArgumentParser(transformers.TrainingArguments)
+    flags = flag_help.imported_help_flags("sft", trainer=True).trainer_flags
+    assert len(flags) > 100
+    for flag in flags:
+        action = parser._option_string_actions[f"--{flag.name}"]
+        kind = action.type
+        choices = action.choices or ([m.value for m in kind] if isinstance(kind, type) and issubclass(kind, enum.Enum)
+                                     else None)
+        if choices:
+            assert all(str(c) in flag.metavar for c in choices), (flag.name, flag.metavar, choices)
+        if action.nargs == "+":
+            assert flag.metavar.endswith("...]"), (flag.name, flag.metavar)
+        if kind is string_to_bool:
+            assert "{True,False}" in flag.metavar, (flag.name, flag.metavar)
+        if kind in (int, float) and not choices:
+            assert flag.metavar.strip("[]") == kind.__name__.upper(), (flag.name, flag.metavar)
+    shown = {f.name: f.metavar for f in flags}
+    assert shown["trackio_static_space_id"] == "STR" and shown["debug"].startswith("{underflow_overflow,")
