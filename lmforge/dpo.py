@@ -26,7 +26,6 @@ from typing import Sequence
 
 from lmforge.config import DpoArguments, DpoTrainingArguments, PreferenceDataArguments
 from lmforge.data.batches import Batches, PreparedData
-from lmforge.data.collate import PackedPairCollator
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
 from lmforge.distributed import local_main_first
@@ -87,8 +86,7 @@ class Dpo(Method):
         def with_reference(entry):
             # Padded rows: the references are computed before training, once, and then read as
             # columns of the pairs, so they need no packing.
-            collator = batches.collator.padded() if isinstance(batches.collator, PackedPairCollator) else batches.collator
-            ref = reference_entry(model, entry.entry, collator, args, args.fused_loss,
+            ref = reference_entry(model, entry.entry, batches.collator.padded(), args, args.fused_loss,
                                   flags.data.data_cache_dir, log)
             return with_reference_columns(entry.dataset(), ref)
 

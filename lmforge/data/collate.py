@@ -154,10 +154,18 @@ class PairCollator(Collator):
     carry them (`--precompute_ref_log_probs`), come as `ref_logps` in the same row order."""
 
     def rows(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
-                for side in ("chosen", "rejected") for p in pairs]
-        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of, self.model_max_length).rows(rows)
+        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of, self.model_max_length).rows(sides(pairs))
         return with_reference(batch, pairs)
+
+    def padded(self) -> PairCollator:
+        """These pairs as padded rows (what the reference precomputation reads): itself."""
+        return self
+
+
+def sides(pairs: list[dict]) -> list[dict]:
+    """The B chosen sides, then the B rejected sides, as records (input_ids, labels)."""
+    return [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for p in pairs]
 
 
 def with_reference(batch: dict, pairs: list[dict]) -> dict:
@@ -176,10 +184,9 @@ class PackedPairCollator(Collator):
     row's end is padded, to a multiple of `pad_to_multiple_of`."""
 
     def rows(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        sides = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
-                 for side in ("chosen", "rejected") for p in pairs]
-        batch = PackedCollator(self.pad_token_id, self.pad_to_multiple_of).rows([pack_records(sides)])
-        lengths = torch.tensor([len(s["input_ids"]) for s in sides])
+        records = sides(pairs)
+        batch = PackedCollator(self.pad_token_id, self.pad_to_multiple_of).rows([pack_records(records)])
+        lengths = torch.tensor([len(r["input_ids"]) for r in records])
         batch[SEQUENCE_STARTS] = lengths.cumsum(0) - lengths
         return with_reference(batch, pairs)
 
