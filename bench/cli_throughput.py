@@ -261,7 +261,9 @@ def install_profile(first: int, steps: int, path: str):
             torch.cuda.synchronize()
             wall = (time.perf_counter() - self.t0) / steps
             self.prof.__exit__(None, None, None)
-            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            # GPU kernels only: an annotated range (Optimizer.step#...) is shown on the GPU timeline too.
+            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False)]
             spans = sorted((e.time_range.start, e.time_range.end) for e in events)
             busy, end = 0.0, -1.0
             for a, b in spans:  # the union of kernel intervals: time the GPU was running something
@@ -545,11 +547,9 @@ def main() -> None:
                 tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
                 results[name] = {"error": f"exit {done.returncode}: " + " | ".join(tail)[-600:]}
         except subprocess.TimeoutExpired as e:
-            out = e.stdout or b""  # what the row printed (its stacks, from faulthandler)
-            out = (out.decode(errors="replace") if isinstance(out, bytes) else out).strip().splitlines()
-            err = e.stderr or b""
-            err = (err.decode(errors="replace") if isinstance(err, bytes) else err).strip().splitlines()
-            print("\n".join((out + err)[-60:]), flush=True)
+            # What the row printed (its stacks, from faulthandler); bytes here even with text=True.
+            printed = [(o.decode(errors="replace") if isinstance(o, bytes) else o or "") for o in (e.stdout, e.stderr)]
+            print("\n".join("\n".join(printed).strip().splitlines()[-60:]), flush=True)
             results[name] = {"error": f"over {a.timeout} s"}
         print(json.dumps({name: results[name], "wall_s": round(time.time() - started, 1)}), flush=True)
         profile = os.path.join(a.work, "results", name + ".profile.txt")

@@ -13,43 +13,16 @@ import argparse
 import json
 import os
 import sys
-import time
 
-import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from cli_throughput import install_profile  # noqa: E402
 from sft_throughput import MAX_LEN, Variant, run, synthetic_records  # noqa: E402
 
 from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
-
-
-class Profile(transformers.TrainerCallback):
-    def __init__(self, first: int, steps: int):
-        self.first, self.steps, self.prof, self.t0 = first, steps, None, None
-
-    def on_step_begin(self, args, state, control, **kw):
-        if state.global_step == self.first:
-            torch.cuda.synchronize()
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            self.prof.__enter__()
-            self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.prof is not None and state.global_step == self.first + self.steps:
-            torch.cuda.synchronize()
-            self.wall = (time.perf_counter() - self.t0) / self.steps
-            self.prof.__exit__(None, None, None)
-            events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            gpu = sum(e.device_time for e in events) / 1e6 / self.steps
-            print(f"  wall {1000 * self.wall:.1f} ms/step; GPU kernels {1000 * gpu:.1f} ms/step "
-                  f"({100 * gpu / self.wall:.0f} % busy); {len(events) / self.steps:.0f} kernels/step")
-            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70)
-            print("\n".join(table.splitlines()[:24]))
-            self.prof = None
 
 
 def main() -> None:
@@ -74,10 +47,12 @@ def main() -> None:
         "compile-flex-chunked": Variant("compile-flex-chunked", compile_blocks=True, attn="flex_attention",
                                         extra={"loss_kernel": "chunked"}),
     }
+    os.makedirs("/tmp/lmforge-prof", exist_ok=True)
     for name in args.variants:
         print(f"== {args.shape} {name}", flush=True)
         r = run(args.shape, "full", named[name], config, rows, useful, context, batch, steps, "/tmp/lmforge-prof",
-                None, callbacks=[Profile(first=6, steps=3)])
+                None, callbacks=[install_profile(first=6, steps=3, path=f"/tmp/lmforge-prof/{name}.profile")])
+        print(open(f"/tmp/lmforge-prof/{name}.profile.txt").read(), end="")
         print(f"  {r['tokens_per_s']:,.0f} useful tokens/s, peak {r['peak_gib']:.1f} GiB", flush=True)
 
 
