@@ -108,17 +108,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
         step = logit_loss_and_grad(hidden.device)
+        wants_grad = grad_hidden is not None or grad_weight is not None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = target[start:start + chunk]
             logits = h @ weight.T
-            if grad_hidden is None and grad_weight is None:
-                total += _logit_loss(logits, t, acc)
-                continue
-            if loss_kernel.usable(logits):
-                lse, picked = loss_kernel.softmax_rows(logits, t)  # the gradient replaces the logits
+            if loss_kernel.usable(logits):  # the gradient, when wanted, replaces the logits
+                lse, picked = loss_kernel.softmax_rows(logits, t, write_grad=wants_grad)
                 total += (lse - picked).sum()
                 g = logits
+            elif not wants_grad:
+                total += _logit_loss(logits, t, acc)
             else:
                 loss, g = step(logits, t, acc)
                 total += loss
