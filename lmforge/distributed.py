@@ -107,17 +107,31 @@ def local_main_first(args, timeout_s: float, what: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _release(group, failed=True)
+        _release(group, failed=True, what=what)
         raise
-    if _release(group, failed=False):
+    if _release(group, failed=False, what=what):
         raise LmforgeError(f"{what} failed on another machine (in its first process); its error is in that log")
 
 
-def _release(group, failed: bool) -> bool:
+def _release(group, failed: bool, what: str) -> bool:
     """Lets the waiting processes go; True when the block failed on any machine."""
     flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    try:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    except RuntimeError as e:  # the waiting processes gave up (their timeout) or went away
+        _drop(group)
+        if failed:
+            return True  # the block's own error is the one to report
+        raise LmforgeError(f"{what} finished, but the other processes had stopped waiting for it ({e}); their "
+                           "output says why (for data that takes longer, raise --prepare_timeout)") from None
     return bool(flag.item())
+
+
+def _drop(group) -> None:
+    """Destroys a group whose collective failed. Gloo leaves the failed collective's thread
+    behind; at interpreter exit it would abort the process (SIGABRT, "terminate called without
+    an active exception") after lmforge's error message, instead of its exit code."""
+    torch.distributed.destroy_process_group(group)
 
 
 def _wait_for_first(group, timeout_s: float, what: str) -> None:
@@ -125,6 +139,7 @@ def _wait_for_first(group, timeout_s: float, what: str) -> None:
     try:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
     except RuntimeError as e:  # gloo's timeout (and a peer that went away) surface as RuntimeError
+        _drop(group)
         raise LmforgeError(
             f"waited {timeout_s:g} s for the first process of this machine to finish {what} ({e}); for data that "
             "takes longer, raise --prepare_timeout, or tokenize beforehand with `lmforge prepare`") from None

@@ -307,6 +307,9 @@ def test_the_wait_has_its_own_timeout(tmp_path):
     assert outcomes[1].startswith("LmforgeError: waited 1 s for the first process of this machine to finish "
                                   "tokenizing the data")
     assert "raise --prepare_timeout" in outcomes[1]
+    # The first process finishes, finds nobody waiting, and says so (not gloo's bare RuntimeError).
+    assert outcomes[0].startswith("LmforgeError: tokenizing the data finished, but the other processes had "
+                                  "stopped waiting for it")
 
 
 def test_a_failure_of_the_first_process_stops_the_others(tmp_path):
