@@ -88,6 +88,11 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-full-lmforge-eager"] = Row(shape, "full", "lmforge",
                                                   ["--compile_blocks", "False", "--torch_dtype", "float32"])
         rows[f"{shape}-full-lmforge-budget1"] = Row(shape, "full", "lmforge", ["--compile_memory_budget", "1"])
+        # --fp16 (GPUs without bf16): fp32 weights under fp16 autocast (the default) against fp16
+        # weights over fp32 masters, both under the loss scaler.
+        fp16 = ["--bf16", "False", "--fp16", "True"]
+        rows[f"{shape}-full-lmforge-fp16"] = Row(shape, "full", "lmforge", fp16)
+        rows[f"{shape}-full-lmforge-fp16w"] = Row(shape, "full", "lmforge", [*fp16, "--torch_dtype", "float16"])
         rows[f"{shape}-lora-trl"] = Row(shape, "lora", "trl")
         rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")

@@ -11,6 +11,11 @@ there and writes the rounded result back.
 Memory during the backward pass (the peak) is the same as fp32 training minus the fp32
 activations: 2 + 2 bytes a parameter for the bf16 weight and gradient, 4 for the master, 8 for
 the moments. The fp32 gradient the update needs exists only inside `step`.
+
+fp16 weights (--torch_dtype float16 --fp16 True) need loss scaling as well: torch's GradScaler
+refuses to unscale fp16 gradients, so the Trainer first copies them into the masters' fp32
+gradients (`flush_grads`), and the scaler unscales and checks those; a step it finds overflowed
+is handed its flag (`found_inf`) and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
     The masters are part of `state_dict()`, so a resumed run continues from them and not
     from the rounded weights."""
 
+    # torch's GradScaler hands a step its overflow flag (`found_inf`) instead of skipping the
+    # call: `step` always runs, and always drops the masters' gradients of the step.
+    _step_supports_amp_scaling = True
+
     def __init__(self, param_groups: list[dict], **defaults):
         self.model_params: list[list[torch.Tensor]] = []
         master_groups = []
@@ -40,15 +49,22 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for params, group in zip(self.model_params, self.param_groups):
             yield from zip(params, group["params"])
 
+    def master_params(self) -> list[torch.Tensor]:
+        return [m for group in self.param_groups for m in group["params"]]
+
     @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("MasterWeightAdamW does not take a closure")
-        with_grad = [(p, m) for p, m in self._pairs() if p.grad is not None]
+    def flush_grads(self) -> list[torch.Tensor]:
+        """Give each master the fp32 copy of its model parameter's gradient (once a step; `step`
+        does it when nobody did before) and return the masters. Under --fp16 the Trainer calls
+        this before the loss scaler unscales the gradients and before clipping: both then act on
+        fp32 gradients (fp16 ones cannot be unscaled, and a norm of scaled fp16 gradients
+        overflows)."""
         from torch.distributed.tensor import DTensor
 
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p, m in with_grad:
+        for p, m in self._pairs():
+            if p.grad is None or m.grad is not None:
+                continue
             if isinstance(m, DTensor):  # a shard (FSDP2): converted on its own, as a DTensor
                 m.grad = p.grad.to(torch.float32)
             else:
@@ -62,13 +78,37 @@ class MasterWeightAdamW(torch.optim.AdamW):
             torch._foreach_copy_(views, [p.grad for p, _ in pairs])
             for view, (_, m) in zip(views, pairs):
                 m.grad = view
-        super().step()
+        return self.master_params()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW does not take a closure")
+        self.flush_grads()
+        with_grad = [(p, m) for p, m in self._pairs() if m.grad is not None]
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("MasterWeightAdamW takes unscaled gradients: call flush_grads() and the loss scaler's "
+                               "unscale_(optimizer) before its step")
+        found_inf = getattr(self, "found_inf", None)  # set by a loss scaler, or lmforge's NonFiniteGuard
+        if found_inf is not None and not self.defaults.get("fused"):
+            # Only the fused update skips itself on the device-side flag; the others are told
+            # here (a host sync, as torch's GradScaler makes for them too).
+            self.found_inf = None
+            if not bool(found_inf.item()):
+                super().step()
+            self.found_inf = found_inf
+        else:
+            super().step()
         for _, m in with_grad:
             m.grad = None  # the fp32 gradient lives only for the update
         if with_grad:
+            # A step the loss scaler skipped (an overflow) left the masters as they were: the
+            # copy writes back the same weights.
             torch._foreach_copy_([p for p, _ in with_grad], [m for _, m in with_grad])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for m in self.master_params():
+            m.grad = None  # flushed, then the step was not taken
         for params in self.model_params:
             for p in params:
                 if set_to_none:

@@ -324,14 +324,23 @@ class NonFiniteGuard(transformers.TrainerCallback):
     before a checkpoint is saved, a log written or the run ends. Other optimizers, and
     gradients sharded over processes, are checked on the spot."""
 
+    # Under a loss scaler an overflow is expected now and then: the scaler skips that step and
+    # halves its scale. Gradients that stay non-finite at every scale (a NaN loss) halve it step
+    # after step; below this the run is stopped (from fp16's default 65536: 16 steps in a row).
+    LOWEST_LOSS_SCALE = 1.0
+
     def __init__(self):
         self.pending: list[tuple[int, torch.Tensor, object]] = []  # (step, host flag, event)
         self.state = None  # the Trainer's state: its logged gradient norms say when a divergence began
+        self.scaler = None  # --fp16's loss scaler, when there is one
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.state = state
         step = state.global_step + 1
         self._check(args, wait=False)
+        self.scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer wrapper holds it
+        if self.scaler is not None and self.scaler.is_enabled():
+            return  # it has checked the gradients and skips a step that overflowed
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if not grads:  # DeepSpeed keeps its gradients to itself; it has its own overflow checks
             return
@@ -369,6 +378,14 @@ class NonFiniteGuard(transformers.TrainerCallback):
         self.pending.append((step, host, event))
 
     def _check(self, args, wait: bool) -> None:
+        if wait and self.scaler is not None and self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            if scale < self.LOWEST_LOSS_SCALE:
+                history = self.state.log_history if self.state is not None else []
+                step = self.state.global_step if self.state is not None else 0
+                raise NonFiniteGradients(
+                    f"{nonfinite_message(step, args.output_dir, history)} (Under --fp16 the loss scaler skipped step "
+                    f"after step: the gradients were non-finite at every scale down to {scale:g}.)")
         while self.pending:
             step, flag, event = self.pending[0]
             if event is not None:
@@ -568,6 +585,26 @@ class Trainer(transformers.Trainer):
         if self.args.process_index == 0:
             print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model)")
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        masters = self._scaled_masters()
+        if masters is None:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(masters, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and (masters := self._scaled_masters()) is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(masters, float("inf"))  # unscales; clips nothing
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _scaled_masters(self) -> list[torch.Tensor] | None:
+        """Under a loss scaler (--fp16) with 16-bit weights: the fp32 masters, their gradients
+        filled, for the scaler to unscale and check and for the clipping to measure (the model's
+        fp16 gradients cannot be unscaled, and their scaled norm overflows). None otherwise."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.accelerator.scaler is None or not isinstance(inner, MasterWeightAdamW):
+            return None
+        return inner.flush_grads()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.add(inputs)  # before the batch is reshaped: document_ids still tell padding apart

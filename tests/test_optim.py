@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from lmforge.optim import MasterWeightAdamW
@@ -96,3 +97,111 @@ def test_trainer_uses_master_weights_for_a_bf16_model_and_resumes(tmp_path):
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert a.dtype == torch.bfloat16
         assert torch.equal(a, b), name  # the masters came back from the checkpoint, not the rounded weights
+
+
+# --- fp16 weights under a loss scaler -------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_masters_take_the_unscaled_gradient_and_skip_an_overflow(fused):
+    torch.manual_seed(2)
+    weight = torch.nn.Parameter(torch.randn(16, 8).to(torch.float16))
+    reference = torch.nn.Parameter(weight.detach().float().clone())
+    ours = MasterWeightAdamW([{"params": [weight]}], lr=1e-2, fused=fused)
+    ref = torch.optim.AdamW([reference], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x = torch.randn(4, 8).to(torch.float16)
+
+    def backward(loss_factor: float) -> torch.Tensor:
+        probe = weight.detach().clone().requires_grad_(True)  # the gradient without scaling
+        ((x @ probe.t()).float().square().mean() * loss_factor).backward()
+        scaler.scale((x @ weight.t()).float().square().mean() * loss_factor).backward()
+        return probe.grad
+
+    for factor in (1.0, 1e30, 1.0):  # the second step's scaled gradients overflow fp16
+        unscaled = backward(factor)
+        masters = ours.flush_grads()
+        scaler.unscale_(ours)
+        if factor == 1.0:  # scaling by a power of two is exact: unscaled, the same gradient in fp32
+            assert masters[0].grad.dtype == torch.float32 and torch.equal(masters[0].grad, unscaled.float())
+        before = (weight.detach().clone(), masters[0].detach().clone())
+        scaler.step(ours)
+        scaler.update()
+        if factor == 1.0:
+            reference.grad = unscaled.float()
+            ref.step()
+            assert torch.equal(masters[0], reference)
+            assert torch.equal(weight.data, reference.detach().to(torch.float16))
+        else:
+            assert torch.equal(weight.data, before[0]) and torch.equal(masters[0], before[1])  # skipped
+            assert scaler.get_scale() == 2.0**9  # halved
+        assert masters[0].grad is None  # the step (taken or skipped) dropped the fp32 gradient
+        weight.grad = None
+
+
+class ScaledOnTheCpu:
+    """lmforge's Trainer with the loss scaler accelerate makes for --fp16 on a GPU (it makes
+    none on a CPU), starting at `init_scale`."""
+
+    def __new__(cls, init_scale: float, **kwargs):
+        from lmforge.train import Trainer
+
+        class _Scaled(Trainer):
+            def create_accelerator_and_postprocess(self):
+                super().create_accelerator_and_postprocess()
+                self.accelerator.native_amp = True  # fp16 autocast around the forward, as on a GPU
+                self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+
+        return _Scaled(**kwargs)
+
+
+def fp16_run(tmp_path, dtype: torch.dtype, init_scale: float, max_steps: int = 6, nan_loss: bool = False):
+    from lmforge.config import TrainingArguments
+    from lmforge.data.collate import PackedCollator
+    from lmforge.data.pack import best_fit_decreasing, pack_records
+    from lmforge.train import NonFiniteGuard
+    from tests.data.test_pack import ListDataset, records, tiny_model
+
+    recs = records(60, seed=4)
+    bins = best_fit_decreasing([len(r["input_ids"]) for r in recs], 48, seed=0)
+    rows = ListDataset([pack_records([recs[i] for i in b]) for b in bins])
+    model = tiny_model("sdpa").to(dtype)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to="none", disable_tqdm=True, logging_steps=1,
+                             fp16=True, max_grad_norm=1.0, remove_unused_columns=False, dataloader_pin_memory=False,
+                             save_strategy="no", overwrite_output_dir=True)
+    trainer = ScaledOnTheCpu(init_scale, model=model, args=args, train_dataset=rows, data_collator=PackedCollator(0),
+                             callbacks=[NonFiniteGuard()])  # as train_and_save adds it
+    if nan_loss:
+        compute_loss = trainer.compute_loss
+        trainer.compute_loss = lambda *a, **k: compute_loss(*a, **k) * float("nan")
+    trainer.train()
+    return trainer, model, start
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_fp16_run_goes_on_past_the_loss_scalers_overflows(tmp_path, dtype):
+    # 2^24 makes the first steps' scaled fp16 gradients overflow; the scaler skips them and
+    # halves its scale until they fit. Those are the scaler's business, not a diverged run.
+    trainer, model, start = fp16_run(tmp_path, dtype, init_scale=2.0**24)
+    scale = trainer.accelerator.scaler.get_scale()
+    assert scale < 2.0**24  # there were overflows
+    norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert len(norms) == 6
+    # The logged norms are of the unscaled gradients (a norm of the scaled ones is about `scale`
+    # times larger, or inf), and the steps after the overflows moved every weight.
+    finite = [n for n in norms if n == n and n != float("inf")]
+    assert finite and max(finite) < 100, norms
+    for name, p in model.named_parameters():
+        assert p.dtype == dtype and torch.isfinite(p).all(), name
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+    inner = trainer.optimizer.optimizer
+    assert isinstance(inner, MasterWeightAdamW) == (dtype == torch.float16)
+
+
+def test_gradients_non_finite_at_every_loss_scale_stop_the_run(tmp_path):
+    from lmforge.train import NonFiniteGradients
+
+    with pytest.raises(NonFiniteGradients, match=r"the loss scaler skipped step after step: the gradients were "
+                                                 r"non-finite at every scale down to 0\.5"):
+        fp16_run(tmp_path, torch.float16, init_scale=4.0, max_steps=10, nan_loss=True)
