@@ -118,7 +118,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["master_params"] = [m.detach().clone() for _, m in self._pairs()]
+        state["master_params"] = [m.detach().clone() for m in self.master_params()]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

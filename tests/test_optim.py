@@ -138,20 +138,18 @@ def test_fp16_masters_take_the_unscaled_gradient_and_skip_an_overflow(fused):
         weight.grad = None
 
 
-class ScaledOnTheCpu:
+def scaled_on_the_cpu(init_scale: float, **kwargs):
     """lmforge's Trainer with the loss scaler accelerate makes for --fp16 on a GPU (it makes
     none on a CPU), starting at `init_scale`."""
+    from lmforge.train import Trainer
 
-    def __new__(cls, init_scale: float, **kwargs):
-        from lmforge.train import Trainer
+    class Scaled(Trainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.accelerator.native_amp = True  # fp16 autocast around the forward, as on a GPU
+            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
 
-        class _Scaled(Trainer):
-            def create_accelerator_and_postprocess(self):
-                super().create_accelerator_and_postprocess()
-                self.accelerator.native_amp = True  # fp16 autocast around the forward, as on a GPU
-                self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
-
-        return _Scaled(**kwargs)
+    return Scaled(**kwargs)
 
 
 def fp16_run(tmp_path, dtype: torch.dtype, init_scale: float, max_steps: int = 6, nan_loss: bool = False):
@@ -170,8 +168,8 @@ def fp16_run(tmp_path, dtype: torch.dtype, init_scale: float, max_steps: int = 6
                              learning_rate=1e-3, report_to="none", disable_tqdm=True, logging_steps=1,
                              fp16=True, max_grad_norm=1.0, remove_unused_columns=False, dataloader_pin_memory=False,
                              save_strategy="no", overwrite_output_dir=True)
-    trainer = ScaledOnTheCpu(init_scale, model=model, args=args, train_dataset=rows, data_collator=PackedCollator(0),
-                             callbacks=[NonFiniteGuard()])  # as train_and_save adds it
+    trainer = scaled_on_the_cpu(init_scale, model=model, args=args, train_dataset=rows, data_collator=PackedCollator(0),
+                                callbacks=[NonFiniteGuard()])  # as train_and_save adds it
     if nan_loss:
         compute_loss = trainer.compute_loss
         trainer.compute_loss = lambda *a, **k: compute_loss(*a, **k) * float("nan")
