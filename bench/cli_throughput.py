@@ -96,13 +96,15 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-lora-trl"] = Row(shape, "lora", "trl")
         rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
-        for budget in ("0.1", "0.3"):
+        for budget in ("0.1", "0.2", "0.3"):
             rows[f"{shape}-qlora-lmforge-budget{budget}"] = Row(shape, "qlora", "lmforge",
                                                                  ["--compile_memory_budget", budget])
         rows[f"{shape}-qlora-lmforge-ckpt"] = Row(shape, "qlora", "lmforge", ["--gradient_checkpointing", "True"])
         rows[f"{shape}-dpo-trl"] = Row(shape, "dpo", "trl", max_len=1024)
         rows[f"{shape}-dpo-lmforge"] = Row(shape, "dpo", "lmforge", max_len=1024)
         rows[f"{shape}-dpo-lmforge-compile"] = Row(shape, "dpo", "lmforge", ["--compile_blocks", "True"], max_len=1024)
+        rows[f"{shape}-dpo-lmforge-graphs"] = Row(shape, "dpo", "lmforge", ["--cuda_graphs", "True"], max_len=1024)
+        rows[f"{shape}-full-lmforge-graphs"] = Row(shape, "full", "lmforge", ["--cuda_graphs", "True"])
         # Inductor's C++ wrapper: the compiled graphs launch their kernels from C++, not Python.
         cpp = {"TORCHINDUCTOR_CPP_WRAPPER": "1"}
         rows[f"{shape}-dpo-lmforge-cppwrap"] = Row(shape, "dpo", "lmforge", max_len=1024, env=cpp)
@@ -292,8 +294,10 @@ def install_profile(first: int, steps: int, path: str):
                         s in e.name for s in ("Synchronize", "aten::item", "_local_scalar_dense", "cudaMemcpy")):
                     host[e.name] = host.get(e.name, 0) + 1 / steps
             lines.append("host waits / copies per step: " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
-            lines.append(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                                        max_name_column_width=90))
+            averages = self.prof.key_averages()
+            lines.append(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+            # Where the host's time goes (a launch-bound step waits on it): ops by their own CPU time.
+            lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
             with open(path + ".txt", "w") as f:
                 f.write("\n".join(lines) + "\n")
             trace = path + ".trace.json"

@@ -33,6 +33,7 @@ from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, refere
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
 from lmforge.model import apply_lora
+from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, run
 
 
@@ -67,7 +68,7 @@ class Dpo(Method):
                 self._add_reference_columns(flags, data, batches, model)
         reference = None
         if flags.lora.lora:
-            model = apply_lora(model, flags.lora, args.gradient_checkpointing)
+            model = apply_lora(model, flags.lora, args.gradient_checkpointing, adapter_dtype(model.dtype, args))
         elif not dpo.precompute_ref_log_probs:
             reference = frozen_copy(model)
         if args.process_index == 0:

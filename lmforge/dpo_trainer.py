@@ -34,6 +34,8 @@ from lmforge.loss import sequence_log_probs
 from lmforge.train import Trainer, is_peft
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", CU_SEQLENS)
+PADDED_POSITIONS = "lmforge_padded_positions"  # LABEL_POSITIONS ends with positions past the batch
+POSITION_BUCKET = 1024  # labelled positions of a graphed step: padded to a multiple of this
 
 
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -86,11 +88,11 @@ def output_head(model: nn.Module, fused: bool) -> nn.Module | None:
 
 
 def batch_log_probs(model: nn.Module, head: nn.Module | None, batch: dict,
-                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: torch.Tensor | None = None, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probability, answer token count) for every side of a pair batch: its
     rows, or the sides packed in one row (`SEQUENCE_STARTS`)."""
     return sequence_log_probs(model, head, {k: batch[k] for k in MODEL_INPUTS if k in batch}, positions,
-                              starts=batch.get(SEQUENCE_STARTS))
+                              starts=batch.get(SEQUENCE_STARTS), padded=padded)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -183,46 +185,68 @@ class DpoTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                     "eval": defaultdict(list)}
 
-    def reference_log_probs(self, model, inputs: dict, positions) -> torch.Tensor:
+    def reference_log_probs(self, model, inputs: dict, positions, padded: bool = False) -> torch.Tensor:
         if "ref_logps" in inputs:
             return inputs["ref_logps"].float()
         with torch.no_grad():
             if self.reference is not None:
                 with self.accelerator.autocast():
                     head = output_head(self.reference, self.fused_head is not None)
-                    return batch_log_probs(self.reference, head, inputs, positions)[0]
+                    return batch_log_probs(self.reference, head, inputs, positions, padded)[0]
             unwrapped = self.accelerator.unwrap_model(model)
             if not is_peft(unwrapped):
                 raise LmforgeError("DPO needs a reference: LoRA, a frozen copy, or --precompute_ref_log_probs")
             with unwrapped.disable_adapter():
-                return batch_log_probs(model, self.fused_head, inputs, positions)[0]
+                return batch_log_probs(model, self.fused_head, inputs, positions, padded)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions = inputs.pop(LABEL_POSITIONS, None)
+        padded = inputs.pop(PADDED_POSITIONS, False)
         self.attend_per_document(model, inputs)  # packed pairs (--packing True)
         # The reference first: its activations are freed before the policy's graph is built.
-        ref = self.reference_log_probs(model, inputs, positions)
-        logps, counts = batch_log_probs(model, self.fused_head, inputs, positions)
+        ref = self.reference_log_probs(model, inputs, positions, padded)
+        logps, counts = batch_log_probs(model, self.fused_head, inputs, positions, padded)
         ref = ref.to(logps.dtype)
         b = logps.shape[0] // 2
         losses, chosen_rewards, rejected_rewards = preference_loss(
             logps[:b], logps[b:], ref[:b], ref[b:], self.dpo.beta, self.dpo.loss_type, self.dpo.label_smoothing,
             counts[:b], counts[b:])
         loss = losses.mean()
-        metrics = self._metrics["train" if model.training else "eval"]
+        metrics = {}
         if self.dpo.sft_weight:
             nll = -logps[:b].sum() / counts[:b].sum()  # per chosen answer token
             loss = loss + self.dpo.sft_weight * nll
-            metrics["nll"].append(nll.detach())
-        metrics["rewards/chosen"].append(chosen_rewards.mean())
-        metrics["rewards/rejected"].append(rejected_rewards.mean())
-        metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean())
-        metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean())
-        metrics["logps/chosen"].append(logps[:b].detach().mean())
-        metrics["logps/rejected"].append(logps[b:].detach().mean())
+            metrics["nll"] = nll.detach()
+        metrics["rewards/chosen"] = chosen_rewards.mean()
+        metrics["rewards/rejected"] = rejected_rewards.mean()
+        metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
+        metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()
+        metrics["logps/chosen"] = logps[:b].detach().mean()
+        metrics["logps/rejected"] = logps[b:].detach().mean()
+        if model.training and self._graph_outputs is not None:
+            self._graph_outputs.update(metrics)  # a graphed step: copied out after each replay
+        else:
+            self.step_metrics(metrics, "train" if model.training else "eval")
         if return_outputs:
             return loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
         return loss
+
+    def step_metrics(self, metrics: dict[str, torch.Tensor], kind: str = "train") -> None:
+        for name, value in metrics.items():
+            self._metrics[kind][name].append(value)
+
+    @staticmethod
+    def graph_inputs(inputs: dict) -> dict:
+        """The labelled positions padded to a multiple of POSITION_BUCKET (with positions past the
+        batch's end, whose scores `sequence_log_probs` drops): a CUDA graph is recorded per batch
+        shape, and their count differs in every batch. The batch length itself is bucketed by the
+        collator."""
+        positions = inputs.get(LABEL_POSITIONS)
+        if positions is None or positions.numel() == 0:
+            return inputs
+        pad = -positions.numel() % POSITION_BUCKET
+        end = torch.full((pad,), inputs["labels"].numel(), dtype=positions.dtype, device=positions.device)
+        return {**inputs, LABEL_POSITIONS: torch.cat([positions, end]), PADDED_POSITIONS: True}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -374,13 +374,17 @@ def head_computes_log_probs(head: nn.Module, labels: torch.Tensor, positions: to
 
 def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
                        positions: torch.Tensor | None = None, chunk: int | None = None,
-                       starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       starts: torch.Tensor | None = None, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the labelled tokens' log-probabilities per sequence, number of labelled tokens per
     sequence) for a batch holding `labels` (-100 where nothing is scored). A sequence is a row, or
     with `starts` (each sequence's first index in the flattened batch, ascending: packed
     sequences) the stretch from its start to the next. With `head` (the model's output head) the
     logits are never materialised (`head_computes_log_probs`); with None, the model's own logits
-    are used (models whose head is not a plain linear layer)."""
+    are used (models whose head is not a plain linear layer).
+
+    `padded`: `positions` end with entries past the batch (labels.numel()), which count for
+    nothing: a fixed number of positions for a CUDA graph (lmforge.graphs). They are scored as the
+    first position (a real target), into a sequence that is dropped, so their gradient is zero."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     if positions is None:
@@ -393,6 +397,10 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
         starts = starts.to(labels.device)
         rows = torch.searchsorted(starts, positions, right=True) - 1  # on the device: no sync
         n = starts.shape[0]
+    if padded:
+        real = positions < labels.numel()
+        rows = torch.where(real, rows, n)  # sequence n: one past the last, dropped below
+        positions = torch.where(real, positions, positions[:1])
     if head is None:
         logits = model(**inputs).logits
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)
@@ -407,8 +415,9 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
             raise RuntimeError("log-probs: the model did not return what its output head computed (called "
                                f"{len(returned)} times, output shape {tuple(token_logps.shape)}); train with "
                                "--fused_loss False")
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(n, dtype=torch.long, device=token_logps.device)
+    slots = n + 1 if padded else n
+    sums = torch.zeros(slots, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(slots, dtype=torch.long, device=token_logps.device)
     sums = sums.index_add(0, rows, token_logps)
     counts = counts.index_add(0, rows, torch.ones_like(rows))
-    return sums, counts
+    return sums[:n], counts[:n]

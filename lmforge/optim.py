@@ -135,15 +135,31 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     p.copy_(saved)
 
 
+def keeps_masters(args) -> bool:
+    """Whether the run's optimizer can keep fp32 masters of 16-bit weights: torch's AdamW, and no
+    engine that keeps its own (DeepSpeed, FSDP's mixed precision)."""
+    if args.deepspeed or args.fsdp:
+        return False
+    return str(getattr(args.optim, "value", args.optim)).startswith("adamw_torch")
+
+
 def wants_master_weights(model, args) -> str | None:
     """Why the model's optimizer should keep fp32 masters (None: it should not): trained
-    parameters in 16 bits, an AdamW optimizer, and no engine that keeps its own (DeepSpeed,
-    FSDP's mixed precision)."""
+    parameters in 16 bits and an optimizer that can keep them (`keeps_masters`)."""
     trained = [p for p in model.parameters() if p.requires_grad]
     if not trained or all(p.dtype == torch.float32 for p in trained):
         return None
-    if args.deepspeed or args.fsdp:
-        return None
-    if not str(getattr(args.optim, "value", args.optim)).startswith("adamw_torch"):
+    if not keeps_masters(args):
         return None
     return f"{trained[0].dtype} weights"
+
+
+def adapter_dtype(model_dtype: torch.dtype, args) -> torch.dtype | None:
+    """The dtype LoRA adapters are held in (None: PEFT's fp32): the 16-bit dtype the model is
+    held in, when the run computes in it (its autocast, if any, is that dtype) and the optimizer
+    keeps fp32 masters. An adapter trained by an optimizer without masters stays fp32, or updates
+    below 16-bit resolution would be lost."""
+    autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if model_dtype not in (torch.bfloat16, torch.float16) or autocast not in (None, model_dtype):
+        return None
+    return model_dtype if keeps_masters(args) else None

@@ -35,8 +35,9 @@ from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows, choose_fast_path
 from lmforge.fast_path import describe as describe_choices
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
+from lmforge.optim import adapter_dtype
 from lmforge.report import key_flags, read_run_info
-from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
+from lmforge.train import graphs_unsupported, read_trainer_state, resolve_resume, resume_policy, train_and_save
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Method:
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         """The loaded model made into what trains (LoRA adapters, a reference for DPO)."""
         if flags.lora.lora:
-            model = apply_lora(model, flags.lora, flags.args.gradient_checkpointing)
+            model = apply_lora(model, flags.lora, flags.args.gradient_checkpointing,
+                               adapter_dtype(model.dtype, flags.args))
         return Model(model)
 
     def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:
@@ -107,6 +109,17 @@ class Method:
 
     def callbacks(self, flags: Flags, data: PreparedData, batches: Batches) -> list:
         return []
+
+
+GRAPH_LENGTH_MULTIPLE = 128  # batches of many lengths under --cuda_graphs: a graph per 128 tokens of length
+
+
+def batch_length_multiple(args) -> int:
+    """What a padded batch's length is rounded up to: a multiple of 8 for 16-bit tensor cores, of
+    GRAPH_LENGTH_MULTIPLE when each length is a CUDA graph to record (1 in fp32)."""
+    if getattr(args, "cuda_graphs", False):
+        return GRAPH_LENGTH_MULTIPLE
+    return 8 if args.bf16 or args.fp16 else 1
 
 
 def parse_flags(method: Method, argv: Sequence[str]) -> Flags:
@@ -130,6 +143,8 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
+    if args.cuda_graphs and (why := graphs_unsupported(args)):
+        raise LmforgeError(f"--cuda_graphs True: {why}")
     speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags), quantized=flags.lora.q_lora))
     if speed:
         log("\n".join(speed))
@@ -158,7 +173,7 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
 
     batches = build_batches(data, flags.data.model_max_length, packing=method.packing(flags),
                             val_split=flags.data.val_split, seed=args.seed,
-                            pad_to_multiple_of=8 if args.bf16 or args.fp16 else 1, fixed_length=args.compile_blocks)
+                            pad_to_multiple_of=batch_length_multiple(args), fixed_length=args.compile_blocks)
     describe_batches(batches, flags.data.val_split, args.seed, method.unit, log)
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights

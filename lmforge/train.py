@@ -44,6 +44,7 @@ from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
+from lmforge.graphs import StepGraphs
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
@@ -587,28 +588,83 @@ class Trainer(transformers.Trainer):
         return self.optimizer
 
     def _clip_grad_norm(self, model):
-        masters = self._scaled_masters()
+        masters = self._master_grads()
         if masters is None:
             return super()._clip_grad_norm(model)
         return self.accelerator.clip_grad_norm_(masters, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None and (masters := self._scaled_masters()) is not None:
+        if grad_norm is None and (masters := self._master_grads()) is not None:
             grad_norm = self.accelerator.clip_grad_norm_(masters, float("inf"))  # unscales; clips nothing
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    def _scaled_masters(self) -> list[torch.Tensor] | None:
-        """Under a loss scaler (--fp16) with 16-bit weights: the fp32 masters, their gradients
-        filled, for the scaler to unscale and check and for the clipping to measure (the model's
-        fp16 gradients cannot be unscaled, and their scaled norm overflows). None otherwise."""
+    def _master_grads(self) -> list[torch.Tensor] | None:
+        """With 16-bit weights over fp32 masters: the masters, their fp32 gradients filled, for
+        the clipping to measure and scale, and under --fp16 for the loss scaler to unscale and
+        check (fp16 gradients cannot be unscaled, and their scaled norm overflows). Clipping the
+        16-bit gradients instead would round each scaled gradient to 16 bits before the fp32
+        update; on the masters, a step equals the step of fp32 weights under autocast.
+        None without masters."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if self.accelerator.scaler is None or not isinstance(inner, MasterWeightAdamW):
+        if not isinstance(inner, MasterWeightAdamW):
             return None
         return inner.flush_grads()
 
+    _step_graphs: StepGraphs | None = None
+    _graph_outputs: dict | None = None  # a graphed step's extra outputs (metrics), while it runs
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.add(inputs)  # before the batch is reshaped: document_ids still tell padding apart
-        return super().training_step(model, inputs, num_items_in_batch)
+        graphs = self._graphs()
+        if graphs is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs = self.graph_inputs(dict(self._prepare_inputs(inputs)))
+        if num_items_in_batch is not None:  # a value of the batch: a static input of the graph
+            inputs[NUM_ITEMS] = torch.as_tensor(num_items_in_batch, device=self.args.device)
+        # A plain value the capture bakes in: part of the graph's key.
+        inputs[ACCUMULATION] = self.current_gradient_accumulation_steps
+        outputs = graphs.run(inputs, lambda batch: self._graphed_step(model, batch))
+        loss = outputs.pop("loss")
+        self.step_metrics(outputs)
+        return loss
+
+    def _graphed_step(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        batch.pop(ACCUMULATION)
+        num_items = batch.pop(NUM_ITEMS, None)
+        self._graph_outputs = {}
+        try:
+            loss = super().training_step(model, batch, num_items)
+            return {"loss": loss, **self._graph_outputs}
+        finally:
+            self._graph_outputs = None
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            graphs = self._step_graphs
+            if graphs is not None and self.args.process_index == 0:
+                print(f"lmforge: CUDA graphs: {len(graphs.graphs)} recorded, {graphs.replays} micro-steps replayed, "
+                      f"{graphs.eager} run eagerly (the first of each shape)")
+
+    def _graphs(self) -> StepGraphs | None:
+        if not getattr(self.args, "cuda_graphs", False):
+            return None
+        if self._step_graphs is None:
+            why = graphs_unsupported(self.args)
+            if why:
+                raise LmforgeError(f"--cuda_graphs True: {why}")
+            self._step_graphs = StepGraphs([p for p in self.model.parameters() if p.requires_grad])
+            if self.args.process_index == 0:
+                print("lmforge: CUDA graphs: each micro-step shape is recorded once and replayed")
+        return self._step_graphs
+
+    def graph_inputs(self, inputs: dict) -> dict:
+        """A batch as the graphed step takes it (DPO pads its labelled positions to a bucket)."""
+        return inputs
+
+    def step_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """A graphed step's extra outputs, copied out after its replay (DpoTrainer logs them)."""
 
     def log(self, logs, start_time=None):
         self.meter.annotate(logs, self.args)
@@ -789,6 +845,25 @@ class StopOnSignal(transformers.TrainerCallback):
         if state.is_world_process_zero:
             print_flushed(f"lmforge: {signal.Signals(signum).name} received: writing a checkpoint at step "
                 f"{state.global_step}, then stopping")
+
+
+NUM_ITEMS = "lmforge_num_items"  # a graphed step's labelled-token count, when the Trainer gives a tensor
+ACCUMULATION = "lmforge_accumulation"  # what a graphed step's loss is divided by
+
+
+def graphs_unsupported(args) -> str | None:
+    """Why a run cannot record its micro-steps as CUDA graphs (None: it can)."""
+    if not torch.cuda.is_available() or args.use_cpu:
+        return "CUDA graphs need a CUDA GPU"
+    if args.world_size > 1:
+        return "one process only (the gradients' reduction between processes is not recorded)"
+    if args.deepspeed or args.fsdp:
+        return "not with DeepSpeed or FSDP (their hooks run on the host during the backward)"
+    if args.fp16:
+        return "not with --fp16's loss scaler (it reads the gradients on the host)"
+    if args.gradient_checkpointing:
+        return "not with gradient checkpointing (it sets the GPU's random state during the backward)"
+    return None
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,

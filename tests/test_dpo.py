@@ -262,6 +262,74 @@ def test_packed_pairs_score_as_padded_pairs(tmp_path, small_base):
         assert torch.allclose(p.grad, want_grads[n], rtol=1e-4, atol=1e-6), n
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_padded_positions_score_as_the_labelled_positions(tmp_path, small_base, packing):
+    """What a CUDA-graphed DPO step takes (`DpoTrainer.graph_inputs`): the labelled positions padded
+    to a bucket with positions past the batch. The log-probs, counts and gradients are those of the
+    positions alone, padded rows and packed sides alike."""
+    from lmforge.dpo_trainer import PADDED_POSITIONS, POSITION_BUCKET, DpoTrainer
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
+    tok = transformers.AutoTokenizer.from_pretrained(small_base)
+    ds = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128)).dataset()
+    collator = (PackedPairCollator if packing else PairCollator)(tok.pad_token_id, label_positions=True)
+    batch = collator([ds[i] for i in range(len(ds))])
+    model = transformers.AutoModelForCausalLM.from_pretrained(small_base, dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
+    Trainer.attend_per_document(model, batch)
+    weights = torch.linspace(-1, 1, 10)
+
+    results = []
+    for graphed in (False, True):
+        inputs = DpoTrainer.graph_inputs(dict(batch)) if graphed else dict(batch)
+        positions = inputs.pop(LABEL_POSITIONS)
+        padded = inputs.pop(PADDED_POSITIONS, False)
+        if graphed:
+            real = batch[LABEL_POSITIONS]
+            assert padded and positions.numel() % POSITION_BUCKET == 0 and positions.numel() > real.numel()
+            assert torch.equal(positions[:real.numel()], real)
+            assert (positions[real.numel():] == batch["labels"].numel()).all()
+        logps, counts = batch_log_probs(model, head, inputs, positions, padded)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (want, want_counts, want_grads), (got, got_counts, got_grads) = results
+    assert got_counts.tolist() == want_counts.tolist() and got.shape == (10,)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    for n, g in want_grads.items():
+        assert torch.allclose(got_grads[n], g, rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU; the GPU test below trains")
+def test_cuda_graphs_without_a_gpu_are_refused_before_anything_is_read(tmp_path, small_base, capsys):
+    assert cli(dpo_argv(small_base, str(tmp_path / "missing.jsonl"), str(tmp_path / "o"), "--lora", "True",
+                        "--cuda_graphs", "True")) == 2
+    assert "--cuda_graphs True: CUDA graphs need a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphed_steps_train_as_eager_steps(tmp_path, small_base, capsys):
+    """`--cuda_graphs True`: after the first batch of a shape, LoRA DPO's micro-steps replay a
+    recorded graph, with the losses and rewards of eager steps (gradient accumulation included:
+    the graph adds into the gradients the Trainer then clips and steps with)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(48, seed=5))
+    logs = {}
+    for graphs in ("False", "True"):
+        out = tmp_path / f"graphs-{graphs}"
+        assert cli(dpo_argv(small_base, data, str(out), "--lora", "True", "--lora_dropout", "0", "--max_steps", "5",
+                            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                            "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+                            "--bf16", "True", "--compile_blocks", "False", "--cuda_graphs", graphs)) == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        logs[graphs] = [(h["loss"], h["rewards/margins"], h["grad_norm"]) for h in history if "loss" in h]
+    said = capsys.readouterr().out
+    assert "lmforge: CUDA graphs: 1 recorded, 9 micro-steps replayed, 1 run eagerly" in said
+    assert len(logs["True"]) == 5
+    for got, want in zip(logs["True"], logs["False"]):
+        assert got == pytest.approx(want, rel=2e-2, abs=1e-3)
+
+
 def test_packed_pairs_train_as_padded_pairs(tmp_path, small_base):
     """`lmforge dpo --packing True` (LoRA) logs the losses and rewards the padded run logs."""
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(24, seed=4))

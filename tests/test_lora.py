@@ -90,6 +90,58 @@ def test_only_adapters_train_and_merge_matches(tmp_path, base_model):
     assert transformers.AutoTokenizer.from_pretrained(merged).chat_template == tok.chat_template
 
 
+def _train_lora_bf16(base: str, out: str, adapter_dtype: torch.dtype | None):
+    """A bf16 base with LoRA adapters (fp32, PEFT's way, or `adapter_dtype`), 4 steps under bf16
+    autocast with clipping active; returns the model, the optimizer and the log history."""
+    model_args = ModelArguments(model_name_or_path=base, torch_dtype="bfloat16")
+    lora_args = LoraArguments(lora=True, lora_dropout=0.0)
+    args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                             max_grad_norm=0.05, bf16=True, use_cpu=True, logging_steps=1, report_to="none",
+                             disable_tqdm=True, save_strategy="no", dataloader_pin_memory=False, seed=0)
+    tokenizer = load_tokenizer(model_args)
+    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    model = load_model(model_args, tokenizer, model_max_length=128, lora=lora_args)
+    torch.manual_seed(0)  # the adapters' initialisation
+    model = apply_lora(model, lora_args, adapter_dtype=adapter_dtype)
+    with torch.no_grad():  # the same starting adapters on both sides: values bf16 holds exactly
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(p.to(torch.bfloat16))
+    seen = {}
+
+    class Keep(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+            seen["optimizer"], seen["history"] = getattr(optimizer, "optimizer", optimizer), list(state.log_history)
+
+    train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
+                   tokenizer.convert_tokens_to_ids("<|im_end|>"), {}, callbacks=[Keep()])
+    return model, seen["optimizer"], seen["history"]
+
+
+def test_bf16_adapters_over_fp32_masters_train_as_fp32_adapters_under_autocast(tmp_path, base_model):
+    """What lmforge picks for LoRA on a bf16 model (no casts of the activations to fp32 and
+    back in every adapted layer) computes exactly what PEFT's fp32 adapters under bf16 autocast
+    compute: the same losses and gradient norms at every step (clipped on the fp32 masters),
+    masters equal to the fp32 adapters, and the model's adapters their bf16 rounding."""
+    from lmforge.optim import MasterWeightAdamW
+
+    ref_model, ref_opt, ref_log = _train_lora_bf16(base_model, str(tmp_path / "fp32"), None)
+    model, opt, log = _train_lora_bf16(base_model, str(tmp_path / "bf16"), torch.bfloat16)
+    assert isinstance(opt, MasterWeightAdamW) and not isinstance(ref_opt, MasterWeightAdamW)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = dict(ref_model.named_parameters())
+    assert trained and all("lora_" in n and p.dtype == torch.bfloat16 for n, p in trained)
+    assert all(ref[n].dtype == torch.float32 for n, _ in trained)
+
+    steps = [(e["loss"], e["grad_norm"]) for e in log if "loss" in e]
+    assert len(steps) == 4 and steps == [(e["loss"], e["grad_norm"]) for e in ref_log if "loss" in e]
+    assert all(norm > 0.05 for _, norm in steps)  # the clipping acted on every step
+    for (name, p), master in zip(trained, opt.master_params()):
+        assert torch.equal(master, ref[name].detach()), name
+        assert torch.equal(p.detach(), ref[name].detach().to(torch.bfloat16)), name
+    assert any(not torch.equal(p.detach(), torch.zeros_like(p)) for n, p in trained if "lora_B" in n)
+
+
 def test_lora_run_resumes_from_its_checkpoint(tmp_path, base_model, capsys):
     out = str(tmp_path / "out")
     assert cli(lora_argv(base_model, out, "--max_steps", "2", "--save_steps", "2")) == 0
