@@ -214,16 +214,24 @@ def install_clock(warmup: int):
                 self.steps = state.global_step - self.first_step
 
     clock = Clock()
-    step = transformers.Trainer.training_step
     if not torch.cuda.is_available():  # a dry run of the rows on a CPU
         torch.cuda.synchronize = lambda *_: None
+    # The outermost training_step of each class: lmforge's, when it replays a CUDA graph, does not
+    # call the one it overrides. A call inside another counted call is not counted again.
+    from lmforge.train import Trainer as LmforgeTrainer
 
-    def counted(self, model, inputs, *args, **kwargs):
-        if clock.counting:
-            clock.tokens = clock.tokens + useful_tokens(inputs)
-        return step(self, model, inputs, *args, **kwargs)
+    depth = [0]
+    for cls in (transformers.Trainer, LmforgeTrainer):
+        def counted(self, model, inputs, *args, _step=cls.training_step, **kwargs):
+            if clock.counting and depth[0] == 0:
+                clock.tokens = clock.tokens + useful_tokens(inputs)
+            depth[0] += 1
+            try:
+                return _step(self, model, inputs, *args, **kwargs)
+            finally:
+                depth[0] -= 1
 
-    transformers.Trainer.training_step = counted
+        cls.training_step = counted
     return clock
 
 

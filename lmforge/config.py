@@ -538,12 +538,13 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "torch.compile mode for --compile_blocks: default, or reduce-overhead (CUDA graphs: "
                           "the host no longer launches each kernel; packed rows then all get the same length)."},
     )
-    cuda_graphs: bool = field(
-        default=False,
+    cuda_graphs: Optional[bool] = field(
+        default=None,
         metadata={"help": "Record each micro-step (forward, loss, backward) as a CUDA graph per batch shape and "
                           "replay it: the host launches one graph instead of thousands of kernels (steps bound by "
                           "the host: small models, LoRA DPO). One CUDA GPU, no DeepSpeed / FSDP / --fp16 / gradient "
-                          "checkpointing; DPO pads its batches' lengths to multiples of 128 for it."},
+                          "checkpointing; DPO pads its batches' lengths to multiples of 128 for it. Default: on for "
+                          "DPO's padded pairs where those hold, else off."},
     )
     eval_samples: int = field(
         default=0,

@@ -56,7 +56,7 @@ class Dpo(Method):
         return flags.data.packing  # the sides of a batch's pairs in one row (else 2B padded rows)
 
     def rows(self, flags: Flags) -> Rows:
-        return Rows.PAIRS  # packed or not, the batches change length with their pairs
+        return Rows.PACKED_PAIRS if flags.data.packing else Rows.PAIRS  # either way, of many lengths
 
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         args, dpo = flags.args, flags.method

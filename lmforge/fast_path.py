@@ -60,6 +60,7 @@ class Rows(enum.Enum):
 
     PACKED = "packed"  # packed rows of one length (chat rows, pretraining blocks)
     PAIRS = "pairs"  # preference pairs padded to the longest of their batch (DPO)
+    PACKED_PAIRS = "packed pairs"  # a batch's preference pairs packed in one row (DPO --packing True)
     PADDED = "padded"  # one record a row, padded to the longest of its batch (--packing False)
 
 
@@ -97,7 +98,7 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
             on, why = False, f"not measured under {engine}"
         elif rows is Rows.PADDED:
             on, why = False, "rows of many lengths, not measured compiled (--packing True packs them)"
-        elif rows is Rows.PAIRS:
+        elif rows in (Rows.PAIRS, Rows.PACKED_PAIRS):
             # The pairs' batches change length; after the second length the compiler makes the
             # blocks' graph dynamic in it. LoRA DPO on the 0.5B shape: 26.2 -> 35.8 pairs/s.
             on, why = True, "CUDA GPU; pair batches compile to one graph of dynamic length (--compile_blocks False: eager)"
@@ -120,6 +121,14 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
             choices.append(Choice("compile_memory_budget", COMPILED_MEMORY_BUDGET, "recomputes the cheapest "
                                   "activations in the backward: less memory at no measured speed cost (1: keep "
                                   "them all)"))
+    if getattr(args, "cuda_graphs", False) is None:
+        on = (cuda and rows is Rows.PAIRS and not engine and not args.fp16 and not args.gradient_checkpointing
+              and args.world_size == 1)
+        args.cuda_graphs = on
+        if on:
+            choices.append(Choice("cuda_graphs", True, "DPO's step is bound by the host launching kernels; one CUDA "
+                                  "graph per batch shape replaces them (LoRA DPO, 0.5B shape: 45.6 -> 80.4 pairs/s; "
+                                  "--cuda_graphs False: launched one by one)"))
     return choices
 
 

@@ -20,7 +20,8 @@ from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 def flags(**given):
     model = SimpleNamespace(torch_dtype=given.pop("torch_dtype", None))
     args = SimpleNamespace(use_cpu=False, deepspeed=None, fsdp=None, bf16=True, fp16=False, compile_blocks=None,
-                           compile_memory_budget=None, gradient_checkpointing=False)
+                           compile_memory_budget=None, gradient_checkpointing=False, cuda_graphs=None,
+                           world_size=1)
     for k, v in given.items():
         setattr(args, k, v)
     return model, args
@@ -28,6 +29,23 @@ def flags(**given):
 
 def chosen(model, args) -> tuple:
     return model.torch_dtype, args.compile_blocks, args.compile_memory_budget
+
+
+@pytest.mark.parametrize("given, cuda, rows, want", [
+    ({}, True, Rows.PAIRS, True),  # DPO's padded pairs on one GPU: host-bound, graphed
+    ({}, True, Rows.PACKED_PAIRS, False),  # a length per batch: a graph per 128 tokens, not measured
+    ({}, True, Rows.PACKED, False),  # SFT: labelled positions of every count, not graphed yet
+    ({}, False, Rows.PAIRS, False),
+    ({"fp16": True, "bf16": False}, True, Rows.PAIRS, False),
+    ({"gradient_checkpointing": True}, True, Rows.PAIRS, False),
+    ({"deepspeed": "zero2.json"}, True, Rows.PAIRS, False),
+    ({"cuda_graphs": False}, True, Rows.PAIRS, False),
+])
+def test_cuda_graphs_choice(given, cuda, rows, want):
+    model, args = flags(**given)
+    choices = choose_fast_path(model, args, rows, cuda=cuda)
+    assert args.cuda_graphs is want
+    assert any(c.flag == "cuda_graphs" for c in choices) is (want and "cuda_graphs" not in given)
 
 
 @pytest.mark.parametrize("given, cuda, rows, want", [
@@ -89,7 +107,7 @@ def test_parsed_flags_leave_the_choices_open(tmp_path):
     """Unset on the command line means None after parsing (not a value that looks chosen)."""
     args = TrainingArguments(output_dir=str(tmp_path))
     assert ModelArguments().torch_dtype is None
-    assert args.compile_blocks is None and args.compile_memory_budget is None
+    assert args.compile_blocks is None and args.compile_memory_budget is None and args.cuda_graphs is None
 
 
 def tiny_sft(tmp_path, capsys, steps: int, records: int, layers: int) -> tuple:
