@@ -12,6 +12,9 @@ flag says otherwise:
     activations in the backward instead of keeping them; 0.1 under --q_lora without gradient
     checkpointing (a 4-bit base is chosen to fit a small memory: 8.4 GiB instead of 30.8 for the
     1B shape's SFT, at 83 % of the speed; QLoRA DPO takes the same rule, not measured).
+  - for DPO's padded pairs on one GPU, CUDA graphs over whole micro-steps (lmforge.graphs): its
+    step is bound by the host launching ~4,000 kernels; LoRA DPO on the 0.5B shape went from
+    45.6 to 80.4 pairs/s (one H200, 2026-12-03; TRL's DPOTrainer 24.0 in the same run).
 Measured on one H200 (bench/cli_throughput.py, 2026-12-02; docs/bench_results.md): FastChat's
 command line on the Qwen2.5-0.5B shape went from 89.6k useful tokens/s at 34.1 GiB (fp32 weights,
 eager) to 140.1k at 19.6 GiB (143.6k at 18.1 GiB with the loss kernel of lmforge/loss_kernel.py).
