@@ -561,6 +561,9 @@ def main() -> None:
                 with open(path) as f:
                     results[name] = json.load(f)
             else:
+                # All it printed beside the results (a crash's stacks are longer than any summary).
+                with open(os.path.join(a.work, "results", name + ".log"), "w") as f:
+                    f.write(done.stdout + "\n" + done.stderr)
                 tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
                 results[name] = {"error": f"exit {done.returncode}: " + " | ".join(tail)[-600:]}
         except subprocess.TimeoutExpired as e:
