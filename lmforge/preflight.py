@@ -156,14 +156,16 @@ def speed_line(model, args) -> str:
     if wants_master_weights(model, args):
         weights += " weights, AdamW over fp32 masters"
     else:
-        autocast = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        # accelerate autocasts fp16 on a GPU only (a CPU run with --fp16 computes in fp32).
+        autocast = "bf16" if args.bf16 else "fp16" if args.fp16 and args.device.type != "cpu" else None
         weights += " weights" + (f" under {autocast} autocast" if autocast and weights.startswith("float32") else "")
     budget = getattr(args, "compile_memory_budget", None)
     compiled = ("compiled blocks" + (f" (activation memory budget {budget:g})" if budget and budget < 1 else "")
                 if getattr(args, "compile_blocks", False) else "eager")
     attention = getattr(base.config, "_attn_implementation", None) or "default"
     checkpointing = "gradient checkpointing" if args.gradient_checkpointing else "no gradient checkpointing"
-    return f"speed: {weights}; {compiled}; {attention} attention; {checkpointing}"
+    graphs = "; CUDA graphs per micro-step" if getattr(args, "cuda_graphs", False) else ""
+    return f"speed: {weights}; {compiled}; {attention} attention; {checkpointing}{graphs}"
 
 
 class Preflight(transformers.TrainerCallback):

@@ -164,3 +164,25 @@ def test_fastchat_command_line_in_one_process_gets_the_fast_path(tmp_path, monke
     choose_fast_path(flags.model, flags.args, Sft().rows(flags), cuda=True)
     assert flags.args.fsdp is None and flags.args.fsdp_requested
     assert chosen(flags.model, flags.args) == ("bfloat16", True, 0.8)
+
+
+def test_speed_line_says_what_is_in_effect():
+    """No fp16 autocast is claimed on a CPU (accelerate autocasts fp16 on a GPU only); CUDA graphs
+    are named when on."""
+    import torch
+    import transformers
+
+    from lmforge.preflight import speed_line
+
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    args = SimpleNamespace(bf16=False, fp16=True, compile_blocks=True, compile_memory_budget=0.8,
+                           gradient_checkpointing=False, cuda_graphs=False, device=torch.device("cpu"),
+                           deepspeed=None, fsdp=None, optim="adamw_torch")
+    assert speed_line(model, args) == ("speed: float32 weights; compiled blocks (activation memory budget 0.8); "
+                                       "sdpa attention; no gradient checkpointing")
+    args.device, args.cuda_graphs = torch.device("cuda"), True
+    assert speed_line(model, args) == ("speed: float32 weights under fp16 autocast; compiled blocks (activation "
+                                       "memory budget 0.8); sdpa attention; no gradient checkpointing; "
+                                       "CUDA graphs per micro-step")
