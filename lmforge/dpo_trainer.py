@@ -30,12 +30,11 @@ from lmforge.config import DpoArguments, DpoLoss
 from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
 from lmforge.data.collate import CU_SEQLENS, LABEL_POSITIONS, REFERENCE_COLUMNS, SEQUENCE_STARTS, label_positions
 from lmforge.errors import LmforgeError
+from lmforge.graphs import PADDED_POSITIONS
 from lmforge.loss import sequence_log_probs
 from lmforge.train import Trainer, is_peft
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", CU_SEQLENS)
-PADDED_POSITIONS = "lmforge_padded_positions"  # LABEL_POSITIONS ends with positions past the batch
-POSITION_BUCKET = 1024  # labelled positions of a graphed step: padded to a multiple of this
 
 
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -234,19 +233,6 @@ class DpoTrainer(Trainer):
     def step_metrics(self, metrics: dict[str, torch.Tensor], kind: str = "train") -> None:
         for name, value in metrics.items():
             self._metrics[kind][name].append(value)
-
-    @staticmethod
-    def graph_inputs(inputs: dict) -> dict:
-        """The labelled positions padded to a multiple of POSITION_BUCKET (with positions past the
-        batch's end, whose scores `sequence_log_probs` drops): a CUDA graph is recorded per batch
-        shape, and their count differs in every batch. The batch length itself is bucketed by the
-        collator."""
-        positions = inputs.get(LABEL_POSITIONS)
-        if positions is None or positions.numel() == 0:
-            return inputs
-        pad = -positions.numel() % POSITION_BUCKET
-        end = torch.full((pad,), inputs["labels"].numel(), dtype=positions.dtype, device=positions.device)
-        return {**inputs, LABEL_POSITIONS: torch.cat([positions, end]), PADDED_POSITIONS: True}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         kind = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -35,17 +35,23 @@ def has_liger() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def _logit_loss(logits: torch.Tensor, target: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _summed(rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return (rows if w is None else rows * w).sum()
+
+
+def _logit_loss(logits: torch.Tensor, target: torch.Tensor, acc: torch.dtype,
+                w: torch.Tensor | None = None) -> torch.Tensor:
     x = logits.to(acc)
-    return (torch.logsumexp(x, dim=-1) - x.gather(1, target[:, None]).squeeze(1)).sum()
+    return _summed(torch.logsumexp(x, dim=-1) - x.gather(1, target[:, None]).squeeze(1), w)
 
 
-def _logit_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, acc: torch.dtype):
-    """Summed cross-entropy of one chunk of logits and its gradient, softmax - one-hot, in the
-    logits' dtype; computed in `acc` (fp32)."""
+def _logit_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, acc: torch.dtype,
+                         w: torch.Tensor | None = None):
+    """Summed cross-entropy of one chunk of logits (each row weighted by `w`, when given) and its
+    unweighted gradient, softmax - one-hot, in the logits' dtype; computed in `acc` (fp32)."""
     x = logits.to(acc)
     lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, target[:, None]).squeeze(1)).sum()
+    loss = _summed(lse - x.gather(1, target[:, None]).squeeze(1), w)
     g = torch.exp(x - lse[:, None])
     g = g.scatter_add(1, target[:, None], torch.full((target.shape[0], 1), -1.0, dtype=acc, device=g.device))
     return loss, g.to(logits.dtype)
@@ -97,10 +103,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight.T, target), gradients computed in the
     forward pass chunk by chunk (the backward only scales them), so no more than one chunk of
     logits is ever held. The fallback where liger-kernel is not installed (CPU included).
-    `hidden` and `weight` come in one dtype; logits and the weight gradient sum in fp32."""
+    `hidden` and `weight` come in one dtype; logits and the weight gradient sum in fp32.
+    `rows` (optional, 0 or 1 per row): rows of weight 0 count for nothing, neither in the loss nor
+    in a gradient (padding of a fixed-size batch, lmforge.graphs)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
+                rows: torch.Tensor | None = None):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                    device=weight.device)
@@ -112,20 +121,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = target[start:start + chunk]
+            w = None if rows is None else rows[start:start + chunk].to(acc)
             logits = h @ weight.T
             if loss_kernel.usable(logits):  # the gradient, when wanted, replaces the logits
                 lse, picked = loss_kernel.softmax_rows(logits, t, write_grad=wants_grad)
-                total += (lse - picked).sum()
+                total += _summed(lse - picked, w)
                 g = logits
             elif not wants_grad:
-                total += _logit_loss(logits, t, acc)
+                total += _logit_loss(logits, t, acc, w)
             else:
-                loss, g = step(logits, t, acc)
+                loss, g = step(logits, t, acc, w)
                 total += loss
             if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[start:start + chunk])
+                out = grad_hidden[start:start + chunk]
+                torch.mm(g, weight, out=out)
+                if w is not None:  # a [chunk, hidden] product, not the [chunk, vocab] gradient
+                    out.mul_(w[:, None].to(out.dtype))
             if grad_weight is not None:
-                add_matmul(grad_weight, g.T, h)
+                add_matmul(grad_weight, g.T, h if w is None else h * w[:, None].to(h.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -137,7 +150,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -160,18 +173,20 @@ def use_liger(kernel: str, device: torch.device) -> bool:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         chunk: int | None = None, kernel: str = "auto") -> torch.Tensor:
+                         chunk: int | None = None, kernel: str = "auto",
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `target` ([N, H], [V, H], [N]):
-    Liger's fused kernel or the chunked function above (`use_liger`)."""
+    Liger's fused kernel or the chunked function above (`use_liger`); rows of `rows` 0 (padding)
+    count for nothing, in the chunked function."""
     dtype = compute_dtype(hidden)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        if use_liger(kernel, hidden.device) and chunk is None:
+        if use_liger(kernel, hidden.device) and chunk is None and rows is None:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             return liger_fused_linear_cross_entropy(hidden, weight, target, reduction="sum")
         chunk = chunk or max(256, CHUNK_LOGITS // weight.shape[0])
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, chunk)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, target, chunk, rows)
 
 
 def head_weight(head: nn.Module) -> torch.Tensor:
@@ -234,26 +249,29 @@ def _head_replaced(head: nn.Module, labels: torch.Tensor, positions: torch.Tenso
 
 
 def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "auto",
-                       positions: torch.Tensor | None = None):
+                       positions: torch.Tensor | None = None, rows: torch.Tensor | None = None):
     """Within this block, `head(hidden)` returns the summed next-token cross-entropy of the
-    positions whose shifted label is not -100, instead of the logits (`_head_replaced`)."""
+    positions whose shifted label is not -100, instead of the logits (`_head_replaced`); with
+    `rows`, only of the positions where it is 1."""
 
     def loss(hidden: torch.Tensor, selected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.numel() == 0:
             # No labelled token in this micro-batch: zero, with the head's weight still in the
             # graph (DDP expects a gradient for every parameter it manages).
             return (hidden.sum() + head_weight(head).sum()) * 0.0
-        return linear_cross_entropy(selected, head_weight(head), target, kernel=kernel)
+        return linear_cross_entropy(selected, head_weight(head), target, kernel=kernel, rows=rows)
 
     return _head_replaced(head, labels, positions, "fused loss", loss)
 
 
 def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
                          num_items_in_batch: torch.Tensor | int | None, kernel: str = "auto",
-                         positions: torch.Tensor | None = None) -> torch.Tensor:
+                         positions: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
     """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
     positions and divided by `num_items_in_batch` (the labelled tokens of the whole
     accumulation window, as the Trainer counts them) or, when None, by this batch's count.
+    `padded`: `positions` end with padding past the batch (`lmforge.graphs.bucketed`), scored as
+    the first position and weighted 0.
 
     The model must pass what its head returned through. Wrappers may hand back another tensor
     of the same value (DDP's output sink, FSDP's and DeepSpeed ZeRO-3's backward hooks are
@@ -261,7 +279,12 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
     from one head call (comparing values would cost a device sync every step)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    with head_computes_loss(head, labels, kernel, positions) as returned:
+    rows = None
+    if padded:  # `positions` end with positions past the batch (lmforge.graphs.bucketed): nothing
+        positions = positions.to(labels.device)
+        real = positions < labels.numel()
+        rows, positions = real.to(torch.float32), torch.where(real, positions, positions[:1])
+    with head_computes_loss(head, labels, kernel, positions, rows) as returned:
         outputs = model(**inputs)
     # The model's output, not `returned[0]`: FSDP and DeepSpeed re-wrap module outputs to hook
     # their gradient reduction into the backward pass. Models known to transform their logits

@@ -44,7 +44,7 @@ from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
-from lmforge.graphs import StepGraphs
+from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
@@ -659,9 +659,10 @@ class Trainer(transformers.Trainer):
                 print("lmforge: CUDA graphs: each micro-step shape is recorded once and replayed")
         return self._step_graphs
 
-    def graph_inputs(self, inputs: dict) -> dict:
-        """A batch as the graphed step takes it (DPO pads its labelled positions to a bucket)."""
-        return inputs
+    @staticmethod
+    def graph_inputs(inputs: dict) -> dict:
+        """A batch as the graphed step takes it: its varying sizes padded to buckets."""
+        return bucketed(inputs)
 
     def step_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         """A graphed step's extra outputs, copied out after its replay (DpoTrainer logs them)."""
@@ -703,14 +704,17 @@ class Trainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positions = inputs.pop(LABEL_POSITIONS, None)
+        padded = inputs.pop(PADDED_POSITIONS, False)
         self.attend_per_document(model, inputs)
+        if padded and (self.fused_head is None or return_outputs):
+            raise LmforgeError("padded labelled positions need the fused loss (--fused_loss True)")
         if self.fused_head is None or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None  # the Trainer then averages over accumulation steps itself
         loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel,
-                                    positions)
+                                    positions, padded)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # As the Trainer does for a model's own loss: the gradients are averaged over
             # processes, while num_items_in_batch counts the labelled tokens of all of them.

@@ -264,10 +264,10 @@ def test_packed_pairs_score_as_padded_pairs(tmp_path, small_base):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_padded_positions_score_as_the_labelled_positions(tmp_path, small_base, packing):
-    """What a CUDA-graphed DPO step takes (`DpoTrainer.graph_inputs`): the labelled positions padded
+    """What a CUDA-graphed DPO step takes (`lmforge.graphs.bucketed`): the labelled positions padded
     to a bucket with positions past the batch. The log-probs, counts and gradients are those of the
     positions alone, padded rows and packed sides alike."""
-    from lmforge.dpo_trainer import PADDED_POSITIONS, POSITION_BUCKET, DpoTrainer
+    from lmforge.graphs import PADDED_POSITIONS, POSITION_BUCKET, bucketed
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
     tok = transformers.AutoTokenizer.from_pretrained(small_base)
@@ -281,7 +281,7 @@ def test_padded_positions_score_as_the_labelled_positions(tmp_path, small_base, 
 
     results = []
     for graphed in (False, True):
-        inputs = DpoTrainer.graph_inputs(dict(batch)) if graphed else dict(batch)
+        inputs = bucketed(dict(batch)) if graphed else dict(batch)
         positions = inputs.pop(LABEL_POSITIONS)
         padded = inputs.pop(PADDED_POSITIONS, False)
         if graphed:
