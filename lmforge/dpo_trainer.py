@@ -222,10 +222,7 @@ class DpoTrainer(Trainer):
         metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()
         metrics["logps/chosen"] = logps[:b].detach().mean()
         metrics["logps/rejected"] = logps[b:].detach().mean()
-        if model.training and self._graph_outputs is not None:
-            self._graph_outputs.update(metrics)  # a graphed step: copied out after each replay
-        else:
-            self.step_metrics(metrics, "train" if model.training else "eval")
+        self.step_outputs(metrics, model.training)
         if return_outputs:
             return loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
         return loss

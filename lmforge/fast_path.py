@@ -125,8 +125,9 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
                                   "activations in the backward: less memory at no measured speed cost (1: keep "
                                   "them all)"))
     if getattr(args, "cuda_graphs", False) is None:
-        on = (cuda and rows is Rows.PAIRS and not engine and not args.fp16 and not args.gradient_checkpointing
-              and args.world_size == 1)
+        from lmforge.graphs import graphs_unsupported
+
+        on = rows is Rows.PAIRS and graphs_unsupported(args, cuda) is None
         args.cuda_graphs = on
         if on:
             choices.append(Choice("cuda_graphs", True, "DPO's step is bound by the host launching kernels; one CUDA "

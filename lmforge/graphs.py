@@ -41,6 +41,22 @@ POSITION_BUCKET = 1024  # a graphed step's labelled positions: padded to a multi
 OFFSET_BUCKET = 64  # a graphed step's document offsets (varlen): padded to a multiple of this
 
 
+def graphs_unsupported(args, cuda: bool) -> str | None:
+    """Why a run cannot record its micro-steps as CUDA graphs (None: it can); `cuda`: a CUDA GPU
+    is there."""
+    if not cuda or args.use_cpu:
+        return "CUDA graphs need a CUDA GPU"
+    if args.world_size > 1:
+        return "one process only (the gradients' reduction between processes is not recorded)"
+    if args.deepspeed or args.fsdp:
+        return "not with DeepSpeed or FSDP (their hooks run on the host during the backward)"
+    if args.fp16:
+        return "not with --fp16's loss scaler (it reads the gradients on the host)"
+    if args.gradient_checkpointing:
+        return "not with gradient checkpointing (it sets the GPU's random state during the backward)"
+    return None
+
+
 def bucketed(inputs: dict) -> dict:
     """A batch whose sizes that change from batch to batch are padded to buckets, so that few
     graphs cover a run: the labelled positions (to a multiple of POSITION_BUCKET, with positions
@@ -89,6 +105,7 @@ class StepGraphs:
         self.pool = None
         self.replays = 0
         self.eager = 0
+        self.side: torch.cuda.Stream | None = None
 
     def _attach_grads(self) -> None:
         """Give every trained parameter its fixed gradient buffer, holding the gradient so far
@@ -130,7 +147,9 @@ class StepGraphs:
     def _eager(self, inputs: dict, step) -> dict[str, torch.Tensor]:
         # On a side stream, as CUDA graphs want their warm-up: what runs lazily once (cuBLAS
         # handles, autograd's device threads) is then set up outside any capture.
-        side = torch.cuda.Stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        side = self.side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = step(dict(inputs))

@@ -264,6 +264,14 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "aut
     return _head_replaced(head, labels, positions, "fused loss", loss)
 
 
+def without_padding(positions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled positions padded past the batch (`lmforge.graphs.bucketed`) as (positions with
+    the padding replaced by the first position, a real target; which entries are real). Where a
+    padding entry is scored, its score is then weighted 0 or dropped."""
+    real = positions < labels.numel()
+    return torch.where(real, positions, positions[:1]), real
+
+
 def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
                          num_items_in_batch: torch.Tensor | int | None, kernel: str = "auto",
                          positions: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
@@ -280,10 +288,9 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     rows = None
-    if padded:  # `positions` end with positions past the batch (lmforge.graphs.bucketed): nothing
-        positions = positions.to(labels.device)
-        real = positions < labels.numel()
-        rows, positions = real.to(torch.float32), torch.where(real, positions, positions[:1])
+    if padded:
+        positions, real = without_padding(positions.to(labels.device), labels)
+        rows = real.to(torch.float32)
     with head_computes_loss(head, labels, kernel, positions, rows) as returned:
         outputs = model(**inputs)
     # The model's output, not `returned[0]`: FSDP and DeepSpeed re-wrap module outputs to hook
@@ -421,9 +428,8 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
         rows = torch.searchsorted(starts, positions, right=True) - 1  # on the device: no sync
         n = starts.shape[0]
     if padded:
-        real = positions < labels.numel()
+        positions, real = without_padding(positions, labels)
         rows = torch.where(real, rows, n)  # sequence n: one past the last, dropped below
-        positions = torch.where(real, positions, positions[:1])
     if head is None:
         logits = model(**inputs).logits
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
+import torch
 import transformers
 
 from lmforge.config import (
@@ -33,11 +34,12 @@ from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows, choose_fast_path
+from lmforge.graphs import graphs_unsupported
 from lmforge.fast_path import describe as describe_choices
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.report import key_flags, read_run_info
-from lmforge.train import graphs_unsupported, read_trainer_state, resolve_resume, resume_policy, train_and_save
+from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
 
 
 @dataclass
@@ -143,7 +145,7 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
-    if args.cuda_graphs and (why := graphs_unsupported(args)):
+    if args.cuda_graphs and (why := graphs_unsupported(args, torch.cuda.is_available())):
         raise LmforgeError(f"--cuda_graphs True: {why}")
     speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags), quantized=flags.lora.q_lora))
     if speed:

@@ -44,7 +44,7 @@ from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks
-from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed
+from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
@@ -618,7 +618,7 @@ class Trainer(transformers.Trainer):
         graphs = self._graphs()
         if graphs is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        inputs = self.graph_inputs(dict(self._prepare_inputs(inputs)))
+        inputs = dict(self._prepare_inputs(self.graph_inputs(inputs)))  # padded on the CPU, then moved
         if num_items_in_batch is not None:  # a value of the batch: a static input of the graph
             inputs[NUM_ITEMS] = torch.as_tensor(num_items_in_batch, device=self.args.device)
         # A plain value the capture bakes in: part of the graph's key.
@@ -651,7 +651,7 @@ class Trainer(transformers.Trainer):
         if not getattr(self.args, "cuda_graphs", False):
             return None
         if self._step_graphs is None:
-            why = graphs_unsupported(self.args)
+            why = graphs_unsupported(self.args, torch.cuda.is_available())
             if why:
                 raise LmforgeError(f"--cuda_graphs True: {why}")
             self._step_graphs = StepGraphs([p for p in self.model.parameters() if p.requires_grad])
@@ -664,8 +664,17 @@ class Trainer(transformers.Trainer):
         """A batch as the graphed step takes it: its varying sizes padded to buckets."""
         return bucketed(inputs)
 
-    def step_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
-        """A graphed step's extra outputs, copied out after its replay (DpoTrainer logs them)."""
+    def step_outputs(self, metrics: dict[str, torch.Tensor], training: bool) -> None:
+        """Where `compute_loss` puts its metrics: a graphed training step hands them out as
+        outputs of its graph (copied after each replay, then given to `step_metrics`); any other
+        step gives them to `step_metrics` at once."""
+        if training and self._graph_outputs is not None:
+            self._graph_outputs.update(metrics)
+        else:
+            self.step_metrics(metrics, "train" if training else "eval")
+
+    def step_metrics(self, metrics: dict[str, torch.Tensor], kind: str = "train") -> None:
+        """A step's metrics, for the logs (DpoTrainer keeps them; the base Trainer has none)."""
 
     def log(self, logs, start_time=None):
         self.meter.annotate(logs, self.args)
@@ -853,21 +862,6 @@ class StopOnSignal(transformers.TrainerCallback):
 
 NUM_ITEMS = "lmforge_num_items"  # a graphed step's labelled-token count, when the Trainer gives a tensor
 ACCUMULATION = "lmforge_accumulation"  # what a graphed step's loss is divided by
-
-
-def graphs_unsupported(args) -> str | None:
-    """Why a run cannot record its micro-steps as CUDA graphs (None: it can)."""
-    if not torch.cuda.is_available() or args.use_cpu:
-        return "CUDA graphs need a CUDA GPU"
-    if args.world_size > 1:
-        return "one process only (the gradients' reduction between processes is not recorded)"
-    if args.deepspeed or args.fsdp:
-        return "not with DeepSpeed or FSDP (their hooks run on the host during the backward)"
-    if args.fp16:
-        return "not with --fp16's loss scaler (it reads the gradients on the host)"
-    if args.gradient_checkpointing:
-        return "not with gradient checkpointing (it sets the GPU's random state during the backward)"
-    return None
 
 
 def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator, checkpoint: str | None,
