@@ -95,6 +95,8 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-full-lmforge-fp16w"] = Row(shape, "full", "lmforge", [*fp16, "--torch_dtype", "float16"])
         rows[f"{shape}-lora-trl"] = Row(shape, "lora", "trl")
         rows[f"{shape}-lora-lmforge"] = Row(shape, "lora", "lmforge")
+        # What LoRA's input dropout (0.05, FastChat's and TRL's value) costs: the same row without it.
+        rows[f"{shape}-lora-lmforge-dropout0"] = Row(shape, "lora", "lmforge", ["--lora_dropout", "0"])
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
         for budget in ("0.1", "0.2", "0.3"):
             rows[f"{shape}-qlora-lmforge-budget{budget}"] = Row(shape, "qlora", "lmforge",
@@ -241,13 +243,35 @@ def kernel_kind(name: str) -> str:
     for kind, marks in (("attention", ("flash", "fmha", "attention")),
                         ("optimizer", ("adam", "multi_tensor", "foreach", "fused_adam")),
                         ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")),
+                        ("compiled (triton)", ("triton",)),  # Inductor's, whatever they fuse (to_copy too)
                         ("copy / cast", ("copy", "memcpy", "cast", "to_copy")),
                         ("memset / fill", ("memset", "fill")),
-                        ("compiled (triton)", ("triton",)),
                         ("loss / softmax", ("softmax", "log_softmax", "cross_entropy", "nll"))):
         if any(m in n for m in marks):
             return kind
     return "other"
+
+
+def launched_by(events, kinds: tuple[str, ...], steps: int, top: int = 8) -> list[str]:
+    """The costliest kernels of some kinds with the ops that launched them (three levels of
+    callers, and the launching op's input shapes): where a step's copies come from."""
+    cost: dict[tuple, list[float]] = {}
+    for e in events:
+        for k in getattr(e, "kernels", None) or []:
+            if kernel_kind(k.name) not in kinds:
+                continue
+            chain, op = [], e
+            while op is not None and len(chain) < 3:
+                chain.append(op.name)
+                op = op.cpu_parent
+            key = (k.name[:70], " < ".join(chain), str(getattr(e, "input_shapes", ""))[:120])
+            c = cost.setdefault(key, [0.0, 0])
+            c[0] += k.duration / 1e3 / steps
+            c[1] += 1 / steps
+    lines = [f"costliest {' and '.join(kinds)} kernels, by launching op:"]
+    for (name, chain, shapes), (ms, n) in sorted(cost.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {ms:7.2f} ms/step {n:5.0f}x  {name}  <- {chain}  {shapes}")
+    return lines
 
 
 def install_profile(first: int, steps: int, path: str):
@@ -266,7 +290,7 @@ def install_profile(first: int, steps: int, path: str):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == first and self.prof is None:
                 torch.cuda.synchronize()
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
                 self.prof.__enter__()
                 self.t0 = time.perf_counter()
 
@@ -296,6 +320,7 @@ def install_profile(first: int, steps: int, path: str):
                 k[1] += 1 / steps
             for kind, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
                 lines.append(f"  {kind:<20} {ms:8.2f} ms/step  {n:6.0f} kernels/step")
+            lines += launched_by(self.prof.events(), ("copy / cast", "other"), steps)
             host = {}
             for e in self.prof.events():
                 if e.device_type == torch.autograd.DeviceType.CPU and any(

@@ -1,8 +1,10 @@
 """Parts of a training step, timed alone on the GPU: the chunked loss with and without lmforge's
-softmax-rows kernel, that kernel's block sizes, and variable-length attention (PyTorch's flash
-kernel against cuDNN's) on the 0.5B shape's packed batch.
+softmax-rows kernel, that kernel's block sizes, variable-length attention (PyTorch's flash
+kernel against cuDNN's) on the 0.5B shape's packed batch, the master-weight AdamW step (torch's
+passes against lmforge's one kernel) over the 0.5B shape's parameters, and LoRA's input dropout
+in a compiled block (with and without it: what Inductor's random numbers cost).
 
-    python bench/step_parts.py
+    python bench/step_parts.py [loss] [attention] [optimizer] [dropout]
 
 Each part: median of 10 timed repetitions after 3 untimed ones (CUDA events), and the largest
 difference to the reference it replaces.
@@ -157,10 +159,86 @@ def attention_parts(tokens: int = 16384, heads: int = 14, kv_heads: int = 2, dim
             print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
 
 
+def qwen_05b_shapes() -> list[tuple[int, ...]]:
+    """The trained tensors of Qwen2.5-0.5B (494M parameters, the embedding tied to the head)."""
+    hidden, inner, kv, vocab = 896, 4864, 128, 151936
+    layer = [(hidden, hidden), (hidden,), (kv, hidden), (kv,), (kv, hidden), (kv,), (hidden, hidden),
+             (inner, hidden), (inner, hidden), (hidden, inner), (hidden,), (hidden,)]
+    return [(vocab, hidden)] + layer * 24 + [(hidden,)]
+
+
+def optimizer_parts() -> None:
+    """One step of AdamW over fp32 masters of bf16 weights, clipping included: torch's passes
+    (gradients copied to fp32, their norm, the scaling, fused AdamW, the copy back) against
+    lmforge's kernel (the norm of the bf16 gradients, then one kernel a group)."""
+    from lmforge.optim import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    shapes = qwen_05b_shapes()
+    from lmforge import optim_kernel
+
+    runs = {}
+    for kernel, block, warps in ((False, 0, 0), (True, 4096, 8), (True, 1024, 4), (True, 2048, 8)):
+        optim_kernel.BLOCK, optim_kernel.NUM_WARPS = block or optim_kernel.BLOCK, warps or optim_kernel.NUM_WARPS
+        optim_kernel._blocks.cache_clear()
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(torch.bfloat16)) for s in shapes]
+        grads = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+        decay = [p for p in params if p.dim() > 1]
+        rest = [p for p in params if p.dim() == 1]
+        opt = MasterWeightAdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                lr=1e-5, fused=True)
+        opt._kernel = opt._kernel and kernel
+
+        def step():
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+
+        ms = timed(step)
+        runs[kernel] = (ms, opt.master_params())
+        n = sum(p.numel() for p in params)
+        how = f"one kernel, blocks of {block} x {warps} warps" if opt._kernel else "torch passes"
+        print(f"  master AdamW, {n / 1e6:.0f}M parameters, {how}: {ms:.3f} ms a step", flush=True)
+    diff = max((a - b).abs().max().item() for a, b in zip(runs[True][1], runs[False][1]))
+    print(f"  largest difference between the masters after 13 steps: {diff:.3e}", flush=True)
+
+
+def dropout_parts(tokens: int = 16384, hidden: int = 2048, rank: int = 16) -> None:
+    """A block's input to q, k and v under LoRA: RMSNorm, then three adapters, each with its own
+    dropout of the normed input (PEFT's layout), compiled; forward and backward."""
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    adapters = [torch.randn(rank, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+    def block(x, p):
+        y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
+        return sum((torch.nn.functional.dropout(y, p, training=True) @ a.t()).float().sum() for a in adapters)
+
+    for p in (0.0, 0.05):
+        torch._dynamo.reset()
+        fn = torch.compile(block)
+
+        def run():
+            fn(x, p).backward()
+
+        ms = timed(run)
+        print(f"  RMSNorm + 3 LoRA inputs ({tokens} x {hidden}), dropout {p}: {ms:.3f} ms fwd+bwd", flush=True)
+
+
 def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
-    loss_parts(8192, 896, 151936)
-    attention_parts()
+    parts = sys.argv[1:] or ["loss", "attention", "optimizer", "dropout"]
+    if "loss" in parts:
+        loss_parts(8192, 896, 151936)
+    if "attention" in parts:
+        attention_parts()
+    if "optimizer" in parts:
+        optimizer_parts()
+    if "dropout" in parts:
+        dropout_parts()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ is handed its flag (`found_inf`) and changes nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from lmforge import optim_kernel
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -44,6 +48,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
             masters = [p.detach().to(torch.float32).clone().requires_grad_(True) for p in params]
             master_groups.append({**group, "params": masters})
         super().__init__(master_groups, **defaults)
+        self.grad_coef: torch.Tensor | None = None  # the clipping's factor for the next step
+        self.grad_norm: torch.Tensor | None = None  # the gradients' norm, measured for the next step
+        self._steps: dict[int, torch.Tensor] = {}  # a group's step counts (kernel path), by id(group)
+        options = self.defaults
+        self._kernel = (not options.get("amsgrad") and not options.get("maximize")
+                        and not options.get("differentiable")
+                        and all(optim_kernel.usable(g["params"], params)
+                                for g, params in zip(self.param_groups, self.model_params) if params))
 
     def _pairs(self):
         for params, group in zip(self.model_params, self.param_groups):
@@ -81,15 +93,98 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return self.master_params()
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The total (L2) norm of the step's gradients, in fp32; when it exceeds `max_norm`
+        (inf: measure only) the step scales them by max_norm / (norm + 1e-6), as torch's
+        clip_grad_norm_ would. The 16-bit gradients are read as they are (their fp32 norm): the
+        scaling happens on the fp32 gradient inside the update, so no scaled gradient is ever
+        rounded to 16 bits. Where masters hold fp32 gradients (`flush_grads`, under --fp16),
+        those are measured and scaled instead."""
+        grads = [m.grad if m.grad is not None else p.grad for p, m in self._pairs()
+                 if m.grad is not None or p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+        if math.isfinite(max_norm):
+            self.grad_coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        self.grad_norm = norm
+        return norm
+
+    @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MasterWeightAdamW does not take a closure")
-        self.flush_grads()
-        with_grad = [(p, m) for p, m in self._pairs() if m.grad is not None]
         if getattr(self, "grad_scale", None) is not None:
             raise RuntimeError("MasterWeightAdamW takes unscaled gradients: call flush_grads() and the loss scaler's "
                                "unscale_(optimizer) before its step")
+        coef, self.grad_coef, self.grad_norm = self.grad_coef, None, None
         found_inf = getattr(self, "found_inf", None)  # set by a loss scaler, or lmforge's NonFiniteGuard
+        if not self._kernel_step(coef, found_inf):
+            self._torch_step(coef, found_inf)
+        for m in self.master_params():
+            m.grad = None  # the fp32 gradient lives only for the update
+
+    def skips_on_found_inf(self) -> bool:
+        """Whether `step` honours a device-side `found_inf` flag without reading it on the host."""
+        return self._kernel or bool(self.defaults.get("fused"))
+
+    def _kernel_step(self, coef: torch.Tensor | None, found_inf: torch.Tensor | None) -> bool:
+        """The update as one kernel a group (`lmforge.optim_kernel`); False where it cannot run."""
+        if not self._kernel:
+            return False
+        work = []
+        for group, params, steps in zip(self.param_groups, self.model_params, self._group_steps()):
+            chosen = [i for i, (p, m) in enumerate(zip(params, group["params"]))
+                      if m.grad is not None or p.grad is not None]
+            if not chosen:
+                continue
+            masters = [group["params"][i] for i in chosen]
+            grads = [m.grad if m.grad is not None else params[i].grad for i, m in zip(chosen, masters)]
+            plan = optim_kernel.plan(grads, [params[i] for i in chosen], masters,
+                                     [self.state[m]["exp_avg"] for m in masters],
+                                     [self.state[m]["exp_avg_sq"] for m in masters])
+            if plan is None:
+                self._kernel = False  # a tensor out of the kernel's reach: torch's update from now on
+                return False
+            work.append((group, plan, steps, chosen if len(chosen) < len(params) else None))
+        advance = 1.0 if found_inf is None else 1.0 - found_inf  # a skipped step is not counted
+        for group, plan, steps, chosen in work:
+            if chosen is None:
+                steps.add_(advance)
+            else:  # some parameters got no gradient this step: torch's AdamW leaves them alone too
+                steps[chosen] += advance
+                steps = steps[chosen]
+            optim_kernel.adamw_step(plan, steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                    weight_decay=group["weight_decay"], coef=coef, found_inf=found_inf)
+        return True
+
+    def _group_steps(self) -> list[torch.Tensor | None]:
+        """Each group's step counts, one fp32 tensor on the device (None for a group without
+        parameters); every master's state (torch's fused AdamW layout: step, exp_avg,
+        exp_avg_sq) made where missing, its step a view of that tensor."""
+        out = []
+        for group in self.param_groups:
+            masters = group["params"]
+            steps = self._steps.get(id(group))
+            if masters and (steps is None or any(m not in self.state for m in masters)):
+                old = [self.state[m]["step"] if m in self.state else 0.0 for m in masters]
+                steps = torch.tensor([float(s) for s in old], dtype=torch.float32, device=masters[0].device)
+                self._steps[id(group)] = steps
+                for i, m in enumerate(masters):
+                    state = self.state[m]
+                    state.setdefault("exp_avg", torch.zeros_like(m, memory_format=torch.preserve_format))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(m, memory_format=torch.preserve_format))
+                    state["step"] = steps[i]
+            out.append(steps)
+        return out
+
+    def _torch_step(self, coef: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        """torch's AdamW over the masters' fp32 gradients, then the masters copied back."""
+        self.flush_grads()
+        with_grad = [(p, m) for p, m in self._pairs() if m.grad is not None]
+        if coef is not None and with_grad:
+            torch._foreach_mul_([m.grad for _, m in with_grad], coef.to(with_grad[0][1].device))
         if found_inf is not None and not self.defaults.get("fused"):
             # Only the fused update skips itself on the device-side flag; the others are told
             # here (a host sync, as torch's GradScaler makes for them too).
@@ -99,8 +194,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             self.found_inf = found_inf
         else:
             super().step()
-        for _, m in with_grad:
-            m.grad = None  # the fp32 gradient lives only for the update
         if with_grad:
             # A step the loss scaler skipped (an overflow) left the masters as they were: the
             # copy writes back the same weights.
@@ -118,6 +211,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
+        for entry in state["state"].values():  # the kernel path's steps are views of one tensor
+            if torch.is_tensor(entry.get("step")):
+                entry["step"] = entry["step"].clone()
         state["master_params"] = [m.detach().clone() for m in self.master_params()]
         return state
 
@@ -125,6 +221,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         masters = state_dict.pop("master_params", None)
         super().load_state_dict(state_dict)
+        self._steps.clear()  # the kernel path's step counts: made again from the loaded state
         if masters is not None:
             pairs = list(self._pairs())
             if len(masters) != len(pairs):

@@ -348,7 +348,10 @@ class NonFiniteGuard(transformers.TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)
         try:
             if _takes_found_inf(inner) and _one_local_device(grads):
-                bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+                # The clipping's norm, when the optimizer measured one this step: no second pass.
+                norm = getattr(inner, "grad_norm", None)
+                norms = [norm] if norm is not None else torch._foreach_norm(grads)
+                bad = ~torch.isfinite(torch.stack(norms)).all()
                 inner.found_inf = bad.to(torch.float32)  # the fused update does nothing where it is 1
                 self._defer(step, bad)
                 return
@@ -477,7 +480,10 @@ def nonfinite_message(step: int, output_dir: str, history: list[dict]) -> str:
 
 
 def _takes_found_inf(optimizer) -> bool:
-    """torch's fused Adam / AdamW: the only update that skips itself on a device-side flag."""
+    """torch's fused Adam / AdamW and lmforge's master-weight update: the updates that skip
+    themselves on a device-side flag."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        return optimizer.skips_on_found_inf()
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
@@ -588,27 +594,28 @@ class Trainer(transformers.Trainer):
         return self.optimizer
 
     def _clip_grad_norm(self, model):
-        masters = self._master_grads()
-        if masters is None:
-            return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_(masters, self.args.max_grad_norm)
+        norm = self._master_grad_norm(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model) if norm is None else norm
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None and (masters := self._master_grads()) is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(masters, float("inf"))  # unscales; clips nothing
+        if grad_norm is None:
+            grad_norm = self._master_grad_norm(float("inf"))
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    def _master_grads(self) -> list[torch.Tensor] | None:
-        """With 16-bit weights over fp32 masters: the masters, their fp32 gradients filled, for
-        the clipping to measure and scale, and under --fp16 for the loss scaler to unscale and
-        check (fp16 gradients cannot be unscaled, and their scaled norm overflows). Clipping the
-        16-bit gradients instead would round each scaled gradient to 16 bits before the fp32
-        update; on the masters, a step equals the step of fp32 weights under autocast.
-        None without masters."""
+    def _master_grad_norm(self, max_norm: float) -> torch.Tensor | None:
+        """With 16-bit weights over fp32 masters: the gradients' norm, clipped to `max_norm` in
+        fp32 (None without masters). Clipping the 16-bit gradients instead would round each
+        scaled gradient to 16 bits before the fp32 update; this way a step equals the step of
+        fp32 weights under autocast. The optimizer applies the clipping's factor inside its
+        update. Under --fp16's loss scaler the masters first take fp32 copies of the gradients,
+        which the scaler unscales and checks (fp16 gradients cannot be unscaled, and their
+        scaled norm overflows) and the clipping then scales."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if not isinstance(inner, MasterWeightAdamW):
             return None
-        return inner.flush_grads()
+        if self.accelerator.scaler is not None:
+            return self.accelerator.clip_grad_norm_(inner.flush_grads(), max_norm)
+        return inner.clip_grad_norm_(max_norm)
 
     _step_graphs: StepGraphs | None = None
     _graph_outputs: dict | None = None  # a graphed step's extra outputs (metrics), while it runs

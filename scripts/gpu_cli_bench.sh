@@ -4,7 +4,8 @@
 #   ROWS="0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge" bash scripts/gpu_cli_bench.sh
 # Wheels in .whl/ (trl, datasets, dill, multiprocess, liger-kernel; bitsandbytes for QLoRA rows)
 # are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
-# TESTS (pytest arguments, optional) read. The table and results.json go to $OUT when set.
+# TESTS (pytest arguments, optional; their output in $OUT/tests.log) read; PARTS (optional) names
+# parts of bench/step_parts.py to time first. The table and results.json go to $OUT when set.
 set -uo pipefail
 DATA=${DATA:-.devdata}
 W=${W:-/tmp/lmforge-cli-bench}
@@ -19,7 +20,12 @@ fi
 export LMFORGE_CACHE=$W/cache TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${TESTS:-}" ]; then
-  LMFORGE_SHARED_DATA=$DATA timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs $TESTS 2>&1 | tail -6
+  LMFORGE_SHARED_DATA=$DATA timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rfEs $TESTS \
+    > "$OUT/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/tests.log" | tail -12
+fi
+if [ -n "${PARTS:-}" ]; then  # parts of a step timed alone (bench/step_parts.py)
+  timeout "${PARTS_TIMEOUT:-180}" python3 bench/step_parts.py $PARTS 2>&1 | grep -v Warning | tail -20
 fi
 python3 bench/cli_throughput.py --tokenizer "$DATA/tokenizers/qwen2.5-0.5b-instruct" --work "$W" \
   --rows ${ROWS:-0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge} --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" \

@@ -99,6 +99,89 @@ def test_trainer_uses_master_weights_for_a_bf16_model_and_resumes(tmp_path):
         assert torch.equal(a, b), name  # the masters came back from the checkpoint, not the rounded weights
 
 
+def test_clipping_scales_the_fp32_gradient_inside_the_update():
+    """`clip_grad_norm_` measures the 16-bit gradients in fp32 and the step scales them in fp32:
+    torch's clip_grad_norm_ and AdamW on fp32 copies, bit for bit."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(32, 16).to(torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(32).to(torch.bfloat16))]
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    ours = MasterWeightAdamW([{"params": params}], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.1)
+    for scale in (10.0, 0.01, 10.0):  # clipped, not clipped, clipped
+        for p, r in zip(params, reference):
+            g = (torch.randn(p.shape) * scale).to(torch.bfloat16)
+            p.grad, r.grad = g, g.float()
+        norm = ours.clip_grad_norm_(1.0)
+        want = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        assert torch.equal(norm, want)
+        assert all(p.grad.dtype == torch.bfloat16 for p in params)  # the 16-bit gradients are left as they are
+        ours.step()
+        ref.step()
+        ours.zero_grad()
+        for m, r in zip(ours.master_params(), reference):
+            assert torch.equal(m, r)
+    assert ours.grad_coef is None  # each clipping's factor serves one step
+    assert torch.equal(ours.clip_grad_norm_(float("inf")), torch.zeros(()))  # no gradients: nothing measured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the update kernel runs on a CUDA GPU")
+def test_update_kernel_follows_torchs_fused_adamw():
+    """The one-kernel update (lmforge.optim_kernel) against torch's fused AdamW over the same
+    masters: two groups (with and without decay) and an empty one, clipping, a parameter without a gradient, a
+    step flagged non-finite, and a resume from the state it saves."""
+    from lmforge import optim_kernel
+
+    assert optim_kernel.available()
+    torch.manual_seed(4)
+    shapes = [(1000, 77), (4099,), (3, 5), (65536,)]
+
+    def make(kernel: bool):
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(torch.bfloat16)) for s in shapes]
+        opt = MasterWeightAdamW([{"params": params[:2], "weight_decay": 0.1},
+                                 {"params": params[2:], "weight_decay": 0.0},
+                                 {"params": [], "weight_decay": 0.0}],  # as the Trainer makes for LoRA: no bias
+                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        assert opt._kernel  # a CUDA GPU with Triton: the kernel path is chosen
+        opt._kernel = kernel
+        return params, opt
+
+    (ours, opt), (theirs, ref) = make(True), make(False)
+    for p, q in zip(ours, theirs):
+        q.data.copy_(p.data)
+    for o in (opt, ref):
+        for m, p in zip(o.master_params(), ours):
+            m.data.copy_(p.data.float())
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            if step == 2 and i == 1:
+                continue  # no gradient this step
+            g = (torch.randn(p.shape, device="cuda") * (5.0 if step % 2 else 0.01)).to(torch.bfloat16)
+            p.grad, q.grad = g, g.clone()
+        found = torch.tensor(1.0 if step == 4 else 0.0, device="cuda")
+        for o in (opt, ref):
+            norm = o.clip_grad_norm_(1.0)
+            o.found_inf = found
+            o.step()
+            o.found_inf = None
+            o.zero_grad()
+        if step == 3:  # resume: a fresh optimizer over the same weights, from the saved state
+            state = opt.state_dict()
+            opt = MasterWeightAdamW([{"params": ours[:2], "weight_decay": 0.1},
+                                     {"params": ours[2:], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                                    fused=True)
+            opt.load_state_dict(state)
+        for m, r in zip(opt.master_params(), ref.master_params()):
+            assert torch.allclose(m, r, rtol=1e-6, atol=1e-7), step
+        for p, q in zip(ours, theirs):
+            # masters a rounding apart may round to neighbouring 16-bit weights
+            assert torch.allclose(p.data.float(), q.data.float(), rtol=2 ** -7, atol=1e-6), step
+    assert norm.dtype == torch.float32
+    assert [float(opt.state[m]["step"]) for m in opt.master_params()] == [5.0, 4.0, 5.0, 5.0]
+    assert opt.state_dict()["state"][0]["step"].data_ptr() != opt.state_dict()["state"][1]["step"].data_ptr()
+
+
 # --- fp16 weights under a loss scaler -------------------------------------------------------------
 
 @pytest.mark.parametrize("fused", [False, True])
