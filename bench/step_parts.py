@@ -178,7 +178,7 @@ def optimizer_parts() -> None:
     from lmforge import optim_kernel
 
     runs = {}
-    for kernel, block, warps in ((False, 0, 0), (True, 4096, 8), (True, 1024, 4), (True, 2048, 8)):
+    for kernel, block, warps in ((False, 0, 0), (True, 1024, 4), (True, 2048, 8), (True, 4096, 8)):
         optim_kernel.BLOCK, optim_kernel.NUM_WARPS = block or optim_kernel.BLOCK, warps or optim_kernel.NUM_WARPS
         optim_kernel._blocks.cache_clear()
         torch.manual_seed(0)

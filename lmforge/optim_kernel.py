@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-# Elements a program updates. 494M parameters are ~120k programs at 4096.
-BLOCK = 4096
-NUM_WARPS = 8
+# Elements a program updates, and its warps. Measured on one H200 over the 0.5B shape's 494M
+# parameters with every load masked (bench/step_parts.py, 2026-12-03): 1024 / 4 7.24 ms, 2048 / 8
+# 8.88, 4096 / 8 10.45; torch's passes 8.69.
+BLOCK = 1024
+NUM_WARPS = 4
 # Every tensor starts a multiple of this many elements from its kind's first (PyTorch's allocator
 # places tensors 512 bytes apart at least; a view elsewhere sends the group to torch's path).
 ALIGN = 16
@@ -48,16 +50,20 @@ def _kernel():
     @triton.jit
     def adamw_blocks(block_tensor, block_start, numels, offsets, grad_base, weight_base, master_base, avg_base,
                      sq_base, steps, coef_ptr, found_ptr, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
-                     weight_decay, count, HAS_COEF: tl.constexpr, HAS_FOUND: tl.constexpr, ALIGN: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     weight_decay, count, HAS_COEF: tl.constexpr, HAS_FOUND: tl.constexpr, MASKED: tl.constexpr,
+                     ALIGN: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         idx = tl.multiple_of(tl.load(block_start + pid), BLOCK) + tl.arange(0, BLOCK)
-        keep = idx < tl.load(numels + t)
-        if HAS_FOUND:  # a step the loss scaler or the guard found non-finite changes nothing
-            keep = keep & (tl.load(found_ptr) == 0)
+        # The same value in every lane (a step the loss scaler or the guard found non-finite
+        # changes nothing): loads under it stay vectorised. Only a tensor's last block, when
+        # partial, is masked element by element (MASKED, a launch of its own).
+        found = tl.load(found_ptr) if HAS_FOUND else 0.0
+        keep = (tl.full([BLOCK], 0.0, tl.float32) + found) == 0.0
+        if MASKED:
+            keep = keep & (idx < tl.load(numels + t))
         # offsets: [5, count] elements from each kind's base: gradient, weight, master, moments;
-        # multiples of ALIGN (`_offsets` makes sure), which lets the loads be vectorised.
+        # multiples of ALIGN (`offsets` makes sure), which lets the loads be vectorised.
         g_at = grad_base + tl.multiple_of(tl.load(offsets + t), ALIGN) + idx
         w_at = weight_base + tl.multiple_of(tl.load(offsets + count + t), ALIGN) + idx
         p_at = master_base + tl.multiple_of(tl.load(offsets + 2 * count + t), ALIGN) + idx
@@ -86,12 +92,20 @@ def _kernel():
 
 
 @functools.cache
-def _blocks(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor index, first element) of every block of BLOCK elements, for tensors of these sizes."""
-    counts = [-(-n // BLOCK) for n in numels]
-    tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts))
-    first = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts])
-    return tensor.to(device), first.to(device)
+def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor index, first element) of every block of `block` elements, for tensors of these
+    sizes: the whole blocks, then the partial last ones."""
+    whole: tuple[list[int], list[int]] = ([], [])
+    partial: tuple[list[int], list[int]] = ([], [])
+    for i, n in enumerate(numels):
+        starts = range(0, n - n % block, block)
+        whole[0].extend([i] * len(starts))
+        whole[1].extend(starts)
+        if n % block:
+            partial[0].append(i)
+            partial[1].append(n - n % block)
+    return [(torch.tensor(t, dtype=torch.int32, device=device), torch.tensor(f, dtype=torch.int64, device=device))
+            for t, f in (whole, partial)]
 
 
 def offsets(tensors: list[torch.Tensor]) -> list[int] | None:
@@ -136,15 +150,17 @@ def adamw_step(plan: Plan, steps: torch.Tensor, *, lr: float, betas: tuple[float
     device = masters[0].device
     table = torch.tensor(plan.offsets, dtype=torch.int64).to(device, non_blocking=True)
     numels = tuple(m.numel() for m in masters)
-    block_tensor, block_start = _blocks(numels, device)
     sizes = torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True)
     beta1, beta2 = betas
     with torch.cuda.device(device):
-        _kernel()[(block_tensor.numel(),)](
-            block_tensor, block_start, sizes, table, grads[0], weights[0], masters[0], avgs[0], squares[0], steps,
-            coef if coef is not None else steps, found_inf if found_inf is not None else steps, float(lr), beta1,
-            beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay, len(masters),
-            HAS_COEF=coef is not None, HAS_FOUND=found_inf is not None, ALIGN=ALIGN, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        for masked, (block_tensor, block_start) in zip((False, True), _blocks(numels, BLOCK, device)):
+            if block_tensor.numel():
+                _kernel()[(block_tensor.numel(),)](
+                    block_tensor, block_start, sizes, table, grads[0], weights[0], masters[0], avgs[0], squares[0],
+                    steps, coef if coef is not None else steps, found_inf if found_inf is not None else steps,
+                    float(lr), beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay, len(masters),
+                    HAS_COEF=coef is not None, HAS_FOUND=found_inf is not None, MASKED=masked, ALIGN=ALIGN,
+                    BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def usable(masters: list[torch.Tensor], weights: list[torch.Tensor]) -> bool:

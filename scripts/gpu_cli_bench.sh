@@ -27,6 +27,7 @@ fi
 if [ -n "${PARTS:-}" ]; then  # parts of a step timed alone (bench/step_parts.py)
   timeout "${PARTS_TIMEOUT:-180}" python3 bench/step_parts.py $PARTS 2>&1 | grep -v Warning | tail -20
 fi
+[ -z "${ROWS-x}" ] && exit 0  # ROWS set and empty: tests and parts only
 python3 bench/cli_throughput.py --tokenizer "$DATA/tokenizers/qwen2.5-0.5b-instruct" --work "$W" \
   --rows ${ROWS:-0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge} --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" \
   --timeout "${ROW_TIMEOUT:-300}" --profile "${PROFILE:-0}" 2>&1 | tee "$OUT/bench.log" | cut -c1-2000

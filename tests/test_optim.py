@@ -169,8 +169,8 @@ def test_update_kernel_follows_torchs_fused_adamw():
         if step == 3:  # resume: a fresh optimizer over the same weights, from the saved state
             state = opt.state_dict()
             opt = MasterWeightAdamW([{"params": ours[:2], "weight_decay": 0.1},
-                                     {"params": ours[2:], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                                    fused=True)
+                                     {"params": ours[2:], "weight_decay": 0.0}, {"params": [], "weight_decay": 0.0}],
+                                    lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
             opt.load_state_dict(state)
         for m, r in zip(opt.master_params(), ref.master_params()):
             assert torch.allclose(m, r, rtol=1e-6, atol=1e-7), step
