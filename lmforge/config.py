@@ -323,7 +323,9 @@ class LoraArguments:
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of every weight."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float = field(default=0.05, metadata={
+        "help": "Dropout on the LoRA input (FastChat's 0.05). Its masks cost time and memory: on the 1B shape "
+                "(one H200, 2026-12-03) 0 trained 8.6% faster and 5 GiB lighter."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Modules that get adapters: all-linear (every linear layer of the blocks, not the "

@@ -21,8 +21,10 @@ and each one's outputs stay held by it.
 What it asks of a step: inputs of a fixed shape per key (the collator pads lengths to buckets;
 `bucketed` pads the labelled positions and the documents' offsets, whose counts change with
 every batch), no read of a device value on the host inside `compute_loss` or the backward, one
-process. Measured for DPO; SFT's packed rows take the same path (`--cuda_graphs True`), tested
-on the CPU for the padding's exactness but not yet run on a GPU.
+process. Measured for DPO. SFT's packed rows take the same path (`--cuda_graphs True`): the
+padding is exact on CPU tests and a GPU test trains as eager steps do, but on one H200 the 0.5B
+row ran at 141.8k tokens/s against 144.3k without (2026-12-03): that step keeps the GPU 97 %
+busy, so there was no launch gap to close, and graphs stay off for packed rows.
 """
 
 from __future__ import annotations

@@ -15,21 +15,16 @@ DPO's log-probabilities need.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from lmforge.triton_launch import available, on
 
 # Vocabulary entries a program reads per iteration, and its warps. Measured on one H200 over a
 # chunk of 1,766 x 151,936 bf16 logits (bench/step_parts.py, 2026-12-02): 0.465 ms (3.5 TB/s of
 # traffic) at 8192 / 8; 4096 / 8 the same; 2048 / 16 0.735 ms, 16384 / 4 0.659 ms.
 BLOCK = 8192
 NUM_WARPS = 8
-
-
-@functools.cache
-def available() -> bool:
-    """Whether the kernel can run here: a CUDA device and Triton."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -86,7 +81,7 @@ def softmax_rows(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.T
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     picked = torch.empty_like(lse)
     if n:
-        with torch.cuda.device(logits.device):  # Triton launches on the current device
+        with on(logits.device):
             _kernel()[(n,)](logits, logits.stride(0), target, grad_scale if grad_scale is not None else lse, lse,
                             picked, vocab, HAS_SCALE=grad_scale is not None, WRITE_GRAD=write_grad, BLOCK=BLOCK,
                             num_warps=NUM_WARPS)

@@ -10,7 +10,14 @@ there and writes the rounded result back.
 
 Memory during the backward pass (the peak) is the same as fp32 training minus the fp32
 activations: 2 + 2 bytes a parameter for the bf16 weight and gradient, 4 for the master, 8 for
-the moments. The fp32 gradient the update needs exists only inside `step`.
+the moments.
+
+On a CUDA GPU the update is one Triton kernel per parameter group (`lmforge.optim_kernel`): it
+reads the 16-bit gradient, scales it by the clipping's factor (`clip_grad_norm_` measures the
+16-bit gradients in fp32 and leaves them as they are), and writes master, moments and 16-bit
+weight in one pass; no fp32 gradient is made. Elsewhere (a CPU, a sharded DTensor, a tensor the
+kernel cannot address) torch's AdamW runs over fp32 copies of the gradients that exist only
+inside `step`. Both keep torch's AdamW state, so a checkpoint resumes on either.
 
 fp16 weights (--torch_dtype float16 --fp16 True) need loss scaling as well: torch's GradScaler
 refuses to unscale fp16 gradients, so the Trainer first copies them into the masters' fp32
@@ -30,8 +37,9 @@ from lmforge import optim_kernel
 class MasterWeightAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose parameters are fp32 masters of the model's 16-bit parameters.
 
-    `param_groups` is given as for AdamW, with the model's parameters; schedulers, gradient
-    clipping (on the model's gradients, before `step`) and the Trainer see a normal optimizer.
+    `param_groups` is given as for AdamW, with the model's parameters; schedulers and the Trainer
+    see a normal optimizer. Gradient clipping goes through `clip_grad_norm_` (lmforge's Trainer
+    calls it), which hands the step its factor.
     The masters are part of `state_dict()`, so a resumed run continues from them and not
     from the rounded weights."""
 
@@ -124,6 +132,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
             self._torch_step(coef, found_inf)
         for m in self.master_params():
             m.grad = None  # the fp32 gradient lives only for the update
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether the update runs as lmforge's one kernel a group (else torch's AdamW)."""
+        return self._kernel
 
     def skips_on_found_inf(self) -> bool:
         """Whether `step` honours a device-side `found_inf` flag without reading it on the host."""

@@ -20,11 +20,12 @@ into blocks of BLOCK elements, one program each.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
+
+from lmforge.triton_launch import available, on
 
 # Elements a program updates, and its warps. Measured on one H200 over the 0.5B shape's 494M
 # parameters with every load masked (bench/step_parts.py, 2026-12-03): 1024 / 4 7.24 ms, 2048 / 8
@@ -34,12 +35,6 @@ NUM_WARPS = 4
 # Every tensor starts a multiple of this many elements from its kind's first (PyTorch's allocator
 # places tensors 512 bytes apart at least; a view elsewhere sends the group to torch's path).
 ALIGN = 16
-
-
-@functools.cache
-def available() -> bool:
-    """Whether the kernel can run here: a CUDA device and Triton."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -152,7 +147,7 @@ def adamw_step(plan: Plan, steps: torch.Tensor, *, lr: float, betas: tuple[float
     numels = tuple(m.numel() for m in masters)
     sizes = torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True)
     beta1, beta2 = betas
-    with torch.cuda.device(device):
+    with on(device):
         for masked, (block_tensor, block_start) in zip((False, True), _blocks(numels, BLOCK, device)):
             if block_tensor.numel():
                 _kernel()[(block_tensor.numel(),)](

@@ -590,7 +590,8 @@ class Trainer(transformers.Trainer):
         self.optimizer = MasterWeightAdamW(groups, **{k: optimizer.defaults[k] for k in keep
                                                       if k in optimizer.defaults})
         if self.args.process_index == 0:
-            print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model)")
+            how = "one Triton kernel a parameter group" if self.optimizer.uses_kernel else "torch's AdamW"
+            print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model; the update: {how})")
         return self.optimizer
 
     def _clip_grad_norm(self, model):

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
 import pytest
+import torch
+
+# Without a GPU, lmforge's Triton kernels are tested under Triton's interpreter (`kernel_device`).
+# Triton decides between interpreting and compiling when it is first imported, so this is set
+# before any test imports it; nothing else uses Triton on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("LMFORGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -33,6 +41,29 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own token cache, so tests never see each other's entries."""
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "lmforge-cache"))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def kernel_device(request) -> str:
+    """Where a test runs lmforge's Triton kernels: "cuda", or "cpu" under Triton's interpreter
+    (TRITON_INTERPRET=1: the kernels' own code, run with numpy), so that a machine without a GPU
+    tests them too. Parametrize with `indirect=True` over KERNEL_DEVICES."""
+    from lmforge import loss_kernel, optim_kernel
+
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return "cuda"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the kernels themselves (the cuda case)")
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton, imported with TRITON_INTERPRET=1")
+    for module in (loss_kernel, optim_kernel):  # made on first use: made under the interpreter
+        module._kernel.cache_clear()
+    return "cpu"
+
+
+KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "interpreter"]
 
 
 @pytest.fixture(scope="session")

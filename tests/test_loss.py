@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import KERNEL_DEVICES
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, linear_cross_entropy
 from tests.data.test_pack import one_step, packed_batch, records, tiny_model
 
@@ -98,20 +99,21 @@ def test_compiled_blocks_compute_the_same_loss_and_gradients():
         assert torch.allclose(grad, expected[name], rtol=1e-3, atol=1e-6), name
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_device", KERNEL_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_softmax_rows_kernel_equals_torch(dtype):
+def test_the_softmax_rows_kernel_equals_torch(dtype, kernel_device):
     """lmforge.loss_kernel against torch in fp64: log-sum-exp, the target's logit, and the gradient
     it writes over the logits, with and without a per-row scale; a vocabulary that is not a
-    multiple of the kernel's block."""
+    multiple of the kernel's block. On a GPU, and on a CPU under Triton's interpreter."""
     from lmforge import loss_kernel
 
     torch.manual_seed(0)
     vocab = 3 * loss_kernel.BLOCK + 1000
-    logits = (torch.randn(37, vocab, device="cuda") * 4).to(dtype)
-    target = torch.randint(0, vocab, (37,), device="cuda")
+    rows = 37 if kernel_device == "cuda" else 6
+    logits = (torch.randn(rows, vocab, device=kernel_device) * 4).to(dtype)
+    target = torch.randint(0, vocab, (rows,), device=kernel_device)
     target[:4] = torch.tensor([vocab - 1, 0, 3 * loss_kernel.BLOCK, loss_kernel.BLOCK - 1])  # block edges, the tail
-    scale = torch.randn(37, device="cuda")
+    scale = torch.randn(rows, device=kernel_device)
     x = logits.double()
     ref_lse = torch.logsumexp(x, -1)
     ref_grad = torch.softmax(x, -1) - torch.nn.functional.one_hot(target, vocab).double()

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICES
 from lmforge.optim import MasterWeightAdamW
 
 
@@ -125,25 +126,26 @@ def test_clipping_scales_the_fp32_gradient_inside_the_update():
     assert torch.equal(ours.clip_grad_norm_(float("inf")), torch.zeros(()))  # no gradients: nothing measured
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the update kernel runs on a CUDA GPU")
-def test_update_kernel_follows_torchs_fused_adamw():
+@pytest.mark.parametrize("kernel_device", KERNEL_DEVICES, indirect=True)
+def test_update_kernel_follows_torchs_fused_adamw(kernel_device):
     """The one-kernel update (lmforge.optim_kernel) against torch's fused AdamW over the same
-    masters: two groups (with and without decay) and an empty one, clipping, a parameter without a gradient, a
-    step flagged non-finite, and a resume from the state it saves."""
+    masters: two groups (with and without decay) and an empty one, clipping, a parameter without
+    a gradient, a step flagged non-finite, and a resume from the state it saves. On a GPU, and on
+    a CPU under Triton's interpreter."""
     from lmforge import optim_kernel
 
-    assert optim_kernel.available()
+    device = kernel_device
+    assert optim_kernel.available() == (device == "cuda")
     torch.manual_seed(4)
     shapes = [(1000, 77), (4099,), (3, 5), (65536,)]
 
     def make(kernel: bool):
-        params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(torch.bfloat16)) for s in shapes]
+        params = [torch.nn.Parameter(torch.randn(s, device=device).to(torch.bfloat16)) for s in shapes]
         opt = MasterWeightAdamW([{"params": params[:2], "weight_decay": 0.1},
                                  {"params": params[2:], "weight_decay": 0.0},
                                  {"params": [], "weight_decay": 0.0}],  # as the Trainer makes for LoRA: no bias
                                 lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
-        assert opt._kernel  # a CUDA GPU with Triton: the kernel path is chosen
+        assert opt._kernel == (device == "cuda")  # chosen where a CUDA GPU and Triton are
         opt._kernel = kernel
         return params, opt
 
@@ -157,9 +159,9 @@ def test_update_kernel_follows_torchs_fused_adamw():
         for i, (p, q) in enumerate(zip(ours, theirs)):
             if step == 2 and i == 1:
                 continue  # no gradient this step
-            g = (torch.randn(p.shape, device="cuda") * (5.0 if step % 2 else 0.01)).to(torch.bfloat16)
+            g = (torch.randn(p.shape, device=device) * (5.0 if step % 2 else 0.01)).to(torch.bfloat16)
             p.grad, q.grad = g, g.clone()
-        found = torch.tensor(1.0 if step == 4 else 0.0, device="cuda")
+        found = torch.tensor(1.0 if step == 4 else 0.0, device=device)
         for o in (opt, ref):
             norm = o.clip_grad_norm_(1.0)
             o.found_inf = found
@@ -172,6 +174,7 @@ def test_update_kernel_follows_torchs_fused_adamw():
                                      {"params": ours[2:], "weight_decay": 0.0}, {"params": [], "weight_decay": 0.0}],
                                     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
             opt.load_state_dict(state)
+            opt._kernel = True
         for m, r in zip(opt.master_params(), ref.master_params()):
             assert torch.allclose(m, r, rtol=1e-6, atol=1e-7), step
         for p, q in zip(ours, theirs):
