@@ -2,9 +2,10 @@
 softmax-rows kernel, that kernel's block sizes, variable-length attention (PyTorch's flash
 kernel against cuDNN's) on the 0.5B shape's packed batch, the master-weight AdamW step (torch's
 passes against lmforge's one kernel) over the 0.5B shape's parameters, and LoRA's input dropout
-in a compiled block (with and without it: what Inductor's random numbers cost).
+in a compiled block (with and without it: what Inductor's random numbers cost), and the
+chunked loss against cut-cross-entropy.
 
-    python bench/step_parts.py [loss] [attention] [optimizer] [dropout]
+    python bench/step_parts.py [loss] [attention] [optimizer] [dropout] [cce]
 
 Each part: median of 10 timed repetitions after 3 untimed ones (CUDA events), and the largest
 difference to the reference it replaces.
@@ -94,6 +95,48 @@ def loss_parts(rows: int, hidden: int, vocab: int) -> None:
             print(f"  softmax rows, one chunk {chunk} x {vocab}: block {block:>5} warps {warps:>2}: "
                   f"{ms:.3f} ms ({gbytes / ms:.2f} TB/s)", flush=True)
     loss_kernel.BLOCK, loss_kernel.NUM_WARPS = block_then, warps_then
+
+
+def cce_parts(rows: int = 8192, hidden: int = 896, vocab: int = 151936) -> None:
+    """lmforge's chunked loss (its softmax-rows kernel) against Apple's cut-cross-entropy (CCE:
+    the logits never leave on-chip memory; `pip install cut-cross-entropy`, a 22 kB wheel) on
+    the 0.5B shape's head, summed loss, forward + backward; both against an fp64 reference."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError:
+        print("  cut-cross-entropy is not installed (its wheel goes in .whl/)", flush=True)
+        return
+    torch.manual_seed(0)
+    h = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), device="cuda")
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, t, reduction="sum")
+    ref.backward()
+    want = (ref.item(), h64.grad, w64.grad)
+    del h64, w64
+    torch.cuda.reset_peak_memory_stats()
+    variants = {"lmforge chunked + kernel": lambda: loss.linear_cross_entropy(h, w, t)}
+    for name, impl, eps in (("CCE (default: filtered gradient)", "cce", "high"), ("CCE, exact gradient", "cce", None)):
+        variants[name] = lambda impl=impl, eps=eps: cce(h, w, t, reduction="sum", impl=impl, filter_eps=eps)
+    for name, fn in variants.items():
+        def run():
+            h.grad = w.grad = None
+            fn().backward()
+
+        try:
+            ms = timed(run)
+            h.grad = w.grad = None
+            value = fn()
+            value.backward()
+        except Exception as e:  # noqa: BLE001 - report what this build does not take
+            print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
+        errs = [((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip((h.grad, w.grad), want[1:])]
+        print(f"  {name}: {ms:.2f} ms fwd+bwd ({rows} x {hidden} -> {vocab}); loss off fp64 by "
+              f"{abs(value.item() - want[0]) / abs(want[0]):.1e}; gradients (largest error / largest value) "
+              f"h {errs[0]:.1e}, w {errs[1]:.1e}; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        torch.cuda.reset_peak_memory_stats()
 
 
 def doc_lengths(total: int, seed: int = 0) -> list[int]:
@@ -230,7 +273,7 @@ def dropout_parts(tokens: int = 16384, hidden: int = 2048, rank: int = 16) -> No
 
 def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
-    parts = sys.argv[1:] or ["loss", "attention", "optimizer", "dropout"]
+    parts = sys.argv[1:] or ["loss", "attention", "optimizer", "dropout", "cce"]
     if "loss" in parts:
         loss_parts(8192, 896, 151936)
     if "attention" in parts:
@@ -239,6 +282,8 @@ def main() -> None:
         optimizer_parts()
     if "dropout" in parts:
         dropout_parts()
+    if "cce" in parts:
+        cce_parts()
 
 
 if __name__ == "__main__":

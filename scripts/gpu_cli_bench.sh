@@ -2,7 +2,8 @@
 # The side-by-side throughput of the command lines (bench/cli_throughput.py) on the GPU device,
 # from the repository root:
 #   ROWS="0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge" bash scripts/gpu_cli_bench.sh
-# Wheels in .whl/ (trl, datasets, dill, multiprocess, liger-kernel; bitsandbytes for QLoRA rows)
+# Wheels in .whl/ (trl, datasets, dill, multiprocess, liger-kernel; bitsandbytes for QLoRA rows;
+# cut-cross-entropy for PARTS=cce)
 # are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
 # TESTS (pytest arguments, optional; their output in $OUT/tests.log) read; PARTS (optional) names
 # parts of bench/step_parts.py to time first. The table and results.json go to $OUT when set.
