@@ -185,6 +185,33 @@ def test_update_kernel_follows_torchs_fused_adamw(kernel_device):
     assert opt.state_dict()["state"][0]["step"].data_ptr() != opt.state_dict()["state"][1]["step"].data_ptr()
 
 
+@pytest.mark.parametrize("kernel_device", ["interpreter"], indirect=True)
+def test_a_gradient_the_kernel_cannot_address_sends_the_update_to_torch(kernel_device):
+    """The kernel finds each gradient at an offset from the group's first, a multiple of 16
+    elements. A gradient that is a view starting an odd number of elements into its buffer is
+    not: the step, and every later one, is torch's AdamW, with the same result."""
+    from lmforge import optim_kernel
+
+    torch.manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in ((40, 8), (24,))]
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    ours = MasterWeightAdamW([{"params": params}], lr=1e-2, fused=True)
+    ours._kernel = True  # as on a GPU
+    ref = torch.optim.AdamW(reference, lr=1e-2, fused=True)
+    for step in range(2):
+        buffer = torch.randn(3 + 24).to(torch.bfloat16)
+        params[0].grad, params[1].grad = torch.randn(40, 8).to(torch.bfloat16), buffer[3:]
+        if step == 0:
+            assert optim_kernel.offsets([p.grad for p in params]) is None
+        for p, r in zip(params, reference):
+            r.grad = p.grad.float()
+        ours.step()
+        ref.step()
+        assert not ours.uses_kernel
+        for m, r in zip(ours.master_params(), reference):
+            assert torch.equal(m, r)
+
+
 # --- fp16 weights under a loss scaler -------------------------------------------------------------
 
 @pytest.mark.parametrize("fused", [False, True])
