@@ -180,7 +180,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             masters = group["params"]
             steps = self._steps.get(id(group))
-            if masters and (steps is None or any(m not in self.state for m in masters)):
+            # Made once (again after load_state_dict, which drops them): no scan of the state a step.
+            if masters and steps is None:
                 old = [self.state[m]["step"] if m in self.state else 0.0 for m in masters]
                 steps = torch.tensor([float(s) for s in old], dtype=torch.float32, device=masters[0].device)
                 self._steps[id(group)] = steps

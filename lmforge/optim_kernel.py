@@ -86,10 +86,19 @@ def _kernel():
     return adamw_blocks
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """The launch grid for tensors of some sizes: each block's (tensor index, first element), the
+    whole blocks apart from the partial last ones, and the sizes themselves; on the device, made
+    once per set of sizes (they do not change between steps)."""
+
+    whole: tuple[torch.Tensor, torch.Tensor]
+    partial: tuple[torch.Tensor, torch.Tensor]
+    sizes: torch.Tensor
+
+
 @functools.cache
-def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tensor index, first element) of every block of `block` elements, for tensors of these
-    sizes: the whole blocks, then the partial last ones."""
+def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> _Blocks:
     whole: tuple[list[int], list[int]] = ([], [])
     partial: tuple[list[int], list[int]] = ([], [])
     for i, n in enumerate(numels):
@@ -99,8 +108,12 @@ def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> list[t
         if n % block:
             partial[0].append(i)
             partial[1].append(n - n % block)
-    return [(torch.tensor(t, dtype=torch.int32, device=device), torch.tensor(f, dtype=torch.int64, device=device))
-            for t, f in (whole, partial)]
+
+    def on_device(tensor: list[int], first: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(tensor, dtype=torch.int32, device=device),
+                torch.tensor(first, dtype=torch.int64, device=device))
+
+    return _Blocks(on_device(*whole), on_device(*partial), torch.tensor(numels, dtype=torch.int64, device=device))
 
 
 def offsets(tensors: list[torch.Tensor]) -> list[int] | None:
@@ -144,16 +157,15 @@ def adamw_step(plan: Plan, steps: torch.Tensor, *, lr: float, betas: tuple[float
     grads, weights, masters, avgs, squares = plan.kinds
     device = masters[0].device
     table = torch.tensor(plan.offsets, dtype=torch.int64).to(device, non_blocking=True)
-    numels = tuple(m.numel() for m in masters)
-    sizes = torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True)
+    blocks = _blocks(tuple(m.numel() for m in masters), BLOCK, device)
     beta1, beta2 = betas
     with on(device):
-        for masked, (block_tensor, block_start) in zip((False, True), _blocks(numels, BLOCK, device)):
+        for masked, (block_tensor, block_start) in ((False, blocks.whole), (True, blocks.partial)):
             if block_tensor.numel():
                 _kernel()[(block_tensor.numel(),)](
-                    block_tensor, block_start, sizes, table, grads[0], weights[0], masters[0], avgs[0], squares[0],
-                    steps, coef if coef is not None else steps, found_inf if found_inf is not None else steps,
-                    float(lr), beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay, len(masters),
+                    block_tensor, block_start, blocks.sizes, table, grads[0], weights[0], masters[0], avgs[0],
+                    squares[0], steps, coef if coef is not None else steps,
+                    found_inf if found_inf is not None else steps, float(lr), beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay, len(masters),
                     HAS_COEF=coef is not None, HAS_FOUND=found_inf is not None, MASKED=masked, ALIGN=ALIGN,
                     BLOCK=BLOCK, num_warps=NUM_WARPS)
 

@@ -34,8 +34,8 @@ from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows, choose_fast_path
-from lmforge.graphs import graphs_unsupported
 from lmforge.fast_path import describe as describe_choices
+from lmforge.graphs import graphs_unsupported
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.report import key_flags, read_run_info

@@ -43,8 +43,8 @@ from lmforge.data.sampler import EpochShuffle
 from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
-from lmforge.model import compile_blocks
 from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
+from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
