@@ -165,7 +165,8 @@ def adamw_step(plan: Plan, steps: torch.Tensor, *, lr: float, betas: tuple[float
                 _kernel()[(block_tensor.numel(),)](
                     block_tensor, block_start, blocks.sizes, table, grads[0], weights[0], masters[0], avgs[0],
                     squares[0], steps, coef if coef is not None else steps,
-                    found_inf if found_inf is not None else steps, float(lr), beta1, beta2, math.log2(beta1), math.log2(beta2), eps, weight_decay, len(masters),
+                    found_inf if found_inf is not None else steps, float(lr), beta1, beta2, math.log2(beta1),
+                    math.log2(beta2), eps, weight_decay, len(masters),
                     HAS_COEF=coef is not None, HAS_FOUND=found_inf is not None, MASKED=masked, ALIGN=ALIGN,
                     BLOCK=BLOCK, num_warps=NUM_WARPS)
 
