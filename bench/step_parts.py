@@ -2,7 +2,7 @@
 softmax-rows kernel, that kernel's block sizes, variable-length attention (PyTorch's flash
 kernel against cuDNN's) on the 0.5B shape's packed batch, the master-weight AdamW step (torch's
 passes against lmforge's one kernel) over the 0.5B shape's parameters, and LoRA's input dropout
-in a compiled block (without it, with PEFT's dropout module and with lmforge's kernel), and the
+in a compiled block (with and without it: what Inductor's random numbers cost), and the
 chunked loss against cut-cross-entropy.
 
     python bench/step_parts.py [loss] [attention] [optimizer] [dropout] [cce]
@@ -251,42 +251,24 @@ def optimizer_parts() -> None:
 
 def dropout_parts(tokens: int = 16384, hidden: int = 2048, rank: int = 16) -> None:
     """A block's input to q, k and v under LoRA: RMSNorm, then three adapters, each with its own
-    dropout of the normed input (PEFT's layout), compiled; forward and backward, and what the
-    forward keeps for the backward. Without dropout, with PEFT's dropout module (Inductor's
-    random numbers, mask kept), and with lmforge's kernel (lmforge.lora_kernel: mask drawn again)."""
-    from lmforge import lora_kernel
-
+    dropout of the normed input (PEFT's layout), compiled; forward and backward."""
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
     adapters = [torch.randn(rank, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
 
-    def norm(x):
-        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
-
     def block(x, p):
-        y = norm(x)
+        y = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
         return sum((torch.nn.functional.dropout(y, p, training=True) @ a.t()).float().sum() for a in adapters)
 
-    def kernel_block(x, p):
-        y = norm(x)
-        return sum(lora_kernel.dropout_lora_a(y, a, torch.randint(0, 2**62, (1,), device="cuda"), p).float().sum()
-                   for a in adapters)
-
-    for name, fn, p in (("no dropout", block, 0.0), ("dropout 0.05, PEFT's module", block, 0.05),
-                        ("dropout 0.05, lmforge kernel", kernel_block, 0.05)):
+    for p in (0.0, 0.05):
         torch._dynamo.reset()
-        compiled = torch.compile(fn)
+        fn = torch.compile(block)
 
         def run():
-            compiled(x, p).backward()
+            fn(x, p).backward()
 
         ms = timed(run)
-        before = torch.cuda.memory_allocated()
-        out = compiled(x, p)
-        kept = (torch.cuda.memory_allocated() - before) / 2**20
-        out.backward()
-        print(f"  RMSNorm + 3 LoRA inputs ({tokens} x {hidden}), {name}: {ms:.3f} ms fwd+bwd, "
-              f"{kept:.0f} MiB kept for the backward", flush=True)
+        print(f"  RMSNorm + 3 LoRA inputs ({tokens} x {hidden}), dropout {p}: {ms:.3f} ms fwd+bwd", flush=True)
 
 
 def main() -> None:

@@ -326,9 +326,6 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={
         "help": "Dropout on the LoRA input (FastChat's 0.05). Its masks cost time and memory: on the 1B shape "
                 "(one H200, 2026-12-03) 0 trained 8.6% faster and 5 GiB lighter."})
-    lora_dropout_kernel: bool = field(default=True, metadata={
-        "help": "On a CUDA GPU, apply the LoRA input dropout inside lmforge's kernel for lora_A (the mask is "
-                "drawn again in the backward, never stored). False: PEFT's dropout module and matmul."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Modules that get adapters: all-linear (every linear layer of the blocks, not the "

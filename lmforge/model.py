@@ -16,7 +16,6 @@ import transformers
 from lmforge.attention import VARLEN, register_varlen
 from lmforge.config import LoraArguments, ModelArguments, read_json_object
 from lmforge.errors import LmforgeError
-from lmforge.lora_kernel import fold_lora_dropout
 from lmforge.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
@@ -338,8 +337,6 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False,
         model = peft.get_peft_model(model, config)
     except ValueError as e:
         raise LmforgeError(f"cannot add LoRA adapters ({lora.lora_target_modules}): {e}") from None
-    if lora.lora_dropout > 0 and lora.lora_dropout_kernel:
-        fold_lora_dropout(model)
     if adapter_dtype is not None:
         for param in model.parameters():
             if param.requires_grad and param.dtype == torch.float32:
