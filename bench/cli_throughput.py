@@ -98,6 +98,7 @@ def _rows() -> dict[str, Row]:
         # What LoRA's input dropout (0.05, FastChat's and TRL's value) costs: the same row without it.
         rows[f"{shape}-lora-lmforge-dropout0"] = Row(shape, "lora", "lmforge", ["--lora_dropout", "0"])
         rows[f"{shape}-qlora-lmforge"] = Row(shape, "qlora", "lmforge")
+        rows[f"{shape}-qlora-lmforge-dropout0"] = Row(shape, "qlora", "lmforge", ["--lora_dropout", "0"])
         for budget in ("0.1", "0.2", "0.3"):
             rows[f"{shape}-qlora-lmforge-budget{budget}"] = Row(shape, "qlora", "lmforge",
                                                                  ["--compile_memory_budget", budget])
