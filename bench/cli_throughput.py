@@ -472,6 +472,12 @@ def run_row(a) -> None:
         os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
         first = a.warmup - a.profile - 1  # after compiling, ending a step before the timed window
         clock.extra = [install_profile(first, a.profile, os.path.join(a.work, "results", a.run + ".profile"))]
+    if a.memory:
+        from memory_peak import install_memory
+
+        os.makedirs(os.path.join(a.work, "results"), exist_ok=True)
+        # The last untimed step: compiled, and the recording's cost outside the clock's window.
+        clock.extra.append(install_memory(a.warmup - 1, os.path.join(a.work, "results", a.run + ".memory")))
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -550,6 +556,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=600, help="seconds a row may take")
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many steps before the timed window (its summary printed after the row)")
+    p.add_argument("--memory", action="store_true",
+                   help="record the allocator over the last untimed step and write what held its peak "
+                        "(bench/memory_peak.py) beside the row's results, printed after the row")
     p.add_argument("--list", action="store_true")
     p.add_argument("--run", help=argparse.SUPPRESS)  # one row, in this process
     a = p.parse_args()
@@ -572,13 +581,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in a.rows:
         started = time.time()
-        for kind in (".json", ".profile.txt", ".profile.trace.json.gz"):  # nothing left from an earlier run
+        for kind in (".json", ".profile.txt", ".profile.trace.json.gz", ".memory.txt"):  # nothing left from an earlier run
             stale = os.path.join(a.work, "results", name + kind)
             if os.path.isfile(stale):
                 os.remove(stale)
         cmd = [sys.executable, os.path.abspath(__file__), "--run", name, "--tokenizer", a.tokenizer, "--steps",
                str(a.steps if not ROWS[name].long else max(a.warmup + 5, a.steps // 4)), "--warmup", str(a.warmup),
-               "--work", a.work, "--profile", str(a.profile), "--timeout", str(a.timeout)]
+               "--work", a.work, "--profile", str(a.profile), "--timeout", str(a.timeout),
+               *(["--memory"] if a.memory else [])]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
                                   env={**os.environ, **ROWS[name].env})
@@ -601,6 +611,9 @@ def main() -> None:
         profile = os.path.join(a.work, "results", name + ".profile.txt")
         if os.path.isfile(profile):
             print(f"== profile of {name}\n" + open(profile).read(), flush=True)
+        memory = os.path.join(a.work, "results", name + ".memory.txt")
+        if os.path.isfile(memory):
+            print(f"== memory of {name}\n" + open(memory).read(), flush=True)
     print(f"device: {versions()}")
     print(f"data: {a.records} single-turn chat records (log-normal words, median 450), {a.steps} steps, "
           f"the first {a.warmup} untimed")

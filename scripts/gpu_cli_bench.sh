@@ -6,7 +6,7 @@
 # cut-cross-entropy for PARTS=cce)
 # are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
 # TESTS (pytest arguments, optional; their output in $OUT/tests.log) read; PARTS (optional) names
-# parts of bench/step_parts.py to time first. The table and results.json go to $OUT when set.
+# parts of bench/step_parts.py to time first; MEMORY=1 adds each row's peak-memory breakdown. The table and results.json go to $OUT when set.
 set -uo pipefail
 DATA=${DATA:-.devdata}
 W=${W:-/tmp/lmforge-cli-bench}
@@ -31,5 +31,5 @@ fi
 [ -z "${ROWS-x}" ] && exit 0  # ROWS set and empty: tests and parts only
 python3 bench/cli_throughput.py --tokenizer "$DATA/tokenizers/qwen2.5-0.5b-instruct" --work "$W" \
   --rows ${ROWS:-0.5b-full-seed 0.5b-full-trl 0.5b-full-lmforge} --steps "${STEPS:-50}" --warmup "${WARMUP:-10}" \
-  --timeout "${ROW_TIMEOUT:-300}" --profile "${PROFILE:-0}" 2>&1 | tee "$OUT/bench.log" | cut -c1-2000
-cp "$W/results.json" "$W"/results/*.trace.json.gz "$OUT/" 2>/dev/null || true
+  --timeout "${ROW_TIMEOUT:-300}" --profile "${PROFILE:-0}" ${MEMORY:+--memory} 2>&1 | tee "$OUT/bench.log" | cut -c1-2000
+cp "$W/results.json" "$W"/results/*.trace.json.gz "$W"/results/*.memory.txt "$OUT/" 2>/dev/null || true
