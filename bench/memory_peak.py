@@ -87,7 +87,8 @@ def install_memory(step: int, path: str):
             if state.global_step == step and not self.recording:
                 torch.cuda.synchronize()
                 self.before = torch.cuda.memory_allocated()
-                torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+                # Python stacks of allocations only: C++ frames would take minutes to symbolise.
+                torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
                 self.recording = True
 
         def on_step_end(self, args, state, control, **kwargs):
