@@ -214,12 +214,10 @@ def optimizer_parts() -> None:
     """One step of AdamW over fp32 masters of bf16 weights, clipping included: torch's passes
     (gradients copied to fp32, their norm, the scaling, fused AdamW, the copy back) against
     lmforge's kernel (the norm of the bf16 gradients, then one kernel a group)."""
+    from lmforge import optim_kernel
     from lmforge.optim import MasterWeightAdamW
 
-    torch.manual_seed(0)
     shapes = qwen_05b_shapes()
-    from lmforge import optim_kernel
-
     runs = {}
     for kernel, block, warps in ((False, 0, 0), (True, 1024, 4), (True, 2048, 8), (True, 4096, 8)):
         optim_kernel.BLOCK, optim_kernel.NUM_WARPS = block or optim_kernel.BLOCK, warps or optim_kernel.NUM_WARPS

@@ -116,6 +116,14 @@ def _blocks(numels: tuple[int, ...], block: int, device: torch.device) -> _Block
     return _Blocks(on_device(*whole), on_device(*partial), torch.tensor(numels, dtype=torch.int64, device=device))
 
 
+@functools.lru_cache(maxsize=16)
+def _table(offsets: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """The offset table on the device, made once for a layout the tensors keep from step to step
+    (a new tensor and a copy from pageable host memory every step otherwise). A few layouts are
+    kept: gradients may be allocated elsewhere after a step without some of them."""
+    return torch.tensor(offsets, dtype=torch.int64, device=device)
+
+
 def offsets(tensors: list[torch.Tensor]) -> list[int] | None:
     """Each tensor's start in elements from the first's (None: one of them is not contiguous, of
     another dtype or not a multiple of ALIGN elements away)."""
@@ -156,7 +164,7 @@ def adamw_step(plan: Plan, steps: torch.Tensor, *, lr: float, betas: tuple[float
     `found_inf` is non-zero."""
     grads, weights, masters, avgs, squares = plan.kinds
     device = masters[0].device
-    table = torch.tensor(plan.offsets, dtype=torch.int64).to(device, non_blocking=True)
+    table = _table(tuple(map(tuple, plan.offsets)), device)
     blocks = _blocks(tuple(m.numel() for m in masters), BLOCK, device)
     beta1, beta2 = betas
     with on(device):

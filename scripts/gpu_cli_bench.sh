@@ -6,7 +6,8 @@
 # cut-cross-entropy for PARTS=cce)
 # are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
 # TESTS (pytest arguments, optional; their output in $OUT/tests.log) read; PARTS (optional) names
-# parts of bench/step_parts.py to time first; MEMORY=1 adds each row's peak-memory breakdown. The table and results.json go to $OUT when set.
+# parts of bench/step_parts.py to time first; MEMORY=1 adds each row's peak-memory breakdown.
+# The table and results.json go to $OUT when set.
 set -uo pipefail
 DATA=${DATA:-.devdata}
 W=${W:-/tmp/lmforge-cli-bench}
