@@ -270,6 +270,7 @@ def test_lora_zero3_adapter_merges_and_resumes(base, work, lora_reference):
 def _prepare_worker(rank: int, port: int, timeout_s: float, behaviour: str, record: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = SimpleNamespace(world_size=2, local_process_index=rank)
+    groups = len(torch.distributed.distributed_c10d._world.pg_map)
     outcome = "ok"
     try:
         with local_main_first(args, timeout_s, "tokenizing the data"):
@@ -284,6 +285,9 @@ def _prepare_worker(rank: int, port: int, timeout_s: float, behaviour: str, reco
         outcome = f"LmforgeError: {e}"
     except (ValueError, RuntimeError) as e:
         outcome = f"{type(e).__name__}: {e}"
+    # The block's gloo group is gone whatever happened: alive at exit, it can abort the process.
+    left = len(torch.distributed.distributed_c10d._world.pg_map) - groups
+    outcome += f" ({left} process group(s) left alive)" if left else ""
     with open(f"{record}.{rank}", "w") as f:
         f.write(outcome)
 
