@@ -53,7 +53,19 @@ def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -
         where = f" writing {e.filename}" if e.filename else ""
         print(f"lmforge {command}: error: {e.strerror or 'no space left on device'}{where}", file=sys.stderr)
         return 2
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """After a command that succeeded under a launcher (torchrun, accelerate, deepspeed), destroy
+    the default process group, as PyTorch asks of every program that made one. The Trainer
+    leaves it alive, and NCCL then warns at exit, in every process, that resources may leak.
+    Only after success: after an error the other processes may still be inside a collective,
+    and waiting on them here could keep this process from exiting with its message."""
+    dist = sys.modules.get("torch.distributed")  # imported by the command if it made a group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def printed_help(command: str, argv: Sequence[str]) -> bool:

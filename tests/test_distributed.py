@@ -10,6 +10,7 @@
     run's losses and adapter;
   - data: the first process of each machine tokenizes first, the others wait for it on a gloo
     barrier of their own with --prepare_timeout, and learn of its failure;
+  - a command that succeeded destroys the process group before exit; one that failed leaves it;
   - FSDP: the flags and shipped configs give accelerate's FSDP2 plugin the model's decoder
     layer class. The Trainer's FSDP path does not run here (accelerate enables FSDP for GPU
     backends only; on a CPU the Trainer trains as DDP), so accelerate's own FSDP2 preparation is
@@ -39,6 +40,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from lmforge import cli as cli_module
 from lmforge.cli import main as cli
 from lmforge.config import (
     DataArguments,
@@ -321,6 +323,26 @@ def test_a_failure_of_the_first_process_stops_the_others(tmp_path):
     assert outcomes[0] == "ValueError: bad record"
     assert outcomes[1].startswith("LmforgeError: tokenizing the data failed in the first process")
     assert spans == []  # nobody went on to build the data itself
+
+
+def test_a_command_that_succeeded_destroys_the_process_group_one_that_failed_leaves_it():
+    def group() -> None:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                             world_size=1)
+
+    def fails(argv: list[str]) -> None:
+        raise LmforgeError("the others may still be in a collective")
+
+    group()
+    try:
+        assert cli_module._call("sft", lambda argv: None, []) == 0
+        assert not torch.distributed.is_initialized()
+        group()
+        assert cli_module._call("sft", fails, []) == 2
+        assert torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # --- FSDP configuration ------------------------------------------------------------------------
