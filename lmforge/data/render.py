@@ -224,6 +224,45 @@ class TemplateTraits:
     """Whether the final assistant turn's `reasoning_content` appears in the render."""
 
 
+@dataclass(frozen=True)
+class ToolCallForm:
+    """How a template takes an assistant turn that calls tools. Published templates disagree:
+    most `tojson` the arguments (a mapping, the form records are read into), DeepSeek's
+    concatenate them to text (a JSON string), and some add the content to the calls with `+`,
+    so a call-only turn needs content "" there rather than none. A record in the form its
+    template cannot take would be refused, so the form is chosen once per template by
+    rendering a probe call in each (`Renderer.tool_form`)."""
+
+    empty_content: bool
+    """A call-only turn gets content "" (else it has no content key)."""
+    string_arguments: bool
+    """Call arguments go to the template as JSON text (else as the mapping)."""
+
+    def apply(self, messages: list[dict]) -> list[dict]:
+        if not (self.empty_content or self.string_arguments):
+            return messages
+        return [self._message(m) if m.get("tool_calls") else m for m in messages]
+
+    def _message(self, message: dict) -> dict:
+        out = dict(message)
+        if self.empty_content:
+            out.setdefault("content", "")
+        if self.string_arguments:
+            out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _json_text(c["function"]["arguments"])}}
+                                 for c in message["tool_calls"]]
+        return out
+
+
+def _json_text(arguments) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+# In the order they are tried: the mapping first (HF's documented form), content left out first.
+TOOL_CALL_FORMS = tuple(ToolCallForm(empty, text) for text in (False, True) for empty in (False, True))
+PROBE_TOOL = {"type": "function", "function": {"name": "lookup_probe", "description": "Looks a value up.", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}
+
+
 def sentinel_for(text: str) -> str:
     """Two private-use characters that `text` holds neither of: a message content no template
     writes elsewhere, to find where a message's own text lies."""
@@ -257,12 +296,13 @@ class Renderer:
     def _init_caches(self) -> None:
         self._compiled = _compile_template(self.chat_template, self.template_vars)
         self._traits: TemplateTraits | None = None
+        self._tool_form: ToolCallForm | None = None
         self._tails: dict[str, list[int]] = {}
 
     # The compiled template holds closures and cannot be pickled; worker processes compile it again.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_compiled"], state["_traits"], state["_tails"]
+        del state["_compiled"], state["_traits"], state["_tool_form"], state["_tails"]
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -304,24 +344,60 @@ class Renderer:
             self._traits = self._probe()
         return self._traits
 
+    @property
+    def tool_form(self) -> ToolCallForm:
+        if self._tool_form is None:
+            self._tool_form = self._probe_tool_form()
+        return self._tool_form
+
+    def template_messages(self, conversation: Conversation) -> list[dict]:
+        """The conversation's messages as this template takes them (`apply_chat_template`
+        renders these to the same text)."""
+        messages = conversation.as_dicts()
+        return self.tool_form.apply(messages) if any(m.tool_calls for m in conversation.messages) else messages
+
+    def _probe_tool_form(self) -> ToolCallForm:
+        """The first form in which the template renders a probe call with its name and its
+        argument; else the first in which it renders the name; else the first form (records
+        with calls then get the template's own error, or are found lacking their calls)."""
+        call = {"type": "function", "id": "call_probe", "function": {"name": "lookup_probe", "arguments": {"q": "\ue007"}}}
+        messages = [{"role": USER, "content": "1"}, {"role": ASSISTANT, "tool_calls": [call]},
+                    {"role": TOOL, "tool_call_id": "call_probe", "content": "2"}, {"role": ASSISTANT, "content": "3"}]
+        texts = {}
+        for form in TOOL_CALL_FORMS:
+            try:
+                texts[form] = self.text(form.apply(messages), False, [PROBE_TOOL])
+            except Exception:  # the template's own error: this form is not the one it takes
+                continue
+        for wanted in (("lookup_probe", "\ue007"), ("lookup_probe",)):
+            for form, text in texts.items():
+                if all(w in text for w in wanted):
+                    return form
+        return TOOL_CALL_FORMS[0]
+
     def _probe(self) -> TemplateTraits:
         """Renders of small conversations that show what the template writes around turns."""
         u1, a1, u2 = {"role": USER, "content": "1"}, {"role": ASSISTANT, "content": "2"}, {"role": USER, "content": "3"}
         a2 = {"role": ASSISTANT, "content": "4"}
-        try:
-            # What a conversation ends with that a longer one does not have there. Probed after
-            # a user turn: reasoning templates render a final assistant turn differently.
-            before = self.text([u1, a1, u2], False)
-            final = before[self._cut(before, self.text([u1, a1, u2, a2], False)):]
-            user = self.text([u1], False)
-            user = user[: len(user) - len(final)] if final and user.endswith(final) else user
-            prompt = self.text([u1], True)
-            generation = prompt[self._cut(prompt, user):]
-            thought = Message(ASSISTANT, "2", reasoning="\ue006").as_dict()
-            reasoning = "\ue006" in self.text([u1, thought], False)
-        except Exception as e:
-            raise LmforgeError(f"the chat template cannot render a user/assistant exchange: {e}") from None
-        return TemplateTraits(generation, final, reasoning)
+        error = None
+        # Without tools first; a template that reads the tool list unguarded (llama.cpp's Phi-4-mini
+        # loops over it) renders only conversations that offer tools.
+        for tools in (None, [PROBE_TOOL]):
+            try:
+                # What a conversation ends with that a longer one does not have there. Probed after
+                # a user turn: reasoning templates render a final assistant turn differently.
+                before = self.text([u1, a1, u2], False, tools)
+                final = before[self._cut(before, self.text([u1, a1, u2, a2], False, tools)):]
+                user = self.text([u1], False, tools)
+                user = user[: len(user) - len(final)] if final and user.endswith(final) else user
+                prompt = self.text([u1], True, tools)
+                generation = prompt[self._cut(prompt, user):]
+                thought = Message(ASSISTANT, "2", reasoning="\ue006").as_dict()
+                reasoning = "\ue006" in self.text([u1, thought], False, tools)
+                return TemplateTraits(generation, final, reasoning)
+            except Exception as e:
+                error = error or e
+        raise LmforgeError(f"the chat template cannot render a user/assistant exchange: {error}") from None
 
     def _cut(self, a: str, b: str) -> int:
         """Where `a` and `b` part, moved back to the start of an added token they part inside:
@@ -371,7 +447,7 @@ class Renderer:
             conversation = replace(conversation, tools=self.default_tools, plain=False)
         dropped: list[str] = []
         while True:
-            messages = conversation.as_dicts()
+            messages = self.template_messages(conversation)
             try:
                 full = self.text(messages, False, conversation.tool_list)
                 missing = None if conversation.plain else self._missing(conversation, full)
@@ -391,7 +467,7 @@ class Renderer:
         renders the conversation without it (Gemma-2 raises on any), else the whole record."""
         if any(m.role == SYSTEM for m in conversation.messages):
             try:
-                self.text(_without_system(conversation).as_dicts(), False, conversation.tool_list)
+                self.text(self.template_messages(_without_system(conversation)), False, conversation.tool_list)
                 return "system", f"the chat template does not take a system message (it raises: {error})"
             except Exception:
                 pass
@@ -412,7 +488,7 @@ class Renderer:
         if conversation.tools and not all(_tool_name(t) in full for t in conversation.tools):
             return "tools", "the chat template does not render the record's tools"
         for i, m in enumerate(messages):
-            if m.tool_calls and not all(c["function"]["name"] in full for c in m.tool_calls):
+            if m.tool_calls and not self._renders_calls(conversation, i, full):
                 return "tool_calls", f"the chat template does not render the tool calls of turn {i}"
             if m.role == TOOL and m.content.strip() and m.content.strip() not in full \
                     and json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
@@ -428,9 +504,25 @@ class Renderer:
         if len(content) >= 32:
             return True
         sentinel = sentinel_for(full)
-        messages = conversation.as_dicts()
+        messages = self.template_messages(conversation)
         messages[i] = {**messages[i], "content": sentinel}
         return sentinel in self.text(messages, False, conversation.tool_list)
+
+    def _renders_calls(self, conversation: Conversation, i: int, full: str) -> bool:
+        """Whether the tool calls of message i are in the rendered text. Their names do not
+        tell: the record's tools hold them too, and templates render those (Kimi-K2's renders
+        the tools and no calls). Each call's name is looked for as a sentinel put in its place."""
+        calls = conversation.messages[i].tool_calls
+        if not all(c["function"]["name"] in full for c in calls):
+            return False
+        sentinel = sentinel_for(full)
+        messages = self.template_messages(conversation)
+        messages[i] = {**messages[i], "tool_calls": [{**c, "function": {**c["function"], "name": sentinel}}
+                                                     for c in messages[i]["tool_calls"]]}
+        try:
+            return sentinel in self.text(messages, False, conversation.tool_list)
+        except Exception:  # a template that checks calls against the tools it was given: the names were there
+            return True
 
     def _span(self, messages: list[dict], tools, full: str, i: int, after: int) -> tuple[int, int]:
         """Characters [start, end) of `full` that message i's turn trains (see the module
@@ -483,7 +575,9 @@ class Renderer:
         swapped[i] = {**{k: v for k, v in messages[i].items() if k not in payload_keys}, "content": sentinel}
         if messages[i].get("tool_calls"):  # still a call (templates check roles around calls), to a sentinel
             call = messages[i]["tool_calls"][0]
-            swapped[i].update(content=None, tool_calls=[{**call, "function": {"name": sentinel, "arguments": {}}}])
+            del swapped[i]["content"]
+            swapped[i]["tool_calls"] = [{**call, "function": {"name": sentinel, "arguments": {}}}]
+            swapped = self.tool_form.apply(swapped)
         other = self.text(swapped, False, tools)
         start = self._cut(full, other)
         end = len(full) - common_suffix(full, other, len(full) - start)

@@ -73,11 +73,11 @@ class Message(NamedTuple):
     def as_dict(self) -> dict[str, Any]:
         """The message as `tokenizer.apply_chat_template` takes it. Reasoning goes under
         `reasoning_content` and `thinking` (the names templates read; transformers aliases them
-        the same way)."""
-        # An assistant turn that only calls tools has no content (OpenAI's null), which is what
-        # templates test for (DeepSeek-R1's renders the calls only then).
-        content = None if self.tool_calls and not self.content else self.content
-        out: dict[str, Any] = {"role": self.role, "content": content}
+        the same way). No key holds None: apply_chat_template leaves such keys out before the
+        template sees them (a template printing `message.content` would write "None")."""
+        out: dict[str, Any] = {"role": self.role}
+        if self.content or not self.tool_calls:  # an assistant turn that only calls tools has no content
+            out["content"] = self.content
         if self.reasoning is not None:
             out["thinking"] = self.reasoning
             out["reasoning_content"] = self.reasoning

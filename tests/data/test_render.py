@@ -402,3 +402,67 @@ def test_pickled_renderer_renders_the_same(qwen_tokenizer):
     copy = pickle.loads(pickle.dumps(renderer))
     conversations = dummy_conversations(50)
     assert copy.render_batch(conversations) == renderer.render_batch(conversations)
+
+
+# --- Tool calls in the form each template takes ------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL_RECORD = {"messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees."}], "tools": [WEATHER_TOOL]}
+TURN = "{{ '<|im_start|>' + m['role'] + '\n' }}"
+CLOSE = "{{ '<|im_end|>\n' }}"
+PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+# The content added to the calls with `+` and the arguments concatenated as text (DeepSeek-V3.1's way).
+CONCATENATING = ("{% for m in messages %}" + TURN + "{% if m['tool_calls'] is defined %}"
+                 "{% for c in m['tool_calls'] %}{{ m['content'] + '<tool>' + c['function']['name'] + ':' "
+                 "+ c['function']['arguments'] + '</tool>' }}{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+                 + CLOSE + "{% endfor %}" + PROMPT)
+# The content printed whatever it is (GLM-4.5's way): a null content must not be written as "None".
+PRINTING = ("{% for m in messages %}" + TURN + "{{ m['content'] }}{% for c in m['tool_calls'] or [] %}"
+            "<tool>{{ c['function']['name'] }}:{{ c['function']['arguments'] | tojson }}</tool>{% endfor %}"
+            + CLOSE + "{% endfor %}" + PROMPT)
+# The tool list read without a guard (llama.cpp's Phi-4-mini loops over it): only records
+# offering tools render, as with apply_chat_template.
+UNGUARDED_TOOLS = ("{% for t in tools %}{{ '<tools>' + t['function']['name'] + '</tools>' }}{% endfor %}" + PRINTING)
+# The tools rendered, the calls not (Kimi-K2's llama.cpp template).
+NO_CALLS = ("{{ tools | tojson if tools else '' }}{% for m in messages %}" + TURN
+            + "{% if m['content'] is string %}{{ m['content'] }}{% endif %}" + CLOSE + "{% endfor %}" + PROMPT)
+
+
+@pytest.mark.parametrize("template, form, call_text", [
+    (CONCATENATING, (True, True), '<tool>get_weather:{"city": "Paris"}</tool>'),
+    (PRINTING, (False, False), '<tool>get_weather:{"city": "Paris"}</tool>'),
+    (UNGUARDED_TOOLS, (False, False), '<tool>get_weather:{"city": "Paris"}</tool>'),
+], ids=["concatenating", "printing", "unguarded-tools"])
+def test_tool_calls_go_to_the_template_in_the_form_it_takes(qwen_tokenizer, template, form, call_text):
+    tok = qwen_tokenizer
+    renderer = Renderer(tok, template)
+    assert (renderer.tool_form.empty_content, renderer.tool_form.string_arguments) == form
+    conv = to_conversation(CALL_RECORD, DataFormat.AUTO)
+    out = renderer(conv)
+    messages = renderer.template_messages(conv)
+    assert out.input_ids == tok.apply_chat_template(messages, tools=conv.tool_list, chat_template=template)["input_ids"]
+    text = tok.decode(out.input_ids)
+    assert "None" not in text
+    assert [tok.decode(s) for s in labelled_spans(out.labels)] == [call_text + "<|im_end|>", "21 degrees.<|im_end|>"]
+
+
+def test_a_template_that_needs_a_tool_list_still_trains_records_that_offer_tools(qwen_tokenizer):
+    renderer = Renderer(qwen_tokenizer, UNGUARDED_TOOLS)
+    plain = to_conversation({"messages": CALL_RECORD["messages"][:1] + [{"role": "assistant", "content": "Hi"}]},
+                            DataFormat.AUTO)
+    with pytest.raises(Exception):  # apply_chat_template cannot render it either
+        qwen_tokenizer.apply_chat_template(plain.as_dicts(), chat_template=UNGUARDED_TOOLS)
+    (refused,) = renderer.render_batch([plain])
+    assert isinstance(refused, RecordError) and refused.kind == "template_error"
+
+
+def test_calls_the_template_leaves_out_are_found_though_the_tools_name_them(qwen_tokenizer):
+    renderer = Renderer(qwen_tokenizer, NO_CALLS)
+    (result,) = renderer.render_batch([to_conversation(CALL_RECORD, DataFormat.AUTO)])
+    assert isinstance(result, RecordError) and "does not render the tool calls of turn 1" in result.reason

@@ -173,8 +173,18 @@ def expected_refusal(name: str, kind: str, record: dict) -> set[str] | None:
 # ---------------------------------------------------------------------------------------------
 
 
+_RENDERERS: dict[str, Renderer] = {}
+
+
+def template_renderer(name: str, tok) -> Renderer:
+    """One renderer per template (it probes its template once)."""
+    if name not in _RENDERERS:
+        _RENDERERS[name] = Renderer(tok, tok.chat_template)
+    return _RENDERERS[name]
+
+
 def check_against_reference(name: str, tok, conv: Conversation, rendered, trained: set[int]) -> None:
-    messages = conv.as_dicts()
+    messages = template_renderer(name, tok).template_messages(conv)  # tool calls in the form the template takes
     expected_ids = tok.apply_chat_template(messages, tools=conv.tool_list)["input_ids"]
     assert rendered.input_ids == expected_ids
     full = tok.apply_chat_template(messages, tools=conv.tool_list, tokenize=False)
