@@ -354,6 +354,7 @@ class Renderer:
         """The conversation's messages as this template takes them (`apply_chat_template`
         renders these to the same text)."""
         messages = conversation.as_dicts()
+        # The form is probed (once) only when a record calls tools: the others never need it.
         return self.tool_form.apply(messages) if any(m.tool_calls for m in conversation.messages) else messages
 
     def _probe_tool_form(self) -> ToolCallForm:
@@ -450,7 +451,7 @@ class Renderer:
             messages = self.template_messages(conversation)
             try:
                 full = self.text(messages, False, conversation.tool_list)
-                missing = None if conversation.plain else self._missing(conversation, full)
+                missing = None if conversation.plain else self._missing(conversation, messages, full)
             except Exception as e:  # jinja raise_exception and template errors
                 missing = self._raises_on(conversation, e)
             if not missing:
@@ -473,11 +474,12 @@ class Renderer:
                 pass
         return "template", f"the chat template cannot render this conversation: {error}"
 
-    def _missing(self, conversation: Conversation, full: str) -> tuple[str, str] | None:
-        """The first part of the record that the rendered text lacks, with why, or None."""
+    def _missing(self, conversation: Conversation, as_given: list[dict], full: str) -> tuple[str, str] | None:
+        """The first part of the record that the rendered text lacks, with why, or None.
+        `as_given`: the messages as the template took them to render `full`."""
         messages = conversation.messages
         for i, m in enumerate(messages):
-            if m.role == SYSTEM and not self._renders_system(conversation, i, full):
+            if m.role == SYSTEM and not self._renders_system(conversation, as_given, i, full):
                 return "system", ("the chat template does not render this record's system message (Mistral v0.3's, "
                                   "for one, renders it only before a final user turn)")
         last = max(i for i, m in enumerate(messages) if m.role == ASSISTANT)
@@ -488,14 +490,14 @@ class Renderer:
         if conversation.tools and not all(_tool_name(t) in full for t in conversation.tools):
             return "tools", "the chat template does not render the record's tools"
         for i, m in enumerate(messages):
-            if m.tool_calls and not self._renders_calls(conversation, i, full):
+            if m.tool_calls and not self._renders_calls(conversation, as_given, i, full):
                 return "tool_calls", f"the chat template does not render the tool calls of turn {i}"
             if m.role == TOOL and m.content.strip() and m.content.strip() not in full \
                     and json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
                 return "tool_results", f"the chat template does not render the tool result of turn {i}"
         return None
 
-    def _renders_system(self, conversation: Conversation, i: int, full: str) -> bool:
+    def _renders_system(self, conversation: Conversation, as_given: list[dict], i: int, full: str) -> bool:
         """Whether system message i is in the rendered text. A short one could also occur
         elsewhere in the text by chance: it is looked for as a sentinel put in its place."""
         content = conversation.messages[i].content.strip()
@@ -504,11 +506,11 @@ class Renderer:
         if len(content) >= 32:
             return True
         sentinel = sentinel_for(full)
-        messages = self.template_messages(conversation)
+        messages = list(as_given)
         messages[i] = {**messages[i], "content": sentinel}
         return sentinel in self.text(messages, False, conversation.tool_list)
 
-    def _renders_calls(self, conversation: Conversation, i: int, full: str) -> bool:
+    def _renders_calls(self, conversation: Conversation, as_given: list[dict], i: int, full: str) -> bool:
         """Whether the tool calls of message i are in the rendered text. Their names do not
         tell: the record's tools hold them too, and templates render those (Kimi-K2's renders
         the tools and no calls). Each call's name is looked for as a sentinel put in its place."""
@@ -516,7 +518,7 @@ class Renderer:
         if not all(c["function"]["name"] in full for c in calls):
             return False
         sentinel = sentinel_for(full)
-        messages = self.template_messages(conversation)
+        messages = list(as_given)
         messages[i] = {**messages[i], "tool_calls": [{**c, "function": {**c["function"], "name": sentinel}}
                                                      for c in messages[i]["tool_calls"]]}
         try:
@@ -572,12 +574,13 @@ class Renderer:
         sentinel = sentinel_for(full)
         swapped = list(messages)
         payload_keys = ("content", "tool_calls", "reasoning_content", "thinking")
-        swapped[i] = {**{k: v for k, v in messages[i].items() if k not in payload_keys}, "content": sentinel}
+        swapped[i] = {k: v for k, v in messages[i].items() if k not in payload_keys}
         if messages[i].get("tool_calls"):  # still a call (templates check roles around calls), to a sentinel
             call = messages[i]["tool_calls"][0]
-            del swapped[i]["content"]
             swapped[i]["tool_calls"] = [{**call, "function": {"name": sentinel, "arguments": {}}}]
             swapped = self.tool_form.apply(swapped)
+        else:
+            swapped[i]["content"] = sentinel
         other = self.text(swapped, False, tools)
         start = self._cut(full, other)
         end = len(full) - common_suffix(full, other, len(full) - start)

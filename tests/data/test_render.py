@@ -452,8 +452,8 @@ def test_tool_calls_go_to_the_template_in_the_form_it_takes(qwen_tokenizer, temp
     assert [tok.decode(s) for s in labelled_spans(out.labels)] == [call_text + "<|im_end|>", "21 degrees.<|im_end|>"]
 
 
-def test_a_template_that_needs_a_tool_list_still_trains_records_that_offer_tools(qwen_tokenizer):
-    renderer = Renderer(qwen_tokenizer, UNGUARDED_TOOLS)
+def test_a_template_that_needs_a_tool_list_refuses_records_without_tools_as_hf_does(qwen_tokenizer):
+    renderer = Renderer(qwen_tokenizer, UNGUARDED_TOOLS)  # its probe passes (records with tools: test above)
     plain = to_conversation({"messages": CALL_RECORD["messages"][:1] + [{"role": "assistant", "content": "Hi"}]},
                             DataFormat.AUTO)
     with pytest.raises(Exception):  # apply_chat_template cannot render it either
