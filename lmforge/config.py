@@ -127,7 +127,10 @@ class DataArguments:
         default=ReasoningTurns.RENDERED,
         metadata={"help": "rendered: one sample per conversation, each assistant turn as the whole conversation "
                           "renders it (reasoning templates drop earlier turns' thinking); split: one sample per "
-                          "assistant turn, rendered as the last, so every turn's thinking is trained."},
+                          "assistant turn, rendered as the last, so every turn's thinking is trained; generated: "
+                          "as split, and a turn whose thinking the template drops even as the last (DeepSeek-R1-"
+                          "Distill's) is written as the model generates it: the generation prompt, then "
+                          "<think>, the reasoning, </think>, the answer and the end-of-turn token."},
     )
     model_max_length: Optional[int] = field(
         default=None, metadata={"help": "Longest sequence in tokens (default 2048); longer records follow "
@@ -211,7 +214,8 @@ class PreferenceDataArguments(DataArguments):
             raise LmforgeError(f"--masking {MaskingStrategy(self.masking).value}: DPO scores the last answer of each "
                                "side only (last_assistant)")
         if ReasoningTurns(self.reasoning_turns) != ReasoningTurns.RENDERED:
-            raise LmforgeError("--reasoning_turns split is not available for DPO: a pair scores its last answer")
+            raise LmforgeError(f"--reasoning_turns {ReasoningTurns(self.reasoning_turns).value} is not available for "
+                               "DPO: a pair scores its last answer")
 
 
 class DpoLoss(str, enum.Enum):

@@ -99,9 +99,12 @@ def reference_spans(full: str, messages: list[dict], style: Style, trained: set[
     return spans
 
 
-def reference_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """A token is trained when any of its characters lies in a span."""
-    return [t if any(s < e2 and max(e, s + 1) > s2 for s2, e2 in spans) else X
+def reference_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                     added: frozenset[int] = frozenset()) -> list[int]:
+    """A token is trained when any of its characters lies in a span, except an added token
+    (`added`: the template's own tokens) that starts before the span: a header that took in
+    the whitespace an answer starts with (Phi-3's `<|assistant|>` strips what follows it)."""
+    return [t if any(s < e2 and max(e, s + 1) > s2 and not (t in added and s < s2) for s2, e2 in spans) else X
             for t, (s, e) in zip(ids, offsets)]
 
 

@@ -65,7 +65,11 @@ class RecordStats:
     skipped: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, str] = field(default_factory=dict)
     samples: int = 0
-    """Rows written: `kept` records, or more with `--reasoning_turns split`."""
+    """Rows written: `kept` records, or more with `--reasoning_turns split` / `generated`."""
+    prompts_cut: int = 0
+    """Preference pairs whose prompt lost its first tokens to fit `model_max_length`."""
+    answers_cut: int = 0
+    """Preference pairs with an answer that lost its last tokens to fit `model_max_length`."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Parts of kept records left out under `--unrendered drop`, by part."""
 
@@ -76,6 +80,9 @@ class RecordStats:
         ]
         if self.samples != self.kept:
             lines.append(f"samples: {self.samples} (one per assistant turn)")
+        if self.prompts_cut or self.answers_cut:
+            lines.append(f"pairs cut to model_max_length: {self.prompts_cut} prompts at their start, "
+                         f"{self.answers_cut} with answers cut at their end")
         if self.dropped:
             lines.append("left out (--unrendered drop): " + ", ".join(f"{k}: {n}" for k, n in sorted(self.dropped.items())))
         return "\n".join(lines + skip_summary(self.skipped, self.skip_examples))
@@ -111,7 +118,7 @@ TextCache = Cached[TextStats]
 # ---------------------------------------------------------------------------------------------
 
 # Length skips are always counted, never errors: the user chose the policy.
-LENGTH_SKIPS = ("too_long", "no_trained_tokens", "no_trained_tokens_after_truncation")
+LENGTH_SKIPS = ("too_long", "no_trained_tokens", "no_trained_tokens_after_truncation", "identical_after_truncation")
 
 
 def apply_length_policy(r: Rendered, options: ChatOptions) -> Rendered | RecordError:
@@ -131,16 +138,53 @@ def apply_length_policy(r: Rendered, options: ChatOptions) -> Rendered | RecordE
     return cut
 
 
-def _length_policy(samples: list[Rendered], options: ChatOptions, whole: bool) -> list[Rendered] | RecordError:
-    """The length policy on each sample of a record. `whole` (a pair's two sides): every sample
-    must pass. Otherwise (a split conversation) the samples that pass are kept; the record is
-    skipped, under the first sample's reason, only when none does."""
+def _length_policy(samples: list[Rendered], options: ChatOptions) -> list[Rendered] | RecordError:
+    """The length policy on each sample of a chat record (several with `--reasoning_turns
+    split`): the samples that pass are kept; the record is skipped, under the first sample's
+    reason, only when none does. Preference pairs take `cut_pair` instead."""
     kept = [apply_length_policy(r, options) for r in samples]
-    errors = [r for r in kept if isinstance(r, RecordError)]
-    if whole:
-        return errors[0] if errors else kept
     good = [r for r in kept if not isinstance(r, RecordError)]
     return good or kept[0]
+
+
+@dataclass(frozen=True)
+class PairCut:
+    """How a preference pair was fitted to `model_max_length` (`cut_pair`)."""
+
+    prompt_tokens: int = 0
+    """Tokens cut from the start of the prompt (both sides alike)."""
+    answers: bool = False
+    """Whether an answer lost its last tokens."""
+
+
+def cut_pair(sides: list[Rendered], options: ChatOptions) -> tuple[list[Rendered], PairCut] | RecordError:
+    """A preference pair fitted to `model_max_length`: cut, not dropped, as TRL's `keep_end`
+    keeps the end of a pair's prompt.
+
+    The prompt loses its first tokens until the longer answer fits after it, keeping at least
+    half the window (TRL's defaults keep 512 prompt tokens of 1,024); answers still too long then
+    lose their last tokens. Both sides lose the same prompt tokens, so their prompts stay
+    identical. `--long_records drop` drops such a pair instead (counted)."""
+    limit = options.model_max_length
+    if any(r.num_trained == 0 for r in sides):
+        return RecordError("no_trained_tokens", "an answer has no token that carries loss")
+    if all(len(r.input_ids) <= limit for r in sides):
+        return sides, PairCut()
+    longest = max(len(r.input_ids) for r in sides)
+    if options.long_records == LongRecords.DROP:
+        return RecordError("too_long", f"{longest} tokens, longer than model_max_length={limit}")
+    prompt = min(answer_start(r) for r in sides)
+    answer = longest - prompt
+    keep = max(limit - answer, min(prompt, limit // 2))
+    drop = prompt - keep
+    cut = [Rendered(r.input_ids[drop:drop + limit], r.labels[drop:drop + limit], r.dropped) for r in sides]
+    if any(c.num_trained == 0 for c in cut):
+        return RecordError("no_trained_tokens_after_truncation",
+                           f"{longest} tokens; cut to model_max_length={limit}, an answer has no token left")
+    if list(cut[0].input_ids) == list(cut[1].input_ids) and list(cut[0].labels) == list(cut[1].labels):
+        return RecordError("identical_after_truncation",
+                           f"{longest} tokens; cut to model_max_length={limit}, the two answers are the same")
+    return cut, PairCut(drop, keep + answer > limit)
 
 
 def _compact(result: Rendered) -> Rendered:
@@ -158,16 +202,22 @@ def _write_rendered(tmp: str, kind: "Kind", results, options: ChatOptions, skips
     with RowWriter(tmp, kind.columns) as writer:
         for path, location, result in results:
             progress.update(1, 0 if isinstance(result, RecordError) else sum(len(r.input_ids) for r in result))
-            truncated = False
+            truncated, cut = False, PairCut()
             if not isinstance(result, RecordError):
                 truncated = any(len(r.input_ids) > options.model_max_length for r in result)
-                result = _length_policy(result, options, kind.one_row)
+                if kind.one_row:  # a pair's two sides
+                    fitted = cut_pair(result, options)
+                    result, cut = (fitted, cut) if isinstance(fitted, RecordError) else fitted
+                else:
+                    result = _length_policy(result, options)
             if isinstance(result, RecordError):
                 if options.on_bad_record == OnBadRecord.SKIP or result.kind in LENGTH_SKIPS:
                     skips.add(result.kind, f"{path}, {location}: {result.reason}")
                     continue
                 raise DataError(path, location, result.reason)
             stats.truncated += int(truncated)
+            stats.prompts_cut += int(cut.prompt_tokens > 0)
+            stats.answers_cut += int(cut.answers)
             stats.kept += 1
             dropped.update({part for sample in result for part in sample.dropped})  # once per record
             for row in ([result] if kind.one_row else [[sample] for sample in result]):
@@ -256,9 +306,10 @@ class ChatKind(Kind):
 
     def work(self, renderer: Renderer, options, chunk):
         def render(conversations: list) -> list[list[Rendered] | RecordError]:
-            if options.reasoning_turns != ReasoningTurns.SPLIT:
+            if options.reasoning_turns == ReasoningTurns.RENDERED:
                 return [r if isinstance(r, RecordError) else [r] for r in renderer.render_batch(conversations)]
-            groups = [split_turns(c, renderer) for c in conversations]
+            generated = options.reasoning_turns == ReasoningTurns.GENERATED
+            groups = [split_turns(c, renderer, generated) for c in conversations]
             flat = iter(renderer.render_batch([s for group in groups for s in group]))
             out: list[list[Rendered] | RecordError] = []
             for group in groups:

@@ -33,7 +33,8 @@ class PreferenceFormat(str, enum.Enum):
     SHAREGPT = "sharegpt"
     """{"conversations", "chosen": turn, "rejected": turn} (LLaMA-Factory's preference data)."""
     OPENAI = "openai"
-    """{"chosen": messages, "rejected": messages} sharing a prefix, or {"prompt": messages, ...}."""
+    """{"chosen": messages, "rejected": messages} sharing a prefix, or {"prompt": messages, ...};
+    LLaMA-Factory v1's {"chosen_messages", "rejected_messages"} alike."""
 
 
 class OnBadRecord(str, enum.Enum):
@@ -84,6 +85,11 @@ class ReasoningTurns(str, enum.Enum):
     """One sample: each assistant turn trained as the whole conversation renders it (default)."""
     SPLIT = "split"
     """One sample per assistant turn, rendered as the last turn: every turn's thinking trained."""
+    GENERATED = "generated"
+    """As split; and a turn whose reasoning the template leaves out even as the last turn
+    (DeepSeek-R1-Distill's drops every <think> block) is written as the model generates it: the
+    prompt with the generation prompt, then `<think>\n{reasoning}\n</think>\n\n{answer}` and the
+    end-of-turn token. The only way to distil reasoning into such a model."""
 
 
 class LongRecords(str, enum.Enum):

@@ -23,6 +23,7 @@ from lmforge.data.schema import (
     USER,
     Conversation,
     Message,
+    is_blank_system,
     is_empty,
     parse_message,
     parse_messages,
@@ -70,15 +71,31 @@ def _messages_field(record: Any, key: str, role_key: str, content_key: str, role
     if key not in record:
         raise RecordError("missing_field", f"field '{key}' is missing (keys: {sorted(record)})")
     messages = parse_messages(record[key], key, role_key, content_key, roles)
-    # LLaMA-Factory keeps the system prompt in a column of its own.
-    if isinstance(record.get("system"), str) and not any(m.role == SYSTEM for m in messages):
-        messages.insert(0, Message(SYSTEM, record["system"]))
+    system = _system_column(record)
+    if system is not None and not any(m.role == SYSTEM for m in messages):
+        messages.insert(0, system)
     return messages
+
+
+def _system_column(record: dict) -> Message | None:
+    """The system prompt of LLaMA-Factory's `system` column (ShareGPT, Alpaca, preference
+    data). An empty or blank cell means no system prompt, as LLaMA-Factory reads it: the
+    template then renders what it renders without one (Qwen2.5 its default prompt)."""
+    system = record.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return None
+    return Message(SYSTEM, require_str(system, "field 'system'"))
+
+
+def _without_blank_system(messages: list[Message]) -> list[Message]:
+    """ShareGPT data: a blank system turn means no system prompt, as LLaMA-Factory reads it
+    (an OpenAI-messages record keeps it: its ids are `apply_chat_template(messages)`'s)."""
+    return [m for m in messages if not is_blank_system(m)]
 
 
 def from_sharegpt(record: Any) -> Conversation:
     messages = _messages_field(record, "conversations", "from", "value", SHAREGPT_ROLES)
-    return validate(messages, parse_tools(record.get("tools")))
+    return validate(_without_blank_system(messages), parse_tools(record.get("tools")))
 
 
 def from_openai(record: Any) -> Conversation:
@@ -93,10 +110,8 @@ def from_alpaca(record: Any) -> Conversation:
     output = require_field(record, "output", "field 'output'")
     extra = record.get("input") or ""
     extra = require_str(extra, "field 'input'")
-    messages = []
-    system = record.get("system")
-    if system:
-        messages.append(Message(SYSTEM, require_str(system, "field 'system'")))
+    system = _system_column(record)
+    messages = [system] if system is not None else []
     for h, pair in enumerate(record.get("history") or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise RecordError("malformed_turn", f"history[{h}] must be a [question, answer] pair")
@@ -183,7 +198,7 @@ def detect_pair_format(record: Any) -> PreferenceFormat:
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     if "conversations" in record:
         return PreferenceFormat.SHAREGPT
-    if isinstance(record.get("chosen"), list) or isinstance(record.get("prompt"), list):
+    if isinstance(record.get("chosen"), list) or isinstance(record.get("prompt"), list) or "chosen_messages" in record:
         return PreferenceFormat.OPENAI
     if "prompt" in record or "question" in record:
         return PreferenceFormat.PROMPT
@@ -191,7 +206,8 @@ def detect_pair_format(record: Any) -> PreferenceFormat:
         "unknown_format",
         f"cannot tell the preference format from the keys {sorted(record)}: expected 'prompt' or 'question' with "
         "'chosen' / 'rejected' strings, 'conversations' with 'chosen' / 'rejected' turns (ShareGPT), or "
-        "'chosen' / 'rejected' message lists (OpenAI); or pass --data_format")
+        "'chosen' / 'rejected' (or 'chosen_messages' / 'rejected_messages') message lists (OpenAI); or pass "
+        "--data_format")
 
 
 def _side(record: dict, key: str) -> Any:
@@ -219,16 +235,19 @@ def _answer(message: Message, key: str) -> Message:
 def pair_from_prompt(record: dict) -> tuple[list[Message], Message, Message]:
     key = "prompt" if "prompt" in record else "question"
     prompt = [Message(USER, _string(record[key], f"field '{key}'"))]
-    if record.get("system"):
-        prompt.insert(0, Message(SYSTEM, _string(record["system"], "field 'system'")))
+    system = _system_column(record)
+    if system is not None:
+        prompt.insert(0, system)
     return (prompt, Message(ASSISTANT, _string(_side(record, "chosen"), "field 'chosen'")),
             Message(ASSISTANT, _string(_side(record, "rejected"), "field 'rejected'")))
 
 
 def pair_from_sharegpt(record: dict) -> tuple[list[Message], Message, Message]:
-    prompt = parse_messages(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-    if record.get("system"):
-        prompt.insert(0, Message(SYSTEM, _string(record["system"], "field 'system'")))
+    prompt = _without_blank_system(parse_messages(record["conversations"], "conversations", "from", "value",
+                                                  SHAREGPT_ROLES))
+    system = _system_column(record)
+    if system is not None and not any(m.role == SYSTEM for m in prompt):
+        prompt.insert(0, system)
     answers = []
     for key in ("chosen", "rejected"):
         side = _side(record, key)
@@ -240,19 +259,23 @@ def pair_from_sharegpt(record: dict) -> tuple[list[Message], Message, Message]:
 
 
 def pair_from_openai(record: dict) -> tuple[list[Message], Message, Message]:
-    chosen = parse_messages(_side(record, "chosen"), "chosen", "role", "content", OPENAI_ROLES)
-    rejected = parse_messages(_side(record, "rejected"), "rejected", "role", "content", OPENAI_ROLES)
+    """OpenAI message lists: `chosen` / `rejected`, or LLaMA-Factory v1's `chosen_messages` /
+    `rejected_messages` (content parts with `value`, per-message `loss_weight`), each the whole
+    conversation or, with a `prompt` list, the answers alone."""
+    v1 = "chosen_messages" in record and "chosen" not in record
+    keys = ("chosen_messages", "rejected_messages") if v1 else ("chosen", "rejected")
+    chosen, rejected = (parse_messages(_side(record, key), key, "role", "content", OPENAI_ROLES) for key in keys)
     if "prompt" in record:
         prompt = parse_messages(record["prompt"], "prompt", "role", "content", OPENAI_ROLES)
         chosen, rejected = prompt + chosen, prompt + rejected
-    for key, side in (("chosen", chosen), ("rejected", rejected)):
+    for key, side in zip(keys, (chosen, rejected)):
         if not side:
             raise RecordError("empty_answer", f"field '{key}' holds no messages")
     if chosen[:-1] != rejected[:-1]:
         at = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
-        raise RecordError("prompt_mismatch", f"'chosen' and 'rejected' differ before their last turn (first at "
+        raise RecordError("prompt_mismatch", f"'{keys[0]}' and '{keys[1]}' differ before their last turn (first at "
                                              f"message {at}): a pair must share its prompt")
-    return chosen[:-1], _answer(chosen[-1], "chosen"), _answer(rejected[-1], "rejected")
+    return chosen[:-1], _answer(chosen[-1], keys[0]), _answer(rejected[-1], keys[1])
 
 
 PAIR_READERS = {
@@ -269,6 +292,10 @@ def to_pair(record: Any, fmt: PreferenceFormat) -> Pair:
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     prompt, chosen, rejected = PAIR_READERS[fmt](record)
+    # A pair scores its last answer and nothing else: per-message loss flags (LLaMA-Factory v1
+    # writes `loss_weight` on every message) have no say here.
+    prompt = [m._replace(train=None) for m in prompt]
+    chosen, rejected = chosen._replace(train=None), rejected._replace(train=None)
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
         if is_empty(answer):
             raise RecordError("empty_answer", f"the '{key}' answer is empty")

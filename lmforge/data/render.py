@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from lmforge.data.options import MaskingStrategy, Unrendered
-from lmforge.data.schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, validate
+from lmforge.data.schema import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, is_blank_system, validate
 from lmforge.errors import LmforgeError, RecordError
 
 IGNORE_INDEX = -100
@@ -286,6 +286,7 @@ class Renderer:
         # What apply_chat_template hands the template besides the messages and tools.
         self.template_vars = {"documents": None, **tokenizer.special_tokens_map}
         added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
+        self.added_ids = frozenset(tokenizer.added_tokens_decoder)
         # Special tokens close turns; every added token is atomic text a boundary cannot cut.
         self.special_pattern = _token_pattern({c for c, special in added.items() if special}
                                               | set(tokenizer.all_special_tokens))
@@ -453,12 +454,20 @@ class Renderer:
                 full = self.text(messages, False, conversation.tool_list)
                 missing = None if conversation.plain else self._missing(conversation, messages, full)
             except Exception as e:  # jinja raise_exception and template errors
+                if any(is_blank_system(m) for m in conversation.messages):
+                    # A blank system message holds nothing to lose: a template that takes no
+                    # system message (Gemma-2 raises on any) renders the record without it.
+                    conversation = _without_system(conversation, blank_only=True)
+                    continue
                 missing = self._raises_on(conversation, e)
             if not missing:
                 return conversation, messages, full, tuple(dropped)
             part, why = missing
             if self.unrendered == Unrendered.ERROR or part not in DROPPABLE:
                 advice = "; pass --unrendered drop to train without it" if part in DROPPABLE else ""
+                if part == "reasoning":
+                    advice = ("; pass --reasoning_turns generated to train it as the model generates it, or "
+                              "--unrendered drop to train without it")
                 raise RecordError(f"unrendered_{part}" if part in DROPPABLE else "template_error", why + advice)
             conversation = DROPPABLE[part](conversation)
             dropped.append(part)
@@ -479,7 +488,7 @@ class Renderer:
         `as_given`: the messages as the template took them to render `full`."""
         messages = conversation.messages
         for i, m in enumerate(messages):
-            if m.role == SYSTEM and not self._renders_system(conversation, as_given, i, full):
+            if m.role == SYSTEM and not is_blank_system(m) and not self._renders_system(conversation, as_given, i, full):
                 return "system", ("the chat template does not render this record's system message (Mistral v0.3's, "
                                   "for one, renders it only before a final user turn)")
         last = max(i for i, m in enumerate(messages) if m.role == ASSISTANT)
@@ -634,6 +643,50 @@ class Renderer:
         return spans
 
     # -----------------------------------------------------------------------------------------
+    # A turn written as the model generates it (--reasoning_turns generated)
+    # -----------------------------------------------------------------------------------------
+
+    def _drops_final_reasoning(self, conversation: Conversation) -> bool:
+        """Whether the template leaves out the reasoning of the conversation's last turn, the
+        turn being trained (DeepSeek-R1-Distill's cuts every <think> block)."""
+        last = conversation.messages[-1]
+        if last.role != ASSISTANT or not _reasoning_and_answer(last)[0]:
+            return False
+        try:
+            full = self.text(self.template_messages(conversation), False, conversation.tool_list)
+        except Exception:  # the template's own error: the ordinary path reports it
+            return False
+        return _lost_reasoning(last, full, True, self.traits.renders_reasoning)
+
+    def _generated(self, conversation: Conversation) -> tuple[str, list[tuple[int, int]], tuple[str, ...]]:
+        """(text, trained span, parts left out) of a sample whose last turn is written as the
+        model generates it: the earlier turns rendered by the template with the generation
+        prompt, as at inference (their reasoning left out, as clients send history: the answer
+        alone), then `<think>\n{reasoning}\n</think>\n\n{answer}` (less what the generation
+        prompt already opens, R1-Distill's "<think>\n") and the template's end-of-turn token.
+        The rest of the record (system, tools, calls, results) is checked as for any record."""
+        plain, messages, _, dropped = self._full_text(_without_reasoning(conversation))
+        head, tools = messages[:-1], plain.tool_list
+        prompt = self.text(head, True, tools)
+        reasoning, answer = _reasoning_and_answer(conversation.messages[-1])
+        completion = f"{THINK_OPEN}{reasoning}\n</think>\n\n{answer}"
+        opened = next((k for k in range(len(THINK_OPEN), 0, -1) if prompt.endswith(THINK_OPEN[:k])), 0)
+        full = prompt + completion[opened:] + self._turn_closer(head, tools, prompt)
+        return full, [(len(prompt), len(full))], dropped
+
+    def _turn_closer(self, head: list[dict], tools, prompt: str) -> str:
+        """The text a template writes after an assistant answer that follows `head` (whose
+        `prompt` is given), up to and with its end-of-turn token ("<｜end▁of▁sentence｜>")."""
+        sentinel = sentinel_for(prompt)
+        text = self.text(head + [{"role": ASSISTANT, "content": sentinel}], False, tools)
+        after = text[text.rindex(sentinel) + len(sentinel):]
+        m = self.special_pattern.search(after) if self.special_pattern is not None else None
+        if m is not None:
+            return after[: m.end()]
+        final = self.traits.final_suffix
+        return after[: len(after) - len(final)] if final and after.endswith(final) else after
+
+    # -----------------------------------------------------------------------------------------
     # Batches
     # -----------------------------------------------------------------------------------------
 
@@ -649,8 +702,12 @@ class Renderer:
         texts, spans, dropped, where = [], [], [], []
         for r, conversation in enumerate(conversations):
             try:
-                conversation, messages, full, parts = self._full_text(conversation)
-                spans.append(self._spans(conversation, messages, full))
+                if conversation.generated and self._drops_final_reasoning(conversation):
+                    full, record_spans, parts = self._generated(conversation)
+                else:
+                    conversation, messages, full, parts = self._full_text(conversation)
+                    record_spans = self._spans(conversation, messages, full)
+                spans.append(record_spans)
             except RecordError as e:
                 results[r] = e
                 continue
@@ -662,7 +719,7 @@ class Renderer:
                        for text, ids, record_spans in zip(texts, all_ids, spans)]
         unplaced = [k for k, t in enumerate(token_spans) if t is None]
         for k, offsets in zip(unplaced, self.offsets([texts[k] for k in unplaced])):
-            token_spans[k] = spans_to_tokens(offsets, spans[k])
+            token_spans[k] = spans_to_tokens(offsets, spans[k], all_ids[k], self.added_ids)
         for r, ids, record_spans, parts in zip(where, all_ids, token_spans, dropped):
             labels = [IGNORE_INDEX] * len(ids)
             for start, stop in record_spans:
@@ -717,14 +774,19 @@ class Renderer:
         return ids
 
 
-def spans_to_tokens(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def spans_to_tokens(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]], ids: Sequence[int] = (),
+                    added_ids: frozenset[int] = frozenset()) -> list[tuple[int, int]]:
     """Token index ranges of character spans: a token belongs to a span when any of its
     characters lies in it (spans sorted and disjoint; a token on the boundary of two spans goes
-    to the first)."""
+    to the first), except an added token (`added_ids`) that starts before the span: that is the
+    template's own header, which took the answer's first characters in (Phi-3's `<|assistant|>`
+    strips the whitespace after it), and a model must never learn to emit it."""
     ends = [e for _, e in offsets]
     out = []
     for start, stop in spans:
         first = bisect.bisect_right(ends, start)  # the first token ending after the span starts
+        if first < len(offsets) and offsets[first][0] < start and ids and ids[first] in added_ids:
+            first += 1
         last = first
         while last < len(offsets) and offsets[last][0] < stop:
             last += 1
@@ -759,6 +821,20 @@ def _lost_reasoning(m: Message, full: str, last: bool, renders_reasoning: bool) 
     return m.content.strip() not in full
 
 
+THINK_OPEN = "<think>\n"
+
+
+def _reasoning_and_answer(m: Message) -> tuple[str, str]:
+    """An assistant message's reasoning (its field, else a <think> block opening its content)
+    and its answer, newlines around each trimmed as reasoning templates write them (Qwen3's)."""
+    if m.reasoning is not None and m.reasoning.strip():
+        return m.reasoning.strip("\n"), m.content.lstrip("\n")
+    if not _think_block(m.content):
+        return "", m.content
+    return (m.content.split("</think>")[0].split("<think>")[-1].strip("\n"),
+            m.content.split("</think>")[-1].lstrip("\n"))
+
+
 def _think_block(content: str) -> str | None:
     """The text of a <think> block at the start of a content, or None."""
     if "</think>" not in content:
@@ -772,8 +848,10 @@ def _tool_name(tool: dict) -> str:
     return function.get("name", "") if isinstance(function, dict) else ""
 
 
-def _without_system(conversation: Conversation) -> Conversation:
-    return Conversation(tuple(m for m in conversation.messages if m.role != SYSTEM), conversation.tools)
+def _without_system(conversation: Conversation, blank_only: bool = False) -> Conversation:
+    """The conversation without its system messages (`blank_only`: without its blank ones)."""
+    return Conversation(tuple(m for m in conversation.messages
+                              if not (is_blank_system(m) if blank_only else m.role == SYSTEM)), conversation.tools)
 
 
 def _without_reasoning(conversation: Conversation) -> Conversation:
@@ -793,17 +871,19 @@ def _without_tools(conversation: Conversation) -> Conversation:
 DROPPABLE = {"system": _without_system, "reasoning": _without_reasoning, "tools": _without_tools}
 
 
-def split_turns(conversation: Conversation, renderer: Renderer) -> list[Conversation]:
+def split_turns(conversation: Conversation, renderer: Renderer, generated: bool = False) -> list[Conversation]:
     """One conversation per trained assistant turn, ending with it and training only it:
     each turn rendered as the last, as reasoning templates render the turn they generate
-    (`--reasoning_turns split`)."""
+    (`--reasoning_turns split`); `generated`: written as the model generates it where the
+    template leaves its reasoning out (`--reasoning_turns generated`, `Renderer._generated`)."""
     messages = conversation.messages
     out = []
     for i in renderer.trained_turns(messages):
         if messages[i].role != ASSISTANT:
             continue
         head = tuple(m._replace(train=False) if m.role == ASSISTANT else m for m in messages[:i])
-        out.append(Conversation(head + (messages[i]._replace(train=True),), conversation.tools, conversation.plain))
+        out.append(Conversation(head + (messages[i]._replace(train=True),), conversation.tools, conversation.plain,
+                                generated))
     return out
 
 

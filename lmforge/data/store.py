@@ -32,7 +32,8 @@ import pyarrow as pa
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
 
-CACHE_VERSION = 4  # 3: entries carry entry.json; 4: masks on the rendered text
+CACHE_VERSION = 5  # 3: entries carry entry.json; 4: masks on the rendered text; 5: empty system messages
+# as written, empty tool lists as none, header tokens never trained, long pairs cut
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
 
 

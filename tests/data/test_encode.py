@@ -98,6 +98,46 @@ def test_long_records_truncated_or_dropped_and_counted(tmp_path, qwen_tokenizer)
     assert (dropped.stats.records, dropped.stats.kept, dropped.stats.skipped) == (6, 3, {"too_long": 3})
 
 
+def test_long_preference_pairs_are_cut_not_dropped(tmp_path, qwen_tokenizer):
+    """A pair longer than model_max_length keeps the end of its prompt (both sides the same
+    tokens; at least half the window) and its answers whole where they fit after it, else cut at
+    their end; counted. `--long_records drop` drops it, counted."""
+    from lmforge.data.encode import answer_start, prepare_pairs, render_pairs
+    from lmforge.data.records import to_pair
+
+    def pair(prompt_words: int, answer_words: int, i: int) -> dict:
+        return {"prompt": " ".join(f"p{k}" for k in range(prompt_words)),
+                "chosen": " ".join(f"c{k}" for k in range(answer_words)) + f" {i}",
+                "rejected": " ".join(f"r{k}" for k in range(answer_words)) + f" {i}"}
+
+    data = [pair(3, 3, 0), pair(200, 10, 1), pair(3, 200, 2), pair(200, 200, 3)]
+    path = write_json(tmp_path / "pairs.json", data)
+    t, limit = qwen_tokenizer.chat_template, 128
+    cached = prepare_pairs([path], qwen_tokenizer, t, PrepareOptions(model_max_length=limit))
+    assert (cached.stats.records, cached.stats.kept, cached.stats.skipped) == (4, 4, {})
+    assert (cached.stats.truncated, cached.stats.prompts_cut, cached.stats.answers_cut) == (3, 2, 2)
+    renderer = Renderer(qwen_tokenizer, t, "last_assistant")
+    whole = render_pairs(renderer, [to_pair(r, "auto") for r in data])
+    for row, sides in zip(cached.dataset(), whole):
+        prompt = min(answer_start(s) for s in sides)
+        longest = max(len(s.input_ids) for s in sides)
+        keep = prompt if longest <= limit else max(limit - (longest - prompt), min(prompt, limit // 2))
+        for side, name in zip(sides, ("chosen", "rejected")):
+            drop = prompt - keep
+            assert row[f"{name}_input_ids"] == side.input_ids[drop:drop + limit]
+            assert row[f"{name}_labels"] == side.labels[drop:drop + limit]
+        assert row["chosen_input_ids"][:keep] == row["rejected_input_ids"][:keep]
+    rows = cached.dataset()
+    for name, side in zip(("chosen", "rejected"), whole[1]):  # a long prompt: the answers are whole
+        assert rows[1][f"{name}_labels"] == side.labels[len(side.labels) - len(rows[1][f"{name}_labels"]):]
+    assert len(rows[3]["chosen_input_ids"]) == limit and rows[3]["chosen_labels"][: limit // 2] == [-100] * (limit // 2)
+    dropped = prepare_pairs([path], qwen_tokenizer, t, PrepareOptions(model_max_length=limit,
+                                                                     long_records=LongRecords.DROP))
+    assert (dropped.stats.kept, dropped.stats.skipped) == (1, {"too_long": 3})
+    assert "pairs cut to model_max_length: 2 prompts at their start, 2 with answers cut at their end" \
+        in cached.stats.summary()
+
+
 def test_bad_record_error_or_skip(tmp_path, qwen_tokenizer):
     data = records(2) + [{"messages": [{"role": "user", "content": "only a question"}]}]
     path = write_json(tmp_path / "d.json", data)

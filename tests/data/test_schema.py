@@ -36,11 +36,17 @@ def test_llama_factory_v1_parts_and_loss_weights():
         Message("assistant", "An assistant.", reasoning="Be honest.", train=True)))
 
 
-def test_empty_system_message_means_no_system_prompt():
+def test_empty_system_message_is_kept_where_written_and_means_none_in_a_column():
+    plain = (Message("user", "q"), Message("assistant", "a"))
     for empty in ("", "   ", "\n"):
         record = {"messages": [{"role": "system", "content": empty}, {"role": "user", "content": "q"},
                                {"role": "assistant", "content": "a"}]}
-        assert to_conversation(record, DataFormat.AUTO) == Conversation((Message("user", "q"), Message("assistant", "a")))
+        assert to_conversation(record, DataFormat.AUTO) == Conversation((Message("system", empty),) + plain)
+        sharegpt = {"conversations": [{"from": "system", "value": empty}, {"from": "human", "value": "q"},
+                                      {"from": "gpt", "value": "a"}], "system": empty}
+        assert to_conversation(sharegpt, DataFormat.AUTO) == Conversation(plain)
+        alpaca = {"instruction": "q", "output": "a", "system": empty}
+        assert to_conversation(alpaca, DataFormat.AUTO) == Conversation(plain)
 
 
 def test_openai_tool_calls_and_results():
@@ -108,7 +114,8 @@ def test_reasoning_a_template_cannot_render_is_an_error(qwen_tokenizer):
         Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)(conv)
     assert e.value.kind == "unrendered_reasoning"
     assert e.value.reason == ("the chat template does not render the reasoning of turn 1 (assistant); it renders no "
-                              "reasoning at all; pass --unrendered drop to train without it")
+                              "reasoning at all; pass --reasoning_turns generated to train it as the model generates "
+                              "it, or --unrendered drop to train without it")
 
 
 def test_tools_a_template_cannot_render_are_an_error(qwen_tokenizer):
@@ -163,7 +170,8 @@ def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer
                  PrepareOptions(tools=read_tools(str(tools))), cache_dir=str(tmp_path / "c")).dataset()
     with_tools = Conversation(to_conversation(plain, DataFormat.AUTO).messages, (WEATHER,))
     assert ds[0]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts(), tools=[WEATHER])["input_ids"]
-    assert ds[1]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts(), tools=[])["input_ids"]
+    # A record's own empty list: no tools, the file's not offered, none reach the template.
+    assert ds[1]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts())["input_ids"]
     tools.write_text('{"name": "x"}')
     with pytest.raises(Exception, match=r"tools.json: --tools: the file must be a list of tool schemas"):
         read_tools(str(tools))

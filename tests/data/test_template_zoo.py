@@ -39,6 +39,7 @@ END_OF_TURN = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "deepseek-r1-dist
 TAKES_SYSTEM = set(ZOO) - {"gemma-2", "mistral-7b-v0.3"}  # Gemma-2 raises; Mistral writes it only before a final user turn
 TAKES_TOOLS = {"qwen2.5", "qwen3", "llama-3.1", "mistral-7b-v0.3"}
 TAKES_REASONING = {"qwen3"}
+RAISES_ON_SYSTEM = {"gemma-2"}
 
 
 def template_text(name: str) -> str:
@@ -61,8 +62,9 @@ def zoo_tokenizers(tmp_path_factory):
         vocab = tok.get_vocab()
         roles = {k: spec[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if spec[k]}
         specials = [t for t in list(roles.values()) + spec["added_special_tokens"] if t not in vocab]
-        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials)],
-                       special_tokens=True)
+        strips = set(spec["rstrip_tokens"])  # as the model's tokenizer has them (Phi-3's role tokens)
+        tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=t in strips)
+                        for t in dict.fromkeys(specials)], special_tokens=True)
         plain = [t for t in spec["added_plain_tokens"] if t not in vocab and t not in specials]
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
         for key, value in roles.items():
@@ -184,20 +186,28 @@ def template_renderer(name: str, tok) -> Renderer:
 
 
 def check_against_reference(name: str, tok, conv: Conversation, rendered, trained: set[int]) -> None:
+    if name in RAISES_ON_SYSTEM:  # a blank system message is rendered as written, or left out where refused
+        kept = [i for i, m in enumerate(conv.messages) if not (m.role == "system" and not m.content.strip())]
+        trained = {kept.index(i) for i in trained}
+        conv = Conversation(tuple(conv.messages[i] for i in kept), conv.tools)
     messages = template_renderer(name, tok).template_messages(conv)  # tool calls in the form the template takes
     expected_ids = tok.apply_chat_template(messages, tools=conv.tool_list)["input_ids"]
     assert rendered.input_ids == expected_ids
     full = tok.apply_chat_template(messages, tools=conv.tool_list, tokenize=False)
     spans = reference_spans(full, messages, STYLES[STYLE_OF.get(name, name)], trained)
     offsets = tok.backend_tokenizer.encode(full, add_special_tokens=False).offsets
-    assert rendered.labels == reference_labels(expected_ids, offsets, spans)
+    added = frozenset(tok.added_tokens_decoder)
+    assert rendered.labels == reference_labels(expected_ids, offsets, spans, added)
     # The labelled text is each answer and its end-of-turn text, plus, where BPE merged the
-    # template's text before an answer into the answer's first token, that whitespace.
+    # template's text before an answer into the answer's first token, that whitespace; minus,
+    # where a header token took the answer's leading whitespace in (Phi-3), that whitespace:
+    # the header itself is never trained.
     # (Qwen's tokenizer NFC-normalizes text: decoded text is compared in that form.)
     runs = [tok.decode(run) for run in labelled_runs(rendered.labels)]
     assert len(runs) == len(spans)
     for run, (start, end) in zip(runs, spans):
-        text = unicodedata.normalize("NFC", full[start:end])
+        header_end = max((e for (s, e), t in zip(offsets, expected_ids) if t in added and s < start < e), default=start)
+        text = unicodedata.normalize("NFC", full[header_end:end])
         assert run.endswith(text) and not run[: len(run) - len(text)].strip()
         assert text.endswith(END_OF_TURN[name])
 
@@ -229,6 +239,52 @@ def test_plain_records_are_never_refused(zoo_tokenizers, name):
     convs = [to_conversation(r, DataFormat.AUTO) for r in records("plain", 200, seed=1)]
     results = Renderer(tok, tok.chat_template).render_batch(convs)
     assert [r for r in results if isinstance(r, RecordError)] == []
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_empty_system_message_renders_as_written(zoo_tokenizers, name):
+    """An OpenAI-messages record's empty system message is a message: the ids are
+    apply_chat_template(messages)'s (Qwen2.5 then writes an empty system turn, not its default
+    prompt); a template that refuses any system message (Gemma-2) renders the record without
+    it, as it holds nothing. An empty `system` column, or an empty ShareGPT system turn, means
+    no system prompt, as LLaMA-Factory reads them."""
+    tok = zoo_tokenizers[name]
+    renderer = Renderer(tok, tok.chat_template)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    for empty in ("", "  ", "\n"):
+        messages = [{"role": "system", "content": empty}] + turns
+        out = renderer(to_conversation({"messages": messages}, DataFormat.AUTO))
+        expected = messages if name not in RAISES_ON_SYSTEM else turns
+        assert out.input_ids == tok.apply_chat_template(expected)["input_ids"]
+        sharegpt = {"conversations": [{"from": "system", "value": empty}, {"from": "human", "value": "Hi"},
+                                      {"from": "gpt", "value": "Yo"}]}
+        for record in (sharegpt, {"conversations": sharegpt["conversations"][1:], "system": empty},
+                       {"instruction": "Hi", "output": "Yo", "system": empty}):
+            assert renderer(to_conversation(record, DataFormat.AUTO)).input_ids == \
+                tok.apply_chat_template(turns)["input_ids"]
+    if name == "qwen2.5":  # the default system prompt is not put in place of an empty one
+        out = renderer(to_conversation({"messages": [{"role": "system", "content": ""}] + turns}, DataFormat.AUTO))
+        assert "You are Qwen" not in tok.decode(out.input_ids)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_empty_tool_list_means_no_tools(zoo_tokenizers, name):
+    """`"tools": "[]"`, `[]` or `""` (LLaMA-Factory's glaive data writes "[]" on a record without
+    tools) is no tools: Llama-3.1's template, which tests `tools is not none`, would otherwise
+    write its tool preamble into the record."""
+    tok = zoo_tokenizers[name]
+    renderer = Renderer(tok, tok.chat_template)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    expected = tok.apply_chat_template(turns)["input_ids"]
+    for tools in ("[]", [], "", " "):
+        for record in ({"messages": turns, "tools": tools},
+                       {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+                        "tools": tools}):
+            conv = to_conversation(record, DataFormat.AUTO)
+            assert conv.tools == () and conv.tool_list is None
+            out = renderer(conv)
+            assert out.input_ids == expected
+            assert "Environment: ipython" not in tok.decode(out.input_ids)
 
 
 @pytest.mark.parametrize("kind", ["system", "reasoning"])
@@ -299,6 +355,42 @@ def test_reasoning_turns_split_trains_every_turns_thinking(zoo_tokenizers):
         assert sample.input_ids == tok.apply_chat_template(sub.as_dicts())["input_ids"]
 
 
+@pytest.mark.parametrize("name", sorted(TAKES_REASONING | {"deepseek-r1-distill"}))
+def test_reasoning_turns_generated_writes_the_thinking_the_model_emits(zoo_tokenizers, name):
+    """--reasoning_turns generated: one sample per assistant turn; where the template drops the
+    trained turn's thinking (DeepSeek-R1-Distill cuts every <think> block), the sample is the
+    prompt with its generation prompt, then "<think>\\n{reasoning}\\n</think>\\n\\n{answer}" less
+    what that prompt already opens, then the end-of-turn token; that text is what is trained.
+    Where the template renders it (Qwen3), the samples are --reasoning_turns split's."""
+    tok = zoo_tokenizers[name]
+    renderer = Renderer(tok, tok.chat_template)
+    eot = END_OF_TURN[name]
+    written = 0
+    for record in records("reasoning", 20, seed=6):
+        conv = to_conversation(record, DataFormat.AUTO)
+        split, generated = split_turns(conv, renderer), split_turns(conv, renderer, generated=True)
+        for plain, sample, result in zip(split, generated, renderer.render_batch(generated)):
+            assert not isinstance(result, RecordError), result
+            turn = record["messages"][len(sample.messages) - 1]
+            thought = turn.get("reasoning_content") or turn["content"].split("</think>")[0].split("<think>")[-1]
+            if name in TAKES_REASONING:
+                assert result == renderer(plain)
+                continue
+            head = [{"role": m["role"], "content": m["content"].split("</think>")[-1].lstrip("\n")}  # the answer alone
+                    if m["role"] == "assistant" and "</think>" in m["content"] else {"role": m["role"], "content": m["content"]}
+                    for m in record["messages"][: len(sample.messages) - 1]]
+            prompt = tok.apply_chat_template(head, add_generation_prompt=True, tokenize=False)
+            assert prompt.endswith("<｜Assistant｜><think>\n")
+            answer = turn["content"].split("</think>")[-1].lstrip("\n")
+            completion = thought.strip("\n") + "\n</think>\n\n" + answer + eot
+            assert result.input_ids == tok(prompt + completion, add_special_tokens=False)["input_ids"]
+            [run] = [tok.decode(r) for r in labelled_runs(result.labels)]
+            completion = unicodedata.normalize("NFC", completion)
+            assert run.endswith(completion) and not run[: len(run) - len(completion)].strip()
+            written += 1
+    assert written >= 20 or name in TAKES_REASONING
+
+
 def two_turns() -> Conversation:
     return to_conversation({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                                          {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
@@ -313,10 +405,26 @@ def test_deepseek_generation_prompt_is_not_trained_twice(zoo_tokenizers):
     assert [tok.decode(r) for r in labelled_runs(out.labels)] == ["Yo<｜end▁of▁sentence｜>", "4<｜end▁of▁sentence｜>"]
 
 
+def test_phi3_header_that_takes_an_answers_whitespace_is_not_trained(zoo_tokenizers):
+    """Phi-3's `<|assistant|>` strips the whitespace after it, so for an answer that starts with
+    newlines or spaces the header token holds the answer's first characters: it stays untrained
+    (the model would learn to emit its own header), the answer's text after it is trained."""
+    tok = zoo_tokenizers["phi-3-mini"]
+    header = tok.convert_tokens_to_ids("<|assistant|>")
+    for answer in ("\n\nYo", "  Yo", "\n Yo \n"):
+        record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]}
+        out = Renderer(tok, tok.chat_template)(to_conversation(record, DataFormat.AUTO))
+        assert out.input_ids == tok.apply_chat_template(record["messages"])["input_ids"]
+        at = out.input_ids.index(header)
+        assert out.labels[at] == X and out.labels[at + 1] != X
+        assert [tok.decode(r) for r in labelled_runs(out.labels)] == [answer.lstrip() + "<|end|>"]
+
+
 def test_phi3_final_eos_is_not_trained(zoo_tokenizers):
     tok = zoo_tokenizers["phi-3-mini"]
     out = Renderer(tok, tok.chat_template)(two_turns())
-    assert tok.decode(out.input_ids).endswith("4<|end|>\n<|endoftext|>")
+    # Rendered "4<|end|>\n<|endoftext|>"; `<|end|>` takes the newline after it into itself.
+    assert tok.decode(out.input_ids).endswith("4<|end|><|endoftext|>")
     assert [tok.decode(r) for r in labelled_runs(out.labels)] == ["Yo<|end|>", "4<|end|>"]
 
 
@@ -334,6 +442,34 @@ def test_zoo_preference_pairs(zoo_tokenizers, name):
         pairs.append(to_pair({"prompt": messages, "chosen": [{"role": "assistant", "content": tag.text()}],
                               "rejected": [{"role": "assistant", "content": tag.text()}]}, "auto"))
     for pair, result in zip(pairs, render_pairs(renderer, pairs)):
+        assert not isinstance(result, RecordError), result
+        for conv, side in zip(pair.conversations(), result):
+            check_against_reference(name, tok, conv, side, {len(conv.messages) - 1})
+
+
+def v1_message(m: dict, weight: float) -> dict:
+    """A message as LLaMA-Factory v1 writes it: content parts with `value`, a `loss_weight`."""
+    return {"role": m["role"], "content": [{"type": "text", "value": m["content"]}], "loss_weight": weight}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_llama_factory_v1_preference_pairs(zoo_tokenizers, name):
+    """LLaMA-Factory v1's preference records (`chosen_messages` / `rejected_messages`, content
+    parts with `value`, `loss_weight` on every message) are the same pairs as the OpenAI form:
+    same tokens, each side scored on its last answer only (an earlier answer's loss_weight 1.0
+    does not make it scored)."""
+    tok = zoo_tokenizers[name]
+    renderer = Renderer(tok, tok.chat_template, MaskingStrategy.LAST_ASSISTANT)
+    tag = Tagger(random.Random(7))
+    for record in records("plain", 10, seed=8):
+        prompt = [m for m in record["messages"] if m["role"] != "system"][:-1]
+        chosen, rejected = ({"role": "assistant", "content": tag.text()} for _ in range(2))
+        v1 = {"chosen_messages": [v1_message(m, float(m["role"] == "assistant")) for m in prompt + [chosen]],
+              "rejected_messages": [v1_message(m, float(m["role"] == "assistant")) for m in prompt + [rejected]]}
+        openai = {"chosen": prompt + [chosen], "rejected": prompt + [rejected]}
+        pair = to_pair(v1, "auto")
+        assert pair == to_pair(openai, "auto")
+        [result] = render_pairs(renderer, [pair])
         assert not isinstance(result, RecordError), result
         for conv, side in zip(pair.conversations(), result):
             check_against_reference(name, tok, conv, side, {len(conv.messages) - 1})
