@@ -45,7 +45,7 @@ from lmforge.data.sources import (
     records_with_format,
     skip_summary,
 )
-from lmforge.data.store import INT32, SUPPORTED_SUFFIXES, Cached, RowWriter, build_or_load, cache_key
+from lmforge.data.store import INT32, SUPPORTED_SUFFIXES, Cached, RowWriter, build_or_load, cache_key, source_files
 from lmforge.errors import DataError, LmforgeError, RecordError
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +462,8 @@ def prepare(kind: Kind, paths: Sequence[str], tokenizer, options, template: str 
     the cache, or built there: read in this process, checked and rendered in `num_workers`
     worker processes (in this one when 1), written in source order."""
     kind.check_inputs(paths, tokenizer, options)
-    key = cache_key(kind.name, paths, tokenizer, kind.key_options(paths, template, options), suffixes=kind.suffixes)
+    sources = source_files(paths, kind.suffixes)
+    key = cache_key(kind.name, sources, tokenizer, kind.key_options(paths, template, options))
 
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
@@ -477,7 +478,7 @@ def prepare(kind: Kind, paths: Sequence[str], tokenizer, options, template: str 
         return asdict(stats)
 
     entry = build_or_load(cache_dir, kind.name, key, build)
-    return Cached(entry, kind.stats(**entry.stats))
+    return Cached(entry, kind.stats(**entry.stats), sources)
 
 
 def prepare_chat(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,

@@ -58,18 +58,36 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, enum.Enum) else value
 
 
-def cache_key(kind: str, paths: Sequence[str], tokenizer, options: dict[str, Any],
-              suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> str:
-    """Digest of the data files' bytes, the tokenizer, and the options (template included).
-    `suffixes` are the file types this kind reads, named when a path is not a file."""
-    h = hashlib.sha256()
-    h.update(f"lmforge-{kind}-cache-v{CACHE_VERSION}\n".encode())
+@dataclass(frozen=True)
+class SourceFile:
+    """A data file as it was read: its path and the digest of its bytes (what a resumed run
+    compares: the same content under another path is the same data)."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+def source_files(paths: Sequence[str], suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> tuple[SourceFile, ...]:
+    """Each data file's digest. `suffixes` are the file types read, named when a path is not a file."""
+    out = []
     for path in paths:
         require_file(path, suffixes)
-        h.update(b"file\n")
+        h, size = hashlib.sha256(), 0
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+                size += len(block)
+        out.append(SourceFile(path, h.hexdigest(), size))
+    return tuple(out)
+
+
+def cache_key(kind: str, sources: Sequence[SourceFile], tokenizer, options: dict[str, Any]) -> str:
+    """Digest of the data files' bytes (in order), the tokenizer, and the options (template included)."""
+    h = hashlib.sha256()
+    h.update(f"lmforge-{kind}-cache-v{CACHE_VERSION}\n".encode())
+    for source in sources:
+        h.update(f"file {source.sha256}\n".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps({k: _plain(v) for k, v in options.items()}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -96,6 +114,8 @@ class Cached(Generic[S]):
 
     entry: CacheEntry
     stats: S
+    sources: tuple[SourceFile, ...] = ()
+    """The data files this entry was found or built for, as read this time."""
 
     @property
     def path(self) -> str:
