@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import transformers
 
+from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.config import parse
 from lmforge.errors import LmforgeError
 
@@ -24,9 +25,24 @@ class Reply:
     """True when generation ended on an end-of-turn / EOS token, not at the token limit."""
 
 
-def load_for_chat(path: str, device: str | None = None):
+def saved_model_dir(path: str) -> str:
+    """The directory to load: `path` when it holds a saved model (or adapter); for an lmforge
+    run that has checkpoints but no final save (stopped, killed, still training), its newest
+    complete checkpoint, saying so."""
     if not os.path.isdir(path):
         raise LmforgeError(f"{path}: no such model directory")
+    if any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
+        return path
+    checkpoint = last_complete_checkpoint(path, log=lambda _: None)
+    if checkpoint is None:
+        raise LmforgeError(f"{path}: holds no saved model (no config.json) and no complete checkpoint-N")
+    print(f"lmforge chat: {path} has no final save (its run did not finish); using its newest complete "
+          f"checkpoint, {checkpoint}")
+    return checkpoint
+
+
+def load_for_chat(path: str, device: str | None = None):
+    path = saved_model_dir(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise LmforgeError(f"{path}: the tokenizer has no chat template (was it saved by lmforge sft?)")

@@ -237,7 +237,10 @@ def remove_staging_leftovers(output_dir: str, log: Log = print_flushed) -> None:
     if not os.path.isdir(staging):
         return
     for name in sorted(os.listdir(staging)):
-        log(f"lmforge: removing {os.path.join(staging, name)}, left by a save that did not finish")
+        # `remove_checkpoint` renames a checkpoint to deleting-NAME before it deletes it.
+        why = ("a checkpoint that rotation (or a replacement) was deleting when the run stopped"
+               if name.startswith("deleting-") else "left by a save that did not finish")
+        log(f"lmforge: removing {os.path.join(staging, name)}, {why}")
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -277,11 +280,15 @@ def remove_checkpoint(path: str) -> None:
 
 def publish(staged: str, final: str, log: Log = print_flushed) -> None:
     """Rename a finished staged checkpoint to its final name. A directory already there under
-    that name is an incomplete checkpoint of an earlier attempt at this step (resume never starts
-    before a complete one), and is replaced."""
+    that name is one resume passed over: incomplete, or damaged (its checksums did not verify),
+    and is replaced, saying which. Its files are read whole only where their sizes are right."""
     if os.path.exists(final):
         problem = checkpoint_problem(final)
-        log(f"lmforge: replacing {final} ({problem or 'written by an earlier attempt at this step'})")
+        if problem is None:
+            damage = checkpoint_problem(final, verify=True)
+            problem = (f"damaged, passed over when this run resumed: {damage}" if damage
+                       else "complete and undamaged, written by an earlier attempt at this step")
+        log(f"lmforge: replacing {final} ({problem})")
         remove_checkpoint(final)
     os.rename(staged, final)
     _fsync(os.path.dirname(os.path.normpath(final)))

@@ -515,6 +515,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=True,
         metadata={"help": "Continue from the newest complete checkpoint-* in --output_dir when one exists."},
     )
+    resume_changed_data: bool = field(
+        default=False,
+        metadata={"help": "Resume even where a data file's content changed since the run started (refused "
+                          "otherwise, naming the file); the position in the epoch is then recomputed from the "
+                          "new data's size."},
+    )
     flash_attn: bool = field(
         default=False,
         metadata={"help": "FastChat's flag: use the fastest attention this install has (flash_attention_2 "

@@ -40,6 +40,9 @@ class Pretrain(Method):
         return prepare_data(TEXT, load_tokenizer(flags.model), None, options, data.train_files,
                             data.validation_files, data.data_cache_dir, data.preprocessing_num_workers or 1)
 
+    def data_files(self, flags: Flags) -> tuple[list[str], list[str]]:
+        return list(flags.data.train_files or []), list(flags.data.validation_files or [])
+
     def packing(self, flags: Flags) -> bool:
         return flags.data.pretrain_document_mask  # blocks as rows of documents, each attending to itself
 

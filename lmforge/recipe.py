@@ -30,6 +30,7 @@ from lmforge.data.encode import Kind
 from lmforge.data.options import ChatOptions
 from lmforge.data.pack import PackedDataset
 from lmforge.data.sources import read_tools
+from lmforge.data.store import Cached, SourceFile, source_files
 from lmforge.data.templates import resolve_template
 from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
@@ -39,6 +40,8 @@ from lmforge.graphs import graphs_unsupported
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.report import key_flags, read_run_info
+from lmforge.run_lock import RunLock
+from lmforge.run_lock import describe as describe_holder
 from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
 
 
@@ -87,6 +90,10 @@ class Method:
         template = resolve_template(tokenizer, data.template)
         return prepare_data(self.kind, tokenizer, template, chat_options(data), data.data_path, data.eval_data_path,
                             data.data_cache_dir, data.preprocessing_num_workers)
+
+    def data_files(self, flags: Flags) -> tuple[list[str], list[str]]:
+        """The train and eval files of the command line."""
+        return list(flags.data.data_path or []), list(flags.data.eval_data_path or [])
 
     def packing(self, flags: Flags) -> bool:
         return flags.data.packing
@@ -156,13 +163,34 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
         log(f"lmforge: {args.output_dir} already holds the result of this command ({finished}); nothing to do. "
             "Pass --resume False --overwrite_output_dir True to train it again from the start")
         return args.output_dir
+    check_output_dir(args.output_dir)
+    # One run per output directory, from before resume looks at it to after the final save.
+    lock = RunLock(args.output_dir, " ".join(["lmforge", method.command, *command_line])) if main_process else None
+    if lock is not None:
+        lock.acquire()
+        if lock.taken_over is not None:
+            log(f"lmforge: took over the lock of {args.output_dir}, left by a run that is gone "
+                f"({describe_holder(lock.taken_over)})")
+    try:
+        return _run_locked(method, flags, argv, command_line, started, log, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line: list[str], started: float, log,
+                callbacks: Sequence[transformers.TrainerCallback]) -> str:
+    args = flags.args
+    main_process = args.process_index == 0
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save,
                                 args.resume_from_checkpoint)
-    check_output_dir(args.output_dir)
+    data_changes: list[str] = []
     if checkpoint:
-        # Flags changed since the run was started (or last resumed): applied, or refused now.
-        saved = read_run_info(args.output_dir).get("config")
-        callbacks = [*resume_policy(checkpoint, saved, key_flags(*flags.all()), log), *callbacks]
+        # Flags and data changed since the run was started (or last resumed): applied, or refused now.
+        info = read_run_info(args.output_dir)
+        data_changes = check_resumed_data(checkpoint, info.get("data"), method, flags)
+        callbacks = [*resume_policy(checkpoint, info.get("config"), key_flags(*flags.all()), log,
+                                    data_compared=bool(info.get("data"))), *callbacks]
     load_config(flags.model)  # a wrong model path fails now, not after tokenizing
     check_weights(flags.model)
 
@@ -190,6 +218,8 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
         "config": key_flags(*flags.all()),
         "train_data": asdict(data.train.stats),
         "eval_data": asdict(data.eval.stats) if data.eval else None,
+        "data": {"train": data_record(data.train), "eval": data_record(data.eval) if data.eval else None},
+        **({"resumed_on_changed_data": data_changes} if data_changes else {}),
         "cache": data.train.path,
         "rows": len(batches.train),
         **method.describe(flags, data, batches),
@@ -198,6 +228,53 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
                           checkpoint, data.end_of_turn_id, run_info, preflight=method.preflight(flags, data, batches),
                           callbacks=[*method.callbacks(flags, data, batches), *callbacks],
                           trainer_class=trained.trainer_class, trainer_kwargs=trained.trainer_kwargs)
+
+
+def data_record(cached: Cached) -> dict:
+    """What the data of a cache entry was, for a resumed run to compare: each file's digest
+    (the same content under another path is the same data) and the counts."""
+    stats = cached.stats
+    return {"files": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes} for f in cached.sources],
+            "records": getattr(stats, "records", getattr(stats, "documents", None)), "tokens": stats.tokens}
+
+
+def data_difference(saved: dict | None, now: Sequence[SourceFile], what: str) -> str | None:
+    """How the files `now` differ from the recorded ones, in one phrase naming the file, or None."""
+    files = (saved or {}).get("files") or []
+    if [f["sha256"] for f in files] == [f.sha256 for f in now]:
+        return None
+    if len(files) != len(now):
+        return f"the run started with {len(files)} {what} file(s), now {len(now)} are given"
+    k = next(i for i, (a, b) in enumerate(zip(files, now)) if a["sha256"] != b.sha256)
+    was, new = files[k], now[k]
+    moved = f" (it was {was['path']})" if os.path.abspath(was["path"]) != os.path.abspath(new.path) else ""
+    return (f"{new.path}{moved} is not the {what} data the run started with: {new.bytes:,} bytes now, "
+            f"{was['bytes']:,} then (sha256 {new.sha256[:12]}, was {was['sha256'][:12]})")
+
+
+def check_resumed_data(checkpoint: str, saved: dict | None, method: Method, flags: Flags) -> list[str]:
+    """Refuse to resume on data whose content changed since the run started (the checkpoint's
+    position in the epoch counts batches of the data it was trained on), in one line naming the
+    file; with --resume_changed_data True go on, the epoch position then recomputed from the new
+    data's size. Returns what changed (for the run record and the report). The files are read
+    whole to digest them: a resume reads them again before tokenizing, once."""
+    if not saved:
+        return []
+    train, eval_ = method.data_files(flags)
+    suffixes = method.kind.suffixes
+    changes = [d for d in (data_difference(saved.get("train"), source_files(train, suffixes), "training"),
+                           data_difference(saved.get("eval"), source_files(eval_, suffixes) if eval_ else (),
+                                           "evaluation") if saved.get("eval") or eval_ else None) if d]
+    if not changes:
+        return []
+    if not flags.args.resume_changed_data:
+        raise LmforgeError(f"resuming from {checkpoint}: {changes[0]}; run it with the data it started with, or "
+                           "pass --resume_changed_data True to go on with this data (the position in the epoch is "
+                           "then recomputed from its size)")
+    if flags.args.process_index == 0:
+        print(f"lmforge: resuming on changed data (--resume_changed_data True): {'; '.join(changes)}; the position "
+              "in the epoch is recomputed from the new data's size")
+    return changes
 
 
 def finished_run(output_dir: str, command: str, command_line: list[str]) -> str | None:
@@ -230,6 +307,8 @@ def _elsewhere(command_line: list[str]) -> list[str]:
 def check_output_dir(path: str) -> None:
     """A directory the run can write to, made now: a read-only place fails here, in one line,
     not at the first checkpoint after the data and the model have loaded."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LmforgeError(f"--output_dir {path} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

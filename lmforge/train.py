@@ -48,7 +48,8 @@ from lmforge.model import compile_blocks
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import LOG_FILE, ReportAtCheckpoints, add_perplexity, library_bars, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
-from lmforge.report import PLOTS_DIR, REPORT_NAME, record_end, try_write_report
+from lmforge.report import PLOTS_DIR, REPORT_NAME, read_run_info, record_end, try_write_report, update_run_info
+from lmforge.run_lock import LOCK_NAME
 from lmforge.verify_save import check_saved_model, loaded_through_tie
 
 # Before anything imports deepspeed (TrainingArguments with --deepspeed at parsing, the Trainer
@@ -60,7 +61,9 @@ BASE_CONFIG = "lmforge_base_config.json"
 # What an lmforge run writes before its first checkpoint (and the staging directory a killed
 # first save leaves): a rerun of the same command may start over in a directory holding only these.
 FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
-OWN_FILES = {"lmforge_run.json", LOG_FILE, "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR}
+OWN_FILES = {"lmforge_run.json", LOG_FILE, "runs", STAGING_DIR, FINAL_STAGING, REPORT_NAME, PLOTS_DIR, LOCK_NAME}
+# Where starting over puts the run a directory held before (checkpoints, final save, records).
+PREVIOUS_RUN = "previous-run-{}"
 
 
 def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True,
@@ -86,7 +89,36 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
             f"--output_dir {output_dir} is not empty and holds no complete checkpoint to resume from; "
             "pass --overwrite_output_dir True to train into it anyway, or choose another directory"
         )
+    if main_process:
+        set_previous_run_aside(output_dir)
     return None
+
+
+def set_previous_run_aside(output_dir: str) -> str | None:
+    """Starting over in a directory that holds an earlier run: its checkpoints (and those it
+    abandoned), its final save and its records move to OUTPUT_DIR/previous-run-K, kept, never
+    resumed from. Left in place, a later resume would pick the old run's newest checkpoint (or
+    take its final save for this run's), and checkpoint rotation would count them. Returns the
+    folder, or None when there was nothing of a run to move."""
+    if not os.path.isdir(output_dir):
+        return None
+    names = set(os.listdir(output_dir))
+    record = read_run_info(output_dir)
+    final = set(record.get("final_save") or ()) | {TRAINER_STATE_NAME}  # trainer_state.json: the save is whole
+    runs = {n for n in names if CHECKPOINT_RE.match(n) or n.startswith("abandoned-after-checkpoint-")}
+    if not runs and TRAINER_STATE_NAME not in names:
+        return None  # no checkpoint, no final save: what a killed first attempt left is simply replaced
+    moving = sorted((runs | (final & names) | (OWN_FILES & names)) - {STAGING_DIR, FINAL_STAGING, LOCK_NAME})
+    k = 1
+    while os.path.exists(os.path.join(output_dir, PREVIOUS_RUN.format(k))):
+        k += 1
+    aside = os.path.join(output_dir, PREVIOUS_RUN.format(k))
+    os.makedirs(aside)
+    for name in moving:
+        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    print_flushed(f"lmforge: starting over in {output_dir}: the run it held ({len(runs)} checkpoint folder(s)"
+                  f"{', its final save' if TRAINER_STATE_NAME in names else ''} and its records) moved to {aside}")
+    return aside
 
 
 # What a resumed run may change. The checkpoint holds the weights, the optimizer and scheduler
@@ -110,12 +142,21 @@ def changed_flags(saved: dict, now: dict) -> dict[str, tuple]:
     return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
 
 
-def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print) -> list[transformers.TrainerCallback]:
+# The data files' names: where the run recorded the files' content, that is compared instead
+# (`recipe.check_resumed_data`), so the same data under another path resumes.
+DATA_FLAGS = frozenset({"data_path", "eval_data_path", "train_files", "validation_files"})
+
+
+def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print,
+                  data_compared: bool = False) -> list[transformers.TrainerCallback]:
     """Say which flags differ from the run being resumed and what is done about each; refuse
-    the ones a checkpoint cannot continue with. Returns the callbacks that apply the others."""
+    the ones a checkpoint cannot continue with. Returns the callbacks that apply the others.
+    `data_compared`: the data files' content was compared, their paths are not."""
     if not saved:
         return []  # a run from before lmforge recorded its flags: nothing to compare
     changes = changed_flags(saved, now)
+    if data_compared:
+        changes = {k: v for k, v in changes.items() if k not in DATA_FLAGS}
     refused = {k: v for k, v in changes.items() if k not in RESUME_APPLIES}
     if refused:
         listed = ", ".join(f"--{k} {a} → {b}" for k, (a, b) in refused.items())
@@ -247,7 +288,10 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
             raise disk_full_error(output_dir, "the final model", e) or e
         raise
     if main:
+        saved = sorted(os.listdir(staging))
         move_entries(staging, output_dir)
+        # What the final save wrote, so that starting over can set exactly this aside.
+        update_run_info(output_dir, final_save=saved + [TRAINER_STATE_NAME])
     trainer.save_state()
     return summary
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -559,3 +560,125 @@ def test_resume_from_a_chosen_checkpoint_sets_the_later_ones_aside(setup, tmp_pa
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-15", "checkpoint-18", "checkpoint-21",
                                                        "checkpoint-24"]
     assert_same_weights(str(out), setup.baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# An output directory holds one run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_starting_over_sets_the_previous_run_aside(setup, tmp_path):
+    """A finished run in OUT, then `--resume False --overwrite_output_dir True` with other steps,
+    killed after its first checkpoint, then the same command without --resume False: the old
+    run (checkpoints, final save, records) is in previous-run-1, the rerun resumes the new
+    run's checkpoint, and ends with the weights of that command run uninterrupted."""
+    out = tmp_path / "out"
+    shutil.copytree(setup.baseline, out)
+    fresh = ("--max_steps", "6", "--save_total_limit", "2", "--overwrite_output_dir", "True")
+    killed = run(setup, str(out), stop=stop_after_step(4, 0.0), extra=(*fresh, "--resume", "False"))
+    assert killed.returncode == -signal.SIGKILL, killed.log
+    aside = out / "previous-run-1"
+    assert (f"lmforge: starting over in {out}: the run it held (8 checkpoint folder(s), its final save and its "
+            f"records) moved to {aside}") in killed.log
+    assert sorted(p.name for p in aside.iterdir() if p.name.startswith("checkpoint-")) == sorted(
+        f"checkpoint-{s}" for s in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))
+    assert (aside / "model.safetensors").read_bytes() == (pathlib.Path(setup.baseline) / "model.safetensors").read_bytes()
+    assert {"trainer_state.json", "lmforge_run.json", "config.json"} <= {p.name for p in aside.iterdir()}
+    again = run(setup, str(out), extra=fresh)
+    assert again.returncode == 0, again.log
+    assert again.resumed_from == 3, again.log
+    reference = tmp_path / "reference"
+    assert run(setup, str(reference), extra=fresh).returncode == 0
+    assert_same_weights(str(out), str(reference))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    assert newest_step(str(aside)) == MAX_STEPS  # the old run is kept whole
+
+
+def test_a_second_run_into_one_output_directory_is_refused_and_a_dead_ones_lock_taken_over(setup, tmp_path):
+    from lmforge.run_lock import LOCK_NAME, RunLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = RunLock(str(out), "lmforge sft --output_dir out")
+        lock.holder = lock.holder.__class__(holder.pid, lock.holder.host, None, 1.0e9, "lmforge sft --output_dir out")
+        lock.acquire()  # as the live process `holder` would have
+        refused = run(setup, str(out))
+        assert refused.returncode == 2
+        assert (f"lmforge sft: error: --output_dir {out} is in use by another lmforge run (process {holder.pid} on "
+                f"{lock.holder.host}, started ") in refused.log
+        assert "wait for it to end or choose another --output_dir" in refused.log
+        assert not (out / "lmforge_run.json").exists() and (out / LOCK_NAME).exists()
+    finally:
+        lock.release()
+        holder.kill()
+        holder.wait()
+    lock.acquire()  # the holder is gone now: its lock is left behind, stale
+    lock._stop.set()
+    taken = run(setup, str(out), extra=("--max_steps", "2"))
+    assert taken.returncode == 0, taken.log
+    assert f"lmforge: took over the lock of {out}, left by a run that is gone (process {holder.pid} on" in taken.log
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_resume_compares_the_data_not_its_path(setup, tmp_path):
+    """The same data under another path resumes; data edited in place is refused in one line naming
+    the file, unless --resume_changed_data True (the change then said and recorded)."""
+    out = tmp_path / "out"
+    interrupted_copy(setup, out)
+    moved = tmp_path / "elsewhere.json"
+    shutil.copy(setup.data, moved)
+    same = run(setup, str(out), extra=("--data_path", str(moved)))
+    assert same.returncode == 0, same.log
+    assert same.resumed_from == MAX_STEPS and "changed flags" not in same.log
+    interrupted_copy(setup, out2 := tmp_path / "out2")
+    records = json.loads(moved.read_text())
+    moved.write_text(json.dumps(records[:40]))
+    refused = run(setup, str(out2), extra=("--data_path", str(moved)))
+    assert refused.returncode == 2
+    assert (f"resuming from {out2 / f'checkpoint-{MAX_STEPS}'}: {moved} (it was {setup.data}) is not the training "
+            "data the run started with: ") in refused.log
+    assert "pass --resume_changed_data True to go on with this data" in refused.log
+    longer = ("--max_steps", str(MAX_STEPS + 2))
+    went_on = run(setup, str(out2), extra=("--data_path", str(moved), "--resume_changed_data", "True", *longer))
+    assert went_on.returncode == 0, went_on.log
+    assert "lmforge: resuming on changed data (--resume_changed_data True): " in went_on.log
+    info = json.loads((out2 / "lmforge_run.json").read_text())
+    assert info["resumed_on_changed_data"][0].startswith(f"{moved} (it was {setup.data}) is not the training data")
+    assert info["data"]["train"]["records"] == 40
+
+
+def test_chat_on_a_run_without_a_final_save_uses_its_newest_checkpoint(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    interrupted_copy(setup, out)
+    assert cli(["chat", str(out), "--prompt", "Hi", "--max_new_tokens", "4"]) == 0
+    assert (f"lmforge chat: {out} has no final save (its run did not finish); using its newest complete checkpoint, "
+            f"{out / f'checkpoint-{MAX_STEPS}'}") in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["chat", str(empty), "--prompt", "Hi"]) == 2
+    assert f"{empty}: holds no saved model (no config.json) and no complete checkpoint-N" in capsys.readouterr().err
+
+
+def test_replaced_and_leftover_checkpoints_are_named_for_what_they_are(two_checkpoints, tmp_path, capsys):
+    """A complete checkpoint that failed its checksum, replaced by a new save of its step, is
+    called damaged; a checkpoint a rotation was deleting when the run stopped is called that."""
+    from lmforge.checkpoint import publish
+
+    out = copy_of(two_checkpoints, tmp_path)
+    newest = os.path.join(out, "checkpoint-4")
+    with open(os.path.join(newest, "model.safetensors"), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    staged = os.path.join(out, STAGING_DIR, "checkpoint-4")
+    shutil.copytree(os.path.join(out, "checkpoint-2"), staged)
+    publish(staged, newest)
+    assert f"lmforge: replacing {newest} (damaged, passed over when this run resumed: model.safetensors is damaged" \
+        in capsys.readouterr().out
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(out, STAGING_DIR, "deleting-checkpoint-2"))
+    resolve_resume(out, resume=True, overwrite=False)
+    assert (f"lmforge: removing {os.path.join(out, STAGING_DIR, 'deleting-checkpoint-2')}, a checkpoint that "
+            "rotation (or a replacement) was deleting when the run stopped") in capsys.readouterr().out
