@@ -295,6 +295,12 @@ def _data_section(info: dict) -> list[str]:
     notes = []
     if sft and train.get("truncated"):
         notes.append(f"- truncated to --model_max_length: {train['truncated']}")
+    if train.get("prompts_cut") or train.get("answers_cut"):
+        notes.append(f"- pairs cut to --model_max_length: {train.get('prompts_cut', 0)} prompts at their start, "
+                     f"{train.get('answers_cut', 0)} with answers cut at their end")
+    for change in info.get("resumed_on_changed_data") or []:
+        notes.append(f"- resumed on changed data (--resume_changed_data True): {change}; the position in the epoch "
+                     "was recomputed from the new data's size")
     if not sft and train.get("dropped_tail_tokens"):
         notes.append(f"- tokens at the end of the corpus that fill no block (dropped): {train['dropped_tail_tokens']}")
     skips = _skips(train)

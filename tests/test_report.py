@@ -297,3 +297,15 @@ def test_eval_samples_are_written_at_each_evaluation_and_reported(small_run):
     assert f"## Sample generations (step {eval_steps[-1]})" in report
     assert report.count("   - reference: ") == 2
     assert "lmforge: sample 1 at step" in small_run["log"]
+
+
+def test_data_section_says_what_was_cut_and_what_changed_on_resume():
+    from lmforge.report import _data_section
+
+    info = {"train_data": {"records": 300, "kept": 300, "tokens": 9, "trained_tokens": 5, "truncated": 92,
+                           "prompts_cut": 86, "answers_cut": 40, "skipped": {}},
+            "resumed_on_changed_data": ["d.jsonl is not the training data the run started with: 10 bytes now"]}
+    lines = _data_section(info)
+    assert "- pairs cut to --model_max_length: 86 prompts at their start, 40 with answers cut at their end" in lines
+    assert ("- resumed on changed data (--resume_changed_data True): d.jsonl is not the training data the run started "
+            "with: 10 bytes now; the position in the epoch was recomputed from the new data's size") in lines

@@ -647,6 +647,8 @@ def test_resume_compares_the_data_not_its_path(setup, tmp_path):
     info = json.loads((out2 / "lmforge_run.json").read_text())
     assert info["resumed_on_changed_data"][0].startswith(f"{moved} (it was {setup.data}) is not the training data")
     assert info["data"]["train"]["records"] == 40
+    report = (out2 / "report.md").read_text()
+    assert f"- resumed on changed data (--resume_changed_data True): {moved} (it was {setup.data})" in report
 
 
 def test_chat_on_a_run_without_a_final_save_uses_its_newest_checkpoint(setup, tmp_path, capsys):
