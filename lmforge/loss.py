@@ -433,6 +433,21 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
     if padded:
         positions, real = without_padding(positions, labels)
         rows = torch.where(real, rows, n)  # sequence n: one past the last, dropped below
+    token_logps = token_log_probs(model, head, inputs, labels, positions, chunk)
+    slots = n + 1 if padded else n
+    sums = torch.zeros(slots, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(slots, dtype=torch.long, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps)
+    counts = counts.index_add(0, rows, torch.ones_like(rows))
+    return sums[:n], counts[:n]
+
+
+def token_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict, labels: torch.Tensor,
+                    positions: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The log-probability of each labelled token [P], in the order of `positions` (flat indices
+    into batch x length of the positions whose next token is labelled): through the output head
+    a chunk at a time when `head` is given (the logits never built), else from the model's logits.
+    `inputs` are the model's inputs without the labels."""
     if head is None:
         logits = model(**inputs).logits
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)
@@ -447,9 +462,4 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
             raise RuntimeError("log-probs: the model did not return what its output head computed (called "
                                f"{len(returned)} times, output shape {tuple(token_logps.shape)}); train with "
                                "--fused_loss False")
-    slots = n + 1 if padded else n
-    sums = torch.zeros(slots, dtype=token_logps.dtype, device=token_logps.device)
-    counts = torch.zeros(slots, dtype=torch.long, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps)
-    counts = counts.index_add(0, rows, torch.ones_like(rows))
-    return sums[:n], counts[:n]
+    return token_logps

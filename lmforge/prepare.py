@@ -4,17 +4,20 @@ records as JSONL or show them with their loss mask. Takes the command line of `l
 
     lmforge prepare --data_path data.json --tokenizer_name TOK --output_dir out --dump first.jsonl
     lmforge prepare --data_path data.json --tokenizer_name TOK --show 3     # the pre-flight check
+    lmforge prepare --data_path data.json --tokenizer_name TOK --verify     # check the cached tokens
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from lmforge.config import LoraArguments, ModelArguments, TrainingArguments
 from lmforge.data.batches import PreparedData, build_batches
 from lmforge.data.split import record_lengths, trained_counts
-from lmforge.data.store import dump_records
+from lmforge.data.store import DamagedEntry, dump_records, verify_entry
+from lmforge.errors import LmforgeError
 from lmforge.recipe import Flags, parse_flags
 from lmforge.sft import Sft
 
@@ -28,6 +31,12 @@ class PrepareArguments:
         metadata={"help": "Print the first N training records with the tokens that carry loss marked, the "
                           "optimizer steps, tokens per step and estimated memory the same command line would "
                           "train with (the pre-flight check of lmforge sft), without training."},
+    )
+    verify: bool = field(
+        default=False,
+        metadata={"help": "Read the cache entries of this command line whole and compare them with their "
+                          "checksums: prints the bytes and rows verified, or the damage (a damaged entry is "
+                          "rebuilt)."},
     )
 
 
@@ -92,10 +101,37 @@ class Prepare(Sft):
     command, method_arguments, training_arguments = "prepare", PrepareArguments, PrepareTrainingArguments
 
 
+def verify(method: Prepare, flags: Flags, data: PreparedData) -> PreparedData:
+    """`--verify`: every byte of each entry checked against its checksums, whatever its
+    `verified.json` says. A damaged entry is removed and built again, then checked again."""
+    for attempt in (1, 2):
+        damaged = []
+        for cached in (data.train, data.eval):
+            if cached is None:
+                continue
+            try:
+                size, rows = verify_entry(cached.path)
+            except DamagedEntry as e:
+                if attempt == 2:
+                    raise LmforgeError(f"the cache entry {cached.path}, just rebuilt, is damaged again ({e}); "
+                                       "check the disk it is on") from None
+                print(f"lmforge: the cache entry {cached.path} is damaged ({e}); rebuilding it")
+                shutil.rmtree(cached.path, ignore_errors=True)
+                damaged.append(cached.path)
+            else:
+                print(f"lmforge: verified {cached.path}: {size:,} bytes, {rows:,} rows")
+        if not damaged:
+            break
+        data = method.prepare(flags)
+    return data
+
+
 def main(argv: Sequence[str]) -> PreparedData:
     method = Prepare()
     flags = parse_flags(method, argv)
     data = method.prepare(flags)
+    if flags.method.verify:
+        data = verify(method, flags, data)
     print(data.stats_lines())
     if flags.method.dump:
         n = dump_records(data.train, flags.method.dump, flags.method.dump_n)

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -263,6 +266,7 @@ class Kind:
     columns: tuple[str, ...]
     chunk: int  # records per worker task
     one_row = False  # chat and pairs: whether a record's samples form one row (a pair's sides)
+    unit = "record"  # what `read` yields, in messages
     suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
     stats: type = RecordStats
 
@@ -273,7 +277,8 @@ class Kind:
     def key_options(self, paths: Sequence[str], template: str | None, options) -> dict:
         return {"template": template, **asdict(options)}
 
-    def read(self, paths: Sequence[str], options, skips: SkipCounter) -> Iterator[tuple]:
+    def read(self, path: str, options, skips: SkipCounter) -> Iterator:
+        """The items of one data file the workers take, in file order."""
         raise NotImplementedError
 
     def worker_state(self, tokenizer, template: str | None, options) -> Any:
@@ -299,10 +304,9 @@ class ChatKind(Kind):
         columns = [llama_factory_columns(p) for p in paths]  # dataset_info.json changes the records read
         return {"template": template, "columns": columns, **asdict(options)}
 
-    def read(self, paths, options, skips):
-        for path in paths:
-            for location, record, fmt in iter_records(path, options.data_format, options.on_bad_record, skips):
-                yield path, location, record, fmt
+    def read(self, path, options, skips):
+        for location, record, fmt in iter_records(path, options.data_format, options.on_bad_record, skips):
+            yield path, location, record, fmt
 
     def work(self, renderer: Renderer, options, chunk):
         def render(conversations: list) -> list[list[Rendered] | RecordError]:
@@ -369,11 +373,10 @@ class PairKind(Kind):
     def key_options(self, paths, template, options):
         return {"template": template, "format": options.data_format.value, **asdict(options)}
 
-    def read(self, paths, options, skips):
-        for path in paths:
-            for location, record, fmt in records_with_format(path, options.data_format, detect_pair_format,
-                                                             options.on_bad_record, skips):
-                yield path, location, record, fmt
+    def read(self, path, options, skips):
+        for location, record, fmt in records_with_format(path, options.data_format, detect_pair_format,
+                                                         options.on_bad_record, skips):
+            yield path, location, record, fmt
 
     def work(self, renderer: Renderer, options, chunk):
         return [(path, location, result if isinstance(result, RecordError) else [_compact(r) for r in result])
@@ -392,6 +395,7 @@ class TextKind(Kind):
     dropped (counted) or kept as a shorter, padded last block."""
 
     name, columns, chunk, suffixes, stats = "pretrain", ("input_ids",), 64, TEXT_SUFFIXES, TextStats
+    unit = "document"
 
     def check_inputs(self, paths, tokenizer, options: TextOptions) -> None:
         if not paths:
@@ -404,10 +408,9 @@ class TextKind(Kind):
     def key_options(self, paths, template, options):
         return asdict(options)
 
-    def read(self, paths, options: TextOptions, skips):
-        for path in paths:
-            for _, text in iter_documents(path, options.text_field, options.text_split, options.on_bad_record, skips):
-                yield text
+    def read(self, path, options: TextOptions, skips):
+        for _, text in iter_documents(path, options.text_field, options.text_split, options.on_bad_record, skips):
+            yield text
 
     def worker_state(self, tokenizer, template, options):
         return tokenizer
@@ -421,7 +424,7 @@ class TextKind(Kind):
         stats = TextStats()
         size = options.block_size
         buffer: list[int] = []
-        progress = PrepareProgress("tokenizing", unit="document")
+        progress = PrepareProgress("tokenizing", unit=self.unit)
         with RowWriter(tmp, self.columns) as writer:
             for ids in documents:
                 progress.update(1, len(ids))
@@ -465,20 +468,100 @@ def prepare(kind: Kind, paths: Sequence[str], tokenizer, options, template: str 
     sources = source_files(paths, kind.suffixes)
     key = cache_key(kind.name, sources, tokenizer, kind.key_options(paths, template, options))
 
+    reading = Reading(kind.unit, paths[0])
+
     def build(tmp: str) -> dict:
         skips = SkipCounter(Counter(), {})
-        chunks = chunked(kind.read(paths, options, skips), kind.chunk)
-        results = (result for done in ordered_map(_work, chunks, num_workers, _init_worker,
-                                                 (kind, kind.worker_state(tokenizer, template, options), options))
-                   for result in done)
-        stats = kind.write(tmp, results, options, skips)
+        chunks = chunked(reading.track(paths, lambda path: kind.read(path, options, skips)), kind.chunk)
+        done = ordered_map(_work, chunks, num_workers, _init_worker,
+                           (kind, kind.worker_state(tokenizer, template, options), options))
+        # Closed on the way out, whatever stops the build: the worker pool is terminated then,
+        # not when the generator happens to be collected.
+        with contextlib.closing(done), reading.stopped_by_sigterm():
+            stats = kind.write(tmp, (result for chunk in done for result in chunk), options, skips)
         why = kind.empty(paths, stats, options)
         if why:
             raise LmforgeError(why)
         return asdict(stats)
 
-    entry = build_or_load(cache_dir, kind.name, key, build)
+    try:
+        entry = build_or_load(cache_dir, kind.name, key, build)
+    except Terminated as e:  # the temporary directory is removed by now, the workers terminated
+        raise TokenizingStopped(f"stopped by {signal.Signals(e.signum).name} while tokenizing {reading.where()}; "
+                                "nothing was cached: the next run tokenizes again", e.signum) from None
     return Cached(entry, kind.stats(**entry.stats), sources)
+
+
+@dataclass
+class Reading:
+    """Where the reader of a build is (the file, the records read from it), and the signal that
+    asked the build to stop: what the command then says."""
+
+    unit: str
+    path: str
+    count: int = 0
+    signum: int | None = None
+
+    def track(self, paths: Sequence[str], read: Callable[[str], Iterable]) -> Iterator:
+        for path in paths:
+            self.path, self.count = path, 0
+            for item in read(path):
+                self.stop_if_signalled()
+                self.count += 1
+                yield item
+
+    def stop_if_signalled(self) -> None:
+        if self.signum is not None:
+            raise Terminated(self.signum)
+
+    @contextlib.contextmanager
+    def stopped_by_sigterm(self) -> Iterator[None]:
+        """While the body runs, SIGTERM stops the build: the next record read raises
+        `Terminated` (and so does the end of the body, where all was read), and the build unwinds:
+        the store removes its temporary directory, the worker pool is terminated, the command says
+        what stopped it. By default SIGTERM would kill the process silently, leaving both behind.
+        The handler only records the signal: raised from inside it, the exception could cut a
+        worker's start in half (it then prints a traceback). A second SIGTERM goes to the handler
+        there before, at once. Elsewhere than in the main thread, where Python delivers no
+        signal, or where SIGTERM is ignored, nothing changes."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            yield
+            return
+
+        def handle(signum: int, frame) -> None:
+            if self.signum is not None:
+                signal.signal(signum, previous)
+                signal.raise_signal(signum)
+                return
+            self.signum = signum
+
+        previous = signal.signal(signal.SIGTERM, handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self.stop_if_signalled()
+
+    def where(self) -> str:
+        return f"{self.path} ({self.count:,} {self.unit}{'' if self.count == 1 else 's'} read)"
+
+
+class Terminated(BaseException):
+    """A signal stopped the build of a cache entry. A BaseException, as KeyboardInterrupt is, so
+    that no `except Exception` on its way out swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class TokenizingStopped(LmforgeError):
+    """A signal stopped the build of a cache entry; the exit status is 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def prepare_chat(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,

@@ -103,11 +103,11 @@ def from_openai(record: Any) -> Conversation:
     return validate(messages, parse_tools(record.get("tools")))
 
 
-def from_alpaca(record: Any) -> Conversation:
+def _alpaca_prompt(record: Any) -> list[Message]:
+    """An Alpaca record's messages before its output: system, history, the instruction."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
     instruction = require_field(record, "instruction", "field 'instruction'")
-    output = require_field(record, "output", "field 'output'")
     extra = record.get("input") or ""
     extra = require_str(extra, "field 'input'")
     system = _system_column(record)
@@ -119,8 +119,13 @@ def from_alpaca(record: Any) -> Conversation:
         messages.append(Message(ASSISTANT, require_str(pair[1], f"history[{h}][1]")))
     # The instruction and its input are joined by a newline, the usual Alpaca convention.
     messages.append(Message(USER, instruction + ("\n" + extra if extra else "")))
-    messages.append(Message(ASSISTANT, output))
-    return validate(messages)
+    return messages
+
+
+def from_alpaca(record: Any) -> Conversation:
+    messages = _alpaca_prompt(record)
+    output = require_field(record, "output", "field 'output'")
+    return validate(messages + [Message(ASSISTANT, output)])
 
 
 NORMALISERS: dict[DataFormat, Callable[[Any], Conversation]] = {
@@ -169,8 +174,60 @@ def iter_records(
         yield from records_with_format(path, fmt, detect_format, on_bad_record, skips)
         return
     mapped_fmt = DataFormat.SHAREGPT if columns.get("formatting") == "sharegpt" else DataFormat.ALPACA
-    for location, record in read_records(path):
+    for location, record in read_records(path, on_bad_record, skips):
         yield location, remap_record(record, columns), mapped_fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt records → PromptRecord (GRPO)
+# ---------------------------------------------------------------------------------------------
+
+# The fields a format reads its messages from; every other field of a prompt record is a column
+# handed to the reward functions.
+MESSAGE_FIELDS = {DataFormat.SHAREGPT: ("conversations", "system", "tools"),
+                  DataFormat.OPENAI: ("messages", "system", "tools"),
+                  DataFormat.ALPACA: ("instruction", "input", "system", "history")}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt to sample completions for: its messages (ending with a user turn or a tool
+    result; a trailing assistant turn of the record is its reference answer, not part of the
+    prompt), the tools it offers, and the record's other columns (`answer`, `solution`, ...)."""
+
+    conversation: Conversation
+    """The prompt's messages (no assistant turn at the end) and tools."""
+    columns: dict
+    """Every other field of the record, as read (the trailing assistant turn's text under
+    `completion` when the record has one and no such column)."""
+
+
+def to_prompt(record: Any, fmt: DataFormat) -> PromptRecord:
+    """A record of any chat format as a GRPO prompt; raises RecordError saying what is wrong."""
+    if fmt == DataFormat.AUTO:
+        fmt = detect_format(record)
+    tools = None
+    if fmt == DataFormat.ALPACA:
+        messages = _alpaca_prompt(record)
+    else:
+        key = "conversations" if fmt == DataFormat.SHAREGPT else "messages"
+        roles = SHAREGPT_ROLES if fmt == DataFormat.SHAREGPT else OPENAI_ROLES
+        role_key, content_key = ("from", "value") if fmt == DataFormat.SHAREGPT else ("role", "content")
+        messages = _messages_field(record, key, role_key, content_key, roles)
+        if fmt == DataFormat.SHAREGPT:
+            messages = _without_blank_system(messages)
+        tools = parse_tools(record.get("tools"))
+        if messages and messages[-1].role == ASSISTANT and "completion" not in record:
+            record = {**record, "completion": messages[-1].content}  # the reference answer, for rewards
+        if messages and messages[-1].role == ASSISTANT:
+            messages = messages[:-1]
+    if not messages or messages[-1].role not in (USER, TOOL):
+        raise RecordError("roles_out_of_order", "a prompt must end with a user turn (or a tool result): the "
+                                                "completion answers it")
+    # Checked as the conversation it becomes once answered.
+    checked = validate(list(messages) + [Message(ASSISTANT, "-")], tools)
+    columns = {k: v for k, v in record.items() if k not in MESSAGE_FIELDS[fmt]}
+    return PromptRecord(Conversation(checked.messages[:-1], checked.tools), columns)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,17 +58,24 @@ def require_file(path: str, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> N
         raise DataError(path, None, "is not a regular file")
 
 
-def read_records(path: str) -> Iterator[tuple[str, Any]]:
+def read_records(path: str, on_bad_record: OnBadRecord = OnBadRecord.ERROR,
+                 skips: SkipCounter | None = None) -> Iterator[tuple[str, Any]]:
     """Yield `(location, record)` from one file, in file order. `location` names the record in
-    messages ("record 3" for JSON lists and Parquet rows, "line 12" for JSONL)."""
+    messages ("record 3" for JSON lists and Parquet rows, "line 12" for JSONL).
+
+    A JSONL line that is not JSON is a bad record like any other: under `--on_bad_record skip`
+    (with `skips`) it is counted as `malformed_json` and the lines after it are read; otherwise
+    it is an error naming the line. A syntax error in a .json file is always an error: the file
+    is one JSON value, which cannot be read past it."""
     require_file(path)
     if os.path.getsize(path) == 0:
         raise DataError(path, None, "file is empty")
+    skipping = skips if on_bad_record == OnBadRecord.SKIP else None
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, skipping)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, skipping is not None)
     elif suffix == ".parquet":
         yield from _read_parquet(path)
     else:
@@ -116,12 +123,15 @@ class _NotStreamed(Exception):
     """The stream reader stops here; the whole-file reader takes over."""
 
 
-def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-    yield from _streamed(path, _stream_json_list, _read_json_whole, _check_json)
+def _read_json(path: str, skipping: bool) -> Iterator[tuple[str, Any]]:
+    yield from _streamed(path, _stream_json_list, lambda p: _read_json_whole(p, skipping), _check_json)
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    yield from _streamed(path, _stream_jsonl, _read_jsonl_whole, _check_utf8)
+def _read_jsonl(path: str, skips: SkipCounter | None) -> Iterator[tuple[str, Any]]:
+    # With `skips`, the stream reader counts a malformed line and reads on: it gives up (for the
+    # whole-file reader) only at an encoding error, which the first pass has ruled out, or on a
+    # file of blank lines, so no line is counted twice.
+    yield from _streamed(path, lambda p: _stream_jsonl(p, skips), lambda p: _read_jsonl_whole(p, skips), _check_utf8)
 
 
 def _streamed(path: str, stream: Callable, whole: Callable, check: Callable) -> Iterator[tuple[str, Any]]:
@@ -168,7 +178,7 @@ def _open_utf8(path: str):
     return f
 
 
-def _stream_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+def _stream_jsonl(path: str, skips: SkipCounter | None = None) -> Iterator[tuple[str, Any]]:
     with _open_utf8(path) as f:
         seen = False
         for lineno, raw in enumerate(f, start=1):
@@ -178,11 +188,16 @@ def _stream_jsonl(path: str) -> Iterator[tuple[str, Any]]:
                 raise _NotStreamed from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise _NotStreamed from None
             seen = True
+            try:
+                # Without its "\n", as the whole-file reader parses it: an error at the line's end
+                # is then in the line's last column, not in column 1 of the next.
+                record = json.loads(line.removesuffix("\n"))
+            except json.JSONDecodeError as e:
+                if skips is None:
+                    raise _NotStreamed from None  # the whole-file reader words the error
+                skips.add(MALFORMED_JSON, f"{path}, line {lineno}: {_malformed_line(e)}")
+                continue
             yield f"line {lineno}", record
         if not seen:
             raise _NotStreamed
@@ -258,14 +273,17 @@ def _stream_json_list(path: str) -> Iterator[tuple[str, Any]]:
             raise _NotStreamed  # text after the list
 
 
-def _read_json_whole(path: str) -> Iterator[tuple[str, Any]]:
+def _read_json_whole(path: str, skipping: bool = False) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, None, "file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(path, f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}") from None
+        why = ("; --on_bad_record skip skips bad records, not this: a .json file is one JSON list, which cannot be "
+               "read past a syntax error. Fix the file, or write it as JSONL, where a malformed line is skipped"
+               if skipping else "")
+        raise DataError(path, f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}{why}") from None
     if isinstance(data, dict):
         data = _object_records(path, data)
     if not isinstance(data, list):
@@ -307,7 +325,14 @@ def _object_records(path: str, data: dict) -> list:
                                 f"the list of records{hint}")
 
 
-def _read_jsonl_whole(path: str) -> Iterator[tuple[str, Any]]:
+MALFORMED_JSON = "malformed_json"  # the skip reason of a JSONL line that is not JSON
+
+
+def _malformed_line(e: json.JSONDecodeError) -> str:
+    return f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def _read_jsonl_whole(path: str, skips: SkipCounter | None = None) -> Iterator[tuple[str, Any]]:
     text = _read_text(path)
     if not text.strip():
         raise DataError(path, None, "file is empty")
@@ -319,7 +344,10 @@ def _read_jsonl_whole(path: str) -> Iterator[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, f"line {lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if skips is None:
+                raise DataError(path, f"line {lineno}", _malformed_line(e)) from None
+            skips.add(MALFORMED_JSON, f"{path}, line {lineno}: {_malformed_line(e)}")
+            continue
         yield f"line {lineno}", record
 
 
@@ -434,7 +462,7 @@ def records_with_format(path: str, fmt: Any, detect: Callable[[Any], Any], on_ba
     """`(location, raw record, format)` for each record of `path`: `fmt`, or while it is `auto`,
     what `detect` makes of the record (the first it can tell fixes the file's format; one it
     cannot is a bad record). Shared by the SFT and the preference formats."""
-    for location, record in read_records(path):
+    for location, record in read_records(path, on_bad_record, skips):
         if fmt == "auto":
             try:
                 fmt = detect(record)
@@ -497,7 +525,7 @@ def iter_documents(
         return
     if suffix not in TEXT_SUFFIXES:
         raise DataError(path, None, f"unsupported file type {suffix!r}; use one of {TEXT_SUFFIXES}")
-    for location, record in read_records(path):
+    for location, record in read_records(path, on_bad_record, skips):
         try:
             if not isinstance(record, dict):
                 raise RecordError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")

@@ -5,9 +5,18 @@ never sits in Python lists in memory (FastChat and happy-llm hold it all in RAM)
 
 Layout: `<cache_dir>/<kind>/<key>/tokens.arrow` (an Arrow IPC stream, opened with
 `datasets.Dataset.from_file`, which memory-maps it), `stats.json` and `entry.json` (the row
-count and byte size of tokens.arrow). An entry is built in a temporary directory and renamed
-into place when complete, so a crash leaves no entry that looks finished. This module is the
-generic part; `encode.py` says what goes into an entry.
+count, byte size and CRC-32 checksums of tokens.arrow, one per 64 MiB block). An entry is built
+in a temporary directory `.tmp-<key>-*` and renamed into place when complete, so a crash leaves
+no entry that looks finished; the next build in the same kind folder removes such leftovers once
+no live process owns them (`owner.json`). This module is the generic part; `encode.py` says
+what goes into an entry.
+
+Every use of an entry checks the size and row count of tokens.arrow (cheap: only the batch
+headers are read). The checksums, which read the whole file, are compared where that costs
+little: on build, before the rename; on the first use after the build (then `verified.json`
+records it, so later uses skip them until tokens.arrow changes); and under `lmforge prepare
+--verify`. A build reads the file back from the page cache; the first use may read it from
+disk, on another host or after a copy, where damage happens.
 
 Nothing in the cache is a pickle: an entry is Arrow (columns of int32 lists or float64, checked) and
 JSON, read as data only, so whoever can write to a cache directory can change token ids but
@@ -23,9 +32,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 
@@ -35,6 +47,15 @@ from lmforge.errors import LmforgeError, is_disk_full
 CACHE_VERSION = 5  # 3: entries carry entry.json; 4: masks on the rendered text; 5: empty system messages
 # as written, empty tool lists as none, header tokens never trained, long pairs cut
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
+VERIFIED = "verified.json"  # tokens.arrow matched its checksums, at this size and modification time
+OWNER = "owner.json"  # in a temporary build directory: the process building it (pid, host)
+# The checksums guard against accidental damage (a bad disk, a short copy), not tampering, so
+# CRC-32 (zlib, ~4 GB/s a core; see checkpoint.py). One per block: a check stops at the first
+# damaged block and says which bytes.
+CHECKSUM = "crc32"
+CRC_BLOCK = 64 << 20
+READ_BYTES = 4 << 20
+LEFTOVER_AGE = 3600.0  # seconds: a temporary directory with no owner.json this old is a dead build's
 
 
 def default_cache_dir() -> str:
@@ -159,14 +180,32 @@ def _count_rows(tokens: str) -> int:
         return sum(batch.num_rows for batch in reader)
 
 
+def _block_crcs(path: str, block: int) -> Iterator[str]:
+    """The CRC-32 of each `block` bytes of the file (8 hex digits), in order, read lazily so
+    that a check can stop at the first that differs."""
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            crc = done = 0
+            while done < block:
+                piece = f.read(min(READ_BYTES, block - done))
+                if not piece:
+                    break
+                crc = zlib.crc32(piece, crc)
+                done += len(piece)
+            if not done:
+                return
+            yield f"{crc:08x}"
+
+
 def _manifest(directory: str) -> dict:
     tokens = os.path.join(directory, TOKENS)
-    return {"rows": _count_rows(tokens), "bytes": os.path.getsize(tokens)}
+    return {"rows": _count_rows(tokens), "bytes": os.path.getsize(tokens), "block_bytes": CRC_BLOCK,
+            CHECKSUM: list(_block_crcs(tokens, CRC_BLOCK))}
 
 
-def load_entry(path: str) -> dict:
-    """The stats of the finished entry at `path`, after checking that tokens.arrow is the Arrow
-    stream entry.json describes (same size, same row count); raises `DamagedEntry` if not."""
+def _check_sizes(path: str) -> tuple[dict, dict, int]:
+    """(stats, manifest, rows) of the entry at `path` after the cheap checks: tokens.arrow is the
+    Arrow stream entry.json describes (same size, same row count); raises `DamagedEntry` if not."""
     stats = _read_json_object(os.path.join(path, STATS))
     manifest = _read_json_object(os.path.join(path, MANIFEST))
     tokens = os.path.join(path, TOKENS)
@@ -181,7 +220,75 @@ def load_entry(path: str) -> dict:
         raise DamagedEntry(f"{TOKENS} is not an Arrow stream of token columns ({e})") from None
     if rows != manifest.get("rows"):
         raise DamagedEntry(f"{TOKENS} holds {rows} rows, {MANIFEST} records {manifest.get('rows')}")
+    return stats, manifest, rows
+
+
+def _check_checksums(path: str, manifest: dict) -> None:
+    """Read tokens.arrow whole and compare each block's CRC-32 with entry.json's; raises
+    `DamagedEntry` at the first block that differs, naming its bytes. An entry.json without
+    checksums counts as damaged: the entry was built before lmforge wrote them, and rebuilding
+    it is the only way to know its tokens."""
+    tokens = os.path.join(path, TOKENS)
+    crcs, block = manifest.get(CHECKSUM), manifest.get("block_bytes")
+    if not (isinstance(crcs, list) and isinstance(block, int) and block > 0):
+        raise DamagedEntry(f"{MANIFEST} holds no {CHECKSUM} checksums of {TOKENS}")
+    size = os.path.getsize(tokens)
+    blocks = -(-size // block)
+    if len(crcs) != blocks:
+        raise DamagedEntry(f"{MANIFEST} lists {len(crcs)} {CHECKSUM} checksums for the {blocks} blocks of {TOKENS}")
+    for i, actual in enumerate(_block_crcs(tokens, block)):
+        if actual != crcs[i]:
+            start, end = i * block, min(size, (i + 1) * block) - 1
+            raise DamagedEntry(f"{TOKENS} is damaged in bytes {start:,}-{end:,} (block {i + 1} of {blocks}): "
+                               f"{CHECKSUM} {actual}, {MANIFEST} records {crcs[i]}")
+
+
+def _tokens_state(path: str) -> dict:
+    """What `verified.json` holds: tokens.arrow as it was checked (any write since changes it)."""
+    st = os.stat(os.path.join(path, TOKENS))
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_verified(path: str) -> bool:
+    try:
+        with open(os.path.join(path, VERIFIED), encoding="utf-8") as f:
+            return json.load(f) == _tokens_state(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_verified(path: str) -> None:
+    """Write `verified.json` atomically (a reader never sees half of it). A cache the user may
+    only read stays unmarked: its entries are then checked in full at every use."""
+    # One temporary name per process, on a disk several hosts share too.
+    tmp = os.path.join(path, f".{VERIFIED}.{socket.gethostname()}.{os.getpid()}")
+    try:
+        _write_json(tmp, _tokens_state(path))
+        os.replace(tmp, os.path.join(path, VERIFIED))
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_entry(path: str) -> dict:
+    """The stats of the finished entry at `path`, after checking that tokens.arrow is the Arrow
+    stream entry.json describes (same size, same row count) and, on the entry's first use, that
+    it matches its checksums; raises `DamagedEntry` if not."""
+    stats, manifest, _ = _check_sizes(path)
+    if not _is_verified(path):
+        _check_checksums(path, manifest)
+        _mark_verified(path)
     return stats
+
+
+def verify_entry(path: str) -> tuple[int, int]:
+    """(bytes, rows) of tokens.arrow after checking the entry at `path` in full, whatever
+    `verified.json` says (`lmforge prepare --verify`); raises `DamagedEntry` if it does not
+    check out."""
+    _, manifest, rows = _check_sizes(path)
+    _check_checksums(path, manifest)
+    _mark_verified(path)
+    return manifest["bytes"], rows
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -189,12 +296,86 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _newest_change(folder: str) -> float:
+    """The latest modification time of the folder or a file in it: a build still writing
+    tokens.arrow keeps this recent."""
+    times = [os.stat(folder).st_mtime]
+    with os.scandir(folder) as entries:
+        times += [e.stat().st_mtime for e in entries]
+    return max(times)
+
+
+def _leftover_reason(folder: str) -> str | None:
+    """Why the temporary build directory `folder` is a dead build's, or None while a live
+    process may own it. Its owner's pid is only looked up on the host that wrote it; a folder
+    of another host is never removed."""
+    try:
+        with open(os.path.join(folder, OWNER), encoding="utf-8") as f:
+            owner = json.load(f)
+        pid, host = owner["pid"], owner["host"]
+        if not (isinstance(pid, int) and pid > 0):  # 0 or -1 would name process groups
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        # No owner.json (its build died before writing it, or it is another lmforge's): only age tells.
+        age = time.time() - _newest_change(folder)
+        return f"no {OWNER}, unchanged for {age / 3600:.1f} h" if age > LEFTOVER_AGE else None
+    if host != socket.gethostname() or _process_alive(pid):
+        return None
+    return f"its process {pid} is gone"
+
+
+def _remove_leftovers(parent: str, log) -> None:
+    """Remove the temporary directories under `parent` of builds that were killed (a killed
+    process runs no cleanup), and say in one line which and why."""
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        folder = os.path.join(parent, name)
+        if not name.startswith(".tmp-") or not os.path.isdir(folder):
+            continue
+        try:
+            reason = _leftover_reason(folder)
+        except OSError:  # removed meanwhile (by another process cleaning up)
+            continue
+        if reason:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f"{name} ({reason})")
+    if removed:
+        log(f"lmforge: removed {len(removed)} leftover temporary cache "
+            f"{'directory' if len(removed) == 1 else 'directories'} of killed builds under {parent}: "
+            + ", ".join(removed))
+
+
+def _new_build_dir(parent: str, key: str, log) -> str:
+    """A temporary directory for building entry `key`, owned by this process (`owner.json`),
+    after removing the leftovers of dead builds beside it."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_leftovers(parent, log)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
+        _write_json(os.path.join(tmp, OWNER), {"pid": os.getpid(), "host": socket.gethostname()})
+    except OSError as e:
+        raise LmforgeError(f"cannot write the token cache under {parent}: {e.strerror}; "
+                           "point --data_cache_dir (or $LMFORGE_CACHE) at a writable directory") from None
+    return tmp
+
+
 def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict], log=print) -> CacheEntry:
     """Return the entry `key`, building it with `build(tmp_dir) -> stats` when absent or damaged.
 
-    `build` writes `tokens.arrow` into the temporary directory; the directory is renamed into
-    place only after it returns, so a failed or killed build leaves nothing that looks done. A
-    full disk is reported naming the cache directory, with nothing left behind."""
+    `build` writes `tokens.arrow` into the temporary directory; the entry is checked (checksums
+    included) and the directory renamed into place only after it returns, so a failed or killed
+    build leaves nothing that looks done. A full disk is reported naming the cache directory,
+    with nothing left behind."""
     cache_dir = cache_dir or default_cache_dir()
     final = os.path.join(cache_dir, kind, key)
     parent = os.path.dirname(final)
@@ -204,16 +385,14 @@ def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[s
         except DamagedEntry as e:
             log(f"lmforge: the cache entry {final} is damaged ({e}); rebuilding it")
             shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
-    except OSError as e:
-        raise LmforgeError(f"cannot write the token cache under {parent}: {e.strerror}; "
-                           "point --data_cache_dir (or $LMFORGE_CACHE) at a writable directory") from None
+    tmp = _new_build_dir(parent, key, log)
     try:
         stats = build(tmp)
         _write_json(os.path.join(tmp, STATS), stats)
         _write_json(os.path.join(tmp, MANIFEST), _manifest(tmp))
+        _, manifest, _ = _check_sizes(tmp)
+        _check_checksums(tmp, manifest)
+        os.remove(os.path.join(tmp, OWNER))  # a finished entry holds Arrow and its JSON only
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same entry first; theirs is identical

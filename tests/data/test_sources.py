@@ -88,6 +88,60 @@ def test_malformed_json_is_located(tmp_path):
     assert msg.startswith(f"{path}, line 3 column 15: malformed JSON")
 
 
+MALFORMED_LINES = [json.dumps(OPENAI), "{not json", "", json.dumps(OPENAI), '{"messages": [', json.dumps(OPENAI)]
+
+
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_malformed_jsonl_lines_are_skipped_and_counted_under_skip(tmp_path, monkeypatch, block):
+    from lmforge.data import sources
+
+    monkeypatch.setattr(sources, "READ_BYTES", block)
+    path = write(tmp_path, "d.jsonl", "\n".join(MALFORMED_LINES) + "\n")
+    skips = SkipCounter.new()
+    got = list(iter_conversations(path, DataFormat.AUTO, OnBadRecord.SKIP, skips))
+    assert got == [("line 1", EXPECTED), ("line 4", EXPECTED), ("line 6", EXPECTED)]
+    assert dict(skips.counts) == {"malformed_json": 2}
+    assert skips.examples == {"malformed_json": f"{path}, line 2: malformed JSON: Expecting property name enclosed "
+                                                "in double quotes (column 2)"}
+    # Under error, the first malformed line stops the read, as it always did.
+    assert error_of(path) == f"{path}, line 2: malformed JSON: Expecting property name enclosed in double quotes " \
+                             "(column 2)"
+
+
+def test_malformed_jsonl_lines_of_text_are_skipped_and_counted(tmp_path):
+    from lmforge.data.sources import iter_documents
+
+    path = write(tmp_path, "t.jsonl", '{"text": "one"}\n{"text": \n{"text": "two"}\n')
+    skips = SkipCounter.new()
+    assert list(iter_documents(path, on_bad_record=OnBadRecord.SKIP, skips=skips)) == [("line 1", "one"),
+                                                                                       ("line 3", "two")]
+    assert dict(skips.counts) == {"malformed_json": 1}
+    assert skips.examples["malformed_json"] == f"{path}, line 2: malformed JSON: Expecting value (column 10)"
+
+
+def test_malformed_jsonl_line_is_counted_in_the_prepared_stats(tmp_path, qwen_tokenizer):
+    from lmforge.data.encode import prepare_chat
+    from lmforge.data.options import ChatOptions
+
+    path = write(tmp_path, "d.jsonl", "\n".join(MALFORMED_LINES) + "\n")
+    entry = prepare_chat([path], qwen_tokenizer, qwen_tokenizer.chat_template,
+                         ChatOptions(on_bad_record=OnBadRecord.SKIP))
+    assert (entry.stats.records, entry.stats.kept, entry.stats.skipped) == (5, 3, {"malformed_json": 2})
+    assert entry.stats.skip_examples["malformed_json"] == (
+        f"{path}, line 2: malformed JSON: Expecting property name enclosed in double quotes (column 2)")
+
+
+def test_a_json_syntax_error_stops_the_read_under_skip_too_and_says_why(tmp_path):
+    path = write(tmp_path, "d.json", '[\n {"messages": []},\n {"messages": ]\n]')
+    with pytest.raises(DataError) as e:
+        list(iter_conversations(path, DataFormat.AUTO, OnBadRecord.SKIP, SkipCounter.new()))
+    assert str(e.value) == (
+        f"{path}, line 3 column 15: malformed JSON: Expecting value; --on_bad_record skip skips bad records, not "
+        "this: a .json file is one JSON list, which cannot be read past a syntax error. Fix the file, or write it as "
+        "JSONL, where a malformed line is skipped")
+    assert error_of(path) == f"{path}, line 3 column 15: malformed JSON: Expecting value"
+
+
 def test_unknown_role(tmp_path):
     bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]}
     path = write(tmp_path, "d.json", json.dumps([SHAREGPT, bad]))

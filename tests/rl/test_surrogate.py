@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from lmforge.rl.loss import (
+from lmforge.rl.surrogate import (
     STD_EPS,
     LossType,
     RatioLevel,
