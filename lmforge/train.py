@@ -73,8 +73,12 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
     unrelated files. The main process also deletes what a killed save left in the staging directory."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise LmforgeError(f"--output_dir {output_dir} is a file, not a directory")
-    if main_process:
+    if main_process:  # this process holds the directory's lock: no other run writes there
         remove_staging_leftovers(output_dir)
+        final = os.path.join(output_dir, FINAL_STAGING)
+        if os.path.isdir(final):
+            print_flushed(f"lmforge: removing {final}, left by a final save that did not finish")
+            shutil.rmtree(final, ignore_errors=True)
     if chosen:
         return chosen_checkpoint(output_dir, chosen, main_process)
     # The checkpoint about to be loaded is verified whole (sizes and checksums), on every rank,

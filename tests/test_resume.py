@@ -684,3 +684,13 @@ def test_replaced_and_leftover_checkpoints_are_named_for_what_they_are(two_check
     resolve_resume(out, resume=True, overwrite=False)
     assert (f"lmforge: removing {os.path.join(out, STAGING_DIR, 'deleting-checkpoint-2')}, a checkpoint that "
             "rotation (or a replacement) was deleting when the run stopped") in capsys.readouterr().out
+
+
+def test_a_final_save_that_did_not_finish_is_removed_by_the_next_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / ".lmforge-final").mkdir(parents=True)
+    (out / ".lmforge-final" / "model.safetensors").write_bytes(b"x" * 10)  # a disk-full final save's leftover
+    assert resolve_resume(str(out), resume=True, overwrite=False) is None
+    assert f"lmforge: removing {out / '.lmforge-final'}, left by a final save that did not finish" \
+        in capsys.readouterr().out
+    assert not (out / ".lmforge-final").exists()
