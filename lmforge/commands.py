@@ -5,6 +5,7 @@ COMMANDS = {
     "sft": ("lmforge.sft", "supervised fine-tuning on chat data (full, or --lora / --q_lora)"),
     "lora": ("lmforge.lora", "sft with LoRA on (FastChat's train_lora.py command lines)"),
     "dpo": ("lmforge.dpo", "preference training (DPO / IPO / hinge) on chosen / rejected pairs"),
+    "grpo": ("lmforge.grpo", "online RL with verifiable rewards (GRPO / DAPO / Dr. GRPO) on prompts"),
     "pretrain": ("lmforge.pretrain", "causal-LM pretraining on text, from a config or from weights"),
     "tokenizer": ("lmforge.tokenizer", "`lmforge tokenizer train`: a byte-level BPE tokenizer from text"),
     "merge": ("lmforge.export", "merge a LoRA adapter into its base model"),

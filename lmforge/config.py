@@ -274,6 +274,80 @@ class DpoArguments:
 
 
 @dataclass
+class GrpoArguments:
+    """`lmforge grpo`'s own flags: sampling, rewards and the policy-gradient loss."""
+
+    num_generations: int = field(
+        default=8, metadata={"help": "Completions sampled per prompt (the group whose rewards are compared)."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Longest prompt in tokens; longer ones are refused, or dropped and counted "
+                                       "with --long_records drop."})
+    max_completion_length: int = field(
+        default=256, metadata={"help": "Most tokens sampled per completion; one that reaches it is truncated."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens whose "
+                                                        "probability reaches top_p (1: all)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0: all)."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Reward functions: built-ins (accuracy, format, overlong) or FILE.py:NAME, a function "
+                          "with TRL's signature f(prompts, completions, **columns) -> list[float | None]."})
+    reward_weights: list[float] = field(
+        default_factory=list, metadata={"help": "One weight per reward function (default 1 each)."})
+    answer_column: str = field(
+        default="answer", metadata={"help": "The record column the accuracy reward compares with."})
+    loss_type: str = field(
+        default="dapo", metadata={"help": "dapo (per token, the default), grpo (per sequence) or dr_grpo (by a "
+                                          "constant: completions x max_completion_length)."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Divide advantages by the std of the group's rewards (group), of the "
+                                           "batch's (batch), or not (none, as Dr. GRPO)."})
+    epsilon: float = field(default=0.2, metadata={"help": "The ratio's lower clip: 1 - epsilon."})
+    epsilon_high: Optional[float] = field(
+        default=None, metadata={"help": "The ratio's upper clip: 1 + epsilon_high (DAPO's clip-higher: 0.28); "
+                                        "default: epsilon."})
+    beta: float = field(
+        default=0.0, metadata={"help": "KL penalty to the reference (the adapter disabled under LoRA, a frozen copy "
+                                       "otherwise); 0: no reference is kept or computed."})
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps on each generation batch (mu), with the sampling policy's "
+                                     "log-probabilities stored for the ratio."})
+    importance_sampling_level: str = field(
+        default="token", metadata={"help": "token (GRPO, DAPO) or sequence (GSPO: one length-normalised ratio per "
+                                           "completion)."})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Completions that reached --max_completion_length without ending carry "
+                                         "no loss."})
+    log_completions: int = field(
+        default=3, metadata={"help": "Sampled completions (with their rewards) printed and kept for the report at "
+                                     "each log."})
+
+    def __post_init__(self):
+        from lmforge.rl.surrogate import LossType, RatioLevel, ScaleRewards
+
+        for flag, kind in (("loss_type", LossType), ("scale_rewards", ScaleRewards),
+                           ("importance_sampling_level", RatioLevel)):
+            try:
+                setattr(self, flag, kind(getattr(self, flag)))
+            except ValueError:
+                raise LmforgeError(f"--{flag} {getattr(self, flag)}: one of "
+                                   f"{', '.join(k.value for k in kind)}") from None
+        if self.num_generations < 2:
+            raise LmforgeError(f"--num_generations {self.num_generations}: GRPO compares each completion with the "
+                               "others of its group; it needs at least 2")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        for flag in ("max_prompt_length", "max_completion_length", "num_iterations"):
+            if getattr(self, flag) < 1:
+                raise LmforgeError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        if self.temperature <= 0:
+            raise LmforgeError(f"--temperature must be positive, got {self.temperature}")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise LmforgeError(f"--reward_weights gives {len(self.reward_weights)} weights for "
+                               f"{len(self.reward_funcs)} reward functions")
+
+
+@dataclass
 class PretrainDataArguments:
     train_files: list[str] = field(
         default_factory=list, metadata={"help": "Training text: .txt, or .json / .jsonl / .parquet with a text field."}

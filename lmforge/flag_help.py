@@ -56,6 +56,9 @@ HELP: dict[str, _Help] = {
                   "`lmforge sft` with --lora True. " + _RUN_FILE, (("lora", True),)),
     "dpo": _Help("[flags]", _training(f"{_CONFIG}:PreferenceDataArguments", ("DPO", f"{_CONFIG}:DpoArguments"),
                                       f"{_CONFIG}:DpoTrainingArguments"), _RUN_FILE),
+    "grpo": _Help("[flags]", _training(f"{_CONFIG}:DataArguments", ("GRPO", f"{_CONFIG}:GrpoArguments")),
+                  "Prompts in any chat format lmforge reads; a record's other columns reach the reward functions. "
+                  + _RUN_FILE),
     "pretrain": _Help("[flags]", _training(f"{_CONFIG}:PretrainDataArguments"), _RUN_FILE),
     "prepare": _Help("[flags]", _training(f"{_CONFIG}:DataArguments", ("prepare", "lmforge.prepare:PrepareArguments"),
                                           "lmforge.prepare:PrepareTrainingArguments"),

@@ -102,6 +102,13 @@ class Method:
         """What the batches hold, for the speed settings chosen on this machine."""
         return Rows.PACKED if self.packing(flags) else Rows.PADDED
 
+    def batches(self, flags: Flags, data: PreparedData) -> Batches:
+        """Stages 6-7 of the data chain: what the Trainer samples and how it batches it."""
+        args = flags.args
+        return build_batches(data, flags.data.model_max_length, packing=self.packing(flags),
+                             val_split=flags.data.val_split, seed=args.seed,
+                             pad_to_multiple_of=batch_length_multiple(args), fixed_length=args.compile_blocks)
+
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         """The loaded model made into what trains (LoRA adapters, a reference for DPO)."""
         if flags.lora.lora:
@@ -201,9 +208,7 @@ def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line:
     if checkpoint:
         log(f"lmforge: resuming from {checkpoint}")
 
-    batches = build_batches(data, flags.data.model_max_length, packing=method.packing(flags),
-                            val_split=flags.data.val_split, seed=args.seed,
-                            pad_to_multiple_of=batch_length_multiple(args), fixed_length=args.compile_blocks)
+    batches = method.batches(flags, data)
     describe_batches(batches, flags.data.val_split, args.seed, method.unit, log)
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights

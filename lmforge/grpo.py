@@ -1,0 +1,139 @@
+"""`lmforge grpo`: online RL with verifiable rewards (GRPO, and its DAPO / Dr. GRPO / GSPO
+variants), full-parameter or LoRA, with `lmforge sft`'s model loading, launchers, auto-resume,
+run record and final save.
+
+    lmforge grpo --model_name_or_path SFT_MODEL --data_path prompts.jsonl --output_dir out \\
+        --reward_funcs accuracy format --num_generations 8 --max_completion_length 256
+
+Prompts (any chat format; every other column reaches the rewards) → rendered with the
+generation prompt → per step: sample G completions a prompt, reward them, group-relative
+advantages → the clipped surrogate on packed prompt + completion rows (`lmforge/rl/trainer.py`
+reads it top to bottom). The steps around it are `recipe.run`'s.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # python -m lmforge.grpo --help: answered before the imports below
+    from lmforge.cli import answer_help
+
+    answer_help("grpo")
+
+from collections import Counter
+from dataclasses import asdict
+from typing import Sequence
+
+from lmforge.config import DataArguments, GrpoArguments
+from lmforge.data.batches import Batches, PreparedData
+from lmforge.data.encode import CHAT, RecordStats
+from lmforge.data.render import Renderer, end_of_turn_token_id
+from lmforge.data.sources import SkipCounter
+from lmforge.data.store import source_files
+from lmforge.data.templates import resolve_template
+from lmforge.dpo_trainer import disable_dropout, frozen_copy
+from lmforge.errors import LmforgeError
+from lmforge.model import apply_lora, load_tokenizer
+from lmforge.optim import adapter_dtype
+from lmforge.recipe import Flags, Method, Model, chat_options, run
+from lmforge.rl.rewards import RewardOptions, Rewards, check_columns, load_rewards
+from lmforge.rl.rollout import Prompt, TransformersEngine, read_prompts
+from lmforge.rl.trainer import GrpoTrainer
+
+
+def reward_functions(grpo: GrpoArguments) -> Rewards:
+    """The run's reward functions, weights and built-in settings (the overlong penalty counts
+    up to --max_completion_length)."""
+    options = RewardOptions(answer_column=grpo.answer_column, overlong_max_length=grpo.max_completion_length)
+    return load_rewards(grpo.reward_funcs, grpo.reward_weights or None, options)
+
+
+class PromptSet:
+    """The prompts of a run, where the other methods have a token-cache entry: what the run
+    record and the resume check read of it (`stats`, `sources`, `path`)."""
+
+    def __init__(self, prompts: list[Prompt], stats: RecordStats, sources):
+        self.prompts = prompts
+        self.stats = stats
+        self.sources = sources
+        self.path = "prompts, in memory"
+
+    def dataset(self) -> list[Prompt]:
+        return self.prompts
+
+
+class Grpo(Method):
+    command, kind, data_arguments, method_arguments = "grpo", CHAT, DataArguments, GrpoArguments
+    unit = "prompts"
+    tokenizing = "reading the prompts"
+
+    def check(self, flags: Flags) -> None:
+        """Refused at parsing: a generation batch that is not whole groups, data GRPO cannot use."""
+        args, grpo = flags.args, flags.method
+        completions = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        if completions % grpo.num_generations:
+            raise LmforgeError(
+                f"--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} = {completions} completions a step: not a multiple of "
+                f"--num_generations {grpo.num_generations} (a step's completions are whole groups)")
+        if flags.data.eval_data_path or flags.data.val_split:
+            raise LmforgeError("lmforge grpo evaluates nothing yet: --eval_data_path / --val_split are not taken")
+        reward_functions(grpo)  # a bad spec fails now, before anything is read
+        # A row is one prompt and its completion: what the model's context must hold.
+        flags.data.model_max_length = grpo.max_prompt_length + grpo.max_completion_length
+
+    def prepare(self, flags: Flags) -> PreparedData:
+        data, grpo = flags.data, flags.method
+        tokenizer = load_tokenizer(flags.model)
+        template = resolve_template(tokenizer, data.template)
+        options = chat_options(data)
+        renderer = Renderer(tokenizer, template, options.masking, options.unrendered, options.tools)
+        skips = SkipCounter(Counter(), {})
+        prompts = read_prompts(data.data_path, renderer, options.data_format, options.on_bad_record,
+                               grpo.max_prompt_length, options.long_records, skips, options.tools)
+        if not prompts:
+            raise LmforgeError(f"no usable prompt in {', '.join(data.data_path)}")
+        check_columns(reward_functions(grpo), prompts[0].columns)  # before any generation
+        tokens = sum(len(p.input_ids) for p in prompts)
+        stats = RecordStats(records=len(prompts) + skips.total, kept=len(prompts), tokens=tokens,
+                            skipped=dict(skips.counts), skip_examples=dict(skips.examples), samples=len(prompts))
+        return PreparedData(CHAT, tokenizer, template, end_of_turn_token_id(renderer),
+                            PromptSet(prompts, stats, source_files(data.data_path)), None)
+
+    def batches(self, flags: Flags, data: PreparedData) -> Batches:
+        prompts = data.train.dataset()
+        return Batches(prompts, None, None, prompts, None)
+
+    def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
+        args, grpo = flags.args, flags.method
+        disable_dropout(model)  # the ratio compares the policy with itself: no dropout noise in it
+        reference = None
+        if flags.lora.lora:
+            model = apply_lora(model, flags.lora, args.gradient_checkpointing, adapter_dtype(model.dtype, args))
+        elif grpo.beta > 0:
+            reference = frozen_copy(model)
+        tokenizer = data.tokenizer
+        stop_ids = list(dict.fromkeys(i for i in (data.end_of_turn_id, tokenizer.eos_token_id) if i is not None))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        rewards = reward_functions(grpo)
+        if args.process_index == 0:
+            print(f"lmforge: GRPO ({grpo.loss_type.value} loss, {grpo.num_generations} completions a prompt, "
+                  f"rewards: {', '.join(rewards.names)}); reference: "
+                  + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
+                     if flags.lora.lora else "a frozen copy of the starting model"))
+        kwargs = {"grpo": grpo, "prompts": batches.train, "rewards": rewards,
+                  "engine": TransformersEngine(pad, stop_ids), "tokenizer_decode": tokenizer.decode,
+                  "stop_ids": stop_ids, "pad_id": pad, "reference": reference}
+        return Model(model, GrpoTrainer, kwargs)
+
+    def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:
+        settings = {k: getattr(v, "value", v) for k, v in asdict(flags.method).items()}
+        return {"prompts": len(batches.train), "grpo": settings}
+
+
+def main(argv: Sequence[str], callbacks: Sequence = ()) -> str:
+    return run(Grpo(), argv, callbacks)
+
+
+if __name__ == "__main__":  # python -m lmforge.grpo / torchrun -m lmforge.grpo
+    from lmforge.cli import run_entry
+
+    run_entry("grpo", main)

@@ -1,0 +1,174 @@
+"""`lmforge grpo` end to end on a tiny random model (CPU, fp32): packed log-probs, a run that
+logs its rewards, an exact resume after SIGKILL (the same completions, rewards and weights as the
+run never killed, a checkpoint between the steps of one generation batch included), and the bad
+inputs refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main as cli
+from lmforge.loss import token_log_probs
+from lmforge.rl.trainer import SEQ, packed_micro_batch
+from lmforge.train import Trainer
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.e2e
+
+TINY = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 512,
+        "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    rng = random.Random(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(48):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)}) + "\n")
+    # A reward a random model's completions differ in, so that every step has advantages to follow.
+    (root / "vowels.py").write_text("def vowels(prompts, completions, **columns):\n"
+                                    "    texts = [c[0]['content'] for c in completions]\n"
+                                    "    return [sum(ch in 'aeiou' for ch in t) / max(len(t), 1) for t in texts]\n")
+    assert cli(["tokenizer", "train", "--train_files", str(SHARED_DATA / "pretrain_text" / "tinyshakespeare.txt"),
+                "--vocab_size", "512", "--output_dir", str(root / "tok")]) == 0
+    return root
+
+
+def command(root, out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", "grpo", "--config_name", str(root / "tiny.json"),
+            "--tokenizer_name", str(root / "tok"), "--data_path", str(root / "prompts.jsonl"), "--output_dir", str(out),
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_generations", "4",
+            "--max_completion_length", "12", "--learning_rate", "1e-2", "--logging_steps", "1", "--seed", "3",
+            "--report_to", "none", "--disable_tqdm", "True", *extra]
+
+
+def run(cmd: list[str], kill_after_step: int | None = None) -> tuple[int, str]:
+    """Run `cmd`; with `kill_after_step`, SIGKILL it once that step's log line is printed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if kill_after_step is not None and line.startswith(f"lmforge: step {kill_after_step}/"):
+                proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(lines)
+
+
+TIMINGS = ("tokens_per_second", "peak_rss_gib", "peak_gpu_memory_gib")
+
+
+def logged(out) -> list[dict]:
+    """The logged steps, without the timings and memory readings (they differ from run to run)."""
+    with open(out / "trainer_state.json") as f:
+        return [{k: v for k, v in h.items() if k not in TIMINGS} for h in json.load(f)["log_history"] if "loss" in h]
+
+
+def test_packed_log_probs_equal_each_sequence_alone():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY)).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    completions = [[20, 21, 22, 23], [24, 25], [26, 27, 28]]
+    batch = packed_micro_batch(prompts, completions, [True, False, True], pad_id=0, varlen=False)
+    seq = batch.pop(SEQ)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "document_ids")}
+    Trainer.attend_per_document(model, inputs)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        packed = token_log_probs(model, head, inputs, batch["labels"], batch["lmforge_label_positions"])
+        alone = []
+        for p, c, trained in zip(prompts, completions, [True, False, True]):
+            logits = model(torch.tensor([p + c])).logits[0].log_softmax(-1)
+            if trained:  # a masked completion (truncated, --mask_truncated_completions) has no scored token
+                alone += [logits[len(p) - 1 + t, token] for t, token in enumerate(c)]
+    assert seq.tolist() == [0, 0, 0, 0, 2, 2, 2]
+    assert torch.allclose(packed, torch.stack(alone), atol=1e-5)
+
+
+def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path):
+    """--num_iterations 2 (two steps per generation batch) and --save_steps 3: the checkpoint at
+    step 3 falls between the two steps of a generation batch, which it holds."""
+    extra = ("--max_steps", "6", "--save_steps", "3", "--num_iterations", "2",
+             "--reward_funcs", "accuracy", f"{setup / 'vowels.py'}:vowels")
+    whole = tmp_path / "whole"
+    code, log = run(command(setup, whole, *extra))
+    assert code == 0, log
+    steps = logged(whole)
+    assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "reward_std", "rewards/accuracy", f"rewards/{setup / 'vowels.py'}:vowels",
+                "completion_length", "completion_length_max", "truncated", "clip_ratio/low", "clip_ratio/high"):
+        assert key in steps[0], key
+    assert all(h["reward_std"] > 0 and h["grad_norm"] > 0 for h in steps)  # every step learns something
+    assert "lmforge: completion 1 at step 0 (reward " in log
+    assert os.path.isfile(whole / "checkpoint-3" / "rollout.safetensors")
+    killed = tmp_path / "killed"
+    code, log = run(command(setup, killed, *extra), kill_after_step=4)
+    assert code == -signal.SIGKILL, log
+    code, log = run(command(setup, killed, *extra))
+    assert code == 0, log
+    assert f"resuming from {killed / 'checkpoint-3'}" in log
+    assert logged(killed) == steps  # the same rewards, completion lengths and losses, step by step
+    got, want = load_file(killed / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_reward_function_that_raises_stops_the_run_naming_it_and_the_record(setup, tmp_path):
+    reward = tmp_path / "my_reward.py"
+    reward.write_text("calls = []\n"
+                      "def picky(prompts, completions, answer, **kwargs):\n"
+                      "    calls.append(1)\n"
+                      "    if len(calls) == 3:\n"
+                      "        raise ValueError('no answer here')\n"
+                      "    return [0.0 for _ in completions]\n")
+    out = tmp_path / "out"
+    code, log = run(command(setup, out, "--max_steps", "6", "--save_steps", "2", "--reward_funcs", f"{reward}:picky"))
+    assert code == 2, log
+    assert f"lmforge grpo: error: reward {reward}:picky on the completions of {setup / 'prompts.jsonl'}, line " in log
+    assert "ValueError: no answer here" in log and "Traceback" not in log
+    # The third generation batch (step 3) stopped it: checkpoint-2, written before, is kept.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+def test_a_missing_answer_column_is_named_before_any_generation(setup, tmp_path):
+    data = tmp_path / "no_answers.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}], "solution": "2"}) + "\n")
+    cmd = command(setup, tmp_path / "out", "--max_steps", "1")
+    cmd[cmd.index("--data_path") + 1] = str(data)
+    code, log = run(cmd)
+    assert code == 2, log
+    assert "lmforge grpo: error:" in log and "'answer'" in log and "solution" in log
+    assert "completion 1" not in log
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--num_generations", "1"), "--num_generations 1: GRPO compares each completion with the others of its group; "
+                                 "it needs at least 2"),
+    (("--num_generations", "3"), "--per_device_train_batch_size 8 x --gradient_accumulation_steps 2 = 16 completions "
+                                 "a step: not a multiple of --num_generations 3"),
+])
+def test_groups_that_cannot_be_formed_are_refused_at_parsing(setup, tmp_path, flags, message):
+    code, log = run(command(setup, tmp_path / "out", *flags))
+    assert code == 2 and f"lmforge grpo: error: {message}" in log, log
+    assert not (tmp_path / "out").exists()
