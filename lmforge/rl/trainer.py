@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -212,8 +213,10 @@ class GrpoTrainer(Trainer):
         g = self.grpo.num_generations
         model = self.accelerator.unwrap_model(self.model)
         repeated = [p for p in prompts for _ in range(g)]  # a prompt's completions consecutive
+        started = _now(self.args.device)
         completions = self.engine.complete(model, [p.input_ids for p in repeated], self.sampling,
                                            seed_of(self.args.seed, index))
+        generated = _now(self.args.device)
         texts = [self.decode(self._answer_ids(c)) for c in completions]
         scores = self.rewards.score(
             prompts=[p.messages for p in repeated],
@@ -236,6 +239,8 @@ class GrpoTrainer(Trainer):
             self._add_log_probs(batch)
             batches.append(batch)
         metrics = self._rollout_metrics(total, scores, completions)
+        metrics["time/generation_s"] = generated - started
+        metrics["time/rollout_s"] = _now(self.args.device) - started  # generation, rewards, old / reference log-probs
         self._log_samples(repeated, texts, total, completions)
         return Rollout(index, batches, metrics)
 
@@ -355,6 +360,13 @@ class GrpoTrainer(Trainer):
             logs.update({n: round(v, 6) for n, v in zip(names, values.tolist())})
             self._metrics.clear()
         super().log(logs, start_time)
+
+
+def _now(device: torch.device) -> float:
+    """The time once the device has finished what was queued (a timing of GPU work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _columns(prompts: list[Prompt]) -> dict[str, list]:
