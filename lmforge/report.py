@@ -105,6 +105,10 @@ class Curves:
     eval_loss: Series = field(default_factory=Series)
     learning_rate: Series = field(default_factory=Series)
     tokens_per_second: Series = field(default_factory=Series)
+    reward: Series = field(default_factory=Series)
+    """GRPO: the mean reward of the completions each step trained on."""
+    completion_length: Series = field(default_factory=Series)
+    """GRPO: their mean length in tokens."""
 
 
 def curves(log_history: list[dict]) -> Curves:
@@ -116,7 +120,8 @@ def curves(log_history: list[dict]) -> Curves:
         if step is None:
             continue
         for key, series in (("loss", out.loss), ("eval_loss", out.eval_loss),
-                            ("learning_rate", out.learning_rate), ("tokens_per_second", out.tokens_per_second)):
+                            ("learning_rate", out.learning_rate), ("tokens_per_second", out.tokens_per_second),
+                            ("reward", out.reward), ("completion_length", out.completion_length)):
             value = entry.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 series.add(step, float(value))
@@ -169,6 +174,12 @@ def plot_loss(c: Curves, path: str) -> None:
     _save(fig, path)
 
 
+def plot_series(series: Series, title: str, ylabel: str, color: str, path: str) -> None:
+    fig, ax = _figure(title, ylabel)
+    ax.plot(series.steps, series.values, color=color, linewidth=1.2)
+    _save(fig, path)
+
+
 def plot_learning_rate(c: Curves, path: str) -> None:
     fig, ax = _figure("Learning rate", "learning rate")
     ax.plot(c.learning_rate.steps, c.learning_rate.values, color="tab:green", linewidth=1.2)
@@ -191,6 +202,12 @@ def write_plots(c: Curves, run_dir: str) -> tuple[list[tuple[str, str]], Optiona
     if c.learning_rate.steps:
         plot_learning_rate(c, os.path.join(directory, "learning_rate.png"))
         plots.append((f"{PLOTS_DIR}/learning_rate.png", "learning rate"))
+    for series, name, title, color in ((c.reward, "reward", "Reward (mean of the step's completions)", "tab:purple"),
+                                       (c.completion_length, "completion_length", "Completion length (tokens)",
+                                        "tab:brown")):
+        if series.steps:
+            plot_series(series, title, name.replace("_", " "), color, os.path.join(directory, f"{name}.png"))
+            plots.append((f"{PLOTS_DIR}/{name}.png", name.replace("_", " ")))
     return plots, None if plots else "no training step has been logged yet"
 
 
@@ -352,6 +369,9 @@ def _curves_section(c: Curves, plots: list[tuple[str, str]], why_no_plots: Optio
     if c.learning_rate.steps:
         step, value = c.learning_rate.last()
         rows.append(("learning rate", step, f"{value:.3g} (peak {max(c.learning_rate.values):.3g})"))
+    if c.reward.steps:
+        step, value = c.reward.last()
+        rows.append(("last reward", step, f"{value:.4g} (first {c.reward.values[0]:.4g}, best {max(c.reward.values):.4g})"))
     if rows:
         lines += [""] + _table(rows, ("", "step", "value"))
     return lines + [""]

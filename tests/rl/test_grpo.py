@@ -81,7 +81,8 @@ TIMINGS = ("tokens_per_second", "peak_rss_gib", "peak_gpu_memory_gib")
 def logged(out) -> list[dict]:
     """The logged steps, without the timings and memory readings (they differ from run to run)."""
     with open(out / "trainer_state.json") as f:
-        return [{k: v for k, v in h.items() if k not in TIMINGS} for h in json.load(f)["log_history"] if "loss" in h]
+        return [{k: v for k, v in h.items() if k not in TIMINGS and not k.startswith("time/")}
+                for h in json.load(f)["log_history"] if "loss" in h]
 
 
 def test_packed_log_probs_equal_each_sequence_alone():
@@ -123,6 +124,10 @@ def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path
     assert all(h["reward_std"] > 0 and h["grad_norm"] > 0 for h in steps)  # every step learns something
     assert "lmforge: completion 1 at step 0 (reward " in log
     assert os.path.isfile(whole / "checkpoint-3" / "rollout.safetensors")
+    report = (whole / "report.md").read_text()
+    assert "![reward](report/reward.png)" in report and "![completion length](report/completion_length.png)" in report
+    assert f"| last reward | 6 | {steps[-1]['reward']:.4g} (first {steps[0]['reward']:.4g}" in report
+    assert "reward " in report and "## Sample generations" in report
     killed = tmp_path / "killed"
     code, log = run(command(setup, killed, *extra), kill_after_step=4)
     assert code == -signal.SIGKILL, log
