@@ -151,6 +151,28 @@ def _preference_fields(logs: Mapping, prefix: str = "") -> dict[str, str]:
     return fields
 
 
+def _rl_fields(logs: Mapping) -> dict[str, str]:
+    """GRPO's reward (its std, each function's mean), completion lengths, clipping and KL, when
+    the log has them."""
+    fields = {}
+    if "reward" not in logs:  # not a GRPO log (DPO's "rewards/..." are its own)
+        return fields
+    fields["reward"] = f"{_number(logs['reward'], '.3g')} ± {_number(logs.get('reward_std', 0.0), '.2g')}"
+    for key, value in logs.items():
+        if key.startswith("rewards/"):  # each function's mean, by its name (a file's function: NAME)
+            fields[key.split("/", 1)[1].rsplit(":", 1)[-1]] = _number(value, ".3g")
+    if "completion_length" in logs:
+        fields["length"] = (f"{_number(logs['completion_length'], '.3g')} (max "
+                            f"{_number(logs.get('completion_length_max', 0), '.3g')}, "
+                            f"{100 * logs.get('truncated', 0.0):.0f} % cut)")
+    clipped = logs.get("clip_ratio/low", 0.0) + logs.get("clip_ratio/high", 0.0)
+    if "clip_ratio/low" in logs:
+        fields["clipped"] = f"{100 * clipped:.1f} %"
+    if "kl" in logs:
+        fields["kl"] = _number(logs["kl"], ".3g")
+    return fields
+
+
 def progress_fields(logs: Mapping) -> dict[str, str]:
     fields = {}
     if "loss" in logs:
@@ -160,6 +182,7 @@ def progress_fields(logs: Mapping) -> dict[str, str]:
     if "tokens_per_second" in logs:
         fields["tok/s"] = _short(logs["tokens_per_second"])
     fields.update(_preference_fields(logs))
+    fields.update(_rl_fields(logs))
     return fields
 
 
