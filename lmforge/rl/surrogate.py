@@ -89,16 +89,21 @@ def advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = Sca
     return centred
 
 
-def sequence_weights(lengths: torch.Tensor, loss_type: LossType, max_completion_length: int) -> torch.Tensor:
+def sequence_weights(lengths: torch.Tensor, loss_type: LossType, max_completion_length: int,
+                     step_tokens: float | None = None, step_completions: int | None = None) -> torch.Tensor:
     """Each completion's weight w_i in the step's loss (see the module docstring), from the
-    completion lengths [N] of the whole optimizer step (masked completions at length 0)."""
+    completion lengths [N] of this process' part of the optimizer step (masked completions at
+    length 0). `step_tokens` / `step_completions`: the counts over every process of the step
+    (default: these completions'), so that the processes' losses add up to the step's."""
     n = lengths.numel()
     lengths = lengths.to(torch.float64)
+    tokens = float(lengths.sum()) if step_tokens is None else step_tokens
+    completions = n if step_completions is None else step_completions
     if loss_type == LossType.DAPO:
-        return torch.full((n,), 1.0 / max(float(lengths.sum()), 1.0), dtype=torch.float64)
+        return torch.full((n,), 1.0 / max(tokens, 1.0), dtype=torch.float64)
     if loss_type == LossType.GRPO:
-        return 1.0 / (lengths.clamp(min=1.0) * n)
-    return torch.full((n,), 1.0 / (n * max_completion_length), dtype=torch.float64)
+        return 1.0 / (lengths.clamp(min=1.0) * completions)
+    return torch.full((n,), 1.0 / (completions * max_completion_length), dtype=torch.float64)
 
 
 @dataclass(frozen=True)

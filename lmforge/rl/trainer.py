@@ -227,7 +227,12 @@ class GrpoTrainer(Trainer):
         adv = advantages(total, g, self.grpo.scale_rewards)
         trained = [not (self.grpo.mask_truncated_completions and c.truncated) for c in completions]
         lengths = torch.tensor([len(c.ids) if t else 0 for c, t in zip(completions, trained)])
-        weights = sequence_weights(lengths, self.grpo.loss_type, self.grpo.max_completion_length)
+        # Counted over every process: each one's loss is then its share of the step's, and DDP's
+        # mean of their gradients times the process count (`compute_loss`) is the step's gradient.
+        counts = self.accelerator.reduce(torch.tensor([float(lengths.sum()), float(len(lengths))],
+                                                      device=self.args.device), reduction="sum").tolist()
+        weights = sequence_weights(lengths, self.grpo.loss_type, self.grpo.max_completion_length,
+                                   step_tokens=counts[0], step_completions=int(counts[1]))
         micro = self.args.per_device_train_batch_size
         batches = []
         for start in range(0, len(completions), micro):

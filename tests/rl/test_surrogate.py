@@ -146,3 +146,14 @@ def test_clip_counts_and_kl_are_reported():
     # ratios 1.67 (A > 0: clipped high), 1.0, 1.8 (A < 0: not clipped), 0.2 (A < 0: clipped low)
     assert (parts.clipped_high.item(), parts.clipped_low.item(), parts.tokens) == (1, 1, 4)
     assert parts.kl.item() == 0.0  # the reference is the policy
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_processes_weights_add_up_to_the_steps(loss_type):
+    """Two processes, each with half of a step's completions and the step's counts: their weights
+    are the weights of the whole step."""
+    lengths = torch.tensor(LENGTHS)
+    whole = sequence_weights(lengths, LossType(loss_type), MAX_LEN)
+    halves = [sequence_weights(part, LossType(loss_type), MAX_LEN, step_tokens=float(lengths.sum()),
+                               step_completions=len(LENGTHS)) for part in (lengths[:3], lengths[3:])]
+    assert torch.equal(torch.cat(halves), whole)
