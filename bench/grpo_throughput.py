@@ -118,14 +118,11 @@ class StepClock:
 def run_lmforge(a, base: str, prompts: str, out: str, lora: bool, clock: StepClock) -> None:
     from lmforge import grpo
 
-    reward_file = os.path.join(os.path.dirname(os.path.dirname(out)), "length_reward.py")
-    with open(reward_file, "w") as f:
-        f.write("def length_reward(prompts, completions, **kwargs):\n"
-                "    return [-len(c[0]['content']) / 1000 for c in completions]\n")
     argv = ["--model_name_or_path", base, "--data_path", prompts, "--output_dir", out, "--bf16", "True",
             "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "8", "--num_generations", str(G),
             "--max_completion_length", str(a.completion_tokens), "--max_prompt_length", "512",
-            "--reward_funcs", f"{reward_file}:length_reward", "--learning_rate", "1e-6", "--logging_steps", "1",
+            "--reward_funcs", f"{os.path.abspath(__file__)}:length_reward",  # the function TRL's row gets
+            "--learning_rate", "1e-6", "--logging_steps", "1",
             "--max_steps", str(a.steps + a.warmup), "--save_strategy", "no", "--report_to", "none",
             "--disable_tqdm", "True", "--log_completions", "0", "--overwrite_output_dir", "True"]
     if lora:

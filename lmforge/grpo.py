@@ -73,6 +73,7 @@ class Grpo(Method):
     command, kind, data_arguments, method_arguments = "grpo", CHAT, DataArguments, GrpoArguments
     unit = "prompts"
     tokenizing = "reading the prompts"
+    rewards: Rewards  # set by `check`
 
     def check(self, flags: Flags) -> None:
         """Refused at parsing: a generation batch that is not whole groups, data GRPO cannot use."""
@@ -85,7 +86,7 @@ class Grpo(Method):
                 f"--num_generations {grpo.num_generations} (a step's completions are whole groups)")
         if flags.data.eval_data_path or flags.data.val_split:
             raise LmforgeError("lmforge grpo evaluates nothing yet: --eval_data_path / --val_split are not taken")
-        reward_functions(grpo)  # a bad spec fails now, before anything is read
+        self.rewards = reward_functions(grpo)  # loaded once, now: a bad spec fails before anything is read
         # A row is one prompt and its completion: what the model's context must hold.
         flags.data.model_max_length = grpo.max_prompt_length + grpo.max_completion_length
 
@@ -97,10 +98,10 @@ class Grpo(Method):
         renderer = Renderer(tokenizer, template, options.masking, options.unrendered, options.tools)
         skips = SkipCounter(Counter(), {})
         prompts = read_prompts(data.data_path, renderer, options.data_format, options.on_bad_record,
-                               grpo.max_prompt_length, options.long_records, skips, options.tools)
+                               grpo.max_prompt_length, options.long_records, skips)
         if not prompts:
             raise LmforgeError(f"no usable prompt in {', '.join(data.data_path)}")
-        check_columns(reward_functions(grpo), prompts[0].columns)  # before any generation
+        check_columns(self.rewards, prompts[0].columns)  # before any generation
         tokens = sum(len(p.input_ids) for p in prompts)
         stats = RecordStats(records=len(prompts) + skips.total, kept=len(prompts), tokens=tokens,
                             skipped=dict(skips.counts), skip_examples=dict(skips.examples), samples=len(prompts))
@@ -122,7 +123,7 @@ class Grpo(Method):
         tokenizer = data.tokenizer
         stop_ids = list(dict.fromkeys(i for i in (data.end_of_turn_id, tokenizer.eos_token_id) if i is not None))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        rewards = reward_functions(grpo)
+        rewards = self.rewards
         if args.process_index == 0:
             print(f"lmforge: GRPO ({grpo.loss_type.value} loss, {grpo.num_generations} completions a prompt, "
                   f"rewards: {', '.join(rewards.names)}); reference: "

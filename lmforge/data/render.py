@@ -445,8 +445,7 @@ class Renderer:
         """The conversation (and its messages as the template takes them) and its whole text,
         after checking that every part of the record is in it (`--unrendered drop` leaves out
         what is not, and says so)."""
-        if conversation.tools is None and self.default_tools is not None:
-            conversation = replace(conversation, tools=self.default_tools, plain=False)
+        conversation = self.with_default_tools(conversation)
         dropped: list[str] = []
         while True:
             messages = self.template_messages(conversation)
@@ -471,6 +470,12 @@ class Renderer:
                 raise RecordError(f"unrendered_{part}" if part in DROPPABLE else "template_error", why + advice)
             conversation = DROPPABLE[part](conversation)
             dropped.append(part)
+
+    def with_default_tools(self, conversation: Conversation) -> Conversation:
+        """The conversation offering `--tools FILE`'s tools when it names none of its own."""
+        if conversation.tools is None and self.default_tools is not None:
+            return replace(conversation, tools=self.default_tools, plain=False)
+        return conversation
 
     def _raises_on(self, conversation: Conversation, error: Exception) -> tuple[str, str]:
         """The part of the record a template error is about: a system message when the template

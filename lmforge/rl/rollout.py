@@ -16,7 +16,7 @@ a resumed run samples what the uninterrupted one did and dropout's draws are unt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -43,8 +43,7 @@ class Prompt:
 
 
 def read_prompts(paths: Sequence[str], renderer: Renderer, data_format: DataFormat, on_bad_record: OnBadRecord,
-                 max_prompt_length: int, long_records: LongRecords, skips: SkipCounter,
-                 tools: tuple[dict, ...] | None = None) -> list[Prompt]:
+                 max_prompt_length: int, long_records: LongRecords, skips: SkipCounter) -> list[Prompt]:
     """Every prompt of `paths`, rendered with the generation prompt. A bad record is an error
     naming it, or a counted skip (`on_bad_record`); a prompt longer than `max_prompt_length` is
     refused, or dropped and counted under `--long_records drop` (a prompt cut short would lose
@@ -54,9 +53,7 @@ def read_prompts(paths: Sequence[str], renderer: Renderer, data_format: DataForm
         for location, record, fmt in iter_records(path, data_format, on_bad_record, skips):
             try:
                 prompt = to_prompt(record, fmt)
-                conversation = prompt.conversation
-                if conversation.tools is None and tools is not None:
-                    conversation = replace(conversation, tools=tools)
+                conversation = renderer.with_default_tools(prompt.conversation)  # --tools FILE
                 messages = renderer.template_messages(conversation)
                 text = renderer.text(messages, True, conversation.tool_list)
                 ids = renderer.tokenize([text])[0]

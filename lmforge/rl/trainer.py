@@ -170,7 +170,7 @@ class GrpoTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.rollout_loader: RolloutLoader | None = None
         self.resumed_from: str | None = None
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics: dict[str, list] = defaultdict(list)  # floats, or tensors of the loss
         self._counted_step = -1
         self.add_callback(SaveRollout(self))
 
@@ -290,14 +290,20 @@ class GrpoTrainer(Trainer):
             return self._log_probs(model, self.fused_head, batch)
 
     def _log_probs(self, model, head, batch: dict) -> torch.Tensor:
-        """The log-probs of a micro-batch's completion tokens, in order."""
+        """The sampling policy's or the reference's log-probs of a stored micro-batch, under the
+        precision training uses."""
         device = self.args.device
-        inputs = {k: v.to(device) for k, v in batch.items() if k not in GRPO_KEYS}
+        with self.accelerator.autocast():
+            return self.completion_log_probs(model, head, {k: v.to(device) for k, v in batch.items()
+                                                           if k not in GRPO_KEYS})
+
+    def completion_log_probs(self, model, head, inputs: dict) -> torch.Tensor:
+        """The log-probs of a micro-batch's completion tokens, in order (`inputs`: the packed row,
+        its labels and labelled positions; consumed)."""
         positions = inputs.pop(LABEL_POSITIONS)
         labels = inputs.pop("labels")
         self.attend_per_document(model, inputs)
-        with self.accelerator.autocast():
-            return token_log_probs(model, head, inputs, labels, positions)
+        return token_log_probs(model, head, inputs, labels, positions)
 
     # -------------------------------------------------------------------------------------
     # The loss
@@ -306,10 +312,7 @@ class GrpoTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         seq, adv, weight = inputs.pop(SEQ), inputs.pop(ADVANTAGE), inputs.pop(WEIGHT)
         old, ref = inputs.pop(OLD_LOGPS, None), inputs.pop(REF_LOGPS, None)
-        positions = inputs.pop(LABEL_POSITIONS)
-        labels = inputs.pop("labels")
-        self.attend_per_document(model, inputs)
-        logp = token_log_probs(model, self.fused_head, inputs, labels, positions).float()
+        logp = self.completion_log_probs(model, self.fused_head, inputs).float()
         old = logp.detach() if old is None else old.float()
         parts = surrogate_loss(logp, old, ref, seq, adv.float(), weight.float(), self.config)
         rollout = self.rollout_loader.rollout if self.rollout_loader is not None else None
@@ -319,10 +322,11 @@ class GrpoTrainer(Trainer):
             for name, value in rollout.metrics.items():
                 self._metrics[name].append(value)
         tokens = max(parts.tokens, 1)
-        self._metrics["clip_ratio/low"].append(parts.clipped_low.item() / tokens)
-        self._metrics["clip_ratio/high"].append(parts.clipped_high.item() / tokens)
+        # Kept as tensors: reading them here would make the host wait for the GPU every micro-batch.
+        self._metrics["clip_ratio/low"].append(parts.clipped_low / tokens)
+        self._metrics["clip_ratio/high"].append(parts.clipped_high / tokens)
         if self.config.beta:
-            self._metrics["kl"].append(parts.kl.item() / tokens)
+            self._metrics["kl"].append(parts.kl / tokens)
         # DDP averages the processes' gradients; the weights already divide by the whole step.
         loss = parts.loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
@@ -360,11 +364,16 @@ class GrpoTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:
             names = sorted(self._metrics)
-            values = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names])
+            values = torch.stack([_mean(self._metrics[n]) for n in names])
             values = self.accelerator.reduce(values.to(self.args.device), reduction="mean")
             logs.update({n: round(v, 6) for n, v in zip(names, values.tolist())})
             self._metrics.clear()
         super().log(logs, start_time)
+
+
+def _mean(values: list) -> torch.Tensor:
+    """The mean of logged values: floats, or the loss' 0-d tensors (read here, at the log)."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values]).mean()
 
 
 def _now(device: torch.device) -> float:
