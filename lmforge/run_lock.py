@@ -56,16 +56,17 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _alive(holder: Holder) -> bool:
-    """Whether a holder on this host is still running (its process id, started when it was)."""
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` of this host is running (and, with `started`, is the process that
+    started then, not a later one given the same id)."""
     try:
-        os.kill(holder.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
         return True
-    start = _process_start(holder.pid)
-    return holder.process_start is None or start is None or start == holder.process_start
+    start = _process_start(pid)
+    return started is None or start is None or start == started
 
 
 def _read(path: str) -> tuple[Holder | None, float]:
@@ -133,7 +134,7 @@ class RunLock:
             return True
         if holder is None or holder.host != self.holder.host:
             return False
-        return not _alive(holder)
+        return not process_alive(holder.pid, holder.process_start)
 
     def _set_aside(self) -> None:
         """Move a stale lock out of the way under a name of this process' own, then delete it."""

@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
+from lmforge.run_lock import process_alive
 
 CACHE_VERSION = 5  # 3: entries carry entry.json; 4: masks on the rendered text; 5: empty system messages
 # as written, empty tool lists as none, header tokens never trained, long pairs cut
@@ -296,16 +297,6 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _newest_change(folder: str) -> float:
     """The latest modification time of the folder or a file in it: a build still writing
     tokens.arrow keeps this recent."""
@@ -329,7 +320,7 @@ def _leftover_reason(folder: str) -> str | None:
         # No owner.json (its build died before writing it, or it is another lmforge's): only age tells.
         age = time.time() - _newest_change(folder)
         return f"no {OWNER}, unchanged for {age / 3600:.1f} h" if age > LEFTOVER_AGE else None
-    if host != socket.gethostname() or _process_alive(pid):
+    if host != socket.gethostname() or process_alive(pid):
         return None
     return f"its process {pid} is gone"
 
