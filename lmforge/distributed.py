@@ -80,6 +80,21 @@ def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> 
     return classes
 
 
+def sharded_across_processes(model: torch.nn.Module) -> bool:
+    """True when the model's weights are split over several processes (FSDP 1 or 2, DeepSpeed
+    ZeRO-3), so that each forward gathers them from all: every process must then run the same
+    forwards. transformers' `generate` infers that for ZeRO-3 and for models it sharded itself,
+    not for a model accelerate prepared with FSDP2: lmforge says so explicitly."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3's partitioned parameters
+
+
 def _distributed(args) -> bool:
     return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -152,8 +152,8 @@ def _preference_fields(logs: Mapping, prefix: str = "") -> dict[str, str]:
 
 
 def _rl_fields(logs: Mapping) -> dict[str, str]:
-    """GRPO's reward (its std, each function's mean), completion lengths, clipping and KL, when
-    the log has them."""
+    """GRPO's reward (its std, each function's mean), completion lengths, clipping, entropy and
+    KL, when the log has them."""
     fields = {}
     if "reward" not in logs:  # not a GRPO log (DPO's "rewards/..." are its own)
         return fields
@@ -168,6 +168,8 @@ def _rl_fields(logs: Mapping) -> dict[str, str]:
     clipped = logs.get("clip_ratio/low", 0.0) + logs.get("clip_ratio/high", 0.0)
     if "clip_ratio/low" in logs:
         fields["clipped"] = f"{100 * clipped:.1f} %"
+    if "entropy" in logs:
+        fields["entropy"] = _number(logs["entropy"], ".3g")
     if "kl" in logs:
         fields["kl"] = _number(logs["kl"], ".3g")
     return fields

@@ -179,14 +179,14 @@ def test_log_file_keeps_only_the_steps_up_to_where_a_run_starts(tmp_path):
     assert path.read_text() == ""
 
 
-def test_grpo_logs_show_reward_lengths_clipping_and_kl():
+def test_grpo_logs_show_reward_lengths_clipping_entropy_and_kl():
     from lmforge.progress import progress_fields
 
     logs = {"loss": 0.01, "learning_rate": 1e-6, "reward": 0.625, "reward_std": 0.2, "rewards/accuracy": 0.5,
             "rewards/my.py:brevity": 0.25, "completion_length": 118.4, "completion_length_max": 256,
-            "truncated": 0.125, "clip_ratio/low": 0.01, "clip_ratio/high": 0.02, "kl": 0.0031}
+            "truncated": 0.125, "clip_ratio/low": 0.01, "clip_ratio/high": 0.02, "entropy": 0.4567, "kl": 0.0031}
     assert progress_fields(logs) == {
         "loss": "0.01", "lr": "1e-06", "reward": "0.625 ± 0.2", "accuracy": "0.5", "brevity": "0.25",
-        "length": "118 (max 256, 12 % cut)", "clipped": "3.0 %", "kl": "0.0031"}
+        "length": "118 (max 256, 12 % cut)", "clipped": "3.0 %", "entropy": "0.457", "kl": "0.0031"}
     dpo = {"loss": 0.6, "rewards/accuracies": 0.75, "rewards/margins": 0.1, "rewards/chosen": 0.2}
     assert set(progress_fields(dpo)) == {"loss", "reward acc", "margin"}

@@ -16,7 +16,8 @@
     backends only; on a CPU the Trainer trains as DDP), so accelerate's own FSDP2 preparation is
     called directly on two gloo processes: the parameters are sharded, the fused loss gives the
     unsharded gradients, checkpoints round-trip, the final save is whole. The whole Trainer
-    path is run on the GPU (scripts/gpu_multi.sh);
+    path is run on the GPU (scripts/gpu_multi.sh). GRPO's sampling on FSDP2 shards equals the
+    unsharded model's, each process joining every gather until all have finished;
   - QLoRA under FSDP is refused with the supported combinations; a save holding a shard is
     refused by the completeness check.
 """
@@ -516,6 +517,61 @@ def test_fsdp2_as_accelerate_prepares_it_shards_trains_resumes_and_saves(tmp_pat
         assert result["finite"] is True and result["finite_after_nan"] is False
         assert result["resume_diff"] == 0.0
     assert results[0]["check"].endswith("each at its full shape") and results[0]["saved_diff"] == 0.0
+
+
+def _fsdp2_generation_worker(rank: int, port: int, out: str) -> None:
+    """GRPO's sampling on an FSDP2-sharded model, next to an unsharded copy: process 0's
+    completions end at their first tokens (most of the vocabulary stops them), process 1's run
+    to the limit, so process 0 must keep joining the gathers of process 1's steps."""
+    import copy
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from lmforge.distributed import sharded_across_processes
+    from lmforge.rl.rollout import Sampling, TransformersEngine
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    configure_fsdp_wrapping(model, args, log=lambda _: None)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)),
+        torch_device_mesh=None, parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
+        process_index=rank, num_processes=2, is_fsdp2=True, device=torch.device("cpu"),
+        wait_for_everyone=torch.distributed.barrier)
+    model = fsdp2_prepare_model(accelerator, model)
+    stops = list(range(2, TINY_QWEN["vocab_size"])) if rank == 0 else [1]
+    engine = TransformersEngine(pad_id=0, stop_ids=stops, static_cache=True)
+    prompts = [[5 + rank, 6, 7], [8, 9 + rank]]
+    sampling = Sampling(max_new_tokens=10, temperature=0.9)
+    got = engine.complete(model, prompts, sampling, seed=7)
+    want = engine.complete(reference, prompts, sampling, seed=7)
+    with open(os.path.join(out, f"generation-{rank}.json"), "w") as f:
+        json.dump({"sharded": sharded_across_processes(model), "reference_sharded": sharded_across_processes(reference),
+                   "got": [c.ids for c in got], "want": [c.ids for c in want],
+                   "entropy_diff": max(abs(a.entropy - b.entropy) for a, b in zip(got, want))}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_grpo_sampling_on_fsdp2_shards_equals_the_unsharded_model_and_waits_for_every_process(tmp_path):
+    context = torch.multiprocessing.start_processes(_fsdp2_generation_worker, args=(free_port(), str(tmp_path)),
+                                                    nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240  # a process left alone in a gather would wait forever
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the processes did not finish: one waits in a gather the other never joined")
+    for rank in (0, 1):
+        result = json.load(open(tmp_path / f"generation-{rank}.json"))
+        assert result["sharded"] and not result["reference_sharded"]
+        assert result["got"] == result["want"]
+        assert result["entropy_diff"] < 1e-5
+    lengths = [[len(ids) for ids in json.load(open(tmp_path / f"generation-{r}.json"))["got"]] for r in (0, 1)]
+    assert max(lengths[0]) < min(lengths[1]), lengths  # process 0 finished first: it had to wait
 
 
 def test_qlora_under_fsdp_is_refused_with_the_supported_combinations(tmp_path):

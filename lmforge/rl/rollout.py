@@ -25,6 +25,7 @@ from lmforge.data.options import DataFormat, LongRecords, OnBadRecord
 from lmforge.data.records import iter_records, to_prompt
 from lmforge.data.render import Renderer
 from lmforge.data.sources import SkipCounter, bad_record
+from lmforge.distributed import sharded_across_processes
 from lmforge.errors import DataError, RecordError
 
 
@@ -88,6 +89,33 @@ class Completion:
     """The sampled tokens, up to and with the token that ended the turn."""
     truncated: bool
     """True when it reached `max_new_tokens` without ending."""
+    entropy: float = float("nan")
+    """The mean entropy (nats) of the distributions its tokens were drawn from, at the sampling
+    temperature; NaN where the engine does not measure it."""
+
+
+class EntropyMeter:
+    """A logits processor that changes nothing and records, per generated position, each row's
+    entropy of softmax(logits / temperature) (the policy's at the sampling temperature, as TRL
+    logs it). transformers runs the processors a caller passes before its own top-k / top-p
+    cuts, so those do not enter. Kept on the device until `per_row` reads it once."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        # exp(-inf) * -inf is NaN: tokens a processor forbade carry no probability.
+        self.steps.append(-torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1))
+        return scores
+
+    def per_row(self, lengths: Sequence[int]) -> list[float]:
+        """Each row's mean entropy over its first `lengths[row]` positions."""
+        if not self.steps:
+            return [float("nan")] * len(lengths)
+        table = torch.stack(self.steps, dim=1).cpu()  # rows x positions
+        return [table[row, :n].mean().item() if n else float("nan") for row, n in enumerate(lengths)]
 
 
 class Engine(Protocol):
@@ -120,8 +148,14 @@ class TransformersEngine:
     @torch.no_grad()
     def complete(self, model, prompts, sampling, seed):
         device = next(model.parameters()).device
+        # Sharded weights (FSDP, ZeRO-3) are gathered at each forward from every process, so
+        # each one runs every decoding step until all have finished (a process whose completions
+        # ended early keeps calling the model), and the static cache is not used: its compiled
+        # step would have to capture those gathers.
+        synced = sharded_across_processes(model)
+        static = self.static_cache and not synced
         longest = max(len(p) for p in prompts)
-        if self.static_cache:
+        if static:
             longest = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
         input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -131,6 +165,7 @@ class TransformersEngine:
         was_training = model.training
         model.eval()  # no dropout while sampling: the completions are the policy's own
         devices = [device] if device.type == "cuda" else []
+        meter = EntropyMeter(sampling.temperature)
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
@@ -138,10 +173,13 @@ class TransformersEngine:
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
                     max_new_tokens=sampling.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                    use_cache=True, **({"cache_implementation": "static"} if self.static_cache else {}))
+                    use_cache=True, logits_processor=[meter], synced_gpus=synced,
+                    **({"cache_implementation": "static"} if static else {}))
         finally:
             model.train(was_training)
-        return [self._completion(row) for row in out[:, longest:].tolist()]
+        completions = [self._completion(row) for row in out[:, longest:].tolist()]
+        entropies = meter.per_row([len(c.ids) for c in completions])
+        return [Completion(c.ids, c.truncated, e) for c, e in zip(completions, entropies)]
 
     def _completion(self, row: list[int]) -> Completion:
         stop = next((k for k, t in enumerate(row) if t in self.stop_ids), None)

@@ -74,10 +74,12 @@ class RatioLevel(str, enum.Enum):
 STD_EPS = 1e-4
 
 
-def advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = ScaleRewards.GROUP) -> torch.Tensor:
+def advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = ScaleRewards.GROUP,
+               batch_std: float | None = None) -> torch.Tensor:
     """Group-relative advantages of `rewards` [N] (N = prompts × `group_size`, a prompt's
     completions consecutive): each reward less its group's mean, divided as `scale` says. The
-    standard deviation is the sample one (n - 1), as TRL computes it."""
+    standard deviation is the sample one (n - 1), as TRL computes it. `batch_std`: the std of
+    the whole generation batch's rewards where `rewards` are one process' part of it."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards are not groups of {group_size}")
     grouped = rewards.view(-1, group_size)
@@ -85,7 +87,7 @@ def advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = Sca
     if scale == ScaleRewards.GROUP:
         return centred / (grouped.std(dim=1).repeat_interleave(group_size) + STD_EPS)
     if scale == ScaleRewards.BATCH:
-        return centred / (rewards.std() + STD_EPS)
+        return centred / ((rewards.std() if batch_std is None else batch_std) + STD_EPS)
     return centred
 
 

@@ -38,7 +38,7 @@ from lmforge.data.render import IGNORE_INDEX
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.loss import token_log_probs
-from lmforge.rl.surrogate import LossType, SurrogateConfig, advantages, sequence_weights, surrogate_loss
+from lmforge.rl.surrogate import LossType, ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
 from lmforge.rl.rollout import Completion, Engine, Prompt, Sampling
 from lmforge.samples import SAMPLES_NAME
 from lmforge.train import LmforgeCallback, Trainer, is_peft
@@ -150,7 +150,8 @@ class GrpoTrainer(Trainer):
     """lmforge's Trainer with GRPO's data (`RolloutLoader`) and loss. Logs, averaged over the
     steps since the last log: `reward` and `reward_std`, each function's mean (`rewards/NAME`),
     `completion_length` (mean and max), `truncated` (the share of completions that reached
-    --max_completion_length), `clip_ratio/low` and `clip_ratio/high`, and `kl` with a reference."""
+    --max_completion_length), `clip_ratio/low` and `clip_ratio/high`, `entropy` (the sampling distributions', per token) and
+    `kl` with a reference."""
 
     def __init__(self, *args, grpo, prompts: list[Prompt], rewards, engine: Engine, tokenizer_decode,
                  stop_ids: list[int], pad_id: int, reference: torch.nn.Module | None = None, **kwargs):
@@ -224,7 +225,11 @@ class GrpoTrainer(Trainer):
             completion_ids=[c.ids for c in completions],
             columns=_columns(repeated), records=[p.location for p in repeated])
         total = torch.as_tensor(scores.total, dtype=torch.float32)
-        adv = advantages(total, g, self.grpo.scale_rewards)
+        batch_std = None
+        if self.grpo.scale_rewards == ScaleRewards.BATCH and self.accelerator.num_processes > 1:
+            # The std of the whole generation batch, as one process would compute it: every process' rewards.
+            batch_std = self.accelerator.gather(total.to(self.args.device)).std().item()
+        adv = advantages(total, g, self.grpo.scale_rewards, batch_std)
         trained = [not (self.grpo.mask_truncated_completions and c.truncated) for c in completions]
         lengths = torch.tensor([len(c.ids) if t else 0 for c, t in zip(completions, trained)])
         # Counted over every process: each one's loss is then its share of the step's, and DDP's
@@ -340,6 +345,9 @@ class GrpoTrainer(Trainer):
         metrics = {"reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0,
                    "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
                    "truncated": sum(c.truncated for c in completions) / len(completions)}
+        measured = [(c.entropy, len(c.ids)) for c in completions if c.entropy == c.entropy and c.ids]
+        if measured:  # per token, as the loss is aggregated by default
+            metrics["entropy"] = sum(e * n for e, n in measured) / sum(n for _, n in measured)
         for name, column in zip(scores.names, scores.per_function.T):
             values = column[~torch.isnan(column)] if torch.is_tensor(column) else column
             if len(values):

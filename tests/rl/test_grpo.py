@@ -108,6 +108,34 @@ def test_packed_log_probs_equal_each_sequence_alone():
     assert torch.allclose(packed, torch.stack(alone), atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_entropy_is_the_policys_at_the_temperature_over_each_completions_tokens(top_k):
+    """The engine's per-completion entropy equals one computed from generate's own raw logits
+    (softmax(logits / T), the positions up to and with the end of turn), top-k or not."""
+    import transformers
+
+    from lmforge.rl.rollout import Sampling, TransformersEngine
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY)).eval()
+    prompts, stop, temperature = [[5, 6, 7], [8, 9, 10], [11, 12, 13]], [3, 4, 7, 9], 0.7
+    sampling = Sampling(max_new_tokens=6, temperature=temperature, top_k=top_k)
+    got = TransformersEngine(pad_id=0, stop_ids=stop).complete(model, prompts, sampling, seed=11)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        out = model.generate(input_ids=torch.tensor(prompts), do_sample=True, temperature=temperature,
+                             top_k=top_k or None, max_new_tokens=6, eos_token_id=stop, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits, dim=1).float() / temperature  # rows x positions x vocab
+    p = logits.softmax(-1)
+    entropy = -(p * logits.log_softmax(-1)).sum(-1)
+    assert [c.ids for c in got] != [[]] * 3
+    for row, completion in enumerate(got):
+        n = len(completion.ids)
+        assert out.sequences[row, 3:3 + n].tolist() == completion.ids  # the same draws
+        assert completion.entropy == pytest.approx(entropy[row, :n].mean().item(), rel=1e-5)
+
+
 def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path):
     """--num_iterations 2 (two steps per generation batch) and --save_steps 3: the checkpoint at
     step 3 falls between the two steps of a generation batch, which it holds."""
@@ -119,7 +147,8 @@ def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path
     steps = logged(whole)
     assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("reward", "reward_std", "rewards/accuracy", f"rewards/{setup / 'vowels.py'}:vowels",
-                "completion_length", "completion_length_max", "truncated", "clip_ratio/low", "clip_ratio/high"):
+                "completion_length", "completion_length_max", "truncated", "clip_ratio/low", "clip_ratio/high",
+                "entropy"):
         assert key in steps[0], key
     assert all(h["reward_std"] > 0 and h["grad_norm"] > 0 for h in steps)  # every step learns something
     assert "lmforge: completion 1 at step 0 (reward " in log

@@ -104,6 +104,16 @@ def test_advantages_follow_the_formula(scale):
     assert got[4:].abs().max() == 0
 
 
+def test_batch_scaling_split_over_processes_equals_the_whole_batch():
+    """Under DDP each process holds some groups; with the whole batch's std (`batch_std`, which
+    the trainer gathers), their advantages are the one-process batch's."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 1.0])
+    whole = advantages(rewards, G, ScaleRewards.BATCH)
+    parts = [advantages(part, G, ScaleRewards.BATCH, batch_std=rewards.std().item()) for part in rewards.split(G)]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-7)
+    assert not torch.allclose(advantages(rewards[:G], G, ScaleRewards.BATCH), whole[:G])  # its own std differs
+
+
 @pytest.mark.parametrize("loss_type, level, beta, updates", [
     *itertools.product(["dapo", "grpo", "dr_grpo"], ["token"], [0.0, 0.04], [1, 3]),
     *itertools.product(["dapo", "grpo"], ["sequence"], [0.0, 0.04], [3]),
