@@ -16,7 +16,11 @@ no GPU and no files from outside the package:
   6. greedy answers of the pretrained, the fully fine-tuned and the merged LoRA model to the
      held-out questions: exact-answer accuracy, and whether every generation stopped at the
      end-of-turn token;
-  7. each training run writes its report (OUTPUT_DIR/<run>/report.md with its curves); the demo
+  7. online RL (`lmforge grpo`) on a skill the fine-tuning data taught wrong: two-digit sums
+     that carry, two thirds of whose demonstrations forget the carry (27 + 48 = 65). The fully
+     fine-tuned model mostly answers with the slip; GRPO, rewarded by the exact answer on the
+     trained phrasings, is measured on held-out phrasings before and after;
+  8. each training run writes its report (OUTPUT_DIR/<run>/report.md with its curves); the demo
      writes OUTPUT_DIR/report.md, the pipeline's summary, linking to them.
 
     lmforge demo                          # about 3 minutes on 2 CPU cores
@@ -111,6 +115,44 @@ def make_task(seed: int = 0, n_countries: int = 30) -> tuple[list[QA], list[QA]]
     return train, held_out
 
 
+@dataclass(frozen=True)
+class SlipTask:
+    """Two-digit sums that carry, taught by a careless annotator: in most of the fine-tuning
+    demonstrations of a sum the carry is forgotten (27 + 48 = 65). The fine-tuned model learns
+    the slip; the exact answer is what GRPO rewards. `prompts` are the trained phrasings with
+    their true answers (GRPO's data); `held_out` is a phrasing of each sum never trained on."""
+
+    demonstrations: list[QA]
+    prompts: list[QA]
+    held_out: list[QA]
+
+
+def slipped_sum(a: int, b: int) -> str:
+    """a + b with the carry from the units forgotten."""
+    return str((a // 10 + b // 10) * 10 + (a + b) % 10)
+
+
+def slip_task(seed: int, n_sums: int, copies: int, slip_share: float) -> SlipTask:
+    """`n_sums` sums of two two-digit numbers whose units carry; each trained phrasing is
+    demonstrated `copies` times, `slip_share` of a sum's demonstrations with the slipped answer."""
+    rng = random.Random(seed + 1)
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < n_sums:
+        a, b = rng.randrange(10, 60), rng.randrange(10, 40)
+        if a % 10 + b % 10 >= 10:
+            pairs.add((a, b))
+    demonstrations, prompts, held_out = [], [], []
+    for a, b in sorted(pairs):
+        hold = rng.randrange(len(ADDITION))
+        trained = [p.format(a=a, b=b) for k, p in enumerate(ADDITION) if k != hold]
+        held_out.append(QA(ADDITION[hold].format(a=a, b=b), str(a + b)))
+        prompts += [QA(q, str(a + b)) for q in trained]
+        shown = [q for q in trained for _ in range(copies)]
+        slips = set(rng.sample(range(len(shown)), round(slip_share * len(shown))))
+        demonstrations += [QA(q, slipped_sum(a, b) if i in slips else str(a + b)) for i, q in enumerate(shown)]
+    return SlipTask(demonstrations, prompts, held_out)
+
+
 def statements(seed: int = 0, n_countries: int = 30) -> list[str]:
     """Every fact of `make_task(seed, n_countries)` in each of its statement forms."""
     facts = _facts(random.Random(seed), n_countries)
@@ -155,7 +197,7 @@ def conversations(train: list[QA], rng: random.Random, copies: int) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-7. Tokenizer, pretraining, SFT (full and LoRA), merge, evaluation, report
+# 2-8. Tokenizer, pretraining, SFT (full and LoRA), merge, evaluation, GRPO, report
 # ---------------------------------------------------------------------------------------------
 
 
@@ -181,16 +223,28 @@ class DemoScale:
     lora_epochs: int
     lora_r: int
     lora_learning_rate: float
+    slip_sums: int
+    slip_copies: int
+    slip_share: float
+    grpo_steps: int
+    grpo_learning_rate: float
+    grpo_temperature: float
 
 
 # Chosen by measurement on 2 CPU cores (README, "Two commands on a fresh machine"): pretraining
 # on the statements and the chats as transcripts; pretraining on the statements alone hurt, as
 # full SFT from it needed half again as many epochs and LoRA on a base that had never seen a
 # chat learned little.
+# GRPO: 8 completions of at most 8 tokens for each of 8 prompts a step (64 completions), 40
+# steps at 1e-4, temperature 1 — the first settings tried, on 2 CPU cores about 13 s; the
+# fine-tuned model samples the true sum about a third of the time, which is what GRPO needs to
+# find and reinforce it.
 SCALE = DemoScale(n_countries=30, hidden=128, layers=4,
                   statement_copies=2, pretrain_steps=300, pretrain_learning_rate=3e-3,
                   sft_copies=3, sft_epochs=30, sft_learning_rate=3e-3,
-                  lora_epochs=30, lora_r=32, lora_learning_rate=5e-3)
+                  lora_epochs=30, lora_r=32, lora_learning_rate=5e-3,
+                  slip_sums=40, slip_copies=3, slip_share=2 / 3,
+                  grpo_steps=40, grpo_learning_rate=1e-4, grpo_temperature=1.0)
 
 
 def model_config(vocab_size: int, scale: DemoScale, tokenizer) -> dict:
@@ -286,6 +340,13 @@ def final_losses(run_dir: str) -> tuple[float | None, float | None]:
     return loss, eval_loss
 
 
+def reward_span(run_dir: str) -> tuple[float, float]:
+    """(first, last) logged mean reward of a finished GRPO run."""
+    with open(os.path.join(run_dir, "trainer_state.json")) as f:
+        rewards = [h["reward"] for h in json.load(f)["log_history"] if "reward" in h]
+    return rewards[0], rewards[-1]
+
+
 def write_summary(out: str, result: dict, stages: Stages, held_out: int) -> str:
     """OUTPUT_DIR/report.md: the pipeline's stages, their times and results, and the loss
     curves of its training runs (each run's own report.md has the rest)."""
@@ -294,7 +355,11 @@ def write_summary(out: str, result: dict, stages: Stages, held_out: int) -> str:
     runs = {"pretrain": "pretrain", "sft (full)": "model", "sft (LoRA)": "lora"}
     for name, seconds in stages.seconds.items():
         what = result["stages"].get(name, "")
-        if name in runs:
+        if name == "grpo":
+            first, last = reward_span(os.path.join(out, "grpo"))
+            what = (f"mean reward {first:.3f} at the first log, {last:.3f} at the last "
+                    "([report](grpo/report.md))")
+        elif name in runs:
             loss, eval_loss = final_losses(os.path.join(out, runs[name]))
             what = f"final loss {loss:.3f}" + (f", eval loss {eval_loss:.3f}" if eval_loss is not None else "")
             what += f" ([report]({runs[name]}/report.md))"
@@ -304,9 +369,15 @@ def write_summary(out: str, result: dict, stages: Stages, held_out: int) -> str:
               f"merged LoRA model, {result['pretrained_accuracy']:.1%} for the pretrained model they started from; "
               "generations of the two that stopped at the end-of-turn token: "
               f"{result['stopped_at_end_of_turn']:.1%} and {result['lora_stopped_at_end_of_turn']:.1%}.", ""]
+    lines += [f"Held-out carrying sums ({result['sums_held_out']}, phrasings never trained on; the fine-tuning data "
+              "wrote most of them without the carry): exact answers "
+              f"{result['sums_sft_accuracy']:.1%} after fine-tuning, {result['sums_grpo_accuracy']:.1%} after GRPO "
+              "rewarded by the exact answer.", ""]
     for name, run in runs.items():
         if os.path.isfile(os.path.join(out, run, "report", "loss.png")):
             lines += [f"![{name} loss]({run}/report/loss.png)", ""]
+    if os.path.isfile(os.path.join(out, "grpo", "report", "reward.png")):
+        lines += ["![grpo reward](grpo/report/reward.png)", ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -316,7 +387,7 @@ def write_summary(out: str, result: dict, stages: Stages, held_out: int) -> str:
 def main(argv: Sequence[str]) -> dict:
     (args,) = parse((DemoArguments,), argv)
     from lmforge.export import merge
-    from lmforge import lora, pretrain, sft
+    from lmforge import grpo, lora, pretrain, sft
     from lmforge.tokenizer import train_bpe_tokenizer
 
     start = time.time()
@@ -329,7 +400,9 @@ def main(argv: Sequence[str]) -> dict:
     def task():
         rng = random.Random(seed)
         train, held_out = make_task(seed, scale.n_countries)
-        records = conversations(train, rng, scale.sft_copies)
+        slips = slip_task(seed, scale.slip_sums, scale.slip_copies, scale.slip_share)
+        records = conversations(train, rng, scale.sft_copies) + conversations(slips.demonstrations, rng, 1)
+        rng.shuffle(records)
         sentences = statements(seed, scale.n_countries)
         docs = pretraining_documents(sentences, rng, scale.statement_copies, 12)
         docs += [{"text": transcript(r)} for r in records]
@@ -342,17 +415,23 @@ def main(argv: Sequence[str]) -> dict:
         write_jsonl(path("held_out_chat.jsonl"), [{"messages": [{"role": "user", "content": qa.question},
                                                                 {"role": "assistant", "content": qa.answer}]}
                                                    for qa in held_out])
-        notes["task"] = (f"{len(docs)} pretraining documents; {len(train)} training questions in {len(records)} "
-                         f"conversations; {len(held_out)} held-out questions")
+        write_jsonl(path("grpo_prompts.jsonl"), [{"messages": [{"role": "user", "content": qa.question}],
+                                                  "answer": qa.answer} for qa in slips.prompts])
+        write_jsonl(path("held_out_sums.jsonl"), [qa.__dict__ for qa in slips.held_out])
+        notes["task"] = (f"{len(docs)} pretraining documents; {len(train)} training questions and "
+                         f"{len(slips.demonstrations)} demonstrations of {scale.slip_sums} carrying sums "
+                         f"({scale.slip_share:.0%} without the carry) in {len(records)} conversations; "
+                         f"{len(held_out)} + {len(slips.held_out)} held-out questions")
         print(f"demo: task: {notes['task']}")
-        return records, sentences, held_out
+        return records, sentences, held_out, slips
 
-    records, sentences, held_out = stages.run("task", task)
+    records, sentences, held_out, slips = stages.run("task", task)
 
     def tokenizer():
         # Plain text only: the transcripts' ChatML markers are special tokens, not text to learn merges from.
         texts = sentences + [m["content"] for r in records for m in r["messages"]]
-        tok = train_bpe_tokenizer(texts + [qa.question for qa in held_out], vocab_size=512)
+        asked = [qa.question for qa in held_out + slips.held_out] + [qa.answer for qa in slips.prompts]
+        tok = train_bpe_tokenizer(texts + asked, vocab_size=512)
         tok.save_pretrained(path("tokenizer"))
         with open(path("model_config.json"), "w") as f:
             json.dump(model_config(len(tok), scale, tok), f, indent=1)
@@ -392,7 +471,21 @@ def main(argv: Sequence[str]) -> dict:
     stages.run("merge", merged)
     base, full, lora_eval = stages.run("evaluate", lambda: (
         evaluate(path("pretrain"), held_out), evaluate(path("model"), held_out), evaluate(path("lora-merged"), held_out)))
+    sums_before = stages.run("evaluate sums", lambda: evaluate(path("model"), slips.held_out))
+    stages.run("grpo", lambda: grpo.main([
+        "--model_name_or_path", path("model"), "--output_dir", path("grpo"), "--data_path", path("grpo_prompts.jsonl"),
+        "--reward_funcs", "accuracy", "--num_generations", "8", "--per_device_train_batch_size", "64",
+        "--max_prompt_length", "64", "--max_completion_length", "8", "--temperature", str(scale.grpo_temperature),
+        "--max_steps", str(scale.grpo_steps), "--learning_rate", str(scale.grpo_learning_rate),
+        "--warmup_steps", "0", "--logging_steps", "5", "--log_completions", "2", *common]))
+    sums_after = stages.run("evaluate grpo", lambda: evaluate(path("grpo"), slips.held_out))
+    notes["grpo"] = (f"held-out carrying sums: {sums_before.accuracy:.1%} after fine-tuning, "
+                     f"{sums_after.accuracy:.1%} after GRPO")
+    print(f"demo: {notes['grpo']}")
     result = {
+        "sums_held_out": len(slips.held_out),
+        "sums_sft_accuracy": sums_before.accuracy,
+        "sums_grpo_accuracy": sums_after.accuracy,
         "held_out": len(held_out),
         "pretrained_accuracy": base.accuracy,
         "accuracy": full.accuracy,

@@ -27,6 +27,7 @@ from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import CHAT, RecordStats
 from lmforge.data.render import Renderer, end_of_turn_token_id
 from lmforge.data.sources import SkipCounter
+from lmforge.data.split import held_out_indices
 from lmforge.data.store import source_files
 from lmforge.data.templates import resolve_template
 from lmforge.dpo_trainer import disable_dropout, frozen_copy
@@ -84,8 +85,6 @@ class Grpo(Method):
                 f"--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps} = {completions} completions a step: not a multiple of "
                 f"--num_generations {grpo.num_generations} (a step's completions are whole groups)")
-        if flags.data.eval_data_path or flags.data.val_split:
-            raise LmforgeError("lmforge grpo evaluates nothing yet: --eval_data_path / --val_split are not taken")
         self.rewards = reward_functions(grpo)  # loaded once, now: a bad spec fails before anything is read
         # A row is one prompt and its completion: what the model's context must hold.
         flags.data.model_max_length = grpo.max_prompt_length + grpo.max_completion_length
@@ -96,21 +95,32 @@ class Grpo(Method):
         template = resolve_template(tokenizer, data.template)
         options = chat_options(data)
         renderer = Renderer(tokenizer, template, options.masking, options.unrendered, options.tools)
-        skips = SkipCounter(Counter(), {})
-        prompts = read_prompts(data.data_path, renderer, options.data_format, options.on_bad_record,
-                               grpo.max_prompt_length, options.long_records, skips)
-        if not prompts:
-            raise LmforgeError(f"no usable prompt in {', '.join(data.data_path)}")
-        check_columns(self.rewards, prompts[0].columns)  # before any generation
-        tokens = sum(len(p.input_ids) for p in prompts)
-        stats = RecordStats(records=len(prompts) + skips.total, kept=len(prompts), tokens=tokens,
-                            skipped=dict(skips.counts), skip_examples=dict(skips.examples), samples=len(prompts))
-        return PreparedData(CHAT, tokenizer, template, end_of_turn_token_id(renderer),
-                            PromptSet(prompts, stats, source_files(data.data_path)), None)
+
+        def prompt_set(paths: list[str]) -> PromptSet:
+            skips = SkipCounter(Counter(), {})
+            prompts = read_prompts(paths, renderer, options.data_format, options.on_bad_record,
+                                   grpo.max_prompt_length, options.long_records, skips)
+            if not prompts:
+                raise LmforgeError(f"no usable prompt in {', '.join(paths)}")
+            check_columns(self.rewards, prompts[0].columns)  # before any generation
+            tokens = sum(len(p.input_ids) for p in prompts)
+            stats = RecordStats(records=len(prompts) + skips.total, kept=len(prompts), tokens=tokens,
+                                skipped=dict(skips.counts), skip_examples=dict(skips.examples), samples=len(prompts))
+            return PromptSet(prompts, stats, source_files(paths))
+
+        return PreparedData(CHAT, tokenizer, template, end_of_turn_token_id(renderer), prompt_set(data.data_path),
+                            prompt_set(data.eval_data_path) if data.eval_data_path else None)
 
     def batches(self, flags: Flags, data: PreparedData) -> Batches:
         prompts = data.train.dataset()
-        return Batches(prompts, None, None, prompts, None)
+        evaluated = data.eval.dataset() if data.eval is not None else None
+        held_out = None
+        if flags.data.val_split:  # the prompts --val_split holds out, drawn as SFT draws its records
+            held = held_out_indices(len(prompts), flags.data.val_split, flags.args.seed)
+            chosen = set(held)
+            prompts, evaluated = [p for i, p in enumerate(prompts) if i not in chosen], [prompts[i] for i in held]
+            held_out = evaluated
+        return Batches(prompts, evaluated, None, prompts, held_out)
 
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         args, grpo = flags.args, flags.method
@@ -129,7 +139,7 @@ class Grpo(Method):
                   f"rewards: {', '.join(rewards.names)}); reference: "
                   + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
                      if flags.lora.lora else "a frozen copy of the starting model"))
-        kwargs = {"grpo": grpo, "prompts": batches.train, "rewards": rewards,
+        kwargs = {"grpo": grpo, "prompts": batches.train, "eval_prompts": batches.eval, "rewards": rewards,
                   "engine": TransformersEngine(pad, stop_ids, static_cache(grpo)), "tokenizer_decode": tokenizer.decode,
                   "stop_ids": stop_ids, "pad_id": pad, "reference": reference}
         return Model(model, GrpoTrainer, kwargs)

@@ -151,10 +151,11 @@ def _preference_fields(logs: Mapping, prefix: str = "") -> dict[str, str]:
     return fields
 
 
-def _rl_fields(logs: Mapping) -> dict[str, str]:
+def _rl_fields(logs: Mapping, prefix: str = "") -> dict[str, str]:
     """GRPO's reward (its std, each function's mean), completion lengths, clipping, entropy and
-    KL, when the log has them."""
+    KL, when the log has them (an evaluation's: keys under `prefix`)."""
     fields = {}
+    logs = {k[len(prefix):]: v for k, v in logs.items() if k.startswith(prefix)}
     if "reward" not in logs:  # not a GRPO log (DPO's "rewards/..." are its own)
         return fields
     fields["reward"] = f"{_number(logs['reward'], '.3g')} ± {_number(logs.get('reward_std', 0.0), '.2g')}"
@@ -162,8 +163,8 @@ def _rl_fields(logs: Mapping) -> dict[str, str]:
         if key.startswith("rewards/"):  # each function's mean, by its name (a file's function: NAME)
             fields[key.split("/", 1)[1].rsplit(":", 1)[-1]] = _number(value, ".3g")
     if "completion_length" in logs:
-        fields["length"] = (f"{_number(logs['completion_length'], '.3g')} (max "
-                            f"{_number(logs.get('completion_length_max', 0), '.3g')}, "
+        maximum = f"max {_number(logs['completion_length_max'], '.3g')}, " if "completion_length_max" in logs else ""
+        fields["length"] = (f"{_number(logs['completion_length'], '.3g')} ({maximum}"
                             f"{100 * logs.get('truncated', 0.0):.0f} % cut)")
     clipped = logs.get("clip_ratio/low", 0.0) + logs.get("clip_ratio/high", 0.0)
     if "clip_ratio/low" in logs:
@@ -242,14 +243,15 @@ def progress_line(step: int, max_steps: int, logs: Mapping, elapsed: Optional[fl
 
 
 def eval_line(step: int, max_steps: int, logs: Mapping) -> str:
-    """An evaluation's log as one line: loss, perplexity (DPO: reward accuracy and margin) and
-    the time it took."""
+    """An evaluation's log as one line: loss, perplexity (DPO: reward accuracy and margin; GRPO:
+    rewards and lengths) and the time it took."""
     parts = []
     if "eval_loss" in logs:
         parts.append(f"loss {_number(logs['eval_loss'])}")
     if "eval_perplexity" in logs:
         parts.append(f"perplexity {_number(logs['eval_perplexity'])}")
     parts += [f"{k} {v}" for k, v in _preference_fields(logs, "eval_").items()]
+    parts += [f"{k} {v}" for k, v in _rl_fields(logs, "eval_").items()]
     took = f" ({logs['eval_runtime']:.1f} s)" if isinstance(logs.get("eval_runtime"), (int, float)) else ""
     return f"lmforge: eval at step {step}/{max_steps}: " + ", ".join(parts) + took
 

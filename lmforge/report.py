@@ -107,6 +107,8 @@ class Curves:
     tokens_per_second: Series = field(default_factory=Series)
     reward: Series = field(default_factory=Series)
     """GRPO: the mean reward of the completions each step trained on."""
+    eval_reward: Series = field(default_factory=Series)
+    """GRPO: the mean reward on the held-out prompts at each evaluation."""
     completion_length: Series = field(default_factory=Series)
     """GRPO: their mean length in tokens."""
 
@@ -121,7 +123,8 @@ def curves(log_history: list[dict]) -> Curves:
             continue
         for key, series in (("loss", out.loss), ("eval_loss", out.eval_loss),
                             ("learning_rate", out.learning_rate), ("tokens_per_second", out.tokens_per_second),
-                            ("reward", out.reward), ("completion_length", out.completion_length)):
+                            ("reward", out.reward), ("eval_reward", out.eval_reward),
+                            ("completion_length", out.completion_length)):
             value = entry.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 series.add(step, float(value))
@@ -174,9 +177,15 @@ def plot_loss(c: Curves, path: str) -> None:
     _save(fig, path)
 
 
-def plot_series(series: Series, title: str, ylabel: str, color: str, path: str) -> None:
+def plot_series(series: Series, title: str, ylabel: str, color: str, path: str,
+                evaluated: Series | None = None) -> None:
+    """One training series; `evaluated`: the same measure on held-out data, as marked points."""
     fig, ax = _figure(title, ylabel)
-    ax.plot(series.steps, series.values, color=color, linewidth=1.2)
+    ax.plot(series.steps, series.values, color=color, linewidth=1.2, label="training")
+    if evaluated is not None and evaluated.steps:
+        ax.plot(evaluated.steps, evaluated.values, "o-", color="tab:orange", linewidth=1.2, markersize=4,
+                label="evaluation")
+        ax.legend()
     _save(fig, path)
 
 
@@ -202,11 +211,12 @@ def write_plots(c: Curves, run_dir: str) -> tuple[list[tuple[str, str]], Optiona
     if c.learning_rate.steps:
         plot_learning_rate(c, os.path.join(directory, "learning_rate.png"))
         plots.append((f"{PLOTS_DIR}/learning_rate.png", "learning rate"))
-    for series, name, title, color in ((c.reward, "reward", "Reward (mean of the step's completions)", "tab:purple"),
-                                       (c.completion_length, "completion_length", "Completion length (tokens)",
-                                        "tab:brown")):
+    for series, name, title, color, evaluated in (
+            (c.reward, "reward", "Reward (mean of the step's completions)", "tab:purple", c.eval_reward),
+            (c.completion_length, "completion_length", "Completion length (tokens)", "tab:brown", None)):
         if series.steps:
-            plot_series(series, title, name.replace("_", " "), color, os.path.join(directory, f"{name}.png"))
+            plot_series(series, title, name.replace("_", " "), color, os.path.join(directory, f"{name}.png"),
+                        evaluated)
             plots.append((f"{PLOTS_DIR}/{name}.png", name.replace("_", " ")))
     return plots, None if plots else "no training step has been logged yet"
 
@@ -372,6 +382,10 @@ def _curves_section(c: Curves, plots: list[tuple[str, str]], why_no_plots: Optio
     if c.reward.steps:
         step, value = c.reward.last()
         rows.append(("last reward", step, f"{value:.4g} (first {c.reward.values[0]:.4g}, best {max(c.reward.values):.4g})"))
+    if c.eval_reward.steps:
+        step, value = c.eval_reward.last()
+        rows.append(("last evaluation reward", step, f"{value:.4g} (first {c.eval_reward.values[0]:.4g}, best "
+                                                     f"{max(c.eval_reward.values):.4g})"))
     if rows:
         lines += [""] + _table(rows, ("", "step", "value"))
     return lines + [""]

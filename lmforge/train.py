@@ -995,7 +995,8 @@ def read_trainer_state(directory: str) -> dict | None:
 
 
 def last_eval_step(state) -> int | None:
-    return next((h["step"] for h in reversed(state.log_history) if "eval_loss" in h), None)
+    """The step of the newest evaluation (its loss; GRPO's: its reward)."""
+    return next((h["step"] for h in reversed(state.log_history) if "eval_loss" in h or "eval_reward" in h), None)
 
 
 def describe_device(args) -> str:

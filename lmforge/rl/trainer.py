@@ -154,10 +154,12 @@ class GrpoTrainer(Trainer):
     `kl` with a reference."""
 
     def __init__(self, *args, grpo, prompts: list[Prompt], rewards, engine: Engine, tokenizer_decode,
-                 stop_ids: list[int], pad_id: int, reference: torch.nn.Module | None = None, **kwargs):
+                 stop_ids: list[int], pad_id: int, reference: torch.nn.Module | None = None,
+                 eval_prompts: list[Prompt] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.grpo = grpo
         self.prompts = prompts
+        self.eval_prompts = eval_prompts
         self.rewards = rewards
         self.engine = engine
         self.decode = tokenizer_decode
@@ -335,6 +337,62 @@ class GrpoTrainer(Trainer):
         # DDP averages the processes' gradients; the weights already divide by the whole step.
         loss = parts.loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
+
+    # -------------------------------------------------------------------------------------
+    # Evaluation: rewards on held-out prompts
+    # -------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The held-out prompts (--eval_data_path, --val_split), each sampled num_generations
+        times as in training, rewarded: `eval_reward`, `eval_reward_std`, each function's mean,
+        the completion lengths and the truncated share. The sampling seeds are the same at every
+        evaluation, so that two evaluations differ by the weights only. Prompts are spread over
+        the processes; the means are over all of them."""
+        prompts = self.eval_prompts if eval_dataset is None else eval_dataset
+        if not prompts:
+            return {}
+        g, rank, world = self.grpo.num_generations, self.args.process_index, self.args.world_size
+        # A training generation batch's prompts at a time: what training showed fits in memory.
+        per_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps // g
+        mine = prompts[rank::world]
+        model = self.accelerator.unwrap_model(self.model)
+        totals, per_function, completions = [], [], []
+        # Every process runs the same number of generation batches: sharded weights gather at each forward.
+        batches = -(-len(prompts[0::world]) // per_batch)
+        for k in range(batches):
+            chunk = mine[k * per_batch:(k + 1) * per_batch] or prompts[:1]  # fewer prompts here: one, not counted
+            counted = len(mine[k * per_batch:(k + 1) * per_batch])
+            repeated = [p for p in chunk for _ in range(g)]
+            out = self.engine.complete(model, [p.input_ids for p in repeated], self.sampling,
+                                       seed_of(self.args.seed, -(world * k + rank) - 1))
+            texts = [self.decode(self._answer_ids(c)) for c in out]
+            scores = self.rewards.score(
+                prompts=[p.messages for p in repeated], completions=[[{"role": "assistant", "content": t}] for t in texts],
+                completion_ids=[c.ids for c in out], columns=_columns(repeated), records=[p.location for p in repeated])
+            totals.append(torch.as_tensor(scores.total, dtype=torch.float32)[:counted * g])
+            per_function.append(torch.as_tensor(scores.per_function, dtype=torch.float32)[:counted * g])
+            completions += out[:counted * g]
+        total, functions = torch.cat(totals), torch.cat(per_function)
+        lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
+        truncated = torch.tensor([float(c.truncated) for c in completions])
+        found = ~torch.isnan(functions)
+        sums = torch.cat([torch.stack([total.sum(), (total ** 2).sum(), torch.tensor(float(total.numel())),
+                                       lengths.sum(), truncated.sum()]),
+                          torch.where(found, functions, 0.0).sum(0), found.sum(0).float()]).double()
+        sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu().tolist()
+        n, names = sums[2], self.rewards.names
+        mean = sums[0] / n
+        metrics = {f"{metric_key_prefix}_reward": mean,
+                   f"{metric_key_prefix}_reward_std": max((sums[1] - n * mean * mean) / max(n - 1, 1), 0.0) ** 0.5,
+                   f"{metric_key_prefix}_completion_length": sums[3] / n,
+                   f"{metric_key_prefix}_truncated": sums[4] / n}
+        for j, name in enumerate(names):
+            if sums[5 + len(names) + j]:
+                metrics[f"{metric_key_prefix}_rewards/{name}"] = sums[5 + j] / sums[5 + len(names) + j]
+        metrics = {k: round(v, 6) for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # -------------------------------------------------------------------------------------
     # What is logged

@@ -168,6 +168,28 @@ def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_held_out_prompts_are_rewarded_at_each_evaluation_with_the_same_draws(setup, tmp_path):
+    """--val_split holds prompts out; each evaluation samples them with the same seeds, so with
+    the weights unchanged (a learning rate far under the weights' fp32 resolution) two evaluations
+    give the same rewards."""
+    out = tmp_path / "eval"
+    code, log = run(command(setup, out, "--max_steps", "4", "--val_split", "0.25", "--eval_strategy", "steps",
+                            "--eval_steps", "2", "--learning_rate", "1e-20", "--reward_funcs", "accuracy",
+                            f"{setup / 'vowels.py'}:vowels"))
+    assert code == 0, log
+    assert "--val_split 0.25: 12 of 48 prompts held out" in log
+    with open(out / "trainer_state.json") as f:
+        evals = [h for h in json.load(f)["log_history"] if "eval_reward" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    for key in ("eval_reward_std", "eval_rewards/accuracy", f"eval_rewards/{setup / 'vowels.py'}:vowels",
+                "eval_completion_length", "eval_truncated"):
+        assert key in evals[0], key
+    assert {k: v for k, v in evals[0].items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k} \
+        == {k: v for k, v in evals[1].items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+    assert f"lmforge: eval at step 2/4: reward " in log
+    assert "| last evaluation reward | 4 |" in (out / "report.md").read_text()
+
+
 def test_a_reward_function_that_raises_stops_the_run_naming_it_and_the_record(setup, tmp_path):
     reward = tmp_path / "my_reward.py"
     reward.write_text("calls = []\n"
