@@ -149,8 +149,10 @@ class DataArguments:
     data_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
     )
-    preprocessing_num_workers: int = field(
-        default=1, metadata={"help": "Processes that tokenize the data into the cache."}
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes that tokenize the data into the cache (default: one per 4 MiB "
+                                        "of data, at most the cores this process may use; the cache is the same "
+                                        "whatever the count)."}
     )
     lazy_preprocess: bool = field(
         default=False,
@@ -393,7 +395,9 @@ class PretrainDataArguments:
         default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
     )
     preprocessing_num_workers: Optional[int] = field(
-        default=1, metadata={"help": "Processes that tokenize the text into the cache."}
+        default=None, metadata={"help": "Processes that tokenize the data into the cache (default: one per 4 MiB "
+                                        "of data, at most the cores this process may use; the cache is the same "
+                                        "whatever the count)."}
     )
 
     def __post_init__(self):

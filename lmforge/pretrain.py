@@ -38,7 +38,7 @@ class Pretrain(Method):
         options = TextOptions(block_size=data.block_size, text_field=data.text_field, text_split=data.text_split,
                               remainder=data.remainder, on_bad_record=data.on_bad_record)
         return prepare_data(TEXT, load_tokenizer(flags.model), None, options, data.train_files,
-                            data.validation_files, data.data_cache_dir, data.preprocessing_num_workers or 1)
+                            data.validation_files, data.data_cache_dir, data.preprocessing_num_workers)
 
     def data_files(self, flags: Flags) -> tuple[list[str], list[str]]:
         return list(flags.data.train_files or []), list(flags.data.validation_files or [])

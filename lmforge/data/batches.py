@@ -50,7 +50,7 @@ class PreparedData:
 
 
 def prepare_data(kind: Kind, tokenizer, template: Optional[str], options, train_paths: Sequence[str],
-                 eval_paths: Sequence[str], cache_dir: Optional[str], num_workers: int) -> PreparedData:
+                 eval_paths: Sequence[str], cache_dir: Optional[str], num_workers: Optional[int]) -> PreparedData:
     """The train and eval files of `kind` in the token cache (built there, or found)."""
     if kind is PAIRS:
         options = PairKind.fixed(options)

@@ -459,11 +459,38 @@ CHAT, PAIRS, TEXT = ChatKind(), PairKind(), TextKind()
 # ---------------------------------------------------------------------------------------------
 
 
+# Input bytes per tokenizing process: a spawned worker costs about a second of start-up (its
+# imports, the tokenizer unpickled), which a few MiB of records repay; smaller data is
+# tokenized in the main process alone.
+BYTES_PER_WORKER = 4 * 2**20
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or a job
+    scheduler's share, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int | None, data_bytes: int, cores: int | None = None) -> tuple[int, str]:
+    """(tokenizing processes, the rule that chose them). `requested` (--preprocessing_num_workers)
+    wins; by default one process per BYTES_PER_WORKER of input, at most one per usable core.
+    The cache entry is the same whatever the count."""
+    if requested is not None:
+        return max(requested, 1), f"--preprocessing_num_workers {requested}"
+    cores = cores if cores is not None else usable_cores()
+    n = max(1, min(cores, data_bytes // BYTES_PER_WORKER))
+    return n, (f"by default one per {BYTES_PER_WORKER >> 20} MiB of data ({data_bytes / 2**20:.1f} MiB), at most "
+               f"the {cores} cores this process may use")
+
+
 def prepare(kind: Kind, paths: Sequence[str], tokenizer, options, template: str | None = None,
-            cache_dir: str | None = None, num_workers: int = 1) -> Cached:
+            cache_dir: str | None = None, num_workers: int | None = 1) -> Cached:
     """The entry of `paths` as `kind` rows under `options` (and the chat `template`): found in
     the cache, or built there: read in this process, checked and rendered in `num_workers`
-    worker processes (in this one when 1), written in source order."""
+    worker processes (in this one when 1; None: `worker_count`'s rule), written in source order."""
     kind.check_inputs(paths, tokenizer, options)
     sources = source_files(paths, kind.suffixes)
     key = cache_key(kind.name, sources, tokenizer, kind.key_options(paths, template, options))
@@ -471,9 +498,11 @@ def prepare(kind: Kind, paths: Sequence[str], tokenizer, options, template: str 
     reading = Reading(kind.unit, paths[0])
 
     def build(tmp: str) -> dict:
+        workers, rule = worker_count(num_workers, sum(f.bytes for f in sources))
+        print(f"lmforge: tokenizing {', '.join(paths)} in {workers} process{'es' if workers > 1 else ''} ({rule})")
         skips = SkipCounter(Counter(), {})
         chunks = chunked(reading.track(paths, lambda path: kind.read(path, options, skips)), kind.chunk)
-        done = ordered_map(_work, chunks, num_workers, _init_worker,
+        done = ordered_map(_work, chunks, workers, _init_worker,
                            (kind, kind.worker_state(tokenizer, template, options), options))
         # Closed on the way out, whatever stops the build: the worker pool is terminated then,
         # not when the generator happens to be collected.
@@ -565,20 +594,20 @@ class TokenizingStopped(LmforgeError):
 
 
 def prepare_chat(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,
-                 num_workers: int = 1) -> ChatCache:
+                 num_workers: int | None = 1) -> ChatCache:
     """SFT conversations of `paths` rendered with `template` into the cache (or found there)."""
     return prepare(CHAT, paths, tokenizer, options, template, cache_dir, num_workers)
 
 
 def prepare_pairs(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,
-                  num_workers: int = 1) -> PairCache:
+                  num_workers: int | None = 1) -> PairCache:
     """Preference pairs of `paths` into the cache (or found there); stats count pairs as records
     and the tokens of both sides."""
     return prepare(PAIRS, paths, tokenizer, PairKind.fixed(options), template, cache_dir, num_workers)
 
 
 def prepare_text(paths: Sequence[str], tokenizer, options: TextOptions, cache_dir: str | None = None,
-                 num_workers: int = 1) -> TextCache:
+                 num_workers: int | None = 1) -> TextCache:
     """Pretraining text of `paths` tokenized and cut into blocks in the cache (or found there)."""
     return prepare(TEXT, paths, tokenizer, options, None, cache_dir, num_workers)
 

@@ -240,6 +240,34 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
     assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 4: turn 1 is a tool result")
 
 
+def test_the_default_worker_count_is_one_per_4_mib_up_to_the_usable_cores():
+    mib = 2**20
+    assert encode.worker_count(None, 3 * mib, cores=16)[0] == 1  # small data: no process is spawned
+    assert encode.worker_count(None, 9 * mib, cores=16)[0] == 2
+    assert encode.worker_count(None, 1000 * mib, cores=16) == (
+        16, "by default one per 4 MiB of data (1000.0 MiB), at most the 16 cores this process may use")
+    assert encode.worker_count(3, 1000 * mib, cores=16) == (3, "--preprocessing_num_workers 3")
+    assert encode.worker_count(0, 0)[0] == 1
+    assert 1 <= encode.usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_the_default_worker_count_builds_the_entry_a_fixed_count_does(tmp_path, qwen_tokenizer, monkeypatch, capsys):
+    """A fifth of the data per process (the threshold lowered): 2 processes here, the same cache
+    entry (files byte for byte) as one process."""
+    data = write_json(tmp_path / "d.json", records(40, answer_words=30))
+    monkeypatch.setattr(encode, "BYTES_PER_WORKER", os.path.getsize(data) // 5)
+    monkeypatch.setattr(encode, "usable_cores", lambda: 2)
+    template = qwen_tokenizer.chat_template
+    auto = prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / "a"), num_workers=None)
+    assert f"lmforge: tokenizing {data} in 2 processes (by default one per " in capsys.readouterr().out
+    one = prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / "b"), num_workers=1)
+    assert f"in 1 process (--preprocessing_num_workers 1)" in capsys.readouterr().out
+    for name in sorted(os.listdir(one.entry.path)):
+        if name.endswith(".arrow"):
+            with open(os.path.join(auto.entry.path, name), "rb") as a, open(os.path.join(one.entry.path, name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
 def test_preparation_progress_lines_and_totals():
     from lmforge.data.encode import PrepareProgress
 
