@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 MANIFEST_NAME = "lmforge_manifest.json"
-# 1: "files" (relative path -> size). 2: the same "files" (so an older lmforge still resumes
-# from it on sizes) plus "crc32" (relative path -> 8 hex digits).
+# "files" (relative path -> size) and "crc32" (relative path -> 8 hex digits), with "step".
 MANIFEST_FORMAT = 2
 # The checksum guards against accidental damage (bit rot, a bad copy, a short or garbled sync),
 # not against tampering, so it is chosen for speed: on one core, page cache warm, zlib.crc32
@@ -165,18 +164,17 @@ def write_manifest(path: str, step: int) -> dict[str, int]:
 def checkpoint_problem(path: str, verify: bool = False) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is complete: the
     manifest reads and every listed file is there with its size. With `verify`, every file is
-    also read whole and its CRC-32 compared with the manifest's (a format-1 manifest has none:
-    its sizes are all there is to check)."""
+    also read whole and its CRC-32 compared with the manifest's."""
     manifest_path = os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(manifest_path):
-        return f"no {MANIFEST_NAME} (its save did not finish, or an older lmforge wrote it)"
+        return f"no {MANIFEST_NAME} (its save did not finish)"
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
         files = manifest["files"]
         step = manifest["step"]
-        checksums = manifest[CHECKSUM] if manifest.get("format", 1) >= 2 else None  # format 1: sizes only
-        if not isinstance(files, dict) or not isinstance(checksums, dict | None):
+        checksums = manifest[CHECKSUM]
+        if manifest["format"] != MANIFEST_FORMAT or not isinstance(files, dict) or not isinstance(checksums, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MANIFEST_NAME} ({e.__class__.__name__})"
@@ -190,7 +188,7 @@ def checkpoint_problem(path: str, verify: bool = False) -> str | None:
         actual = os.path.getsize(full)
         if actual != size:
             return f"{rel} has {actual} bytes, its manifest says {size}"
-    if verify and checksums is not None:
+    if verify:
         # Sizes first (above, cheap for every file), then the reads.
         for rel in files:
             if rel not in checksums:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lmforge.checkpoint import find_checkpoints, last_complete_checkpoint
+from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.errors import LmforgeError
 
 REPORT_NAME = "report.md"
@@ -60,12 +60,7 @@ def find_state(run_dir: str) -> StateSource:
     final = os.path.join(run_dir, STATE_NAME)
     if os.path.isfile(final):
         candidates.append(StateSource(final, True, _read_json(final)))
-    # A complete checkpoint is preferred; without one (checkpoints written before lmforge had
-    # manifests) the newest that holds a state still describes the run.
     newest = last_complete_checkpoint(run_dir, log=lambda _: None)
-    if newest is None:
-        with_state = [p for _, p in find_checkpoints(run_dir) if os.path.isfile(os.path.join(p, STATE_NAME))]
-        newest = with_state[-1] if with_state else None
     if newest is not None:
         path = os.path.join(newest, STATE_NAME)
         candidates.append(StateSource(path, False, _read_json(path)))

@@ -157,7 +157,10 @@ def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print,
     the ones a checkpoint cannot continue with. Returns the callbacks that apply the others.
     `data_compared`: the data files' content was compared, their paths are not."""
     if not saved:
-        return []  # a run from before lmforge recorded its flags: nothing to compare
+        # No run record beside the checkpoint (a checkpoint copied on its own, or a record deleted).
+        log(f"lmforge: {checkpoint}: no record of the flags its run started with (lmforge_run.json in the output "
+            "directory); they are not compared with these")
+        return []
     changes = changed_flags(saved, now)
     if data_compared:
         changes = {k: v for k, v in changes.items() if k not in DATA_FLAGS}
