@@ -65,6 +65,7 @@ class Rows(enum.Enum):
     PAIRS = "pairs"  # preference pairs padded to the longest of their batch (DPO)
     PACKED_PAIRS = "packed pairs"  # a batch's preference pairs packed in one row (DPO --packing True)
     PADDED = "padded"  # one record a row, padded to the longest of its batch (--packing False)
+    ROLLOUTS = "rollouts"  # GRPO: completions sampled by `generate`, then packed prompt + completion rows
 
 
 def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, quantized: bool = False) -> list[Choice]:
@@ -99,6 +100,11 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
             on, why = False, "no CUDA GPU: compiled blocks and bf16 weights pay off on a GPU only"
         elif engine:
             on, why = False, f"not measured under {engine}"
+        elif rows is Rows.ROLLOUTS:
+            # Compiled blocks keep `generate` from compiling its static-cache decode step, and the
+            # training half of a GRPO step is small: measured on one H100 (docs/bench_results.md,
+            # 2026-12-07), sampling took 2.8x as long with them and training no less time.
+            on, why = False, "GRPO: sampling's compiled decode step is faster without them (--compile_blocks True: on)"
         elif rows is Rows.PADDED:
             on, why = False, "rows of many lengths, not measured compiled (--packing True packs them)"
         elif rows in (Rows.PAIRS, Rows.PACKED_PAIRS):

@@ -32,6 +32,7 @@ from lmforge.data.store import source_files
 from lmforge.data.templates import resolve_template
 from lmforge.dpo_trainer import disable_dropout, frozen_copy
 from lmforge.errors import LmforgeError
+from lmforge.fast_path import Rows
 from lmforge.model import apply_lora, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, chat_options, run
@@ -110,6 +111,9 @@ class Grpo(Method):
 
         return PreparedData(CHAT, tokenizer, template, end_of_turn_token_id(renderer), prompt_set(data.data_path),
                             prompt_set(data.eval_data_path) if data.eval_data_path else None)
+
+    def rows(self, flags: Flags) -> Rows:
+        return Rows.ROLLOUTS
 
     def batches(self, flags: Flags, data: PreparedData) -> Batches:
         prompts = data.train.dataset()

@@ -54,6 +54,8 @@ def test_cuda_graphs_choice(given, cuda, rows, want):
     # DPO's pairs: compiled too (dynamic length); --packing False: eager; bf16 weights either way.
     ({}, True, Rows.PAIRS, ("bfloat16", True, 0.8)),
     ({}, True, Rows.PADDED, ("bfloat16", False, 1.0)),
+    ({}, True, Rows.ROLLOUTS, ("bfloat16", False, 1.0)),  # GRPO: generate compiles its own decode step
+    ({"compile_blocks": True}, True, Rows.ROLLOUTS, ("bfloat16", True, 0.8)),
     ({}, False, Rows.PACKED, ("float32", False, 1.0)),  # a CPU
     ({}, False, Rows.PAIRS, ("float32", False, 1.0)),
     ({"deepspeed": "zero3.json"}, True, Rows.PACKED, ("float32", False, 1.0)),
