@@ -100,8 +100,19 @@ def _crc32_shift(crc: int, length: int) -> int:
     return multiply(result, crc)
 
 
-def _crc_range(full: str, offset: int, length: int) -> tuple[int, int]:
-    """(CRC-32, bytes read) of `length` bytes of a file from `offset`, read in BLOCK pieces."""
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or a job
+    scheduler's share, not the whole machine): what parallel checksums and tokenizing use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def crc_range(full: str, offset: int, length: int) -> tuple[int, int]:
+    """(CRC-32, bytes read) of `length` bytes of a file from `offset`, read in BLOCK pieces (fewer
+    where the file ends first). The one CRC reader of lmforge's files: checkpoints and token cache
+    entries."""
     buf = bytearray(min(BLOCK, length))
     view = memoryview(buf)
     crc = done = 0
@@ -126,13 +137,9 @@ def _checksums(path: str, rels: Iterable[str], fsync: bool = False) -> list[tupl
     ranges = [(i, offset, min(CHUNK, size - offset))
               for i, size in enumerate(os.path.getsize(full) for full in fulls)
               for offset in range(0, size, CHUNK)]
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    with ThreadPoolExecutor(1) as flusher, ThreadPoolExecutor(max(1, min(8, cores, len(ranges)))) as pool:
+    with ThreadPoolExecutor(1) as flusher, ThreadPoolExecutor(max(1, min(8, usable_cores(), len(ranges)))) as pool:
         flushed = [flusher.submit(_fsync, full) for full in fulls] if fsync else []
-        parts = list(pool.map(lambda r: _crc_range(fulls[r[0]], r[1], r[2]), ranges))
+        parts = list(pool.map(lambda r: crc_range(fulls[r[0]], r[1], r[2]), ranges))
         for future in flushed:
             future.result()
     crcs, sizes = [0] * len(rels), [0] * len(rels)

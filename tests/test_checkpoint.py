@@ -88,13 +88,13 @@ def test_manifest_lists_sizes_and_checksums_equal_to_zlibs(tmp_path, chunking):
 def test_write_manifest_reads_each_byte_once(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "CHUNK", 1000)
     read = []
-    real = checkpoint._crc_range
+    real = checkpoint.crc_range
 
     def recording(full, offset, length):
         read.append((os.path.basename(full), offset, length))
         return real(full, offset, length)
 
-    monkeypatch.setattr(checkpoint, "_crc_range", recording)
+    monkeypatch.setattr(checkpoint, "crc_range", recording)
     path = make_checkpoint(tmp_path, 1)
     files = read_manifest(path)["files"]
     for rel, size in files.items():

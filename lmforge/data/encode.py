@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from lmforge.checkpoint import usable_cores
 from lmforge.data.options import (
     ChatOptions,
     LongRecords,
@@ -463,15 +464,6 @@ CHAT, PAIRS, TEXT = ChatKind(), PairKind(), TextKind()
 # imports, the tokenizer unpickled), which a few MiB of records repay; smaller data is
 # tokenized in the main process alone.
 BYTES_PER_WORKER = 4 * 2**20
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask: a container's or a job
-    scheduler's share, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def worker_count(requested: int | None, data_bytes: int, cores: int | None = None) -> tuple[int, str]:

@@ -35,12 +35,12 @@ import shutil
 import socket
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 
+from lmforge.checkpoint import crc_range
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.run_lock import process_alive
@@ -51,11 +51,10 @@ TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
 VERIFIED = "verified.json"  # tokens.arrow matched its checksums, at this size and modification time
 OWNER = "owner.json"  # in a temporary build directory: the process building it (pid, host)
 # The checksums guard against accidental damage (a bad disk, a short copy), not tampering, so
-# CRC-32 (zlib, ~4 GB/s a core; see checkpoint.py). One per block: a check stops at the first
+# CRC-32, read by checkpoint.crc_range (~4 GB/s a core; see checkpoint.py). One per block: a check stops at the first
 # damaged block and says which bytes.
 CHECKSUM = "crc32"
 CRC_BLOCK = 64 << 20
-READ_BYTES = 4 << 20
 LEFTOVER_AGE = 3600.0  # seconds: a temporary directory with no owner.json this old is a dead build's
 
 
@@ -90,17 +89,28 @@ class SourceFile:
     bytes: int
 
 
+# Digests already read by this process, by (path, inode, size, modification time in ns): a
+# resumed run compares its data with the run record's and then keys the cache on the same
+# digests, and a data set of gigabytes is then read once, not twice.
+_DIGESTS: dict[tuple, tuple[str, int]] = {}
+
+
 def source_files(paths: Sequence[str], suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> tuple[SourceFile, ...]:
     """Each data file's digest. `suffixes` are the file types read, named when a path is not a file."""
     out = []
     for path in paths:
         require_file(path, suffixes)
-        h, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-                size += len(block)
-        out.append(SourceFile(path, h.hexdigest(), size))
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            h, size = hashlib.sha256(), 0
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    size += len(block)
+            _DIGESTS[key] = (h.hexdigest(), size)
+        digest, size = _DIGESTS[key]
+        out.append(SourceFile(path, digest, size))
     return tuple(out)
 
 
@@ -184,18 +194,9 @@ def _count_rows(tokens: str) -> int:
 def _block_crcs(path: str, block: int) -> Iterator[str]:
     """The CRC-32 of each `block` bytes of the file (8 hex digits), in order, read lazily so
     that a check can stop at the first that differs."""
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            crc = done = 0
-            while done < block:
-                piece = f.read(min(READ_BYTES, block - done))
-                if not piece:
-                    break
-                crc = zlib.crc32(piece, crc)
-                done += len(piece)
-            if not done:
-                return
-            yield f"{crc:08x}"
+    for offset in range(0, os.path.getsize(path), block):
+        crc, _ = crc_range(path, offset, block)
+        yield f"{crc:08x}"
 
 
 def _manifest(directory: str) -> dict:

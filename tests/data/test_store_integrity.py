@@ -297,3 +297,20 @@ def test_sigterm_while_tokenizing_says_so_removes_the_build_and_its_workers(tmp_
     assert os.listdir(cache / "sft") == []
     time.sleep(0.5)
     assert [w for w in workers if running(w)] == []
+
+
+def test_a_data_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """A resumed run compares its data with the record and then keys the cache on the same
+    digests: one read of each file, and a new one once the file changes."""
+    import hashlib
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n')
+    made, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(store.hashlib, "sha256", lambda: made.append(1) or sha256())
+    first = store.source_files([str(path)])
+    assert store.source_files([str(path)]) == first and len(made) == 1
+    path.write_text('{"text": "b"}\n')
+    os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    changed = store.source_files([str(path)])
+    assert len(made) == 2 and changed[0].sha256 == sha256(b'{"text": "b"}\n').hexdigest()
