@@ -99,8 +99,8 @@ def main() -> None:
             out = os.path.join(a.work, f"{name}-{seed}")
             curves[name].append(fn(a.demo, out, seed, a.steps))
             after[name].append(evaluate(out, held_out).accuracy)
-            print(f"RESULT {json.dumps({'trainer': name, 'seed': seed, 'rewards': curves[name][-1], 'held_out': after[name][-1]})}",
-                  flush=True)
+            result = {"trainer": name, "seed": seed, "rewards": curves[name][-1], "held_out": after[name][-1]}
+            print(f"RESULT {json.dumps(result)}", flush=True)
     spans = [(s, min(s + a.stretch, a.steps)) for s in range(0, a.steps, a.stretch)]
     print(f"\nmean reward per stretch of steps (seeds {a.seeds}); held-out accuracy {before:.1%} before GRPO")
     print(f"{'trainer':<9}{'seed':>5}" + "".join(f"{f'{s + 1}-{e}':>10}" for s, e in spans) + f"{'held-out':>10}")

@@ -150,8 +150,8 @@ class GrpoTrainer(Trainer):
     """lmforge's Trainer with GRPO's data (`RolloutLoader`) and loss. Logs, averaged over the
     steps since the last log: `reward` and `reward_std`, each function's mean (`rewards/NAME`),
     `completion_length` (mean and max), `truncated` (the share of completions that reached
-    --max_completion_length), `clip_ratio/low` and `clip_ratio/high`, `entropy` (the sampling distributions', per token) and
-    `kl` with a reference."""
+    --max_completion_length), `clip_ratio/low` and `clip_ratio/high`, `entropy` (the sampling
+    distributions', per token) and `kl` with a reference."""
 
     def __init__(self, *args, grpo, prompts: list[Prompt], rewards, engine: Engine, tokenizer_decode,
                  stop_ids: list[int], pad_id: int, reference: torch.nn.Module | None = None,
@@ -217,15 +217,7 @@ class GrpoTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         repeated = [p for p in prompts for _ in range(g)]  # a prompt's completions consecutive
         started = _now(self.args.device)
-        completions = self.engine.complete(model, [p.input_ids for p in repeated], self.sampling,
-                                           seed_of(self.args.seed, index))
-        generated = _now(self.args.device)
-        texts = [self.decode(self._answer_ids(c)) for c in completions]
-        scores = self.rewards.score(
-            prompts=[p.messages for p in repeated],
-            completions=[[{"role": "assistant", "content": t}] for t in texts],
-            completion_ids=[c.ids for c in completions],
-            columns=_columns(repeated), records=[p.location for p in repeated])
+        completions, texts, scores, generated = self._sample_and_score(model, repeated, seed_of(self.args.seed, index))
         total = torch.as_tensor(scores.total, dtype=torch.float32)
         batch_std = None
         if self.grpo.scale_rewards == ScaleRewards.BATCH and self.accelerator.num_processes > 1:
@@ -255,6 +247,19 @@ class GrpoTrainer(Trainer):
         metrics["time/rollout_s"] = _now(self.args.device) - started  # generation, rewards, old / reference log-probs
         self._log_samples(repeated, texts, total, completions)
         return Rollout(index, batches, metrics)
+
+    def _sample_and_score(self, model, repeated: list[Prompt], seed: int):
+        """(completions, their texts, their rewards, the time generation ended) of one sampling
+        of `repeated` (each prompt once per completion wanted) with `seed`."""
+        completions = self.engine.complete(model, [p.input_ids for p in repeated], self.sampling, seed)
+        generated = _now(self.args.device)
+        texts = [self.decode(self._answer_ids(c)) for c in completions]
+        scores = self.rewards.score(
+            prompts=[p.messages for p in repeated],
+            completions=[[{"role": "assistant", "content": t}] for t in texts],
+            completion_ids=[c.ids for c in completions],
+            columns=_columns(repeated), records=[p.location for p in repeated])
+        return completions, texts, scores, generated
 
     def _answer_ids(self, completion: Completion) -> list[int]:
         """The completion's tokens without the end-of-turn token that closed it (its text)."""
@@ -363,12 +368,8 @@ class GrpoTrainer(Trainer):
             chunk = mine[k * per_batch:(k + 1) * per_batch] or prompts[:1]  # fewer prompts here: one, not counted
             counted = len(mine[k * per_batch:(k + 1) * per_batch])
             repeated = [p for p in chunk for _ in range(g)]
-            out = self.engine.complete(model, [p.input_ids for p in repeated], self.sampling,
-                                       seed_of(self.args.seed, -(world * k + rank) - 1))
-            texts = [self.decode(self._answer_ids(c)) for c in out]
-            scores = self.rewards.score(
-                prompts=[p.messages for p in repeated], completions=[[{"role": "assistant", "content": t}] for t in texts],
-                completion_ids=[c.ids for c in out], columns=_columns(repeated), records=[p.location for p in repeated])
+            seed = seed_of(self.args.seed, -(world * k + rank) - 1)  # negative: never a training batch's
+            out, _, scores, _ = self._sample_and_score(model, repeated, seed)
             totals.append(torch.as_tensor(scores.total, dtype=torch.float32)[:counted * g])
             per_function.append(torch.as_tensor(scores.per_function, dtype=torch.float32)[:counted * g])
             completions += out[:counted * g]
