@@ -1,6 +1,9 @@
 """GRPO's sampling, alone: transformers' `generate` under the caches lmforge can choose, and
 lmforge's engine (`rollout.TransformersEngine`, which adds the entropy meter, left padding to
-a 64-token bucket and a forked RNG), on one batch of a GRPO step.
+a 64-token bucket and a forked RNG), on one batch of a GRPO step; with --lora, the engine on a
+LoRA r16 model (all linear layers) with the adapters unmerged, as lmforge samples, and merged
+into the weights for the call (the base weights copied before and restored after, so that the
+training weights stay exact).
 
     python bench/grpo_generation.py --tokenizer .devdata/tokenizers/qwen2.5-0.5b-instruct
 
@@ -37,6 +40,7 @@ def main() -> None:
     p.add_argument("--prompt_tokens", type=int, default=60)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--lora", action="store_true", help="only the LoRA rows: unmerged and merged")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -63,6 +67,8 @@ def main() -> None:
         "lmforge engine, dynamic": lambda: TransformersEngine(stop[0], stop, static_cache=False).complete(
             model, prompts, Sampling(a.tokens), seed=0),
     }
+    if a.lora:
+        rows = lora_rows(model, prompts, stop, Sampling(a.tokens))
     results = []
     for name, call in rows.items():
         sync()
@@ -82,6 +88,36 @@ def main() -> None:
         print(f"{name:<36}{s:>8.2f} s{a.completions * a.tokens / s:>10.0f} tok/s   (warm-up {first:.1f} s)", flush=True)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+
+
+def lora_rows(model, prompts, stop, sampling) -> dict:
+    """lmforge's engine on a LoRA r16 model: adapters unmerged, or merged for the call. The
+    adapters' B matrices are random (not PEFT's zeros), so that merging changes the weights."""
+    import peft
+    import torch
+
+    from lmforge.rl.rollout import TransformersEngine
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    engine = TransformersEngine(stop[0], stop, static_cache=True)
+    bases = [m for m in lora.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+    def merged():
+        saved = [m.base_layer.weight.detach().clone() for m in bases]
+        lora.merge_adapter()
+        try:
+            return engine.complete(lora, prompts, sampling, seed=0)
+        finally:
+            lora.unmerge_adapter()
+            with torch.no_grad():
+                for m, w in zip(bases, saved):
+                    m.base_layer.weight.copy_(w)
+
+    return {"lmforge engine, static, LoRA unmerged": lambda: engine.complete(lora, prompts, sampling, seed=0),
+            "lmforge engine, static, LoRA merged": merged}
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@
    itself, the figure to read on a machine shared with other work); the ratio is of the
    latter, to (a).
 2. End to end, `prepare()` (read, validate, render, write the Arrow cache) of --scaling_records
-   synthetic ShareGPT-like conversations with 1 and with 2 processes
-   (`--preprocessing_num_workers`).
+   synthetic ShareGPT-like conversations with 1 and with 2 processes, or the --workers counts
+   (`--preprocessing_num_workers`; 0 is the default count), in conversations/s and tokens/s.
 3. Memory: `prepare()` of --memory_records synthetic conversations in a fresh process; peak RSS
    (getrusage) of the main process and of the largest worker.
 
@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -133,11 +134,11 @@ PREPARE_CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
-from lmforge.data.encode import prepare_chat as prepare
-from lmforge.data.options import ChatOptions as PrepareOptions
+from lmforge.data.encode import CHAT, prepare
+from lmforge.data.options import ChatOptions
 tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 start = time.perf_counter()
-cache = prepare([{data!r}], tokenizer, tokenizer.chat_template, PrepareOptions(), cache_dir={cache!r},
+cache = prepare(CHAT, [{data!r}], tokenizer, ChatOptions(), tokenizer.chat_template, cache_dir={cache!r},
                 num_workers={workers})
 seconds = time.perf_counter() - start
 size = sum(os.path.getsize(os.path.join(cache.path, f)) for f in os.listdir(cache.path))
@@ -186,12 +187,13 @@ def capacity(copies: int, data: str, tokenizer: str, seconds: float = 8.0) -> fl
 def prepare_in_child(data: str, tokenizer: str, workers: int, scratch: str) -> dict:
     """`prepare()` in a fresh interpreter (so its peak RSS is its own), into a fresh cache."""
     cache = tempfile.mkdtemp(dir=scratch, prefix="cache-")
-    code = PREPARE_CHILD.format(root=ROOT, tokenizer=tokenizer, data=data, cache=cache, workers=workers)
+    code = PREPARE_CHILD.format(root=ROOT, tokenizer=tokenizer, data=data, cache=cache, workers=workers or None)
     try:
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    return json.loads(out.strip().splitlines()[-1])
+    said = re.search(r"lmforge: tokenizing .* in (\d+ process(?:es)?) \((.*)\)", out)
+    return {**json.loads(out.strip().splitlines()[-1]), "processes": ": ".join(said.groups()) if said else "?"}
 
 
 def versions() -> str:
@@ -212,7 +214,9 @@ def main() -> None:
                              "data path became one chain of stage modules, 2026-12-02; 5dea9bc is the last with "
                              "token-prefix masks, whose render.py needs that revision's lmforge.data.formats)")
     parser.add_argument("--scaling_records", type=int, default=50_000, help="0 skips the 1 vs 2 process run")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="process counts to run prepare() with; 0: lmforge's default (one per 4 MiB of data, "
+                             "at most the usable cores)")
     parser.add_argument("--memory_records", type=int, default=200_000, help="0 skips the memory run")
     parser.add_argument("--memory_workers", type=int, default=2)
     parser.add_argument("--scratch", default=None, help="directory for the synthetic data and caches")
@@ -244,7 +248,9 @@ def main() -> None:
                 r = prepare_in_child(data, args.tokenizer, workers, scratch)
                 rate = r["kept"] / r["seconds"]
                 one = one or rate
-                print(f"{workers} process(es): {rate:8,.0f} conv/s  ({r['seconds']:.1f} s, {rate / one:.2f}x; "
+                name = f"{workers} process(es)" if workers else f"default ({r['processes']})"
+                print(f"{name}: {rate:8,.0f} conv/s, {r['tokens'] / r['seconds']:10,.0f} tokens/s  "
+                      f"({r['seconds']:.1f} s, {rate / one:.2f}x; "
                       f"CPU s: main {r['main_cpu_s']:.1f}, workers {r['workers_cpu_s']:.1f}; "
                       f"{r['tokens'] / r['kept']:.0f} tokens/conv)")
         if args.memory_records:

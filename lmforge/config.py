@@ -320,6 +320,13 @@ class GrpoArguments:
     mask_truncated_completions: bool = field(
         default=False, metadata={"help": "Completions that reached --max_completion_length without ending carry "
                                          "no loss."})
+    train_row_tokens: int = field(
+        default=16384, metadata={"help": "The training half packs a generation batch's prompt + completion documents "
+                                         "into the fewest rows of at most this many tokens (at the longest prompt "
+                                         "and --max_completion_length), a row a micro-batch; per_device_train_batch"
+                                         "_size x gradient_accumulation_steps is the generation batch. 0: "
+                                         "per_device_train_batch_size completions a micro-batch, as TRL (and under "
+                                         "--deepspeed, whose config fixes the accumulation)."})
     generation_cache: str = field(
         default="auto", metadata={"help": "The generation cache: static (fixed size, the decode step compiled; "
                                           "prompts padded to a multiple of 64 tokens), dynamic, or auto: static on "
@@ -348,6 +355,8 @@ class GrpoArguments:
         for flag in ("max_prompt_length", "max_completion_length", "num_iterations"):
             if getattr(self, flag) < 1:
                 raise LmforgeError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        if self.train_row_tokens < 0:
+            raise LmforgeError(f"--train_row_tokens must be at least 0, got {self.train_row_tokens}")
         if self.temperature <= 0:
             raise LmforgeError(f"--temperature must be positive, got {self.temperature}")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):

@@ -38,7 +38,7 @@ from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, chat_options, run
 from lmforge.rl.rewards import RewardOptions, Rewards, check_columns, load_rewards
 from lmforge.rl.rollout import Prompt, TransformersEngine, read_prompts
-from lmforge.rl.trainer import GrpoTrainer
+from lmforge.rl.trainer import GrpoTrainer, rollout_rows
 
 
 def reward_functions(grpo: GrpoArguments) -> Rewards:
@@ -138,14 +138,24 @@ class Grpo(Method):
         stop_ids = list(dict.fromkeys(i for i in (data.end_of_turn_id, tokenizer.eos_token_id) if i is not None))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         rewards = self.rewards
+        completions = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        longest = max(len(p.input_ids) for p in batches.train) + grpo.max_completion_length
+        row_tokens = 0 if args.deepspeed else grpo.train_row_tokens
+        rows = rollout_rows(completions, longest, row_tokens, args.per_device_train_batch_size)
         if args.process_index == 0:
+            bound = (f"{row_tokens:,} tokens (--train_row_tokens; a document {longest} at the longest)" if row_tokens
+                     else f"{-(-completions // rows)} completions ("
+                     + ("--deepspeed" if args.deepspeed else "--train_row_tokens 0") + ")")
+            print(f"lmforge: GRPO trains each generation batch of {completions} completions as {rows} packed "
+                  f"row(s) of at most {bound}, one micro-batch each")
             print(f"lmforge: GRPO ({grpo.loss_type.value} loss, {grpo.num_generations} completions a prompt, "
                   f"rewards: {', '.join(rewards.names)}); reference: "
                   + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
                      if flags.lora.lora else "a frozen copy of the starting model"))
         kwargs = {"grpo": grpo, "prompts": batches.train, "eval_prompts": batches.eval, "rewards": rewards,
                   "engine": TransformersEngine(pad, stop_ids, static_cache(grpo)), "tokenizer_decode": tokenizer.decode,
-                  "stop_ids": stop_ids, "pad_id": pad, "reference": reference}
+                  "stop_ids": stop_ids, "pad_id": pad, "reference": reference, "completions": completions,
+                  "rows": rows}
         return Model(model, GrpoTrainer, kwargs)
 
     def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:

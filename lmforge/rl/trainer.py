@@ -6,9 +6,9 @@
        (`loss.advantages`), and each completion given its weight in the step's loss
        (`loss.sequence_weights`); with num_iterations > 1 the sampling policy's log-probs, and
        with beta > 0 the reference's, computed once, here;
-    2. the batch split into `gradient_accumulation_steps` micro-batches of
-       `per_device_train_batch_size` completions, each prompt + completion a document of one
-       packed row (padding-free, each attending to itself);
+    2. the batch's prompt + completion documents dealt into the fewest packed rows of at most
+       `--train_row_tokens` tokens (`rollout_rows`), a row a micro-batch, padding-free, each
+       document attending to itself;
     3. per micro-batch: the policy's log-probs of the completion tokens (the output head applied
        to those positions only, a chunk at a time), the clipped surrogate (`loss.surrogate_loss`),
        backward; the Trainer then clips, steps the optimizer and the schedule.
@@ -65,6 +65,31 @@ def seed_of(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
+def rollout_rows(completions: int, longest: int, row_tokens: int, per_device: int) -> int:
+    """The micro-batches a generation batch of `completions` prompt + completion documents, each at
+    most `longest` tokens, trains as: the fewest rows of `row_tokens` tokens that hold them at
+    their longest (whatever is sampled, the count is the same at every step), or with
+    `row_tokens` 0 `per_device` documents a row (TRL's split).
+
+    Why rows, not TRL's micro-batches of per_device_train_batch_size completions: a generation
+    batch of 64 completions of 256 tokens is 8 micro-batches of ~2.5k tokens there, each too
+    short to keep a GPU busy (their kernel launches bound them); the loss weights are the whole
+    step's (`sequence_weights`), so how the documents are dealt changes no gradient."""
+    per_row = max(1, row_tokens // longest) if row_tokens else per_device
+    return -(-completions // per_row)
+
+
+def deal_rows(lengths: list[int], rows: int) -> list[list[int]]:
+    """The documents (by index) of each of `rows` rows: longest first, dealt back and forth over
+    the rows, so that every row holds at most ceil(n / rows) documents and about the same tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    dealt: list[list[int]] = [[] for _ in range(rows)]
+    for k, i in enumerate(order):
+        turn, at = divmod(k, rows)
+        dealt[at if turn % 2 == 0 else rows - 1 - at].append(i)
+    return [sorted(r) for r in dealt]
+
+
 def packed_micro_batch(prompts: list[list[int]], completions: list[list[int]], trained: list[bool],
                        pad_id: int, varlen: bool) -> dict[str, torch.Tensor]:
     """Prompt + completion documents in one packed row; the completion tokens labelled (none of
@@ -89,8 +114,8 @@ class RolloutLoader:
         self.trainer = trainer
         args, grpo = trainer.args, trainer.grpo
         self.dataset = trainer.prompts  # what the Trainer counts as examples
-        self.accumulation = args.gradient_accumulation_steps
-        self.completions = args.per_device_train_batch_size * self.accumulation  # a generation batch, per process
+        self.accumulation = args.gradient_accumulation_steps  # the generation batch's rows (`rollout_rows`)
+        self.completions = trainer.completions  # a generation batch, per process
         self.per_batch = self.completions // grpo.num_generations  # prompts per generation batch and process
         self.world, self.rank = args.world_size, args.process_index
         self.batches_per_epoch = len(trainer.prompts) // (self.per_batch * self.world)
@@ -143,7 +168,8 @@ class SaveRollout(LmforgeCallback):
         tensors = {f"{k}.{name}": t.contiguous() for k, batch in enumerate(rollout.micro_batches)
                    for name, t in batch.items()}
         save_file(tensors, os.path.join(staged_dir, ROLLOUT_FILE),
-                  metadata={"index": str(rollout.index), "metrics": json.dumps(rollout.metrics)})
+                  metadata={"index": str(rollout.index), "rows": str(len(rollout.micro_batches)),
+                            "metrics": json.dumps(rollout.metrics)})
 
 
 class GrpoTrainer(Trainer):
@@ -154,9 +180,14 @@ class GrpoTrainer(Trainer):
     distributions', per token) and `kl` with a reference."""
 
     def __init__(self, *args, grpo, prompts: list[Prompt], rewards, engine: Engine, tokenizer_decode,
-                 stop_ids: list[int], pad_id: int, reference: torch.nn.Module | None = None,
-                 eval_prompts: list[Prompt] | None = None, **kwargs):
+                 stop_ids: list[int], pad_id: int, completions: int, rows: int,
+                 reference: torch.nn.Module | None = None, eval_prompts: list[Prompt] | None = None, **kwargs):
+        # `completions` (per_device_train_batch_size x gradient_accumulation_steps, as TRL reads
+        # them) is the generation batch; the Trainer accumulates over the `rows` it is packed
+        # into instead (`rollout_rows`). Set before the Trainer makes its accelerator, which reads it.
+        kwargs["args"].gradient_accumulation_steps = rows
         super().__init__(*args, **kwargs)
+        self.completions = completions
         self.grpo = grpo
         self.prompts = prompts
         self.eval_prompts = eval_prompts
@@ -202,8 +233,8 @@ class GrpoTrainer(Trainer):
 
         with safe_open(path, "pt") as f:
             metadata = f.metadata()
-        if int(metadata["index"]) != index:
-            return None
+        if int(metadata["index"]) != index or int(metadata.get("rows", -1)) != self.args.gradient_accumulation_steps:
+            return None  # another batch, or dealt into another number of rows (the prompts changed)
         tensors = load_file(path)
         batches: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, t in tensors.items():
@@ -232,14 +263,13 @@ class GrpoTrainer(Trainer):
                                                       device=self.args.device), reduction="sum").tolist()
         weights = sequence_weights(lengths, self.grpo.loss_type, self.grpo.max_completion_length,
                                    step_tokens=counts[0], step_completions=int(counts[1]))
-        micro = self.args.per_device_train_batch_size
         batches = []
-        for start in range(0, len(completions), micro):
-            rows = range(start, min(start + micro, len(completions)))
+        documents = [len(p.input_ids) + len(c.ids) for p, c in zip(repeated, completions)]
+        for rows in deal_rows(documents, self.args.gradient_accumulation_steps):
             batch = packed_micro_batch([repeated[i].input_ids for i in rows], [completions[i].ids for i in rows],
                                        [trained[i] for i in rows], self.pad_id, self._varlen())
-            batch[ADVANTAGE] = adv[start:start + micro].clone()
-            batch[WEIGHT] = weights[start:start + micro].to(torch.float32)
+            batch[ADVANTAGE] = adv[rows].clone()
+            batch[WEIGHT] = weights[rows].to(torch.float32)
             self._add_log_probs(batch)
             batches.append(batch)
         metrics = self._rollout_metrics(total, scores, completions)
@@ -358,7 +388,7 @@ class GrpoTrainer(Trainer):
             return {}
         g, rank, world = self.grpo.num_generations, self.args.process_index, self.args.world_size
         # A training generation batch's prompts at a time: what training showed fits in memory.
-        per_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps // g
+        per_batch = self.completions // g
         mine = prompts[rank::world]
         model = self.accelerator.unwrap_model(self.model)
         totals, per_function, completions = [], [], []

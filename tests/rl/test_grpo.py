@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main as cli
 from lmforge.loss import token_log_probs
-from lmforge.rl.trainer import SEQ, packed_micro_batch
+from lmforge.rl.trainer import SEQ, deal_rows, packed_micro_batch, rollout_rows
 from lmforge.train import Trainer
 
 from conftest import SHARED_DATA
@@ -108,6 +109,37 @@ def test_packed_log_probs_equal_each_sequence_alone():
     assert torch.allclose(packed, torch.stack(alone), atol=1e-5)
 
 
+def test_a_generation_batch_is_dealt_into_the_fewest_rows_that_hold_it_at_its_longest():
+    assert rollout_rows(64, longest=320, row_tokens=16384, per_device=8) == 2  # 51 documents a row
+    assert rollout_rows(64, longest=768, row_tokens=16384, per_device=8) == 4  # 21 a row
+    assert rollout_rows(64, longest=20000, row_tokens=16384, per_device=8) == 64  # a document a row
+    assert rollout_rows(64, longest=320, row_tokens=0, per_device=8) == 8  # TRL's split
+    lengths = [50, 10, 40, 30, 20, 60, 5]
+    dealt = deal_rows(lengths, 3)
+    # Longest first, back and forth: 60 50 40 to rows 0 1 2, then 30 20 10 to rows 2 1 0, then 5 to row 0.
+    assert dealt == [[1, 5, 6], [0, 4], [2, 3]]
+    assert sorted(i for r in dealt for i in r) == list(range(7))
+    assert max(len(r) for r in dealt) == 3 and [sum(lengths[i] for i in r) for r in dealt] == [75, 70, 70]
+
+
+def test_rows_of_any_size_train_the_same_step(setup, tmp_path):
+    """A generation batch in one packed row (the default here) or in TRL's micro-batches of
+    per_device_train_batch_size completions: the same completions, rewards, loss and weights
+    (within fp32 summation order)."""
+    outs = {}
+    for name, rows in (("one", ()), ("trl", ("--train_row_tokens", "0"))):
+        outs[name] = tmp_path / name
+        code, log = run(command(setup, outs[name], "--max_steps", "1", "--learning_rate", "1e-3", *rows))
+        assert code == 0, log
+        assert f"as {1 if name == 'one' else 2} packed row(s)" in log
+    one, trl = logged(outs["one"]), logged(outs["trl"])
+    assert one[0]["reward"] == trl[0]["reward"] and one[0]["completion_length"] == trl[0]["completion_length"]
+    assert one[0]["loss"] == pytest.approx(trl[0]["loss"], abs=1e-6)
+    assert one[0]["grad_norm"] == pytest.approx(trl[0]["grad_norm"], rel=1e-5)
+    got, want = load_file(outs["one"] / "model.safetensors"), load_file(outs["trl"] / "model.safetensors")
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_sampling_entropy_is_the_policys_at_the_temperature_over_each_completions_tokens(top_k):
     """The engine's per-completion entropy equals one computed from generate's own raw logits
@@ -139,11 +171,13 @@ def test_sampling_entropy_is_the_policys_at_the_temperature_over_each_completion
 def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path):
     """--num_iterations 2 (two steps per generation batch) and --save_steps 3: the checkpoint at
     step 3 falls between the two steps of a generation batch, which it holds."""
-    extra = ("--max_steps", "6", "--save_steps", "3", "--num_iterations", "2",
+    extra = ("--max_steps", "6", "--save_steps", "3", "--num_iterations", "2", "--train_row_tokens", "120",
              "--reward_funcs", "accuracy", f"{setup / 'vowels.py'}:vowels")
     whole = tmp_path / "whole"
     code, log = run(command(setup, whole, *extra))
     assert code == 0, log
+    rows = int(re.search(r"generation batch of 16 completions as (\d+) packed row", log).group(1))
+    assert rows > 1  # the checkpoint holds a generation batch of several micro-batches
     steps = logged(whole)
     assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("reward", "reward_std", "rewards/accuracy", f"rewards/{setup / 'vowels.py'}:vowels",
