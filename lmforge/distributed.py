@@ -80,6 +80,13 @@ def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> 
     return classes
 
 
+def shards_weights(args) -> bool:
+    """True when the parsed flags shard the model's weights over the processes (FSDP, ZeRO-3):
+    a frozen reference copy would then be a whole model on every GPU."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    return bool(args.fsdp) or (ds_config is not None and ds_config.is_zero3())
+
+
 def sharded_across_processes(model: torch.nn.Module) -> bool:
     """True when the model's weights are split over several processes (FSDP 1 or 2, DeepSpeed
     ZeRO-3), so that each forward gathers them from all: every process must then run the same

@@ -28,7 +28,7 @@ from lmforge.config import DpoArguments, DpoTrainingArguments, PreferenceDataArg
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
-from lmforge.distributed import local_main_first
+from lmforge.distributed import local_main_first, shards_weights
 from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, reference_entry, with_reference_columns
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
@@ -45,9 +45,7 @@ class Dpo(Method):
     def check(self, flags: Flags) -> None:
         """A frozen copy is a whole model on every process: refused where the model is sharded."""
         args, dpo = flags.args, flags.method
-        sharded = args.fsdp or (getattr(args, "hf_deepspeed_config", None) is not None
-                                and args.hf_deepspeed_config.is_zero3())
-        if sharded and not flags.lora.lora and not dpo.precompute_ref_log_probs:
+        if shards_weights(args) and not flags.lora.lora and not dpo.precompute_ref_log_probs:
             raise LmforgeError("full-parameter DPO under FSDP or ZeRO-3 would keep an unsharded frozen reference on "
                                "every GPU; pass --precompute_ref_log_probs True (reference computed once, before "
                                "training) or --lora True (the reference is the model with its adapter disabled)")

@@ -30,6 +30,7 @@ from lmforge.data.sources import SkipCounter
 from lmforge.data.split import held_out_indices
 from lmforge.data.store import source_files
 from lmforge.data.templates import resolve_template
+from lmforge.distributed import shards_weights
 from lmforge.dpo_trainer import disable_dropout, frozen_copy
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
@@ -86,9 +87,18 @@ class Grpo(Method):
                 f"--per_device_train_batch_size {args.per_device_train_batch_size} x --gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps} = {completions} completions a step: not a multiple of "
                 f"--num_generations {grpo.num_generations} (a step's completions are whole groups)")
+        if grpo.beta > 0 and not flags.lora.lora and shards_weights(args):
+            raise LmforgeError(f"--beta {grpo.beta} with full-parameter GRPO under FSDP or ZeRO-3 would keep an "
+                               "unsharded frozen reference on every GPU; pass --lora True (the reference is the model "
+                               "with its adapter disabled) or --beta 0 (no reference)")
         self.rewards = reward_functions(grpo)  # loaded once, now: a bad spec fails before anything is read
-        # A row is one prompt and its completion: what the model's context must hold.
-        flags.data.model_max_length = grpo.max_prompt_length + grpo.max_completion_length
+
+    def context_length(self, flags: Flags, data: PreparedData) -> int:
+        """A row is one prompt and its completion: the longest prompt read and --max_completion_length
+        (not --max_prompt_length, a bound: a model whose native context holds the real rows keeps its
+        RoPE as it is)."""
+        sets = [data.train] + ([data.eval] if data.eval is not None else [])
+        return max(len(p.input_ids) for s in sets for p in s.prompts) + flags.method.max_completion_length
 
     def prepare(self, flags: Flags) -> PreparedData:
         data, grpo = flags.data, flags.method

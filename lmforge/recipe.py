@@ -109,6 +109,10 @@ class Method:
                              val_split=flags.data.val_split, seed=args.seed,
                              pad_to_multiple_of=batch_length_multiple(args), fixed_length=args.compile_blocks)
 
+    def context_length(self, flags: Flags, data: PreparedData) -> int:
+        """The longest row the model is given: past its native context, RoPE is scaled to it."""
+        return flags.data.model_max_length
+
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
         """The loaded model made into what trains (LoRA adapters, a reference for DPO)."""
         if flags.lora.lora:
@@ -212,7 +216,7 @@ def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line:
     describe_batches(batches, flags.data.val_split, args.seed, method.unit, log)
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights
-    model = load_model(flags.model, data.tokenizer, args.flash_attn, flags.data.model_max_length, flags.lora,
+    model = load_model(flags.model, data.tokenizer, args.flash_attn, method.context_length(flags, data), flags.lora,
                        progress_bars=not args.disable_tqdm)
     trained = method.build_model(flags, data, batches, model)
     if main_process and next(trained.model.parameters()).is_cuda:

@@ -105,9 +105,11 @@ class EntropyMeter:
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        # exp(-inf) * -inf is NaN: tokens a processor forbade carry no probability.
-        self.steps.append(-torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1))
+        # On a GPU, one fused kernel instead of seven passes over rows x vocabulary floats per
+        # sampled position: eager, the meter took about a tenth of the sampling time
+        # (bench/grpo_generation.py, the static cache with and without it).
+        measure = _compiled_entropy() if scores.is_cuda else _entropy
+        self.steps.append(measure(scores, self.temperature))
         return scores
 
     def per_row(self, lengths: Sequence[int]) -> list[float]:
@@ -116,6 +118,24 @@ class EntropyMeter:
             return [float("nan")] * len(lengths)
         table = torch.stack(self.steps, dim=1).cpu()  # rows x positions
         return [table[row, :n].mean().item() if n else float("nan") for row, n in enumerate(lengths)]
+
+
+def _entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each row's entropy of softmax(scores / temperature), in fp32."""
+    logp = torch.log_softmax(scores.float() / temperature, dim=-1)
+    # exp(-inf) * -inf is NaN: tokens a processor forbade carry no probability.
+    return -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
+
+
+_COMPILED_ENTROPY = None
+
+
+def _compiled_entropy():
+    """`_entropy` compiled, once per process (on first use: a CPU run never compiles it)."""
+    global _COMPILED_ENTROPY
+    if _COMPILED_ENTROPY is None:
+        _COMPILED_ENTROPY = torch.compile(_entropy, dynamic=True)
+    return _COMPILED_ENTROPY
 
 
 class Engine(Protocol):

@@ -5,6 +5,7 @@ inputs refused in one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -122,6 +123,19 @@ def test_a_generation_batch_is_dealt_into_the_fewest_rows_that_hold_it_at_its_lo
     assert max(len(r) for r in dealt) == 3 and [sum(lengths[i] for i in r) for r in dealt] == [75, 70, 70]
 
 
+def test_the_compiled_entropy_a_gpu_measures_with_equals_the_eager_one():
+    """The meter's fused (compiled) form, which a GPU runs, on the CPU: the same entropies,
+    tokens a processor forbade (-inf) included, at two batch shapes (the second not recompiled
+    for each size)."""
+    from lmforge.rl.rollout import _compiled_entropy, _entropy
+
+    torch.manual_seed(0)
+    for rows, vocab in ((8, 1000), (5, 300)):
+        scores = torch.randn(rows, vocab) * 3
+        scores[:, :10] = float("-inf")
+        assert torch.allclose(_compiled_entropy()(scores, 0.7), _entropy(scores, 0.7), atol=1e-5)
+
+
 def test_rows_of_any_size_train_the_same_step(setup, tmp_path):
     """A generation batch in one packed row (the default here) or in TRL's micro-batches of
     per_device_train_batch_size completions: the same completions, rewards, loss and weights
@@ -176,6 +190,7 @@ def test_grpo_logs_its_rewards_and_resumes_exactly_after_sigkill(setup, tmp_path
     whole = tmp_path / "whole"
     code, log = run(command(setup, whole, *extra))
     assert code == 0, log
+    assert "RoPE scaling" not in log  # the model's 512 positions hold a prompt and its 12 tokens
     rows = int(re.search(r"generation batch of 16 completions as (\d+) packed row", log).group(1))
     assert rows > 1  # the checkpoint holds a generation batch of several micro-batches
     steps = logged(whole)
@@ -223,6 +238,41 @@ def test_held_out_prompts_are_rewarded_at_each_evaluation_with_the_same_draws(se
     assert measured[0] == measured[1]
     assert f"lmforge: eval at step 2/4: reward " in log
     assert "| last evaluation reward | 4 |" in (out / "report.md").read_text()
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (make test installs it)")
+
+
+@needs_deepspeed
+def test_grpo_under_zero3_trains_what_one_process_does_and_refuses_an_unsharded_reference(setup, tmp_path):
+    """ZeRO-3 in one process (its CPU accelerator): sampling through the partitioned weights
+    (gathered at each forward) draws what the plain model draws, and the steps train the same;
+    a frozen reference copy (full parameters, --beta > 0) is refused before anything loads."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    port = str(20000 + os.getpid() % 20000)
+    hooks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks.py")
+
+    def zero3(out, *extra):
+        cmd = command(setup, out, "--max_steps", "2", "--save_strategy", "no", *extra)
+        cmd[:4] = ["deepspeed", "--num_gpus", "1", "--master_port", port, hooks, "grpo"]
+        done = subprocess.run(cmd + ["--deepspeed", "zero3"], capture_output=True, text=True, env=env, timeout=600,
+                              cwd=str(tmp_path))
+        return done.returncode, done.stdout + done.stderr
+
+    code, log = zero3(tmp_path / "beta", "--beta", "0.04")
+    assert code != 0 and ("lmforge grpo: error: --beta 0.04 with full-parameter GRPO under FSDP or ZeRO-3 would keep "
+                          "an unsharded frozen reference on every GPU") in log, log[-3000:]
+    code, log = zero3(tmp_path / "zero3")
+    assert code == 0, log[-3000:]
+    code, plain_log = run(command(setup, tmp_path / "plain", "--max_steps", "2", "--save_strategy", "no"))
+    assert code == 0, plain_log
+    sharded, plain = logged(tmp_path / "zero3"), logged(tmp_path / "plain")
+    assert [h["reward"] for h in sharded] == [h["reward"] for h in plain]  # the same draws, step after step
+    for ours, theirs in zip(sharded, plain):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
 
 
 def test_a_reward_function_that_raises_stops_the_run_naming_it_and_the_record(setup, tmp_path):
