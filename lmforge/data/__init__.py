@@ -7,6 +7,9 @@ a stage imports only the stages before it (tests/test_layout.py checks).
       schema.py     the messages of a record: roles, content parts, reasoning, tool calls, flags
     3 render.py     Conversation → Rendered (input_ids, labels): the loss mask on the rendered text
       templates.py  the chat template a run renders with (the tokenizer's own, or a built-in)
+      text_spans.py       render's pure string work: prefixes, turn spans, openers and closers
+      template_probes.py  what a template does: compiled, its traits, the tool-call form it writes
+      token_spans.py      characters → tokens: offsets, a span's tokens
     4 store.py      rows → a content-keyed, memory-mapped token-cache entry (complete or absent)
     5 encode.py     the prepare driver: read (1) → check + render (2, 3) in worker processes →
                     length policy → rows into the store (4); one driver for every kind of record
