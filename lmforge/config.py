@@ -481,8 +481,8 @@ def shipped_fsdp_config(name: str) -> str:
 
 DEFAULT_FSDP_CONFIG = "fsdp_full_shard"
 
-# The words of the seeds' `--fsdp "full_shard auto_wrap offload"`, as FSDP2 settings. transformers
-# still translates them itself, but calls that deprecated; lmforge keeps the seeds' spelling.
+# The words of FastChat's `--fsdp "full_shard auto_wrap offload"`, as FSDP2 settings. transformers
+# still translates them itself, but calls that deprecated; lmforge keeps FastChat's spelling.
 FSDP_WORDS: dict[str, tuple[str, bool] | None] = {
     "full_shard": ("reshard_after_forward", True),  # parameters sharded again after each layer's forward
     "shard_grad_op": ("reshard_after_forward", False),  # kept whole from forward to backward
@@ -492,7 +492,7 @@ FSDP_WORDS: dict[str, tuple[str, bool] | None] = {
 
 
 def fsdp_enabled(value) -> bool:
-    """--fsdp is a string (the seeds' words) or True (bare flag); "false" / "" mean off."""
+    """--fsdp is a string (FastChat's words) or True (bare flag); "false" / "" mean off."""
     if isinstance(value, str):
         return value.strip().lower() not in ("", "false", "no", "0", "none")
     return bool(value)
@@ -544,11 +544,11 @@ def _check_reporters(report_to) -> None:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """transformers' TrainingArguments, plus the flags lmforge's runs add and the seeds' flags
+    """transformers' TrainingArguments, plus the flags lmforge's runs add and FastChat's and happy-llm's flags
     that transformers 5 renamed or removed."""
 
     evaluation_strategy: Optional[str] = field(
-        default=None, metadata={"help": "The seeds' name for --eval_strategy (renamed in transformers 5)."}
+        default=None, metadata={"help": "FastChat's name for --eval_strategy (renamed in transformers 5)."}
     )
     report_to: Optional[str] = field(
         default="auto",
@@ -568,7 +568,7 @@ class TrainingArguments(transformers.TrainingArguments):
                           "filter reads every micro-step's loss on the host, which stalls the host on the GPU."},
     )
     warmup_ratio: Optional[float] = field(
-        default=None, metadata={"help": "The seeds' warmup as a fraction of all steps (transformers 5: "
+        default=None, metadata={"help": "FastChat's and happy-llm's warmup as a fraction of all steps (transformers 5: "
                                         "--warmup_steps below 1)."}
     )
     logging_dir: Optional[str] = field(
@@ -577,7 +577,7 @@ class TrainingArguments(transformers.TrainingArguments):
     fsdp: Optional[str] = field(
         default=None,
         metadata={"help": "Shard the model with PyTorch FSDP2 (through the Trainer / accelerate): a bare --fsdp, or "
-                          "the seeds' words \"full_shard auto_wrap\" (add \"offload\" for CPU offload; "
+                          "FastChat's words \"full_shard auto_wrap\" (add \"offload\" for CPU offload; "
                           "\"shard_grad_op\" keeps parameters whole between forward and backward). Settings come "
                           "from --fsdp_config (default: the shipped fsdp_full_shard.json).",
                   "nargs": "?", "const": True},
@@ -730,7 +730,7 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def _cpu_fallback(self) -> None:
         """A GPU command line (--bf16 True) on a machine without a GPU trains on the CPU, with
-        bf16 autocast there, instead of stopping: the seeds' commands run anywhere as written."""
+        bf16 autocast there, instead of stopping: FastChat's and happy-llm's commands run anywhere as written."""
         import torch
 
         if torch.cuda.is_available():

@@ -231,7 +231,7 @@ class DemoScale:
     grpo_temperature: float
 
 
-# Chosen by measurement on 2 CPU cores (README, "Two commands on a fresh machine"): pretraining
+# Chosen by measurement on 2 CPU cores (docs/demo.md, "Results"): pretraining
 # on the statements and the chats as transcripts; pretraining on the statements alone hurt, as
 # full SFT from it needed half again as many epochs and LoRA on a base that had never seen a
 # chat learned little.
