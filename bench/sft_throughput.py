@@ -34,9 +34,10 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lmforge.config import LoraArguments, ModelArguments, TrainingArguments  # noqa: E402
+from lmforge.config import TrainingArguments  # noqa: E402
 from lmforge.data.collate import PackedCollator, PaddedCollator  # noqa: E402
 from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
+from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.model import apply_lora, load_model, varlen_implementation  # noqa: E402
 from lmforge.train import NonFiniteGuard, Trainer  # noqa: E402
 

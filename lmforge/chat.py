@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import transformers
@@ -16,6 +16,7 @@ import transformers
 from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.config import parse
 from lmforge.errors import LmforgeError
+from lmforge.flags import ChatArguments
 
 
 @dataclass
@@ -75,15 +76,6 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, 
     if stopped:
         new = new[:-1]
     return Reply(tokenizer.decode(new, skip_special_tokens=True), stopped)
-
-
-@dataclass
-class ChatArguments:
-    model: str = field(metadata={"help": "Directory written by lmforge sft (or any chat model directory)."})
-    prompt: Optional[str] = field(default=None, metadata={"help": "Answer this one prompt and exit."})
-    system: Optional[str] = field(default=None, metadata={"help": "A system message to start the conversation."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
 
 
 def main(argv: Sequence[str]) -> None:

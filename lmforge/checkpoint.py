@@ -11,8 +11,7 @@ without looking inside them, so with `save_total_limit` it can delete the only g
   - a checkpoint is complete when its manifest reads and every listed file has its size (cheap:
     rotation, messages); the checkpoint resume picks is also read whole and each file's CRC-32
     compared (`verify=True`), so a flipped byte of the same size is caught too. Resume takes the
-    newest complete (and, verified, undamaged) one and names each one it skips and why. Format-1
-    manifests (sizes only, before checksums) are still accepted on their sizes;
+    newest complete (and, verified, undamaged) one and names each one it skips and why;
   - rotation counts complete checkpoints only, keeps the one just written and the best one, and
     never touches an incomplete one, so a corrupt newest checkpoint cannot push out a good one.
 """
@@ -31,12 +30,10 @@ MANIFEST_NAME = "lmforge_manifest.json"
 # "files" (relative path -> size) and "crc32" (relative path -> 8 hex digits), with "step".
 MANIFEST_FORMAT = 2
 # The checksum guards against accidental damage (bit rot, a bad copy, a short or garbled sync),
-# not against tampering, so it is chosen for speed: on one core, page cache warm, zlib.crc32
-# ran at 4-5 GB/s, hashlib.blake2b at 1.0-1.2 GB/s (a 2-core AMD EPYC, zlib 1.2.13). For a
-# Qwen2.5-0.5B checkpoint (0.99 GB bf16 weights + 3.95 GB AdamW state), saved in 3.3-7.6 s
-# there, the checksums add ~0.7-1 s; on a 16-core training host, 0.38 s for those 4.94 GB in
-# parallel ranges (1.98 s one thread per file). CRC-32 detects every burst error of up to 32
-# bits and misses random damage with probability 2^-32.
+# not against tampering, so it is chosen for speed: zlib.crc32 is several times as fast as
+# hashlib.blake2b and small next to a save (measured: docs/bench_results.md, 2026-12-02,
+# checkpoint checksums). CRC-32 detects every burst error of up to 32 bits and misses random
+# damage with probability 2^-32.
 CHECKSUM = "crc32"
 BLOCK = 4 << 20  # read size: 1, 4 and 8 MiB measured the same
 CHUNK = 64 << 20  # a large file is checksummed in ranges of this size, in parallel
@@ -129,9 +126,9 @@ def crc_range(full: str, offset: int, length: int) -> tuple[int, int]:
 
 def _checksums(path: str, rels: Iterable[str], fsync: bool = False) -> list[tuple[int, str]]:
     """(bytes read, CRC-32 as 8 hex digits) of each file, each read once. A checkpoint's time
-    goes to a few large files (weights, optimizer state) and CRC-32 is CPU-bound (~4-5 GB/s a
-    core), so files are cut into CHUNK ranges checksummed by several threads and their CRCs
-    combined. With `fsync`, the files are flushed to disk meanwhile, from one more thread."""
+    goes to a few large files (weights, optimizer state) and CRC-32 is CPU-bound, so files are
+    cut into CHUNK ranges checksummed by several threads and their CRCs combined. With `fsync`,
+    the files are flushed to disk meanwhile, from one more thread."""
     rels = list(rels)
     fulls = [os.path.join(path, rel) for rel in rels]
     ranges = [(i, offset, min(CHUNK, size - offset))

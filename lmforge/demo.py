@@ -33,11 +33,12 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from lmforge.config import parse
 from lmforge.errors import LmforgeError
+from lmforge.flags import DemoArguments
 
 MARKER = "lmforge_demo.json"
 
@@ -199,14 +200,6 @@ def conversations(train: list[QA], rng: random.Random, copies: int) -> list[dict
 # ---------------------------------------------------------------------------------------------
 # 2-8. Tokenizer, pretraining, SFT (full and LoRA), merge, evaluation, GRPO, report
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DemoArguments:
-    output_dir: str = field(default="lmforge-demo", metadata={"help": "Where the demo writes its files."})
-    seed: int = field(default=0, metadata={"help": "Seed of the task, the tokenizer data and training."})
-    min_accuracy: float = field(default=0.0, metadata={"help": "Exit with an error when the fully fine-tuned "
-                                                               "model's accuracy is below this."})
 
 
 @dataclass(frozen=True)

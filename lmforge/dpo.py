@@ -24,7 +24,7 @@ if __name__ == "__main__":  # python -m lmforge.dpo --help: answered before the 
 from dataclasses import asdict
 from typing import Sequence
 
-from lmforge.config import DpoArguments, DpoTrainingArguments, PreferenceDataArguments
+from lmforge.config import DpoTrainingArguments
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
@@ -32,6 +32,7 @@ from lmforge.distributed import local_main_first, shards_weights
 from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, reference_entry, with_reference_columns
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
+from lmforge.flags import DpoArguments, PreferenceDataArguments
 from lmforge.model import apply_lora
 from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, run

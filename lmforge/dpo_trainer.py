@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import DpoArguments, DpoLoss
-from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
 from lmforge.data.collate import CU_SEQLENS, LABEL_POSITIONS, REFERENCE_COLUMNS, SEQUENCE_STARTS, label_positions
+from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
 from lmforge.errors import LmforgeError
+from lmforge.flags import DpoArguments, DpoLoss
 from lmforge.graphs import PADDED_POSITIONS
 from lmforge.loss import sequence_log_probs
 from lmforge.train import Trainer, is_peft

@@ -11,7 +11,6 @@ weights, so the merge adds no quantisation error of its own.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -20,18 +19,10 @@ import transformers
 from lmforge.config import parse
 from lmforge.data.render import template_end_of_turn
 from lmforge.errors import LmforgeError
+from lmforge.flags import MergeArguments
 from lmforge.model import DTYPES
 from lmforge.progress import library_bars
 from lmforge.train import BASE_CONFIG, set_generation_defaults
-
-
-@dataclass
-class MergeArguments:
-    base: str = field(metadata={"help": "The base model directory the adapter was trained on."})
-    adapter: str = field(metadata={"help": "The adapter directory (an lmforge LoRA run's output or checkpoint)."})
-    output: str = field(metadata={"help": "Where the merged model is written (must not exist or be empty)."})
-    torch_dtype: str = field(default="float32", metadata={"help": "dtype of the merged weights.",
-                                                          "choices": ["auto", "float32", "bfloat16", "float16"]})
 
 
 def _tokenizer_for(adapter: str, base: str):

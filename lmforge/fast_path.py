@@ -10,33 +10,30 @@ flag says otherwise:
     is fused;
   - with them, an activation memory budget of 0.8: the compiler recomputes the cheapest
     activations in the backward instead of keeping them; 0.1 under --q_lora without gradient
-    checkpointing (a 4-bit base is chosen to fit a small memory: 8.4 GiB instead of 30.8 for the
-    1B shape's SFT, at 83 % of the speed; QLoRA DPO takes the same rule, not measured).
+    checkpointing (a 4-bit base is chosen to fit a small memory, so memory comes before speed
+    there; QLoRA DPO takes the same rule, not measured).
   - for DPO's padded pairs on one GPU, CUDA graphs over whole micro-steps (lmforge.graphs): its
-    step is bound by the host launching ~4,000 kernels; LoRA DPO on the 0.5B shape went from
-    45.6 to 80.4 pairs/s (one H200, 2026-12-03; TRL's DPOTrainer 24.0 in the same run).
-Measured on one H200 (bench/cli_throughput.py, 2026-12-02; docs/bench_results.md): FastChat's
-command line on the Qwen2.5-0.5B shape went from 89.6k useful tokens/s at 34.1 GiB (fp32 weights,
-eager) to 140.1k at 19.6 GiB (143.6k at 18.1 GiB with the loss kernel of lmforge/loss_kernel.py).
+    step is bound by the host launching thousands of kernels.
+Together they make FastChat's command line on the Qwen2.5-0.5B shape faster and lighter than fp32
+weights run eagerly (measured: docs/bench_results.md, 2026-12-02, the command lines beside TRL).
 Each choice is printed with its reason and the flag that turns it off.
 
 Where they are not chosen, and why:
   - no CUDA GPU: bf16 weights would also be computed in bf16 on a CPU, whose bf16 matmuls are
-    slower than fp32 ones; and compiling costs more than it saves there. Measured on the 2-core
-    CPU machine (2026-12-02), `lmforge sft` of the demo-sized model (4 layers, width 128), 60
-    steps of 4 x 512: eager 23 s in all (8.6k tokens/s), compiled 45 s (the compiled steps ran
-    at 10.1k tokens/s once compiled: 6 % faster, after ~20 s of compiling, which would pay back
-    only after ~1.2M tokens; a demo stage trains far fewer);
+    slower than fp32 ones; and compiling costs more than it saves there: a demo stage trains too
+    few tokens to repay the compile time (measured: docs/bench_results.md, 2026-12-02, the
+    command lines beside TRL, its CPU paragraph);
   - one record a row (--packing False): rows of many lengths, not measured compiled (DPO's pairs,
     also of many lengths, are compiled: after the second length the compiler makes the graph
-    dynamic in it, and LoRA DPO on the 0.5B shape went from 26.2 to 35.8 pairs/s);
+    dynamic in it, and LoRA DPO trains faster so);
   - DeepSpeed or FSDP: their engines keep their own fp32 masters from fp32 weights, and compiled
     blocks under their parameter hooks were not measured;
   - --fp16: the weights stay fp32 under fp16 autocast and the Trainer's loss scaler. fp16
     weights over fp32 masters (--torch_dtype float16) train correctly under the scaler (it
     unscales and checks the masters' fp32 gradients, and the clipping measures them:
-    tests/test_optim.py), but are not yet measured on a GPU, and a model trained in bf16 can
-    overflow fp16 in its residual stream, which autocast keeps in fp32.
+    tests/test_optim.py), but ran no faster than the bf16 default (measured: docs/bench_results.md,
+    2026-12-03, CUDA graphs over DPO's micro-steps), and a model trained in bf16 can overflow fp16
+    in its residual stream, which autocast keeps in fp32.
 """
 
 from __future__ import annotations
@@ -44,10 +41,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-COMPILED_MEMORY_BUDGET = 0.8  # measured at no speed cost on the 0.5B shape (124.7k vs 123.8k tok/s, 19.6 vs 24.5 GiB)
-# QLoRA is chosen to fit a small memory: there the compiler keeps a tenth of the blocks' activations.
-# Llama-3.2-1B shape, QLoRA r16, 8 x 2048 tokens, one H200 (bench/cli_throughput.py, 2026-12-02):
-# budget 0.8 74.3k tokens/s at 30.8 GiB; 0.1 61.7k at 8.4 GiB; gradient checkpointing 53.2k at 6.2 GiB.
+# Less memory than 1.0 at no speed cost (measured: docs/bench_results.md, 2026-11-23, grouped heads
+# to the varlen kernel).
+COMPILED_MEMORY_BUDGET = 0.8
+# QLoRA is chosen to fit a small memory: there the compiler keeps a tenth of the blocks' activations,
+# a fraction of 0.8's memory for some speed (measured: docs/bench_results.md, 2026-12-02 (evening),
+# QLoRA's memory budget).
 QUANTIZED_MEMORY_BUDGET = 0.1
 
 
@@ -102,14 +101,15 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
             on, why = False, f"not measured under {engine}"
         elif rows is Rows.ROLLOUTS:
             # Compiled blocks keep `generate` from compiling its static-cache decode step, and the
-            # training half of a GRPO step is small: measured on one H100 (docs/bench_results.md,
-            # 2026-12-07), sampling took 2.8x as long with them and training no less time.
+            # training half of a GRPO step is small: sampling took far longer with them and training
+            # no less time (measured: docs/bench_results.md, 2026-12-07, GRPO on one H100).
             on, why = False, "GRPO: sampling's compiled decode step is faster without them (--compile_blocks True: on)"
         elif rows is Rows.PADDED:
             on, why = False, "rows of many lengths, not measured compiled (--packing True packs them)"
         elif rows in (Rows.PAIRS, Rows.PACKED_PAIRS):
             # The pairs' batches change length; after the second length the compiler makes the
-            # blocks' graph dynamic in it. LoRA DPO on the 0.5B shape: 26.2 -> 35.8 pairs/s.
+            # blocks' graph dynamic in it, faster than eager (measured: docs/bench_results.md,
+            # 2026-12-02, the command lines beside TRL).
             on, why = True, "CUDA GPU; pair batches compile to one graph of dynamic length (--compile_blocks False: eager)"
         else:
             on, why = True, "CUDA GPU and packed rows of one length (--compile_blocks False: eager)"
@@ -122,9 +122,8 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
         elif quantized and not args.gradient_checkpointing:
             args.compile_memory_budget = QUANTIZED_MEMORY_BUDGET
             choices.append(Choice("compile_memory_budget", QUANTIZED_MEMORY_BUDGET,
-                                  "QLoRA: the compiler recomputes most activations in the backward; measured on "
-                                  "the 1B shape, 8.4 GiB instead of 30.8 at 17 % less speed (0.8: the faster, "
-                                  "larger setting)"))
+                                  "QLoRA: the compiler recomputes most activations in the backward: far less "
+                                  "memory for some speed (0.8: the faster, larger setting)"))
         else:
             args.compile_memory_budget = COMPILED_MEMORY_BUDGET
             choices.append(Choice("compile_memory_budget", COMPILED_MEMORY_BUDGET, "recomputes the cheapest "
@@ -137,8 +136,7 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
         args.cuda_graphs = on
         if on:
             choices.append(Choice("cuda_graphs", True, "DPO's step is bound by the host launching kernels; one CUDA "
-                                  "graph per batch shape replaces them (LoRA DPO, 0.5B shape: 45.6 -> 80.4 pairs/s; "
-                                  "--cuda_graphs False: launched one by one)"))
+                                  "graph per batch shape replaces them (--cuda_graphs False: launched one by one)"))
     return choices
 
 

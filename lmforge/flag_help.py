@@ -1,9 +1,8 @@
-"""`lmforge COMMAND --help` without importing the command: lmforge's flags first, grouped, read
-from the argument dataclasses' source (see below why), the Trainer's behind --help_all."""
+"""`lmforge COMMAND --help` without importing the command: lmforge's flags first, grouped, from
+the dataclasses of `lmforge.flags`; the Trainer's behind --help_all."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import enum
 import importlib
@@ -16,21 +15,13 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from lmforge.commands import COMMANDS
 
-# --- `lmforge COMMAND --help` ----------------------------------------------------------------
-#
-# The help is read from the *source* of the dataclasses a command parses, with `ast`, not from
-# the imported classes: config.py subclasses transformers.TrainingArguments, so importing it
-# (or any command module) imports torch and transformers, seconds before one line is printed,
-# while reading the source takes milliseconds. Reading the source, rather than keeping a
-# generated copy of the flags, keeps the help right when a flag is added or changed: a field's
-# name, type, default and help text are read where they are written. The one thing `ast` cannot
-# see, which dataclasses a command parses, is the table HELP; tests/test_help.py checks it
-# against the commands (the Method classes, the `parse` calls) and checks the flags read from
-# the source against the imported dataclasses (`dataclasses.fields`, what `parse` parses), flag
-# by flag, default by default, so that the two cannot drift. `--help_all` imports the classes
-# and adds transformers' own TrainingArguments flags.
+# `lmforge COMMAND --help` imports `lmforge.flags` alone: every flag lmforge adds is a field of a
+# dataclass there, a module that imports neither torch nor transformers (importing a command
+# module would, seconds before one line is printed). The Trainer's own flags, transformers'
+# TrainingArguments, are listed by --help_all, which imports transformers. tests/test_help.py
+# checks the table HELP against what each command parses.
 
-_CONFIG = "lmforge.config"
+_FLAGS = "lmforge.flags"
 _RUN_FILE = ("A leading run.yaml holds flags; flags after it override it: lmforge {command} run.yaml "
              "--learning_rate 1e-5.")
 
@@ -43,33 +34,33 @@ class _Help(NamedTuple):
 
 
 def _training(data: str, method: Optional[tuple[str, str]] = None,
-              training: str = f"{_CONFIG}:TrainingArguments") -> tuple[tuple[str, str], ...]:
+              training: str = f"{_FLAGS}:TrainingFlags") -> tuple[tuple[str, str], ...]:
     """A training method's groups, as `recipe.parse_flags` parses them: model, data, LoRA, the
     method's own, and lmforge's part of the training arguments (the Trainer's come after)."""
-    groups = [("model", f"{_CONFIG}:ModelArguments"), ("data", data), ("LoRA", f"{_CONFIG}:LoraArguments")]
+    groups = [("model", f"{_FLAGS}:ModelArguments"), ("data", data), ("LoRA", f"{_FLAGS}:LoraArguments")]
     return (*groups, *([method] if method else []), ("speed / run", training))
 
 
 HELP: dict[str, _Help] = {
-    "sft": _Help("[flags]", _training(f"{_CONFIG}:DataArguments"), _RUN_FILE),
-    "lora": _Help("[flags]", _training(f"{_CONFIG}:DataArguments"),
+    "sft": _Help("[flags]", _training(f"{_FLAGS}:DataArguments"), _RUN_FILE),
+    "lora": _Help("[flags]", _training(f"{_FLAGS}:DataArguments"),
                   "`lmforge sft` with --lora True. " + _RUN_FILE, (("lora", True),)),
-    "dpo": _Help("[flags]", _training(f"{_CONFIG}:PreferenceDataArguments", ("DPO", f"{_CONFIG}:DpoArguments"),
-                                      f"{_CONFIG}:DpoTrainingArguments"), _RUN_FILE),
-    "grpo": _Help("[flags]", _training(f"{_CONFIG}:DataArguments", ("GRPO", f"{_CONFIG}:GrpoArguments")),
+    "dpo": _Help("[flags]", _training(f"{_FLAGS}:PreferenceDataArguments", ("DPO", f"{_FLAGS}:DpoArguments"),
+                                      f"{_FLAGS}:DpoTrainingFlags"), _RUN_FILE),
+    "grpo": _Help("[flags]", _training(f"{_FLAGS}:DataArguments", ("GRPO", f"{_FLAGS}:GrpoArguments")),
                   "Prompts in any chat format lmforge reads; a record's other columns reach the reward functions. "
                   + _RUN_FILE),
-    "pretrain": _Help("[flags]", _training(f"{_CONFIG}:PretrainDataArguments"), _RUN_FILE),
-    "prepare": _Help("[flags]", _training(f"{_CONFIG}:DataArguments", ("prepare", "lmforge.prepare:PrepareArguments"),
-                                          "lmforge.prepare:PrepareTrainingArguments"),
+    "pretrain": _Help("[flags]", _training(f"{_FLAGS}:PretrainDataArguments"), _RUN_FILE),
+    "prepare": _Help("[flags]", _training(f"{_FLAGS}:DataArguments", ("prepare", f"{_FLAGS}:PrepareArguments"),
+                                          f"{_FLAGS}:PrepareTrainingFlags"),
                      "Takes `lmforge sft`'s command line; the training flags matter to --show only. " + _RUN_FILE),
-    "tokenizer": _Help("train [flags]", (("tokenizer train", "lmforge.tokenizer:TokenizerTrainArguments"),)),
-    "merge": _Help("[flags]", (("merge", "lmforge.export:MergeArguments"),)),
-    "report": _Help("RUN_DIR [flags]", (("report", "lmforge.report:ReportArguments"),),
+    "tokenizer": _Help("train [flags]", (("tokenizer train", f"{_FLAGS}:TokenizerTrainArguments"),)),
+    "merge": _Help("[flags]", (("merge", f"{_FLAGS}:MergeArguments"),)),
+    "report": _Help("RUN_DIR [flags]", (("report", f"{_FLAGS}:ReportArguments"),),
                     "RUN_DIR may also be given as --run_dir."),
-    "chat": _Help("MODEL [flags]", (("chat", "lmforge.chat:ChatArguments"),),
+    "chat": _Help("MODEL [flags]", (("chat", f"{_FLAGS}:ChatArguments"),),
                   "MODEL may also be given as --model. Without --prompt: interactive; an empty line quits."),
-    "demo": _Help("[flags]", (("demo", "lmforge.demo:DemoArguments"),)),
+    "demo": _Help("[flags]", (("demo", f"{_FLAGS}:DemoArguments"),)),
 }
 
 # Named in the pointer to `--help_all`, when the command leaves them to the Trainer.
@@ -89,11 +80,11 @@ class Flag:
 
 @dataclasses.dataclass
 class HelpFlags:
-    """A command's flags: lmforge's, by group, and the names of the Trainer's other flags (None:
-    the command takes no Trainer flags, or their number could not be read)."""
+    """A command's flags: lmforge's, by group; whether it takes the Trainer's flags too, and
+    (--help_all) those flags."""
 
     groups: list[tuple[str, list[Flag]]]
-    trainer: Optional[list[str]] = None
+    trainer: bool = False
     trainer_flags: Optional[list[Flag]] = None  # --help_all only: the Trainer's flags themselves
 
 
@@ -115,7 +106,7 @@ def print_help(text: str) -> None:
 def help_text(command: str, full: bool = False) -> str:
     """`lmforge COMMAND --help` (fast: nothing imported), or with `full` (--help_all) the
     Trainer's flags too (imports transformers)."""
-    flags = imported_help_flags(command, trainer=True) if full else source_help_flags(command)
+    flags = help_flags(command, trainer=full)
     spec = HELP[command]
     width = max(60, min(100, _columns()))
     lines = [f"usage: lmforge {command} {spec.usage}", "", COMMANDS[command][1] + "."]
@@ -129,10 +120,11 @@ def help_text(command: str, full: bool = False) -> str:
         lines += ["", f"the Trainer's flags (transformers' TrainingArguments, {len(flags.trainer_flags)}):"]
         for flag in flags.trainer_flags:
             lines += _flag_lines(flag, width)
-    elif flags.trainer is not None:
-        named = [f"--{name}" for name in COMMON_TRAINER_FLAGS if name in flags.trainer]
-        lines += ["", f"the Trainer's {len(flags.trainer)} other flags ({', '.join(named + ['...'])}): "
-                      f"lmforge {command} --help_all"]
+    elif flags.trainer:
+        own = {f.name for _, group in flags.groups for f in group}
+        named = ", ".join(f"--{name}" for name in COMMON_TRAINER_FLAGS if name not in own)
+        lines += [""] + textwrap.wrap(f"the Trainer's other flags ({named}, ...): lmforge {command} --help_all",
+                                      width)
     return "\n".join(lines)
 
 
@@ -210,22 +202,11 @@ def _shown(command: str, groups: list[tuple[str, list[Flag]]]) -> list[tuple[str
                        for f in flags]) for heading, flags in groups]
 
 
-# The help from the imported dataclasses (--help_all, and the tests' reference for the source).
+# The help from the dataclasses of lmforge.flags (and --help_all: transformers' TrainingArguments).
 
 def _import_class(ref: str) -> type:
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def _lmforge_field_names(cls: type) -> list[str]:
-    """The fields lmforge's classes declare (a base class first, an override in its base's place);
-    the fields of transformers' TrainingArguments that lmforge does not redeclare are the Trainer's."""
-    names: dict[str, None] = {}
-    for klass in reversed(cls.__mro__):
-        if klass.__module__.split(".")[0] == "lmforge":
-            for name in klass.__dict__.get("__annotations__", {}):
-                names.setdefault(name)
-    return list(names)
 
 
 def _flags_of(cls: type, names: Sequence[str]) -> list[Flag]:
@@ -262,242 +243,23 @@ def _kind_of_type(tp: Any) -> tuple:
     return ("scalar", tp.__name__ if isinstance(tp, type) else str(tp))
 
 
-def imported_help_flags(command: str, trainer: bool = False) -> HelpFlags:
-    """The flags from the imported dataclasses: what `parse` parses. With `trainer`, the
-    Trainer's flags themselves too."""
-    groups, others, trainer_flags = [], None, None
+def help_flags(command: str, trainer: bool = False) -> HelpFlags:
+    """The command's flags, by group, from the dataclasses HELP names (imports `lmforge.flags`
+    only). With `trainer`, transformers' TrainingArguments flags that lmforge does not redeclare
+    too (imports transformers)."""
+    from lmforge.flags import TrainingFlags
+
+    groups, takes_trainer, trainer_flags = [], False, None
     for heading, ref in HELP[command].groups:
         cls = _import_class(ref)
-        names = _lmforge_field_names(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
         groups.append((heading, _flags_of(cls, names)))
-        base = next((k for k in cls.__mro__ if k.__module__.split(".")[0] == "transformers"
-                     and k.__name__ == "TrainingArguments"), None)
-        if base is not None:
-            others = [f.name for f in dataclasses.fields(base) if f.init and f.name not in names]
+        if issubclass(cls, TrainingFlags):
+            takes_trainer = True
             if trainer:
-                trainer_flags = _flags_of(base, others)
-    return HelpFlags(_shown(command, groups), others, trainer_flags)
+                import transformers
 
-
-# The help from the source (`lmforge COMMAND --help`): nothing is imported.
-
-def _members(node: ast.expr) -> list[ast.expr]:
-    """The members of `a | b | c` in the order written (the parser nests them to the left), as
-    typing flattens them."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return _members(node.left) + _members(node.right)
-    return [node]
-
-
-class _Unknown(Exception):
-    """An expression the source reader does not evaluate."""
-
-
-@dataclasses.dataclass
-class _Class:
-    module: str
-    node: ast.ClassDef
-
-
-_BUILTINS = {"list": list, "tuple": tuple, "dict": dict, "str": str, "int": int, "float": float, "bool": bool}
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-class _Source:
-    """lmforge's modules as `ast` reads them, never imported; a name is followed through
-    `from lmforge.x import name` to where it is defined."""
-
-    def __init__(self):
-        self._names: dict[str, dict[str, tuple]] = {}
-
-    def names(self, module: str) -> dict[str, tuple]:
-        if module not in self._names:
-            path = os.path.join(_PACKAGE_DIR, *module.split(".")[1:])
-            path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read(), path)
-            names: dict[str, tuple] = {}
-            for node in tree.body:
-                if isinstance(node, ast.ClassDef):
-                    names[node.name] = ("class", node)
-                elif isinstance(node, ast.Assign):
-                    for target in node.targets:
-                        if isinstance(target, ast.Name):
-                            names[target.id] = ("value", node.value)
-                        elif (isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
-                              and len(target.elts) == len(node.value.elts)):
-                            for t, v in zip(target.elts, node.value.elts):
-                                if isinstance(t, ast.Name):
-                                    names[t.id] = ("value", v)
-                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
-                    names[node.target.id] = ("value", node.value)
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    for alias in node.names:
-                        names[alias.asname or alias.name] = ("import", node.module, alias.name)
-                elif isinstance(node, ast.Import):
-                    for alias in node.names:
-                        names[alias.asname or alias.name.split(".")[0]] = ("module", alias.name)
-            self._names[module] = names
-        return self._names[module]
-
-    def lookup(self, module: str, name: str) -> tuple[str, Optional[tuple]]:
-        entry = self.names(module).get(name)
-        if entry and entry[0] == "import" and entry[1].split(".")[0] == "lmforge":
-            return self.lookup(entry[1], entry[2])
-        return module, entry
-
-    def value(self, module: str, node: ast.expr) -> Any:
-        """A default's value: constants, containers, module constants, enum members (as their
-        value), list(...) and lambdas; anything else is _Unknown."""
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [self.value(module, e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
-        if isinstance(node, ast.Dict) and None not in node.keys:
-            return {self.value(module, k): self.value(module, v) for k, v in zip(node.keys, node.values)}
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -self.value(module, node.operand)
-        if isinstance(node, ast.Name):
-            where, entry = self.lookup(module, node.id)
-            if entry is None and node.id in _BUILTINS:
-                return _BUILTINS[node.id]
-            if entry and entry[0] == "value":
-                return self.value(where, entry[1])
-            if entry and entry[0] == "class":
-                return _Class(where, entry[1])
-        if isinstance(node, ast.Attribute):
-            owner = self.value(module, node.value)
-            members = self.enum_members(owner) if isinstance(owner, _Class) else None
-            if members and node.attr in members:
-                return members[node.attr]
-        if isinstance(node, ast.Call) and not node.keywords:
-            func = self.value(module, node.func)
-            if func in _BUILTINS.values():
-                return func(*[self.value(module, a) for a in node.args])
-        if isinstance(node, ast.Lambda):
-            return lambda: self.value(module, node.body)
-        raise _Unknown(ast.unparse(node))
-
-    def enum_members(self, cls: _Class) -> Optional[dict[str, Any]]:
-        """An Enum class' members by name, as their values; None for another class."""
-        bases = {ast.unparse(b).split(".")[-1] for b in cls.node.bases}
-        if not bases & {"Enum", "IntEnum", "StrEnum"}:
-            return None
-        return {t.id: self.value(cls.module, stmt.value) for stmt in cls.node.body if isinstance(stmt, ast.Assign)
-                for t in stmt.targets if isinstance(t, ast.Name) and not t.id.startswith("_")}
-
-    def kind(self, module: str, node: ast.expr) -> tuple:
-        """The kind of flag an annotation declares (annotations are source text here)."""
-        if isinstance(node, ast.Constant):
-            if node.value is None:
-                return _NONE
-            if isinstance(node.value, str):
-                return self.kind(module, ast.parse(node.value, mode="eval").body)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-            return _union([self.kind(module, member) for member in _members(node)])
-        if isinstance(node, ast.Subscript):
-            outer = ast.unparse(node.value).split(".")[-1]
-            args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            if outer == "Optional":
-                return _union([self.kind(module, args[0]), _NONE])
-            if outer == "Union":
-                return _union([self.kind(module, a) for a in args])
-            if outer in ("list", "List"):
-                return ("list", self.kind(module, args[0]))
-            if outer == "Literal":
-                return ("choices", tuple(self.value(module, a) for a in args))
-            if outer in ("dict", "Dict"):
-                return ("scalar", "dict")
-        if isinstance(node, (ast.Name, ast.Attribute)):
-            name = ast.unparse(node).split(".")[-1]
-            if name == "bool":
-                return ("bool",)
-            if name in ("list", "List"):
-                return ("list", ("scalar", "str"))
-            if name in _BUILTINS:
-                return ("scalar", name)
-            try:
-                cls = self.value(module, node)
-            except _Unknown:
-                return ("scalar", name)
-            members = self.enum_members(cls) if isinstance(cls, _Class) else None
-            if members is not None:
-                return ("choices", tuple(members.values()))
-        return ("scalar", ast.unparse(node))
-
-    def fields(self, cls: _Class, out: dict[str, tuple[str, ast.AnnAssign]], external: list[str]) -> None:
-        """`cls`'s fields into `out` (base classes first; an override keeps its base's place), and
-        the base classes that are not lmforge's source (transformers.TrainingArguments)."""
-        for base in cls.node.bases:
-            try:
-                resolved = self.value(cls.module, base)
-            except _Unknown:
-                resolved = None
-            if isinstance(resolved, _Class):
-                self.fields(resolved, out, external)
-            else:
-                external.append(ast.unparse(base))
-        for stmt in cls.node.body:
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and "ClassVar" not in ast.unparse(stmt.annotation)):
-                out[stmt.target.id] = (cls.module, stmt)
-
-    def flag(self, module: str, stmt: ast.AnnAssign) -> Optional[Flag]:
-        """One field as a flag; None for a field(init=False)."""
-        metadata, value, factory = {}, stmt.value, None
-        if isinstance(value, ast.Call) and ast.unparse(value.func) in ("field", "dataclasses.field"):
-            keywords = {k.arg: k.value for k in value.keywords}
-            if "init" in keywords and not self.value(module, keywords["init"]):
-                return None
-            metadata = self.value(module, keywords["metadata"]) if "metadata" in keywords else {}
-            value, factory = keywords.get("default"), keywords.get("default_factory")
-        required = value is None and factory is None
-        try:
-            default = None if required else self.value(module, factory)() if factory else self.value(module, value)
-        except _Unknown:  # shown as written; tests/test_help.py fails until the reader knows it
-            default = ast.unparse(factory or value)
-        return _make_flag(stmt.target.id, self.kind(module, stmt.annotation), metadata, default, required)
-
-
-def _trainer_field_names() -> Optional[list[str]]:
-    """The names of transformers' TrainingArguments fields, read from its source (found without
-    importing transformers); None when that source cannot be read as expected."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("transformers")
-        path = os.path.join(spec.submodule_search_locations[0], "training_args.py")
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments")
-        names = []
-        for stmt in cls.body:
-            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-                continue
-            call = stmt.value
-            if isinstance(call, ast.Call) and any(
-                    k.arg == "init" and isinstance(k.value, ast.Constant) and not k.value.value for k in call.keywords):
-                continue
-            names.append(stmt.target.id)
-        return names or None
-    except Exception:  # a layout this reader does not know: the pointer then gives no number
-        return None
-
-
-def source_help_flags(command: str) -> HelpFlags:
-    """The flags read from the source of the command's dataclasses; imports nothing."""
-    source = _Source()
-    groups, others = [], None
-    for heading, ref in HELP[command].groups:
-        module, name = ref.split(":")
-        fields: dict[str, tuple[str, ast.AnnAssign]] = {}
-        external: list[str] = []
-        where, entry = source.lookup(module, name)
-        source.fields(_Class(where, entry[1]), fields, external)
-        flags = [source.flag(m, stmt) for m, stmt in fields.values()]
-        groups.append((heading, [f for f in flags if f is not None]))
-        if "transformers.TrainingArguments" in external:
-            trainer_names = _trainer_field_names()
-            others = None if trainer_names is None else [n for n in trainer_names if n not in fields]
-    return HelpFlags(_shown(command, groups), others)
+                base = transformers.TrainingArguments
+                trainer_flags = _flags_of(base, [f.name for f in dataclasses.fields(base)
+                                                 if f.init and f.name not in names])
+    return HelpFlags(_shown(command, groups), takes_trainer, trainer_flags)

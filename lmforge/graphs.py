@@ -2,13 +2,14 @@
 batch recorded once per batch shape, then replayed with one launch.
 
 Why lmforge does this itself: a small model's step can be bound by the host. LoRA DPO on the
-Qwen2.5-0.5B shape launches ~4,900 kernels a step (LoRA adds matmuls to every linear layer, in
-the policy's pass and the reference's), and one H200 was busy 32 % of the step
-(docs/bench_results.md, 2026-12-03). torch.compile's own CUDA graphs (mode reduce-overhead)
-cover each compiled region separately and could not take their fast path with 24 regions and
-pending backwards (measured 2026-11-23); the Trainer's loop as a whole cannot be captured (it
-reads values on the host). What can be captured is what lies between two host reads: one
-micro-step, `compute_loss` and the backward, which is where the kernels are.
+Qwen2.5-0.5B shape launches thousands of kernels a step (LoRA adds matmuls to every linear layer,
+in the policy's pass and the reference's), and the GPU idles for most of the step while the host
+launches them (measured: docs/bench_results.md, 2026-12-03, CUDA graphs over DPO's micro-steps).
+torch.compile's own CUDA graphs (mode reduce-overhead) cover each compiled region separately and
+could not take their fast path with 24 regions and pending backwards (measured:
+docs/bench_results.md, 2026-11-23, fused loss, compiled blocks); the Trainer's loop as a whole
+cannot be captured (it reads values on the host). What can be captured is what lies between two
+host reads: one micro-step, `compute_loss` and the backward, which is where the kernels are.
 
 How: the first `warmup` batches of each shape run eagerly (they compile, pick kernels and
 allocate as a normal step does, and train as one); the next one is captured into a graph, its
@@ -22,9 +23,9 @@ What it asks of a step: inputs of a fixed shape per key (the collator pads lengt
 `bucketed` pads the labelled positions and the documents' offsets, whose counts change with
 every batch), no read of a device value on the host inside `compute_loss` or the backward, one
 process. Measured for DPO. SFT's packed rows take the same path (`--cuda_graphs True`): the
-padding is exact on CPU tests and a GPU test trains as eager steps do, but on one H200 the 0.5B
-row ran at 141.8k tokens/s against 144.3k without (2026-12-03): that step keeps the GPU 97 %
-busy, so there was no launch gap to close, and graphs stay off for packed rows.
+padding is exact on CPU tests and a GPU test trains as eager steps do, but that step already
+keeps the GPU busy, so graphs gained nothing there and stay off for packed rows (measured:
+docs/bench_results.md, 2026-12-03 (afternoon), CUDA graphs over packed SFT rows).
 """
 
 from __future__ import annotations

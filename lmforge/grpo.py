@@ -22,7 +22,6 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Sequence
 
-from lmforge.config import DataArguments, GrpoArguments
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import CHAT, RecordStats
 from lmforge.data.render import Renderer, end_of_turn_token_id
@@ -34,6 +33,7 @@ from lmforge.distributed import shards_weights
 from lmforge.dpo_trainer import disable_dropout, frozen_copy
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
+from lmforge.flags import DataArguments, GrpoArguments
 from lmforge.model import apply_lora, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, chat_options, run
@@ -50,7 +50,8 @@ def reward_functions(grpo: GrpoArguments) -> Rewards:
 
 
 def static_cache(grpo: GrpoArguments) -> bool:
-    """--generation_cache auto: static on a CUDA GPU (measured 3.5x there), dynamic on a CPU."""
+    """--generation_cache auto: static on a CUDA GPU (several times faster there: measured,
+    docs/bench_results.md, GRPO on one H100), dynamic on a CPU."""
     if grpo.generation_cache == "auto":
         import torch
 

@@ -76,8 +76,8 @@ def logit_loss_and_grad(device: torch.device):
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, for an fp32 `acc` and 16-bit `a`, `b` too: on CUDA the matmul adds its fp32
     result into `acc` itself (cuBLAS's beta = 1, `out_dtype`) instead of writing a 16-bit product
-    and then reading and writing the whole fp32 [V, H] sum again for every chunk (2.4 ms of the
-    0.5B shape's step on one H200)."""
+    and then reading and writing the whole fp32 [V, H] sum again for every chunk (measured:
+    docs/bench_results.md, 2026-12-02 (evening))."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda" and _addmm_takes_out_dtype(acc.device, a.dtype):
@@ -149,8 +149,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
-            # Scaled and rounded in one pass (the head's gradient is the size of the vocabulary
-            # times the width: 0.58 ms a step as two kernels on the 0.5B shape, one H200).
+            # Scaled and rounded in one pass: the head's gradient is the size of the vocabulary
+            # times the width, and two passes over it cost a measurable share of a small model's
+            # step (docs/bench_results.md, 2026-12-02 (evening)).
             out = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
             grad_weight = torch.mul(grad_weight, grad_output, out=out)
         return grad_hidden, grad_weight, None, None, None

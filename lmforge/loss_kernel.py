@@ -4,12 +4,12 @@ The chunked cross-entropy (`lmforge.loss`) needs, for each chunk of logits, ever
 log-sum-exp, the target's logit and, for the gradient, softmax - one-hot. Written with torch ops
 (even compiled) that is five passes over a chunk: the bf16 logits cast to a materialised fp32
 copy, a max reduction, an exp-sum reduction, the gradient, and its cast back. On the 0.5B shape
-those passes took 12 ms of a 116 ms step on one H200 (bench/cli_throughput.py --profile,
-2026-12-02), for work the memory system can do in about 2: one kernel that reads each row once
-for an online log-sum-exp and once more (mostly from L2) to write the gradient in place over the
-logits, with no fp32 copy and no new allocation. Liger's cross-entropy kernel does the same job
-but is an optional dependency; this one is 40 lines and takes the per-row gradient scale that
-DPO's log-probabilities need.
+those passes took a large share of the step, for work the memory system can do in far less time
+(measured: docs/bench_results.md, 2026-12-02 (evening), the loss kernel): one kernel that reads
+each row once for an online log-sum-exp and once more (mostly from L2) to write the gradient in
+place over the logits, with no fp32 copy and no new allocation. Liger's cross-entropy kernel does
+the same job but is an optional dependency; this one is 40 lines and takes the per-row gradient
+scale that DPO's log-probabilities need.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import torch
 
 from lmforge.triton_launch import available, on
 
-# Vocabulary entries a program reads per iteration, and its warps. Measured on one H200 over a
-# chunk of 1,766 x 151,936 bf16 logits (bench/step_parts.py, 2026-12-02): 0.465 ms (3.5 TB/s of
-# traffic) at 8192 / 8; 4096 / 8 the same; 2048 / 16 0.735 ms, 16384 / 4 0.659 ms.
+# Vocabulary entries a program reads per iteration, and its warps: the fastest of the sizes tried
+# (measured: docs/bench_results.md, 2026-12-02 (evening), the loss kernel).
 BLOCK = 8192
 NUM_WARPS = 8
 

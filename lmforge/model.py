@@ -14,8 +14,9 @@ import torch
 import transformers
 
 from lmforge.attention import VARLEN, register_varlen
-from lmforge.config import LoraArguments, ModelArguments, read_json_object
+from lmforge.config import read_json_object
 from lmforge.errors import LmforgeError
+from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
@@ -135,7 +136,7 @@ def apply_rope_scaling(config, model_max_length: int | None, log=print) -> None:
     """Linear RoPE scaling when training past the model's native context: factor =
     ceil(model_max_length / max_position_embeddings), as FastChat's train.py does. Written as
     transformers 5 `rope_parameters` (keeping rope_theta), which the older `rope_scaling` dict
-    of the seed no longer fills in."""
+    FastChat's train.py sets no longer fills in."""
     native = getattr(config, "max_position_embeddings", None)
     if not native or not model_max_length or model_max_length <= native:
         return

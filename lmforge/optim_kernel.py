@@ -2,12 +2,12 @@
 
 `MasterWeightAdamW` without it makes four passes over every trained parameter a step: the
 16-bit gradients copied into fp32 ones, their norm and the clipping's scaling, torch's fused
-AdamW over the masters, and the masters copied back into the 16-bit weights. On the 0.5B shape
-that was 8.1 ms of a 116 ms step on one H200 (bench/cli_throughput.py --profile, 2026-12-03),
-and 7-19 ms on the 1B shape. This kernel reads each 16-bit gradient once, scales it by the
-clipping's factor, updates master and moments in fp32 (torch's fused AdamW arithmetic) and writes
-master, moments and the rounded 16-bit weight, in one launch per parameter group: about 30 bytes
-a parameter in all, where the four passes moved about 50. torch has no fused update for
+AdamW over the masters, and the masters copied back into the 16-bit weights: a share of a small
+model's step worth cutting (measured: docs/bench_results.md, 2026-12-03 (afternoon), the update
+kernel). This kernel reads each 16-bit gradient once, scales it by the clipping's factor, updates
+master and moments in fp32 (torch's fused AdamW arithmetic) and writes master, moments and the
+rounded 16-bit weight, in one launch per parameter group: about 30 bytes a parameter in all,
+where the four passes moved about 50. torch has no fused update for
 parameters and gradients of another dtype than its fp32 state; this is the one hand-written
 piece that buys it.
 
@@ -27,9 +27,8 @@ import torch
 
 from lmforge.triton_launch import available, on
 
-# Elements a program updates, and its warps. Measured on one H200 over the 0.5B shape's 494M
-# parameters with every load masked (bench/step_parts.py, 2026-12-03): 1024 / 4 7.24 ms, 2048 / 8
-# 8.88, 4096 / 8 10.45; torch's passes 8.69.
+# Elements a program updates, and its warps: the fastest of the sizes tried (measured:
+# docs/bench_results.md, 2026-12-03 (afternoon), the update kernel).
 BLOCK = 1024
 NUM_WARPS = 4
 # Every tensor starts a multiple of this many elements from its kind's first (PyTorch's allocator

@@ -10,40 +10,22 @@ records as JSONL or show them with their loss mask. Takes the command line of `l
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
-from lmforge.config import LoraArguments, ModelArguments, TrainingArguments
+from lmforge.config import TrainingArguments
 from lmforge.data.batches import PreparedData, build_batches
 from lmforge.data.split import record_lengths, trained_counts
 from lmforge.data.store import DamagedEntry, dump_records, verify_entry
 from lmforge.errors import LmforgeError
+from lmforge.flags import LoraArguments, ModelArguments, PrepareArguments, PrepareTrainingFlags
 from lmforge.recipe import Flags, parse_flags
 from lmforge.sft import Sft
 
 
 @dataclass
-class PrepareArguments:
-    dump: Optional[str] = field(default=None, metadata={"help": "Write the first --dump_n records here as JSONL."})
-    dump_n: int = field(default=10, metadata={"help": "How many records --dump writes."})
-    show: int = field(
-        default=0,
-        metadata={"help": "Print the first N training records with the tokens that carry loss marked, the "
-                          "optimizer steps, tokens per step and estimated memory the same command line would "
-                          "train with (the pre-flight check of lmforge sft), without training."},
-    )
-    verify: bool = field(
-        default=False,
-        metadata={"help": "Read the cache entries of this command line whole and compare them with their "
-                          "checksums: prints the bytes and rows verified, or the damage (a damaged entry is "
-                          "rebuilt)."},
-    )
-
-
-@dataclass
-class PrepareTrainingArguments(TrainingArguments):
-    output_dir: Optional[str] = field(
-        default=".", metadata={"help": "Accepted so sft command lines work as is; prepare writes nothing there."})
+class PrepareTrainingArguments(PrepareTrainingFlags, TrainingArguments):
+    """`lmforge prepare`'s training arguments: `lmforge sft`'s, writing nothing to --output_dir."""
 
 
 def show(data: PreparedData, flags: Flags, n: int) -> None:

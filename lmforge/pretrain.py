@@ -19,11 +19,11 @@ if __name__ == "__main__":  # python -m lmforge.pretrain --help: answered before
 from dataclasses import asdict
 from typing import Sequence
 
-from lmforge.config import PretrainDataArguments
 from lmforge.data.batches import Batches, PreparedData, prepare_data
 from lmforge.data.encode import TEXT
 from lmforge.data.options import TextOptions
 from lmforge.data.split import describe_split, record_lengths
+from lmforge.flags import PretrainDataArguments
 from lmforge.model import load_tokenizer
 from lmforge.preflight import Preflight
 from lmforge.recipe import Flags, Method, Model, run

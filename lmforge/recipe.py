@@ -16,15 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 import transformers
 
-from lmforge.config import (
-    DataArguments,
-    LoraArguments,
-    ModelArguments,
-    TrainingArguments,
-    expand_argv,
-    parse,
-    setup_process,
-)
+from lmforge.config import TrainingArguments, expand_argv, parse, setup_process
 from lmforge.data.batches import Batches, PreparedData, build_batches, prepare_data
 from lmforge.data.encode import Kind
 from lmforge.data.options import ChatOptions
@@ -36,6 +28,7 @@ from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows, choose_fast_path
 from lmforge.fast_path import describe as describe_choices
+from lmforge.flags import DataArguments, LoraArguments, ModelArguments
 from lmforge.graphs import graphs_unsupported
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype

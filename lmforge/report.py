@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.errors import LmforgeError
+from lmforge.flags import ReportArguments
 
 REPORT_NAME = "report.md"
 PLOTS_DIR = "report"  # the PNGs, beside report.md
@@ -577,11 +578,6 @@ def record_end(run_dir: str, device) -> None:
 # ---------------------------------------------------------------------------------------------
 # lmforge report DIR
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReportArguments:
-    run_dir: str = field(metadata={"help": "An lmforge output directory (finished, stopped or still training)."})
 
 
 def main(argv: Sequence[str]) -> str:

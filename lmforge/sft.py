@@ -20,10 +20,10 @@ if __name__ == "__main__":  # python -m lmforge.sft --help: answered before the 
 from dataclasses import asdict
 from typing import Sequence
 
-from lmforge.config import DataArguments
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import CHAT
 from lmforge.data.split import describe_split, length_histogram, record_lengths, trained_counts
+from lmforge.flags import DataArguments
 from lmforge.preflight import Preflight
 from lmforge.recipe import Flags, Method, run
 from lmforge.samples import SampleGenerations, held_out_prompts

@@ -7,13 +7,11 @@ where no pretrained tokenizer fits the data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import parse
-from lmforge.data.options import TextSplit
 from lmforge.data.sources import iter_documents
 from lmforge.data.templates import (
     BUILTIN_SPECIAL_TOKENS,
@@ -21,9 +19,9 @@ from lmforge.data.templates import (
     CHATML_USER,
 )
 from lmforge.errors import LmforgeError
+from lmforge.flags import DEFAULT_SPECIAL_TOKENS, TokenizerTrainArguments
 
-PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-DEFAULT_SPECIAL_TOKENS = (PAD, IM_START, IM_END)
+PAD, IM_START, IM_END = DEFAULT_SPECIAL_TOKENS
 
 
 def train_bpe_tokenizer(
@@ -57,22 +55,6 @@ def train_bpe_tokenizer(
     )
     fast.chat_template = chat_template
     return fast
-
-
-@dataclass
-class TokenizerTrainArguments:
-    train_files: list[str] = field(
-        default_factory=list, metadata={"help": "Text to learn the vocabulary from (.txt, .json, .jsonl, .parquet)."}
-    )
-    output_dir: str = field(default="tokenizer", metadata={"help": "Where the tokenizer is saved."})
-    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size, special tokens included."})
-    special_tokens: list[str] = field(
-        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
-        metadata={"help": "Special tokens, first ids: <|endoftext|> (padding), <|im_start|>, <|im_end|> (EOS)."},
-    )
-    text_field: str = field(default="text", metadata={"help": "The field holding the text in json/jsonl/parquet."})
-    text_split: TextSplit = field(default=TextSplit.LINE, metadata={"help": "Documents in .txt: file, blank_line, line."})
-    template: str = field(default="chatml_user", metadata={"help": "The chat template saved with it (a built-in)."})
 
 
 def main(argv: Sequence[str]) -> None:

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from lmforge.config import LoraArguments, ModelArguments
+from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.model import load_model, load_tokenizer
 
 

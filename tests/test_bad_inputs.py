@@ -869,7 +869,7 @@ def test_modules_to_save_typo_is_refused():
     the module the user asked for and save no copy of it."""
     import transformers
 
-    from lmforge.config import LoraArguments
+    from lmforge.flags import LoraArguments
     from lmforge.errors import LmforgeError
     from lmforge.model import apply_lora
 
@@ -889,7 +889,7 @@ def test_modules_to_save_typo_is_refused():
 def test_model_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
     import transformers.dynamic_module_utils
 
-    from lmforge.config import ModelArguments
+    from lmforge.flags import ModelArguments
     from lmforge.errors import LmforgeError
     from lmforge.model import load_config
 
@@ -909,7 +909,8 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
 
 
 def test_trust_remote_code_is_off_unless_passed(tmp_path):
-    from lmforge.config import LoraArguments, ModelArguments, TrainingArguments, parse
+    from lmforge.config import TrainingArguments, parse
+    from lmforge.flags import LoraArguments, ModelArguments
 
     model_args, *_ = parse((ModelArguments, LoraArguments, TrainingArguments), ["--output_dir", str(tmp_path)])
     assert model_args.trust_remote_code is False
@@ -929,14 +930,15 @@ class _Payload:
 
 @pytest.fixture
 def built_entry(tmp_path, qwen_tokenizer):
-    from lmforge.data.encode import prepare_chat as prepare_cache
+    from lmforge.data.encode import CHAT
+    from lmforge.data.encode import prepare as prepare_cache
     from lmforge.data.options import ChatOptions as PrepareOptions
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([GOOD, SYSTEM, GOOD]))
 
     def build():
-        return prepare_cache([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+        return prepare_cache(CHAT, [str(data)], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template,
                              cache_dir=str(tmp_path / "cache"))
 
     return build

@@ -43,16 +43,10 @@ from safetensors.torch import load_file, save_file
 
 from lmforge import cli as cli_module
 from lmforge.cli import main as cli
-from lmforge.config import (
-    DataArguments,
-    LoraArguments,
-    ModelArguments,
-    SHIPPED_CONFIGS,
-    TrainingArguments,
-    parse,
-)
+from lmforge.config import SHIPPED_CONFIGS, TrainingArguments, parse
 from lmforge.distributed import configure_fsdp_wrapping, decoder_layer_classes, local_main_first
 from lmforge.errors import LmforgeError
+from lmforge.flags import DataArguments, LoraArguments, ModelArguments
 from lmforge.verify_save import check_saved_model, saved_shapes
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA

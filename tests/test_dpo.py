@@ -24,16 +24,16 @@ import torch
 import transformers
 
 from lmforge.cli import main as cli
-from lmforge.config import DpoLoss
 from lmforge.data.collate import LABEL_POSITIONS, SEQUENCE_STARTS, PackedPairCollator, PairCollator
-from lmforge.data.encode import check_pair, prepare_pairs
+from lmforge.data.encode import PAIRS, PairKind, check_pair, prepare
 from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.data.options import PreferenceFormat
 from lmforge.data.records import Pair, iter_pairs
 from lmforge.data.render import IGNORE_INDEX, Rendered
 from lmforge.data.schema import Message
-from lmforge.errors import RecordError
 from lmforge.dpo_trainer import batch_log_probs, preference_loss
+from lmforge.errors import RecordError
+from lmforge.flags import DpoLoss
 from lmforge.train import Trainer
 
 from conftest import ROOT
@@ -83,7 +83,7 @@ def dpo_argv(base: str, data: str, out: str, *extra: str) -> list[str]:
 def cached_batch(base: str, data: str) -> dict:
     """All pairs of `data` as one PairCollator batch (chosen rows, then rejected rows)."""
     tok = transformers.AutoTokenizer.from_pretrained(base)
-    cached = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128))
+    cached = prepare(PAIRS, [data], tok, PairKind.fixed(PrepareOptions(model_max_length=128)), tok.chat_template)
     ds = cached.dataset()
     return PairCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
 
@@ -137,7 +137,8 @@ def test_masks_score_only_the_answers_and_prompt_tokens_are_identical(tmp_path, 
                                {"role": "user", "content": "Capital of France?"},
                                {"role": "assistant", "content": "I think it is Rome."}]}
     data = write_jsonl(tmp_path / "pairs.jsonl", [multi_turn])
-    row = prepare_pairs([data], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions()).dataset()[0]
+    entry = prepare(PAIRS, [data], qwen_tokenizer, PairKind.fixed(PrepareOptions()), qwen_tokenizer.chat_template)
+    row = entry.dataset()[0]
     im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
     for side, answer in (("chosen", "Paris."), ("rejected", "I think it is Rome.")):
         ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
@@ -190,7 +191,7 @@ def test_bad_pairs_are_counted_when_skipping(tmp_path, small_base):
                                                              if "prompt" in r and isinstance(r["prompt"], str)],
                                                   good[1]])
     tok = transformers.AutoTokenizer.from_pretrained(small_base)
-    stats = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(on_bad_record="skip")).stats
+    stats = prepare(PAIRS, [data], tok, PairKind.fixed(PrepareOptions(on_bad_record="skip")), tok.chat_template).stats
     assert (stats.records, stats.kept) == (5, 2)
     assert stats.skipped == {"missing_side": 1, "identical_answers": 1, "empty_answer": 1}
     assert stats.skip_examples["missing_side"] == f"{data}, line 2: {BAD_PAIRS['missing_side'][1]}"
@@ -235,7 +236,7 @@ def test_packed_pairs_score_as_padded_pairs(tmp_path, small_base):
     token counts and gradients, with no padding but the row's end."""
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
     tok = transformers.AutoTokenizer.from_pretrained(small_base)
-    ds = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128)).dataset()
+    ds = prepare(PAIRS, [data], tok, PairKind.fixed(PrepareOptions(model_max_length=128)), tok.chat_template).dataset()
     pairs = [ds[i] for i in range(len(ds))]
     padded = PairCollator(tok.pad_token_id)(pairs)
     packed = PackedPairCollator(tok.pad_token_id, label_positions=True)(pairs)
@@ -271,7 +272,7 @@ def test_padded_positions_score_as_the_labelled_positions(tmp_path, small_base, 
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
     tok = transformers.AutoTokenizer.from_pretrained(small_base)
-    ds = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128)).dataset()
+    ds = prepare(PAIRS, [data], tok, PairKind.fixed(PrepareOptions(model_max_length=128)), tok.chat_template).dataset()
     collator = (PackedPairCollator if packing else PairCollator)(tok.pad_token_id, label_positions=True)
     batch = collator([ds[i] for i in range(len(ds))])
     model = transformers.AutoModelForCausalLM.from_pretrained(small_base, dtype=torch.float32).eval()
@@ -460,7 +461,8 @@ def test_full_dpo_raises_margin_and_accuracy(tmp_path, small_base, capsys):
 
 
 def test_lora_dpo_keeps_base_and_disabled_adapter_is_the_base(tmp_path, small_base):
-    from lmforge.config import DpoArguments, LoraArguments, ModelArguments, TrainingArguments
+    from lmforge.config import TrainingArguments
+    from lmforge.flags import DpoArguments, LoraArguments, ModelArguments
     from lmforge.model import apply_lora, load_model, load_tokenizer
     from lmforge.dpo_trainer import DpoTrainer
     from lmforge.train import train_and_save
@@ -471,7 +473,7 @@ def test_lora_dpo_keeps_base_and_disabled_adapter_is_the_base(tmp_path, small_ba
     lora_args = LoraArguments(lora=True, lora_dropout=0.0)
     model = apply_lora(load_model(ModelArguments(model_name_or_path=small_base), tok, lora=lora_args), lora_args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cached = prepare_pairs([data], tok, tok.chat_template, PrepareOptions(model_max_length=128))
+    cached = prepare(PAIRS, [data], tok, PairKind.fixed(PrepareOptions(model_max_length=128)), tok.chat_template)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
                              learning_rate=2e-2, report_to="none", disable_tqdm=True, save_strategy="no",
                              dataloader_pin_memory=False, remove_unused_columns=False)

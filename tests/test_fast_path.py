@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.config import ModelArguments, TrainingArguments
+from lmforge.config import TrainingArguments
 from lmforge.fast_path import Rows, choose_fast_path, describe
+from lmforge.flags import ModelArguments
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 

@@ -1,9 +1,8 @@
-"""`lmforge COMMAND --help`: lmforge's flags first, grouped, read from the source without
-importing torch or transformers; `--help_all` adds the Trainer's; `lmforge --version`.
+"""`lmforge COMMAND --help`: lmforge's flags first, grouped, from `lmforge.flags` without importing
+torch or transformers; `--help_all` adds the Trainer's; `lmforge --version`.
 
-The fast help reads the dataclasses' source (lmforge/flag_help.py says why); the tests here hold it
-to the imported dataclasses, flag by flag, and the table of which dataclasses each command
-parses to what the commands really parse, so that neither can drift."""
+The table of which dataclasses each command's help shows is held to what the commands really
+parse, so that the two cannot drift."""
 
 from __future__ import annotations
 
@@ -58,8 +57,8 @@ def test_groups_in_order_lmforge_flags_before_the_trainers(fast, full):
     assert "--fused_loss" in text and "--compile_blocks" in text and "--resume" in text
     lines = full["sft"].splitlines()
     trainer_at = lines.index(next(line for line in lines if line.startswith("the Trainer's flags")))
-    lmforge_flags = {f.name for _, group in flag_help.source_help_flags("sft").groups for f in group}
-    trainer_flags = set(flag_help.source_help_flags("sft").trainer)
+    lmforge_flags = {f.name for _, group in flag_help.help_flags("sft").groups for f in group}
+    trainer_flags = {f.name for f in flag_help.help_flags("sft", trainer=True).trainer_flags}
     for i, line in enumerate(lines):
         m = FLAG_LINE.match(line + " ")
         if m and m.group(1) in lmforge_flags:
@@ -71,12 +70,10 @@ def test_groups_in_order_lmforge_flags_before_the_trainers(fast, full):
 def test_trainer_flags_behind_help_all(fast, full):
     assert "warmup_steps" not in flag_names(fast["sft"])
     assert "warmup_steps" in flag_names(full["sft"]) and "learning_rate" in flag_names(full["sft"])
-    pointer = fast["sft"].splitlines()[-1]
-    n = len(flag_help.imported_help_flags("sft").trainer)
-    assert pointer.startswith(f"the Trainer's {n} other flags") and pointer.endswith("lmforge sft --help_all")
-    assert "--output_dir" in pointer
+    pointer = " ".join(fast["sft"].split("\n\n")[-1].split())
+    assert pointer.startswith("the Trainer's other flags (--output_dir, ") and pointer.endswith("lmforge sft --help_all")
     # prepare declares --output_dir itself (optional there): it is lmforge's flag, not the Trainer's
-    assert "output_dir" in flag_names(fast["prepare"]) and "--output_dir" not in fast["prepare"].splitlines()[-1]
+    assert "output_dir" in flag_names(fast["prepare"]) and "--output_dir" not in fast["prepare"].split("\n\n")[-1]
     for command in ("tokenizer", "merge", "report", "chat", "demo"):
         assert "Trainer" not in fast[command] and full[command] == fast[command]
 
@@ -106,14 +103,18 @@ def test_boolean_and_enum_flags_shown_with_their_values(fast):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_fast_help_is_the_dataclasses(command):
-    """No drift: the flags read from the source are the imported dataclasses' fields, with the
-    same types, defaults and help texts; with the Trainer's, every flag `parse` accepts."""
-    source, imported = flag_help.source_help_flags(command), flag_help.imported_help_flags(command)
-    assert source == imported
+def test_help_and_help_all_show_every_flag_parse_accepts(command):
+    """The short help's groups are --help_all's; with the Trainer's flags, every flag of the
+    dataclasses the command parses, once."""
+    short, full = flag_help.help_flags(command), flag_help.help_flags(command, trainer=True)
+    assert short.groups == full.groups and short.trainer == full.trainer
     classes = [flag_help._import_class(ref) for _, ref in flag_help.HELP[command].groups]
+    shown = [f.name for _, group in short.groups for f in group] + [f.name for f in full.trainer_flags or []]
+    import transformers
+
     parsed = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
-    shown = [f.name for _, group in source.groups for f in group] + (source.trainer or [])
+    if short.trainer:
+        parsed |= {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
     assert sorted(shown) == sorted(parsed)
 
 
@@ -135,7 +136,17 @@ def test_help_table_is_what_the_command_parses(command, monkeypatch):
             monkeypatch.setattr(owner, "parse", capture)
     with pytest.raises(Parsed) as parsed:
         module.main(MAIN_ARGS.get(command, []))
-    assert parsed.value.args[0] == tuple(flag_help._import_class(ref) for _, ref in flag_help.HELP[command].groups)
+    shown = [flag_help._import_class(ref) for _, ref in flag_help.HELP[command].groups]
+    parsed_classes = parsed.value.args[0]
+    assert len(parsed_classes) == len(shown)
+    for parsed_class, shown_class in zip(parsed_classes, shown):
+        # The same class, or (training flags) transformers' TrainingArguments joined with it: the
+        # flags lmforge declares in the parsed class are exactly the shown class's.
+        assert issubclass(parsed_class, shown_class), (parsed_class, shown_class)
+        lmforge_own = {f.name for f in dataclasses.fields(parsed_class)
+                       if any(f.name in vars(k).get("__annotations__", {}) for k in parsed_class.__mro__
+                              if k.__module__.startswith("lmforge"))}
+        assert lmforge_own == {f.name for f in dataclasses.fields(shown_class)}, (parsed_class, shown_class)
     if command in TRAINING:
         method = next(v for v in vars(module).values() if isinstance(v, type)
                       and issubclass(v, lmforge.recipe.Method) and getattr(v, "command", None) == command)
@@ -186,6 +197,17 @@ def test_module_entry_help(capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[0] == "usage: lmforge sft [flags]"
 
 
+def test_the_flags_module_imports_only_the_standard_library_and_the_data_options():
+    code = ("import sys\n"
+            "before = set(sys.modules)\n"
+            "import lmforge.flags\n"
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('lmforge') or '.' not in m "
+            "and m in ('torch', 'transformers', 'numpy', 'tokenizers', 'yaml')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(["lmforge", "lmforge.data", "lmforge.data.options", "lmforge.errors",
+                                      "lmforge.flags"]))
+
+
 def test_fast_help_imports_neither_torch_nor_transformers():
     code = ("import contextlib, io, sys\n"
             "from lmforge.cli import main\n"
@@ -234,7 +256,7 @@ def test_help_all_shows_each_trainer_flag_as_the_parser_reads_it():
     from transformers.hf_argparser import string_to_bool
 
     parser = transformers.HfArgumentParser(transformers.TrainingArguments)
-    flags = flag_help.imported_help_flags("sft", trainer=True).trainer_flags
+    flags = flag_help.help_flags("sft", trainer=True).trainer_flags
     assert len(flags) > 100
     for flag in flags:
         action = parser._option_string_actions[f"--{flag.name}"]

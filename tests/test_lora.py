@@ -11,10 +11,11 @@ import torch
 import transformers
 
 from lmforge.cli import main as cli
-from lmforge.config import LoraArguments, ModelArguments, TrainingArguments
+from lmforge.config import TrainingArguments
 from lmforge.data.collate import PaddedCollator
-from lmforge.data.encode import prepare_chat as prepare
+from lmforge.data.encode import CHAT, prepare
 from lmforge.data.options import ChatOptions as PrepareOptions
+from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.model import apply_lora, load_model, load_tokenizer
 from lmforge.train import train_and_save
 
@@ -52,7 +53,8 @@ def test_only_adapters_train_and_merge_matches(tmp_path, base_model):
     args = TrainingArguments(output_dir=out, max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
                              report_to="none", disable_tqdm=True, save_strategy="no", dataloader_pin_memory=False)
     tokenizer = load_tokenizer(model_args)
-    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    data = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], tokenizer, PrepareOptions(model_max_length=128),
+                   tokenizer.chat_template)
     model = apply_lora(load_model(model_args, tokenizer, model_max_length=128, lora=lora_args), lora_args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_and_save(model, args, tokenizer, data.dataset(), None, PaddedCollator(tokenizer.pad_token_id), None,
@@ -99,7 +101,8 @@ def _train_lora_bf16(base: str, out: str, adapter_dtype: torch.dtype | None):
                              max_grad_norm=0.05, bf16=True, use_cpu=True, logging_steps=1, report_to="none",
                              disable_tqdm=True, save_strategy="no", dataloader_pin_memory=False, seed=0)
     tokenizer = load_tokenizer(model_args)
-    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    data = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], tokenizer, PrepareOptions(model_max_length=128),
+                   tokenizer.chat_template)
     model = load_model(model_args, tokenizer, model_max_length=128, lora=lora_args)
     torch.manual_seed(0)  # the adapters' initialisation
     model = apply_lora(model, lora_args, adapter_dtype=adapter_dtype)
@@ -190,7 +193,8 @@ def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
     args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
                              report_to="none", disable_tqdm=True, save_strategy="no", bf16=True)
     tokenizer = load_tokenizer(model_args)
-    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    data = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], tokenizer, PrepareOptions(model_max_length=128),
+                   tokenizer.chat_template)
     model = apply_lora(load_model(model_args, tokenizer, model_max_length=128, lora=lora_args), lora_args)
     quantized = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized, "no 4-bit layers"
@@ -235,7 +239,8 @@ def test_qlora_stores_tied_embedding_and_head_in_one_4bit_copy(tmp_path):
     out = str(tmp_path / "out")
     lora_args = LoraArguments(q_lora=True)
     model = apply_lora(quantized, lora_args)
-    data = prepare([str(DUMMY_CONVERSATIONS)], tokenizer, tokenizer.chat_template, PrepareOptions(model_max_length=128))
+    data = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], tokenizer, PrepareOptions(model_max_length=128),
+                   tokenizer.chat_template)
     args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                              report_to="none", disable_tqdm=True, save_strategy="no", bf16=True)
     packed_before = head.weight.data.clone()

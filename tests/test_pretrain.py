@@ -11,7 +11,7 @@ import transformers
 
 from lmforge.cli import main as cli
 from lmforge.data.collate import PaddedCollator
-from lmforge.data.encode import prepare_text as prepare_pretrain
+from lmforge.data.encode import TEXT, prepare
 from lmforge.data.options import Remainder, TextSplit
 from lmforge.data.options import TextOptions as PretrainOptions
 from lmforge.data.sources import iter_documents
@@ -46,7 +46,7 @@ def test_trained_tokenizer_loads_with_chat_template(trained_tokenizer):
 def test_blocks_are_the_corpus_in_order(tmp_path, qwen_tokenizer, remainder):
     paths = [str(C4), str(SHAKESPEARE)]
     options = PretrainOptions(block_size=1000, text_split=TextSplit.BLANK_LINE, remainder=remainder)
-    entry = prepare_pretrain(paths, qwen_tokenizer, options)
+    entry = prepare(TEXT, paths, qwen_tokenizer, options)
     blocks = entry.dataset()["input_ids"]
     # Reference: every document tokenized alone, followed by EOS, files in the order given.
     stream = []
@@ -70,11 +70,11 @@ def test_text_errors_name_the_record(tmp_path, qwen_tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"content": "wrong field"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl, line 2: field 'text' is missing \(keys: \['content'\]\)"):
-        prepare_pretrain([str(bad)], qwen_tokenizer, PretrainOptions(block_size=4))
+        prepare(TEXT, [str(bad)], qwen_tokenizer, PretrainOptions(block_size=4))
     small = tmp_path / "small.txt"
     small.write_text("only a few words")
     with pytest.raises(LmforgeError, match="fewer than one block"):
-        prepare_pretrain([str(small)], qwen_tokenizer, PretrainOptions(block_size=512))
+        prepare(TEXT, [str(small)], qwen_tokenizer, PretrainOptions(block_size=512))
 
 
 def test_pretrain_from_scratch_then_continue(tmp_path, trained_tokenizer):

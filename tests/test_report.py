@@ -258,7 +258,7 @@ def test_optimizer_steps_as_the_trainer_counts(rows, batch, accumulation, world,
 
 
 def test_val_split_flag_is_checked(tmp_path):
-    from lmforge.config import DataArguments
+    from lmforge.flags import DataArguments
 
     with pytest.raises(LmforgeError, match=r"--val_split must be a fraction in \[0, 1\), got 1.5"):
         DataArguments(data_path=["x.json"], val_split=1.5)

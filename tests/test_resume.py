@@ -321,7 +321,7 @@ def test_incomplete_newest_checkpoint_is_skipped_with_a_message(two_checkpoints,
         os.remove(os.path.join(newest, "optimizer.pt"))
     else:
         with open(os.path.join(newest, MANIFEST_NAME), "w") as f:
-            f.write('{"format": 1, "step": 4, "fil')
+            f.write('{"format": 2, "step": 4, "fil')
     assert resolve_resume(out, resume=True, overwrite=False) == os.path.join(out, "checkpoint-2")
     assert f"lmforge: ignoring incomplete checkpoint {newest}: {reason}" in capsys.readouterr().out
 

@@ -220,7 +220,7 @@ def test_offsets_mask_is_causal_within_each_sequence():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
 def test_auto_attention_is_sdpa_without_a_gpu():
-    from lmforge.config import ModelArguments
+    from lmforge.flags import ModelArguments
     from lmforge.model import attention_implementation
 
     logged = []
@@ -231,7 +231,7 @@ def test_auto_attention_is_sdpa_without_a_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_varlen_refused_without_a_gpu():
-    from lmforge.config import ModelArguments
+    from lmforge.flags import ModelArguments
     from lmforge.errors import LmforgeError
     from lmforge.model import attention_implementation
 

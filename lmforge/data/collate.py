@@ -2,7 +2,7 @@
 that step needs and that is cheap on the CPU but costly on the GPU.
 
 - `PaddedCollator`: one record per row, padded on the right to the longest in the batch (not
-  to model_max_length, which is what makes the seed scripts slow), labels padded with -100,
+  to model_max_length, which is what makes FastChat's and happy-llm's scripts slow), labels padded with -100,
   an attention mask. Rows without labels (pretraining blocks) train on every token.
 - `PackedCollator`: packed rows (`pack.py`): positions and document ids, no attention mask
   (the trainer builds the per-document mask, or none for varlen attention).

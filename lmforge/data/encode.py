@@ -113,10 +113,6 @@ class TextStats:
         return "\n".join(lines + skip_summary(self.skipped, self.skip_examples))
 
 
-ChatCache = Cached[RecordStats]
-PairCache = Cached[RecordStats]
-TextCache = Cached[TextStats]
-
 # ---------------------------------------------------------------------------------------------
 # The length policy (chat records and pairs)
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +356,9 @@ def render_pairs(renderer: Renderer, pairs: Sequence) -> list[list[Rendered] | R
 
 
 class PairKind(Kind):
-    """DPO preference pairs → one row holding both sides, each scored on its last answer."""
+    """DPO preference pairs → one row holding both sides, each scored on its last answer; the
+    stats count pairs as records and the tokens of both sides. Pass `prepare` the options
+    through `fixed`."""
 
     name, chunk, one_row = "dpo", 128, True  # a chunk of pairs is twice as many conversations
     columns = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -583,25 +581,6 @@ class TokenizingStopped(LmforgeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-def prepare_chat(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,
-                 num_workers: int | None = 1) -> ChatCache:
-    """SFT conversations of `paths` rendered with `template` into the cache (or found there)."""
-    return prepare(CHAT, paths, tokenizer, options, template, cache_dir, num_workers)
-
-
-def prepare_pairs(paths: Sequence[str], tokenizer, template: str, options: ChatOptions, cache_dir: str | None = None,
-                  num_workers: int | None = 1) -> PairCache:
-    """Preference pairs of `paths` into the cache (or found there); stats count pairs as records
-    and the tokens of both sides."""
-    return prepare(PAIRS, paths, tokenizer, PairKind.fixed(options), template, cache_dir, num_workers)
-
-
-def prepare_text(paths: Sequence[str], tokenizer, options: TextOptions, cache_dir: str | None = None,
-                 num_workers: int | None = 1) -> TextCache:
-    """Pretraining text of `paths` tokenized and cut into blocks in the cache (or found there)."""
-    return prepare(TEXT, paths, tokenizer, options, None, cache_dir, num_workers)
 
 
 # Worker side: the kind, its state (a Renderer, or the tokenizer) and the options, per process.

@@ -45,13 +45,13 @@ from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.run_lock import process_alive
 
-CACHE_VERSION = 5  # 3: entries carry entry.json; 4: masks on the rendered text; 5: empty system messages
-# as written, empty tool lists as none, header tokens never trained, long pairs cut
+CACHE_VERSION = 5  # part of every entry's key: raised when what an entry holds changes
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"
 VERIFIED = "verified.json"  # tokens.arrow matched its checksums, at this size and modification time
 OWNER = "owner.json"  # in a temporary build directory: the process building it (pid, host)
 # The checksums guard against accidental damage (a bad disk, a short copy), not tampering, so
-# CRC-32, read by checkpoint.crc_range (~4 GB/s a core; see checkpoint.py). One per block: a check stops at the first
+# CRC-32, read by checkpoint.crc_range (several times faster than a cryptographic hash: measured,
+# docs/bench_results.md, checkpoint checksums). One per block: a check stops at the first
 # damaged block and says which bytes.
 CHECKSUM = "crc32"
 CRC_BLOCK = 64 << 20
@@ -228,8 +228,7 @@ def _check_sizes(path: str) -> tuple[dict, dict, int]:
 def _check_checksums(path: str, manifest: dict) -> None:
     """Read tokens.arrow whole and compare each block's CRC-32 with entry.json's; raises
     `DamagedEntry` at the first block that differs, naming its bytes. An entry.json without
-    checksums counts as damaged: the entry was built before lmforge wrote them, and rebuilding
-    it is the only way to know its tokens."""
+    checksums counts as damaged: rebuilding the entry is the only way to know its tokens."""
     tokens = os.path.join(path, TOKENS)
     crcs, block = manifest.get(CHECKSUM), manifest.get("block_bytes")
     if not (isinstance(crcs, list) and isinstance(block, int) and block > 0):

@@ -156,8 +156,8 @@ class TransformersEngine:
     one batch; generation stops at the template's end-of-turn token (`stop_ids`).
 
     `static_cache`: a cache of fixed size, for which transformers compiles the decode step (into
-    CUDA graphs on a GPU): measured on one H100 (0.5B shape, bf16, 64 completions x 256 tokens)
-    3.5x the dynamic cache's speed once compiled. Prompts are then padded to a multiple of
+    CUDA graphs on a GPU): several times the dynamic cache's speed once compiled (measured:
+    docs/bench_results.md, GRPO on one H100). Prompts are then padded to a multiple of
     `PROMPT_BUCKET`, so that a run compiles a few cache shapes, not one per step."""
 
     def __init__(self, pad_id: int, stop_ids: Sequence[int], static_cache: bool = False):

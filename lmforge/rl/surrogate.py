@@ -32,42 +32,11 @@ exp(mean_t (p - p_old)), the same for each of its tokens.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
-
-class LossType(str, enum.Enum):
-    """How per-token losses are aggregated over a step (`--loss_type`)."""
-
-    DAPO = "dapo"
-    """Per token: every completion token of the step weighs the same (DAPO; the default)."""
-    GRPO = "grpo"
-    """Per sequence: each completion's mean token loss, averaged over completions (GRPO)."""
-    DR_GRPO = "dr_grpo"
-    """By a constant: summed, divided by completions × max completion length (Dr. GRPO)."""
-
-
-class ScaleRewards(str, enum.Enum):
-    """What a completion's advantage (its reward less its group's mean) is divided by."""
-
-    GROUP = "group"
-    """The standard deviation of its group's rewards (GRPO)."""
-    BATCH = "batch"
-    """The standard deviation of the whole batch's rewards."""
-    NONE = "none"
-    """Nothing (Dr. GRPO: the std scaling biases towards too easy and too hard prompts)."""
-
-
-class RatioLevel(str, enum.Enum):
-    """The importance ratio the surrogate clips."""
-
-    TOKEN = "token"
-    """Per token (GRPO, DAPO)."""
-    SEQUENCE = "sequence"
-    """Per completion, length-normalised (GSPO)."""
-
+from lmforge.flags import LossType, RatioLevel, ScaleRewards
 
 # Added to a standard deviation before dividing by it: a group whose completions all got the
 # same reward has std 0 and advantages 0, which this keeps at 0 rather than NaN.

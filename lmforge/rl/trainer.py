@@ -38,7 +38,7 @@ from lmforge.data.render import IGNORE_INDEX
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.loss import token_log_probs
-from lmforge.rl.surrogate import LossType, ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
+from lmforge.rl.surrogate import ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
 from lmforge.rl.rollout import Completion, Engine, Prompt, Sampling
 from lmforge.samples import SAMPLES_NAME
 from lmforge.train import LmforgeCallback, Trainer, is_peft

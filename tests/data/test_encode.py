@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.cli import main as cli
 from lmforge.data import encode
-from lmforge.data.encode import prepare_chat as prepare
+from lmforge.data.encode import CHAT, PAIRS, PairKind, prepare
 from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.data.options import LongRecords, OnBadRecord
 from lmforge.data.render import Renderer
@@ -34,7 +34,7 @@ def write_json(path, data) -> str:
 def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypatch):
     data = write_json(tmp_path / "d.json", records(5))
     template = qwen_tokenizer.chat_template
-    first = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    first = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template)
     assert first.stats.kept == 5 and len(first.dataset()) == 5
 
     # Same inputs: found in the cache, nothing is rendered again.
@@ -42,17 +42,17 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypa
         raise AssertionError("rendered again")
 
     monkeypatch.setattr(encode, "ordered_map", no_render)
-    again = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    again = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template)
     assert again.path == first.path and again.stats == first.stats
     monkeypatch.undo()
 
     # Changed content, options or template: a new entry.
     write_json(tmp_path / "d.json", records(6))
-    changed = prepare([data], qwen_tokenizer, template, PrepareOptions())
+    changed = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template)
     assert changed.path != first.path and changed.stats.kept == 6
-    shorter = prepare([data], qwen_tokenizer, template, PrepareOptions(model_max_length=64))
+    shorter = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(model_max_length=64), template)
     assert shorter.path != changed.path
-    other_template = prepare([data], qwen_tokenizer, BUILTIN_TEMPLATES["chatml"], PrepareOptions())
+    other_template = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), BUILTIN_TEMPLATES["chatml"])
     assert other_template.path != changed.path
     # No temporary directories are left behind.
     assert not [d for d in os.listdir(os.path.dirname(first.path)) if d.startswith(".tmp")]
@@ -60,7 +60,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, qwen_tokenizer, monkeypa
 
 def test_cached_rows_equal_the_renderer(tmp_path, qwen_tokenizer):
     data = write_json(tmp_path / "d.json", records(4))
-    entry = prepare([data], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
+    entry = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template)
     from lmforge.data.records import iter_conversations
 
     renderer = Renderer(qwen_tokenizer, qwen_tokenizer.chat_template)
@@ -73,9 +73,9 @@ def test_cached_rows_equal_the_renderer(tmp_path, qwen_tokenizer):
 
 
 def test_worker_processes_give_the_same_cache(tmp_path, qwen_tokenizer):
-    single = prepare([str(DUMMY_CONVERSATIONS)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+    single = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template,
                      cache_dir=str(tmp_path / "a"))
-    multi = prepare([str(DUMMY_CONVERSATIONS)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+    multi = prepare(CHAT, [str(DUMMY_CONVERSATIONS)], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template,
                     cache_dir=str(tmp_path / "b"), num_workers=2)
     assert single.dataset()["input_ids"] == multi.dataset()["input_ids"]
     assert single.dataset()["labels"] == multi.dataset()["labels"]
@@ -88,13 +88,14 @@ def test_long_records_truncated_or_dropped_and_counted(tmp_path, qwen_tokenizer)
     data = records(3) + records(2, answer_words=200) + [long_question]
     path = write_json(tmp_path / "d.json", data)
     t = qwen_tokenizer.chat_template
-    cut = prepare([path], qwen_tokenizer, t, PrepareOptions(model_max_length=64))
+    cut = prepare(CHAT, [path], qwen_tokenizer, PrepareOptions(model_max_length=64), t)
     assert (cut.stats.records, cut.stats.kept, cut.stats.truncated) == (6, 5, 2)
     assert max(len(r) for r in cut.dataset()["input_ids"]) == 64
     # Truncation that leaves no answer token is a counted skip, not a record with no loss.
     assert cut.stats.skipped == {"no_trained_tokens_after_truncation": 1}
     assert "d.json, record 6:" in cut.stats.skip_examples["no_trained_tokens_after_truncation"]
-    dropped = prepare([path], qwen_tokenizer, t, PrepareOptions(model_max_length=64, long_records=LongRecords.DROP))
+    drop = PrepareOptions(model_max_length=64, long_records=LongRecords.DROP)
+    dropped = prepare(CHAT, [path], qwen_tokenizer, drop, t)
     assert (dropped.stats.records, dropped.stats.kept, dropped.stats.skipped) == (6, 3, {"too_long": 3})
 
 
@@ -102,7 +103,7 @@ def test_long_preference_pairs_are_cut_not_dropped(tmp_path, qwen_tokenizer):
     """A pair longer than model_max_length keeps the end of its prompt (both sides the same
     tokens; at least half the window) and its answers whole where they fit after it, else cut at
     their end; counted. `--long_records drop` drops it, counted."""
-    from lmforge.data.encode import answer_start, prepare_pairs, render_pairs
+    from lmforge.data.encode import answer_start, render_pairs
     from lmforge.data.records import to_pair
 
     def pair(prompt_words: int, answer_words: int, i: int) -> dict:
@@ -113,7 +114,7 @@ def test_long_preference_pairs_are_cut_not_dropped(tmp_path, qwen_tokenizer):
     data = [pair(3, 3, 0), pair(200, 10, 1), pair(3, 200, 2), pair(200, 200, 3)]
     path = write_json(tmp_path / "pairs.json", data)
     t, limit = qwen_tokenizer.chat_template, 128
-    cached = prepare_pairs([path], qwen_tokenizer, t, PrepareOptions(model_max_length=limit))
+    cached = prepare(PAIRS, [path], qwen_tokenizer, PairKind.fixed(PrepareOptions(model_max_length=limit)), t)
     assert (cached.stats.records, cached.stats.kept, cached.stats.skipped) == (4, 4, {})
     assert (cached.stats.truncated, cached.stats.prompts_cut, cached.stats.answers_cut) == (3, 2, 2)
     renderer = Renderer(qwen_tokenizer, t, "last_assistant")
@@ -131,8 +132,8 @@ def test_long_preference_pairs_are_cut_not_dropped(tmp_path, qwen_tokenizer):
     for name, side in zip(("chosen", "rejected"), whole[1]):  # a long prompt: the answers are whole
         assert rows[1][f"{name}_labels"] == side.labels[len(side.labels) - len(rows[1][f"{name}_labels"]):]
     assert len(rows[3]["chosen_input_ids"]) == limit and rows[3]["chosen_labels"][: limit // 2] == [-100] * (limit // 2)
-    dropped = prepare_pairs([path], qwen_tokenizer, t, PrepareOptions(model_max_length=limit,
-                                                                     long_records=LongRecords.DROP))
+    dropped = prepare(PAIRS, [path], qwen_tokenizer,
+                      PairKind.fixed(PrepareOptions(model_max_length=limit, long_records=LongRecords.DROP)), t)
     assert (dropped.stats.kept, dropped.stats.skipped) == (1, {"too_long": 3})
     assert "pairs cut to model_max_length: 2 prompts at their start, 2 with answers cut at their end" \
         in cached.stats.summary()
@@ -142,16 +143,17 @@ def test_bad_record_error_or_skip(tmp_path, qwen_tokenizer):
     data = records(2) + [{"messages": [{"role": "user", "content": "only a question"}]}]
     path = write_json(tmp_path / "d.json", data)
     with pytest.raises(DataError, match=r"d.json, record 3: the conversation has no assistant turn"):
-        prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
-    skipped = prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template,
-                      PrepareOptions(on_bad_record=OnBadRecord.SKIP))
+        prepare(CHAT, [path], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template)
+    skipped = prepare(CHAT, [path], qwen_tokenizer, PrepareOptions(on_bad_record=OnBadRecord.SKIP),
+                      qwen_tokenizer.chat_template)
     assert (skipped.stats.records, skipped.stats.kept, skipped.stats.skipped) == (3, 2, {"no_assistant_turn": 1})
 
 
 def test_nothing_usable_is_an_error(tmp_path, qwen_tokenizer):
     path = write_json(tmp_path / "d.json", [{"messages": [{"role": "user", "content": "q"}]}])
     with pytest.raises(LmforgeError, match="no usable record"):
-        prepare([path], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(on_bad_record=OnBadRecord.SKIP))
+        prepare(CHAT, [path], qwen_tokenizer, PrepareOptions(on_bad_record=OnBadRecord.SKIP),
+                qwen_tokenizer.chat_template)
 
 
 def test_prepare_command_counts_and_dumps(tmp_path, capsys):
@@ -186,7 +188,7 @@ def test_several_files_in_order_with_mixed_formats(tmp_path, qwen_tokenizer):
     first = write_json(tmp_path / "a.json", records(2))
     second = tmp_path / "b.jsonl"
     second.write_text("\n".join(json.dumps({"instruction": f"alpaca {i}", "output": f"out {i}"}) for i in range(3)))
-    entry = prepare([first, str(second)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions())
+    entry = prepare(CHAT, [first, str(second)], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template)
     assert (entry.stats.records, entry.stats.kept) == (5, 5)
     texts = [qwen_tokenizer.decode(ids) for ids in entry.dataset()["input_ids"]]
     assert ["question 0" in texts[0], "question 1" in texts[1]] == [True, True]
@@ -227,14 +229,14 @@ def test_bad_records_are_counted_or_raised_the_same_with_workers(tmp_path, qwen_
     data = write_json(tmp_path / "d.json", records(3) + [bad_roles] + records(2, answer_words=400))
     template = qwen_tokenizer.chat_template
     skip = PrepareOptions(on_bad_record=OnBadRecord.SKIP, long_records=LongRecords.DROP, model_max_length=256)
-    one = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "a"))
-    two = prepare([data], qwen_tokenizer, template, skip, cache_dir=str(tmp_path / "b"), num_workers=2)
+    one = prepare(CHAT, [data], qwen_tokenizer, skip, template, cache_dir=str(tmp_path / "a"))
+    two = prepare(CHAT, [data], qwen_tokenizer, skip, template, cache_dir=str(tmp_path / "b"), num_workers=2)
     assert one.stats == two.stats
     assert one.stats.skipped == {"roles_out_of_order": 1, "too_long": 2}
     errors = []
     for workers, cache in ((1, "c"), (2, "d")):
         with pytest.raises(DataError) as e:
-            prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / cache),
+            prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template, cache_dir=str(tmp_path / cache),
                     num_workers=workers)
         errors.append(str(e.value))
     assert errors[0] == errors[1] and errors[0].startswith(f"{data}, record 4: turn 1 is a tool result")
@@ -258,10 +260,12 @@ def test_the_default_worker_count_builds_the_entry_a_fixed_count_does(tmp_path, 
     monkeypatch.setattr(encode, "BYTES_PER_WORKER", os.path.getsize(data) // 5)
     monkeypatch.setattr(encode, "usable_cores", lambda: 2)
     template = qwen_tokenizer.chat_template
-    auto = prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / "a"), num_workers=None)
+    auto = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template, cache_dir=str(tmp_path / "a"),
+                   num_workers=None)
     assert f"lmforge: tokenizing {data} in 2 processes (by default one per " in capsys.readouterr().out
-    one = prepare([data], qwen_tokenizer, template, PrepareOptions(), cache_dir=str(tmp_path / "b"), num_workers=1)
-    assert f"in 1 process (--preprocessing_num_workers 1)" in capsys.readouterr().out
+    one = prepare(CHAT, [data], qwen_tokenizer, PrepareOptions(), template, cache_dir=str(tmp_path / "b"),
+                  num_workers=1)
+    assert "in 1 process (--preprocessing_num_workers 1)" in capsys.readouterr().out
     for name in sorted(os.listdir(one.entry.path)):
         if name.endswith(".arrow"):
             with open(os.path.join(auto.entry.path, name), "rb") as a, open(os.path.join(one.entry.path, name), "rb") as b:

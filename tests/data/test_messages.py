@@ -11,7 +11,7 @@ import re
 import pytest
 
 from lmforge.config import yaml_to_argv
-from lmforge.data.encode import PrepareProgress, prepare_text
+from lmforge.data.encode import TEXT, PrepareProgress, prepare
 from lmforge.data.options import DataFormat, OnBadRecord, TextOptions, TextSplit
 from lmforge.data.records import iter_conversations, iter_pairs
 from lmforge.data.schema import Conversation, Message
@@ -223,7 +223,7 @@ def test_progress_line_under_a_second_has_no_rate():
 
 def test_a_text_file_reports_documents_and_tokens(tmp_path, qwen_tokenizer, capsys):
     path = write(tmp_path, "corpus.txt", "the quick brown fox jumps over the lazy dog\n" * 20)
-    entry = prepare_text([path], qwen_tokenizer, TextOptions(block_size=16))
+    entry = prepare(TEXT, [path], qwen_tokenizer, TextOptions(block_size=16))
     out = capsys.readouterr().out
     done = [line for line in out.splitlines() if line.startswith("lmforge: tokenizing: done")]
     assert done and done[0].startswith(f"lmforge: tokenizing: done, 1 document, {entry.stats.tokens:,} tokens in "), out

@@ -156,7 +156,7 @@ def test_llama_factory_dataset_info_columns_and_tags(tmp_path):
 
 
 def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer):
-    from lmforge.data.encode import prepare_chat as prepare
+    from lmforge.data.encode import CHAT, prepare
     from lmforge.data.options import ChatOptions as PrepareOptions
     from lmforge.data.sources import read_tools
 
@@ -166,8 +166,8 @@ def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer
     plain = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]}
     own = {**plain, "tools": []}
     data.write_text("\n".join(json.dumps(r) for r in (plain, own)))
-    ds = prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template,
-                 PrepareOptions(tools=read_tools(str(tools))), cache_dir=str(tmp_path / "c")).dataset()
+    ds = prepare(CHAT, [str(data)], qwen_tokenizer, PrepareOptions(tools=read_tools(str(tools))),
+                 qwen_tokenizer.chat_template, cache_dir=str(tmp_path / "c")).dataset()
     with_tools = Conversation(to_conversation(plain, DataFormat.AUTO).messages, (WEATHER,))
     assert ds[0]["input_ids"] == qwen_tokenizer.apply_chat_template(with_tools.as_dicts(), tools=[WEATHER])["input_ids"]
     # A record's own empty list: no tools, the file's not offered, none reach the template.
@@ -179,7 +179,7 @@ def test_tools_file_is_offered_to_records_without_tools(tmp_path, qwen_tokenizer
 
 def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer):
     from lmforge.data.render import Unrendered
-    from lmforge.data.encode import prepare_chat as prepare
+    from lmforge.data.encode import CHAT, prepare
     from lmforge.data.options import ChatOptions as PrepareOptions
     from lmforge.data.options import ReasoningTurns
 
@@ -190,7 +190,8 @@ def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(three))
     options = PrepareOptions(unrendered=Unrendered.DROP, reasoning_turns=ReasoningTurns.SPLIT)
-    cache = prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, options, cache_dir=str(tmp_path / "c"))
+    cache = prepare(CHAT, [str(data)], qwen_tokenizer, options, qwen_tokenizer.chat_template,
+                    cache_dir=str(tmp_path / "c"))
     # Counted once per record, though two of its samples hold the turn whose reasoning was left out.
     assert (cache.stats.kept, cache.stats.samples, cache.stats.dropped) == (1, 3, {"reasoning": 1})
     rows = cache.dataset()
@@ -199,7 +200,7 @@ def test_prepare_counts_split_samples_and_dropped_parts(tmp_path, qwen_tokenizer
     assert "samples: 3 (one per assistant turn)" in cache.stats.summary()
     assert "left out (--unrendered drop): reasoning: 1" in cache.stats.summary()
     with pytest.raises(Exception, match="does not render the reasoning of turn 2"):
-        prepare([str(data)], qwen_tokenizer, qwen_tokenizer.chat_template, PrepareOptions(),
+        prepare(CHAT, [str(data)], qwen_tokenizer, PrepareOptions(), qwen_tokenizer.chat_template,
                 cache_dir=str(tmp_path / "d"))
 
 

@@ -120,12 +120,12 @@ def test_malformed_jsonl_lines_of_text_are_skipped_and_counted(tmp_path):
 
 
 def test_malformed_jsonl_line_is_counted_in_the_prepared_stats(tmp_path, qwen_tokenizer):
-    from lmforge.data.encode import prepare_chat
+    from lmforge.data.encode import CHAT, prepare
     from lmforge.data.options import ChatOptions
 
     path = write(tmp_path, "d.jsonl", "\n".join(MALFORMED_LINES) + "\n")
-    entry = prepare_chat([path], qwen_tokenizer, qwen_tokenizer.chat_template,
-                         ChatOptions(on_bad_record=OnBadRecord.SKIP))
+    entry = prepare(CHAT, [path], qwen_tokenizer, ChatOptions(on_bad_record=OnBadRecord.SKIP),
+                    qwen_tokenizer.chat_template)
     assert (entry.stats.records, entry.stats.kept, entry.stats.skipped) == (5, 3, {"malformed_json": 2})
     assert entry.stats.skip_examples["malformed_json"] == (
         f"{path}, line 2: malformed JSON: Expecting property name enclosed in double quotes (column 2)")

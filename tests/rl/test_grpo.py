@@ -236,7 +236,7 @@ def test_held_out_prompts_are_rewarded_at_each_evaluation_with_the_same_draws(se
     measured = [{k: v for k, v in h.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
                 for h in evals]
     assert measured[0] == measured[1]
-    assert f"lmforge: eval at step 2/4: reward " in log
+    assert "lmforge: eval at step 2/4: reward " in log
     assert "| last evaluation reward | 4 |" in (out / "report.md").read_text()
 
 
