@@ -221,7 +221,7 @@ def install_clock(warmup: int):
         torch.cuda.synchronize = lambda *_: None
     # The outermost training_step of each class: lmforge's, when it replays a CUDA graph, does not
     # call the one it overrides. A call inside another counted call is not counted again.
-    from lmforge.train import Trainer as LmforgeTrainer
+    from lmforge.training.step import Trainer as LmforgeTrainer
 
     depth = [0]
     for cls in (transformers.Trainer, LmforgeTrainer):

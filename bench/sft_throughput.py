@@ -39,7 +39,8 @@ from lmforge.data.collate import PackedCollator, PaddedCollator  # noqa: E402
 from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
 from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.model import apply_lora, load_model, varlen_implementation  # noqa: E402
-from lmforge.train import NonFiniteGuard, Trainer  # noqa: E402
+from lmforge.training.guards import NonFiniteGuard  # noqa: E402
+from lmforge.training.step import Trainer  # noqa: E402
 
 PEAK_FLOPS = 989e12
 MAX_LEN = 2048

@@ -32,7 +32,8 @@ from lmforge.errors import LmforgeError
 from lmforge.flags import DpoArguments, DpoLoss
 from lmforge.graphs import PADDED_POSITIONS
 from lmforge.loss import sequence_log_probs
-from lmforge.train import Trainer, is_peft
+from lmforge.model import is_peft
+from lmforge.training.step import Trainer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", CU_SEQLENS)
 

@@ -22,7 +22,7 @@ from lmforge.errors import LmforgeError
 from lmforge.flags import MergeArguments
 from lmforge.model import DTYPES
 from lmforge.progress import library_bars
-from lmforge.train import BASE_CONFIG, set_generation_defaults
+from lmforge.training.save import BASE_CONFIG, set_generation_defaults
 
 
 def _tokenizer_for(adapter: str, base: str):

@@ -306,6 +306,11 @@ def check_module_names(model, names: list[str], flag: str) -> None:
                            f"its layer names are {', '.join(leaves)}")
 
 
+def is_peft(model) -> bool:
+    """Whether `model` is a PEFT model (LoRA adapters over a base model)."""
+    return hasattr(model, "peft_config")
+
+
 def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False,
                adapter_dtype: torch.dtype | None = None):
     """Wrap `model` with LoRA adapters through PEFT (k-bit preparation first under QLoRA).

@@ -195,7 +195,7 @@ class Preflight(transformers.TrainerCallback):
         if model is not None:
             lines.append(speed_line(model, args))
         print("\n".join(lines[:1] + ["  " + line.replace("\n", "\n  ") for line in lines[1:]]), flush=True)
-        from lmforge.report import update_run_info
+        from lmforge.training.run_record import update_run_info
 
         update_run_info(args.output_dir, preflight={
             "steps": plan.steps, "tokens_per_step": round(plan.tokens_per_step),

@@ -19,7 +19,8 @@ import transformers
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from lmforge.data.render import IGNORE_INDEX
-from lmforge.report import peak_memory_fields, perplexity, try_write_report
+from lmforge.report import perplexity, try_write_report
+from lmforge.training.run_record import peak_memory_fields
 
 
 def useful_tokens(batch: Mapping) -> torch.Tensor | int:

@@ -32,10 +32,11 @@ from lmforge.flags import DataArguments, LoraArguments, ModelArguments
 from lmforge.graphs import graphs_unsupported
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype
-from lmforge.report import key_flags, read_run_info
 from lmforge.run_lock import RunLock
 from lmforge.run_lock import describe as describe_holder
-from lmforge.train import read_trainer_state, resolve_resume, resume_policy, train_and_save
+from lmforge.training.resume import read_trainer_state, resolve_resume, resume_policy
+from lmforge.training.run import train_and_save
+from lmforge.training.run_record import key_flags, read_run_info
 
 
 @dataclass

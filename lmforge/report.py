@@ -17,17 +17,16 @@ import math
 import os
 import shlex
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.flags import ReportArguments
+from lmforge.training.run_record import RUN_INFO, read_run_info
 
 REPORT_NAME = "report.md"
 PLOTS_DIR = "report"  # the PNGs, beside report.md
-RUN_INFO = "lmforge_run.json"
 STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME, without importing the Trainer
 PLOT_PIXELS = (960, 540)  # every PNG has exactly this size (no tight bounding box)
 PLOT_DPI = 100
@@ -70,11 +69,6 @@ def find_state(run_dir: str) -> StateSource:
                            "yet (the first one is written at the first checkpoint)")
     # The furthest step wins; on a tie the final state (it has the run's summary).
     return max(candidates, key=lambda c: (c.state.get("global_step", 0), c.final))
-
-
-def read_run_info(run_dir: str) -> dict:
-    path = os.path.join(run_dir, RUN_INFO)
-    return _read_json(path) if os.path.isfile(path) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,86 +487,6 @@ def try_write_report(run_dir: str) -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - any failure here must not stop training
         print(f"lmforge: warning: could not write the run report in {run_dir}: {type(e).__name__}: {e}")
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# lmforge_run.json
-# ---------------------------------------------------------------------------------------------
-
-# The flags a reader of a report needs to know what was trained and how, in this order.
-KEY_FLAGS = (
-    "model_name_or_path", "config_name", "tokenizer_name", "torch_dtype", "attn_implementation",
-    "data_path", "eval_data_path", "train_files", "validation_files", "val_split", "template", "masking",
-    "model_max_length", "block_size", "packing", "long_records", "pretrain_document_mask",
-    "lora", "q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
-    "bf16", "fp16", "gradient_checkpointing", "deepspeed", "fsdp", "seed",
-    "eval_strategy", "eval_steps", "logging_steps", "save_strategy", "save_steps",
-)
-LORA_ONLY = ("q_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-
-
-def _plain(value: object) -> object:
-    value = getattr(value, "value", value)  # enums
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
-
-
-def key_flags(*arg_objects: object) -> dict:
-    """The KEY_FLAGS values of the parsed argument objects (the first that has each), leaving
-    out unset ones and the LoRA settings of a run without LoRA."""
-    out: dict = {}
-    for name in KEY_FLAGS:
-        owner = next((o for o in arg_objects if hasattr(o, name)), None)
-        if owner is None:
-            continue
-        value = _plain(getattr(owner, name))
-        if value is None or value == [] or value == "":
-            continue
-        out[name] = value
-    if not out.get("lora"):
-        for name in ("lora",) + LORA_ONLY:
-            out.pop(name, None)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# lmforge_run.json at the end of a run
-# ---------------------------------------------------------------------------------------------
-
-
-def peak_memory_fields(device) -> dict[str, float]:
-    """This process' peak memory: PyTorch's GPU allocations on a GPU, else the max RSS."""
-    import resource
-    import sys
-
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return {"peak_rss_gib": round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)}
-
-
-def update_run_info(run_dir: str, **fields) -> None:
-    """Merge `fields` into lmforge_run.json (written whole, renamed into place)."""
-    info = read_run_info(run_dir)
-    info.update(fields)
-    tmp = os.path.join(run_dir, f".{RUN_INFO}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(run_dir, RUN_INFO))
-
-
-def record_end(run_dir: str, device) -> None:
-    info = read_run_info(run_dir)
-    started = info.get("started")
-    end = {"finished": time.time(), **peak_memory_fields(device)}
-    if started:
-        end["wall_seconds"] = round(end["finished"] - started, 1)
-    update_run_info(run_dir, end=end)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Callbacks that tests hand a training run, through lmforge's events (`lmforge.train.LmforgeCallback`),
+"""Callbacks that tests hand a training run, through lmforge's events (`lmforge.training.events.LmforgeCallback`),
 and an entry that runs an lmforge command with them, for tests and scripts that start runs in
 other processes (a subprocess, torchrun, deepspeed, accelerate launch):
 
@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 import transformers
 
-from lmforge.train import LmforgeCallback, is_peft
+from lmforge.model import is_peft
+from lmforge.training.events import LmforgeCallback
 
 
 def fixed_input_ids(vocab_size: int, length: int = 32) -> list[int]:

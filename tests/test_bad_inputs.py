@@ -409,7 +409,7 @@ def _checkpoint_disk_full(ctx: Ctx) -> Bad:
     out = ctx.tmp / "out"
     ctx.monkeypatch.setattr(torch, "save", zip_writer_fails)
     real = shutil.disk_usage
-    ctx.monkeypatch.setattr("lmforge.train.shutil.disk_usage",
+    ctx.monkeypatch.setattr("lmforge.training.save.shutil.disk_usage",
                             lambda path: real(path)._replace(free=12288) if str(path) == str(out) else real(path))
 
     def no_checkpoint() -> None:

@@ -193,7 +193,7 @@ def test_a_format_2_manifest_without_its_checksums_is_not_trusted(tmp_path, chan
 def test_the_run_resumes_from_a_verified_checkpoint(tmp_path, capsys):
     """`resolve_resume`, which every method calls before training, checks the checksums: a flipped
     byte in the newest checkpoint sends the run to the older one."""
-    from lmforge.train import resolve_resume
+    from lmforge.training.resume import resolve_resume
 
     older = make_checkpoint(tmp_path, 2)
     newest = make_checkpoint(tmp_path, 4)

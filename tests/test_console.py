@@ -111,7 +111,7 @@ def test_with_bars_logs_are_lines_and_checkpoints_write_no_bar(files, capfd):
 def test_a_tied_head_is_not_missing_a_missing_key_still_is(monkeypatch):
     import transformers
 
-    from lmforge.train import Trainer
+    from lmforge.training.step import Trainer
     from lmforge.verify_save import loaded_through_tie
 
     small = {**TINY_QWEN, "vocab_size": 64}
@@ -157,7 +157,7 @@ def test_log_lines():
 
 def test_deepspeed_import_says_nothing_about_its_accelerator():
     pytest.importorskip("deepspeed")
-    proc = subprocess.run([sys.executable, "-c", "import lmforge.train, deepspeed"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "import lmforge.training.step, deepspeed"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Setting accelerator" not in proc.stdout + proc.stderr

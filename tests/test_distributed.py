@@ -426,7 +426,7 @@ def _fsdp2_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     from lmforge.loss import fused_causal_lm_loss
-    from lmforge.train import all_finite
+    from lmforge.training.guards import all_finite
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])

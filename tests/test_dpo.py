@@ -34,7 +34,7 @@ from lmforge.data.schema import Message
 from lmforge.dpo_trainer import batch_log_probs, preference_loss
 from lmforge.errors import RecordError
 from lmforge.flags import DpoLoss
-from lmforge.train import Trainer
+from lmforge.training.step import Trainer
 
 from conftest import ROOT
 
@@ -465,7 +465,7 @@ def test_lora_dpo_keeps_base_and_disabled_adapter_is_the_base(tmp_path, small_ba
     from lmforge.flags import DpoArguments, LoraArguments, ModelArguments
     from lmforge.model import apply_lora, load_model, load_tokenizer
     from lmforge.dpo_trainer import DpoTrainer
-    from lmforge.train import train_and_save
+    from lmforge.training.run import train_and_save
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(8))
     batch = cached_batch(small_base, data)

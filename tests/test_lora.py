@@ -17,7 +17,7 @@ from lmforge.data.encode import CHAT, prepare
 from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.model import apply_lora, load_model, load_tokenizer
-from lmforge.train import train_and_save
+from lmforge.training.run import train_and_save
 
 from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
 

@@ -74,7 +74,7 @@ def test_trainer_uses_master_weights_for_a_bf16_model_and_resumes(tmp_path):
     from lmforge.config import TrainingArguments
     from lmforge.data.collate import PackedCollator
     from lmforge.data.pack import best_fit_decreasing, pack_records
-    from lmforge.train import Trainer
+    from lmforge.training.step import Trainer
     from tests.data.test_pack import ListDataset, records, tiny_model
 
     recs = records(40, seed=3)
@@ -254,7 +254,7 @@ def test_fp16_masters_take_the_unscaled_gradient_and_skip_an_overflow(fused):
 def scaled_on_the_cpu(init_scale: float, **kwargs):
     """lmforge's Trainer with the loss scaler accelerate makes for --fp16 on a GPU (it makes
     none on a CPU), starting at `init_scale`."""
-    from lmforge.train import Trainer
+    from lmforge.training.step import Trainer
 
     class Scaled(Trainer):
         def create_accelerator_and_postprocess(self):
@@ -269,7 +269,7 @@ def fp16_run(tmp_path, dtype: torch.dtype, init_scale: float, max_steps: int = 6
     from lmforge.config import TrainingArguments
     from lmforge.data.collate import PackedCollator
     from lmforge.data.pack import best_fit_decreasing, pack_records
-    from lmforge.train import NonFiniteGuard
+    from lmforge.training.guards import NonFiniteGuard
     from tests.data.test_pack import ListDataset, records, tiny_model
 
     recs = records(60, seed=4)
@@ -311,7 +311,7 @@ def test_an_fp16_run_goes_on_past_the_loss_scalers_overflows(tmp_path, dtype):
 
 
 def test_gradients_non_finite_at_every_loss_scale_stop_the_run(tmp_path):
-    from lmforge.train import NonFiniteGradients
+    from lmforge.training.guards import NonFiniteGradients
 
     with pytest.raises(NonFiniteGradients, match=r"the loss scaler skipped step after step: the gradients were "
                                                  r"non-finite at every scale down to 0\.5"):

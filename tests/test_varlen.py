@@ -188,7 +188,7 @@ def test_trainer_batches_carry_offsets_and_label_positions_from_the_collator(ref
 
     from lmforge.config import TrainingArguments
     from lmforge.data.collate import LABEL_POSITIONS, label_positions
-    from lmforge.train import Trainer
+    from lmforge.training.step import Trainer
     from tests.data.test_pack import ListDataset
 
     seen = []

@@ -38,10 +38,12 @@ from lmforge.data.render import IGNORE_INDEX
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.loss import token_log_probs
+from lmforge.model import is_peft
 from lmforge.rl.surrogate import ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
 from lmforge.rl.rollout import Completion, Engine, Prompt, Sampling
 from lmforge.samples import SAMPLES_NAME
-from lmforge.train import LmforgeCallback, Trainer, is_peft
+from lmforge.training.events import LmforgeCallback
+from lmforge.training.step import Trainer
 
 ROLLOUT_FILE = "rollout.safetensors"
 SEQ, ADVANTAGE, WEIGHT, OLD_LOGPS, REF_LOGPS = "grpo_seq", "grpo_advantage", "grpo_weight", "grpo_old_logps", \

@@ -125,7 +125,7 @@ class ListDataset(torch.utils.data.Dataset):
 
 def one_step(tmp_path, batch_size: int, accumulation: int, fused_loss: bool = True) -> dict[str, torch.Tensor]:
     from lmforge.config import TrainingArguments
-    from lmforge.train import Trainer
+    from lmforge.training.step import Trainer
 
     model = tiny_model("sdpa")
     recs = records(40, seed=7)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lmforge.cli import main as cli
 from lmforge.loss import token_log_probs
 from lmforge.rl.trainer import SEQ, deal_rows, packed_micro_batch, rollout_rows
-from lmforge.train import Trainer
+from lmforge.training.step import Trainer
 
 from conftest import SHARED_DATA
 

@@ -11,7 +11,8 @@ import transformers
 
 from lmforge.config import TrainingArguments
 from lmforge.data.collate import PaddedCollator
-from lmforge.train import NonFiniteGradients, train_and_save
+from lmforge.training.guards import NonFiniteGradients
+from lmforge.training.run import train_and_save
 
 
 class Rows(torch.utils.data.Dataset):
@@ -91,7 +92,7 @@ def test_fused_adamw_skips_the_bad_update_without_a_host_check(tmp_path):
 def test_the_guard_names_a_checkpoint_from_before_the_divergence(tmp_path):
     """A checkpoint can be finite and already ruined: the guard names the newest one from before
     the gradient norm left its usual range, with a command that continues from it."""
-    from lmforge.train import divergence_start, nonfinite_message
+    from lmforge.training.guards import divergence_start, nonfinite_message
     from tests.test_checkpoint import make_checkpoint
 
     for step in (2, 4, 6, 8):

@@ -9,8 +9,6 @@ dropout on so the RNG state matters, several epochs so resumes land in epochs af
   - incomplete checkpoints (a killed save's staging directory, no manifest, a truncated or
     missing file) are skipped or removed with a message; with save_total_limit=1 a corrupt
     newest checkpoint never costs the good one;
-  - an epoch's row order does not depend on the global RNG (the Trainer's does without
-    accelerate's seedable sampler);
   - SIGINT stops like SIGTERM (exit status 130), and a second one stops at once.
 """
 
@@ -39,13 +37,15 @@ from lmforge.checkpoint import (
     STAGING_DIR,
     checkpoint_problem,
     find_checkpoints,
+    last_complete_checkpoint,
     rotate,
     write_manifest,
 )
 from lmforge.cli import main as cli
 from lmforge.config import TrainingArguments
 from lmforge.data.collate import PaddedCollator
-from lmforge.train import last_complete_checkpoint, resolve_resume, train_and_save
+from lmforge.training.resume import resolve_resume
+from lmforge.training.run import train_and_save
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
@@ -64,7 +64,7 @@ TINY_QWEN = {
 }
 LOSS_LINE = re.compile(r"^lmforge: step \d+/")
 RESUMED = re.compile(r"lmforge: resuming from (\S+checkpoint-(\d+))")
-HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks.py")  # the test callbacks' entry
+HOOKS = str(pathlib.Path(__file__).resolve().parents[1] / "hooks.py")  # the test callbacks' entry
 
 
 @dataclass
@@ -374,14 +374,14 @@ def test_save_total_limit_1_never_deletes_the_good_checkpoint_for_a_corrupt_newe
 
     # Resuming with save_total_limit=1: the run resumes from checkpoint-4, and at every save a
     # complete checkpoint is on disk; the corrupt checkpoint-6 is replaced by a good one.
-    import lmforge.train as train_module
+    import lmforge.training.step as step_module
 
     def checked_rotate(run_dir, limit, protected):
         deleted = rotate(run_dir, limit, protected)
         assert last_complete_checkpoint(run_dir, log=lambda _: None) is not None
         return deleted
 
-    monkeypatch.setattr(train_module, "rotate", checked_rotate)
+    monkeypatch.setattr(step_module, "rotate", checked_rotate)
     capsys.readouterr()
     tiny_run(out, 8, save_steps=1, save_total_limit=1)
     log = capsys.readouterr().out
@@ -389,54 +389,6 @@ def test_save_total_limit_1_never_deletes_the_good_checkpoint_for_a_corrupt_newe
     assert f"lmforge: replacing {corrupt} (optimizer.pt has 100 bytes" in log
     assert [os.path.basename(p) for _, p in find_checkpoints(out)] == ["checkpoint-8"]
     assert checkpoint_problem(os.path.join(out, "checkpoint-8")) is None
-
-
-# ---- data order ------------------------------------------------------------------------------
-
-
-class Numbered(torch.utils.data.Dataset):
-    """Row i holds token i + 1: a batch shows which rows it holds."""
-
-    def __len__(self):
-        return 10
-
-    def __getitem__(self, i):
-        return {"input_ids": [i + 1] * 4, "labels": [i + 1] * 4}
-
-
-def epoch_rows(trainer_cls, out: str, global_seed: int, skip_batches: int, seedable: bool) -> list[int]:
-    """The rows epoch 1 reads, as `_run_epoch` reads them when it resumes after `skip_batches`
-    batches; `global_seed` stands for whatever state the global RNG is in at that moment."""
-    from accelerate import skip_first_batches
-
-    config = transformers.AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, vocab_size=64, max_position_embeddings=64)
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, seed=3, report_to="none",
-                             disable_tqdm=True, dataloader_pin_memory=False,
-                             accelerator_config={"use_seedable_sampler": seedable})
-    trainer = trainer_cls(model=transformers.AutoModelForCausalLM.from_config(config), args=args,
-                          train_dataset=Numbered(), data_collator=PaddedCollator(0))
-    loader = trainer.get_train_dataloader()
-    torch.manual_seed(global_seed)
-    if skip_batches:
-        loader = skip_first_batches(loader, skip_batches)
-    loader.set_epoch(1)
-    return [int(row[0]) - 1 for batch in loader for row in batch["input_ids"]]
-
-
-def test_epoch_order_does_not_depend_on_the_global_rng(tmp_path):
-    from lmforge.train import Trainer
-
-    out = str(tmp_path / "o")
-    for seedable in (True, False):
-        whole = epoch_rows(Trainer, out, 1, 0, seedable)
-        assert sorted(whole) == list(range(10))
-        assert epoch_rows(Trainer, out, 2, 2, seedable) == whole[4:]
-    # The same permutation as accelerate's seedable sampler, the Trainer's default.
-    assert epoch_rows(transformers.Trainer, out, 1, 0, True) == whole
-    # Without that sampler, the Trainer's epoch order comes from the global RNG, so a run
-    # resumed in epoch 1 would read other rows.
-    assert epoch_rows(transformers.Trainer, out, 2, 2, False) != epoch_rows(transformers.Trainer, out, 1, 0, False)[4:]
 
 
 # ---- SIGINT, in-process -----------------------------------------------------------------------
@@ -455,18 +407,18 @@ class SignalAt(transformers.TrainerCallback):
 
 
 def with_callback(monkeypatch, callback) -> None:
-    import lmforge.train as train_module
+    import lmforge.training.run as run_module
 
-    class Signalled(train_module.Trainer):
+    class Signalled(run_module.Trainer):
         def __init__(self, *a, **k):
             k["callbacks"] = list(k.get("callbacks") or []) + [callback]
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(train_module, "Trainer", Signalled)
+    monkeypatch.setattr(run_module, "Trainer", Signalled)
 
 
 def test_sigint_stops_with_a_checkpoint_and_restores_the_handler(tmp_path, monkeypatch):
-    from lmforge.train import TrainingStopped
+    from lmforge.training.guards import TrainingStopped
 
     out = str(tmp_path / "out")
     before = signal.getsignal(signal.SIGINT)
