@@ -26,6 +26,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+from lmforge.logs import say
+
 MANIFEST_NAME = "lmforge_manifest.json"
 # "files" (relative path -> size) and "crc32" (relative path -> 8 hex digits), with "step".
 MANIFEST_FORMAT = 2
@@ -221,7 +223,7 @@ def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(output_dir: str, log: Log = print_flushed, verify: bool = False) -> str | None:
+def last_complete_checkpoint(output_dir: str, log: Log = say, verify: bool = False) -> str | None:
     """The newest complete checkpoint; each newer one is reported with why it is skipped. With
     `verify` (resume: the checkpoint about to be loaded) the one returned has also had every
     file's checksum verified - a whole read of one checkpoint, plus of each damaged one skipped."""
@@ -233,7 +235,7 @@ def last_complete_checkpoint(output_dir: str, log: Log = print_flushed, verify: 
     return None
 
 
-def remove_staging_leftovers(output_dir: str, log: Log = print_flushed) -> None:
+def remove_staging_leftovers(output_dir: str, log: Log = say) -> None:
     """Delete what a killed save (or a killed rotation) left in the staging directory."""
     staging = os.path.join(output_dir, STAGING_DIR)
     if not os.path.isdir(staging):
@@ -280,7 +282,7 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def publish(staged: str, final: str, log: Log = print_flushed) -> None:
+def publish(staged: str, final: str, log: Log = say) -> None:
     """Rename a finished staged checkpoint to its final name. A directory already there under
     that name is one resume passed over: incomplete, or damaged (its checksums did not verify),
     and is replaced, saying which. Its files are read whole only where their sizes are right."""

@@ -22,6 +22,7 @@ import transformers
 
 from lmforge.errors import LmforgeError
 from lmforge.flags import DataArguments, DpoTrainingFlags, LoraArguments, PretrainDataArguments, TrainingFlags
+from lmforge.logs import say
 
 REPORT_PACKAGES = {"wandb": "wandb", "swanlab": "swanlab", "tensorboard": "tensorboard", "mlflow": "mlflow",
                    "trackio": "trackio", "comet_ml": "comet_ml", "clearml": "clearml"}
@@ -264,9 +265,8 @@ def setup_process(args: TrainingArguments) -> None:
         # leaves it in pinned memory): a blocking copy would stall the host at every step,
         # and a small model's step is bound by how fast the host queues its kernels.
         args.accelerator_config.non_blocking = True
-    if args.process_index == 0:
-        for note in args.notes:
-            print(f"lmforge: {note}")
+    for note in args.notes:
+        say(f"lmforge: {note}")
 
 
 def read_json_object(path: str, flag: str) -> dict:

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.logs import say
 
 
 def _base_model(model):
@@ -44,7 +45,7 @@ def check_layer_classes(model, given: list[str]) -> None:
             "Leave the flag out to use it")
 
 
-def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = print) -> list[str] | None:
+def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = say) -> list[str] | None:
     """With FSDP on: the layer classes it wraps, each instance its own unit (sharded, gathered
     for its forward and backward, freed after). `--fsdp_transformer_layer_cls_to_wrap` is
     checked against the model; without it the model's decoder layer classes are used. The

@@ -33,6 +33,7 @@ from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, refere
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
 from lmforge.flags import DpoArguments, PreferenceDataArguments
+from lmforge.logs import say
 from lmforge.model import apply_lora
 from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, run
@@ -70,10 +71,9 @@ class Dpo(Method):
             model = apply_lora(model, flags.lora, args.gradient_checkpointing, adapter_dtype(model.dtype, args))
         elif not dpo.precompute_ref_log_probs:
             reference = frozen_copy(model)
-        if args.process_index == 0:
-            print(f"lmforge: DPO ({dpo.loss_type.value}, beta {dpo.beta}); reference: "
-                  + ("precomputed" if dpo.precompute_ref_log_probs else "the model with its adapter disabled"
-                     if flags.lora.lora else "a frozen copy of the starting model"))
+        say(f"lmforge: DPO ({dpo.loss_type.value}, beta {dpo.beta}); reference: "
+            + ("precomputed" if dpo.precompute_ref_log_probs else "the model with its adapter disabled"
+               if flags.lora.lora else "a frozen copy of the starting model"))
         return Model(model, DpoTrainer, {"dpo": dpo, "reference": reference})
 
     @staticmethod
@@ -81,13 +81,12 @@ class Dpo(Method):
         """The reference log-probabilities of every pair of each cache entry, as two more columns
         of the rows (computed over the whole entry, then split as --val_split splits it)."""
         args = flags.args
-        log = print if args.process_index == 0 else lambda *_: None
 
         def with_reference(entry):
             # Padded rows: the references are computed before training, once, and then read as
             # columns of the pairs, so they need no packing.
             ref = reference_entry(model, entry.entry, batches.collator.padded(), args, args.fused_loss,
-                                  flags.data.data_cache_dir, log)
+                                  flags.data.data_cache_dir)
             return with_reference_columns(entry.dataset(), ref)
 
         train = with_reference(data.train)

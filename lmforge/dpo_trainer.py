@@ -31,6 +31,7 @@ from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
 from lmforge.errors import LmforgeError
 from lmforge.flags import DpoArguments, DpoLoss
 from lmforge.graphs import PADDED_POSITIONS
+from lmforge.logs import say
 from lmforge.loss import sequence_log_probs
 from lmforge.model import is_peft
 from lmforge.training.step import Trainer
@@ -133,7 +134,7 @@ def compute_reference_log_probs(model: nn.Module, dataset, collator, args, fused
 
 
 def reference_entry(model: nn.Module, data_entry: CacheEntry, collator, args, fused: bool,
-                    cache_dir: str | None, log=print) -> CacheEntry:
+                    cache_dir: str | None) -> CacheEntry:
     """The cached reference log-probabilities of `data_entry`'s pairs (built here or found),
     keyed by that entry (the data, tokenizer, template and length policy), the model's weights,
     and the precision and head path they were computed with."""
@@ -144,7 +145,7 @@ def reference_entry(model: nn.Module, data_entry: CacheEntry, collator, args, fu
     key = h.hexdigest()[:24]
 
     def build(tmp: str) -> dict:
-        log(f"lmforge: computing the reference log-probabilities of {len(data_entry.dataset())} pairs")
+        say(f"lmforge: computing the reference log-probabilities of {len(data_entry.dataset())} pairs")
         chosen, rejected = compute_reference_log_probs(model, data_entry.dataset(), collator, args, fused)
         schema = pa.schema([(c, FLOAT_COLUMN) for c in REFERENCE_COLUMNS])
         table = pa.table([pa.array(chosen, FLOAT_COLUMN), pa.array(rejected, FLOAT_COLUMN)], schema=schema)
@@ -152,8 +153,8 @@ def reference_entry(model: nn.Module, data_entry: CacheEntry, collator, args, fu
             writer.write_table(table)
         return {"pairs": len(chosen), "data": data_entry.path}
 
-    entry = build_or_load(cache_dir, "dpo-ref", key, build, log=log)
-    log(f"lmforge: reference log-probabilities: {entry.path}")
+    entry = build_or_load(cache_dir, "dpo-ref", key, build, log=say)
+    say(f"lmforge: reference log-probabilities: {entry.path}")
     return entry
 
 

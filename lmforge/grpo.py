@@ -34,6 +34,7 @@ from lmforge.dpo_trainer import disable_dropout, frozen_copy
 from lmforge.errors import LmforgeError
 from lmforge.fast_path import Rows
 from lmforge.flags import DataArguments, GrpoArguments
+from lmforge.logs import say
 from lmforge.model import apply_lora, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, chat_options, run
@@ -153,16 +154,15 @@ class Grpo(Method):
         longest = max(len(p.input_ids) for p in batches.train) + grpo.max_completion_length
         row_tokens = 0 if args.deepspeed else grpo.train_row_tokens
         rows = rollout_rows(completions, longest, row_tokens, args.per_device_train_batch_size)
-        if args.process_index == 0:
-            bound = (f"{row_tokens:,} tokens (--train_row_tokens; a document {longest} at the longest)" if row_tokens
-                     else f"{-(-completions // rows)} completions ("
-                     + ("--deepspeed" if args.deepspeed else "--train_row_tokens 0") + ")")
-            print(f"lmforge: GRPO trains each generation batch of {completions} completions as {rows} packed "
-                  f"row(s) of at most {bound}, one micro-batch each")
-            print(f"lmforge: GRPO ({grpo.loss_type.value} loss, {grpo.num_generations} completions a prompt, "
-                  f"rewards: {', '.join(rewards.names)}); reference: "
-                  + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
-                     if flags.lora.lora else "a frozen copy of the starting model"))
+        bound = (f"{row_tokens:,} tokens (--train_row_tokens; a document {longest} at the longest)" if row_tokens
+                 else f"{-(-completions // rows)} completions ("
+                 + ("--deepspeed" if args.deepspeed else "--train_row_tokens 0") + ")")
+        say(f"lmforge: GRPO trains each generation batch of {completions} completions as {rows} packed "
+            f"row(s) of at most {bound}, one micro-batch each")
+        say(f"lmforge: GRPO ({grpo.loss_type.value} loss, {grpo.num_generations} completions a prompt, "
+            f"rewards: {', '.join(rewards.names)}); reference: "
+            + ("none (--beta 0)" if grpo.beta == 0 else "the model with its adapter disabled"
+               if flags.lora.lora else "a frozen copy of the starting model"))
         kwargs = {"grpo": grpo, "prompts": batches.train, "eval_prompts": batches.eval, "rewards": rewards,
                   "engine": TransformersEngine(pad, stop_ids, static_cache(grpo)), "tokenizer_decode": tokenizer.decode,
                   "stop_ids": stop_ids, "pad_id": pad, "reference": reference, "completions": completions,

@@ -17,6 +17,7 @@ from lmforge.attention import VARLEN, register_varlen
 from lmforge.config import read_json_object
 from lmforge.errors import LmforgeError
 from lmforge.flags import LoraArguments, ModelArguments
+from lmforge.logs import say
 from lmforge.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
@@ -99,7 +100,7 @@ def load_config(args: ModelArguments):
     )
 
 
-def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=print) -> str:
+def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=say) -> str:
     """The attention kernel. `auto` (the default) and `--flash_attn True` (FastChat's flag) ask
     for the fastest one this install has: flash-attn's kernels when `--flash_attn` and the
     package are there; else on a GPU lmforge's varlen attention (PyTorch's own flash kernel
@@ -132,7 +133,7 @@ def varlen_implementation() -> str:
     return VARLEN
 
 
-def apply_rope_scaling(config, model_max_length: int | None, log=print) -> None:
+def apply_rope_scaling(config, model_max_length: int | None, log=say) -> None:
     """Linear RoPE scaling when training past the model's native context: factor =
     ceil(model_max_length / max_position_embeddings), as FastChat's train.py does. Written as
     transformers 5 `rope_parameters` (keeping rope_theta), which the older `rope_scaling` dict
@@ -260,7 +261,7 @@ def align_token_ids(model, tokenizer) -> None:
         logger.setLevel(level)
 
 
-def quantize_frozen_embeddings(model, lora: LoraArguments, log=print) -> None:
+def quantize_frozen_embeddings(model, lora: LoraArguments, log=say) -> None:
     """QLoRA: the embedding and head in 4-bit too (lmforge.quantize says why), unless one of
     them is trained through --modules_to_save or cannot be stored that way; either is logged."""
     from lmforge.quantize import embeddings_quantizable, quantize_embeddings
@@ -353,7 +354,7 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False,
     return model
 
 
-def compile_blocks(model, log=print, mode: str = "default", memory_budget: float = 1.0) -> int:
+def compile_blocks(model, log=say, mode: str = "default", memory_budget: float = 1.0) -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
     many were compiled; the block classes are the model's `_no_split_modules`. A memory budget

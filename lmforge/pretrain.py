@@ -24,6 +24,7 @@ from lmforge.data.encode import TEXT
 from lmforge.data.options import TextOptions
 from lmforge.data.split import describe_split, record_lengths
 from lmforge.flags import PretrainDataArguments
+from lmforge.logs import say
 from lmforge.model import load_tokenizer
 from lmforge.preflight import Preflight
 from lmforge.recipe import Flags, Method, Model, run
@@ -47,9 +48,9 @@ class Pretrain(Method):
         return flags.data.pretrain_document_mask  # blocks as rows of documents, each attending to itself
 
     def build_model(self, flags: Flags, data: PreparedData, batches: Batches, model) -> Model:
-        if flags.args.process_index == 0 and flags.model.config_name:
+        if flags.model.config_name:
             n = sum(p.numel() for p in model.parameters())
-            print(f"lmforge: pretraining a new model from {flags.model.config_name}: {n / 1e6:.2f}M parameters")
+            say(f"lmforge: pretraining a new model from {flags.model.config_name}: {n / 1e6:.2f}M parameters")
         return super().build_model(flags, data, batches, model)
 
     def describe(self, flags: Flags, data: PreparedData, batches: Batches) -> dict:

@@ -30,6 +30,7 @@ from lmforge.fast_path import Rows, choose_fast_path
 from lmforge.fast_path import describe as describe_choices
 from lmforge.flags import DataArguments, LoraArguments, ModelArguments
 from lmforge.graphs import graphs_unsupported
+from lmforge.logs import say
 from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
 from lmforge.optim import adapter_dtype
 from lmforge.run_lock import RunLock
@@ -154,18 +155,17 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     args = flags.args
     setup_process(args)  # the environment, the accelerator, the launcher: after parsing, once
     main_process = args.process_index == 0
-    log = print if main_process else lambda *_: None
     # The fastest measured settings for the flags left unset; said now, before the first
     # recorded flags (key_flags) and the model load depend on them.
     if args.cuda_graphs and (why := graphs_unsupported(args, torch.cuda.is_available())):
         raise LmforgeError(f"--cuda_graphs True: {why}")
     speed = describe_choices(choose_fast_path(flags.model, args, method.rows(flags), quantized=flags.lora.q_lora))
     if speed:
-        log("\n".join(speed))
+        say("\n".join(speed))
     command_line = expand_argv(argv)  # a YAML run file as the flags it held
     finished = finished_run(args.output_dir, method.command, command_line)
     if finished is not None and args.resume:
-        log(f"lmforge: {args.output_dir} already holds the result of this command ({finished}); nothing to do. "
+        say(f"lmforge: {args.output_dir} already holds the result of this command ({finished}); nothing to do. "
             "Pass --resume False --overwrite_output_dir True to train it again from the start")
         return args.output_dir
     check_output_dir(args.output_dir)
@@ -174,19 +174,18 @@ def run(method: Method, argv: Sequence[str], callbacks: Sequence[transformers.Tr
     if lock is not None:
         lock.acquire()
         if lock.taken_over is not None:
-            log(f"lmforge: took over the lock of {args.output_dir}, left by a run that is gone "
+            say(f"lmforge: took over the lock of {args.output_dir}, left by a run that is gone "
                 f"({describe_holder(lock.taken_over)})")
     try:
-        return _run_locked(method, flags, argv, command_line, started, log, callbacks)
+        return _run_locked(method, flags, argv, command_line, started, callbacks)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line: list[str], started: float, log,
+def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line: list[str], started: float,
                 callbacks: Sequence[transformers.TrainerCallback]) -> str:
     args = flags.args
-    main_process = args.process_index == 0
     checkpoint = resolve_resume(args.output_dir, args.resume, args.overwrite_output_dir, args.should_save,
                                 args.resume_from_checkpoint)
     data_changes: list[str] = []
@@ -194,7 +193,7 @@ def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line:
         # Flags and data changed since the run was started (or last resumed): applied, or refused now.
         info = read_run_info(args.output_dir)
         data_changes = check_resumed_data(checkpoint, info.get("data"), method, flags)
-        callbacks = [*resume_policy(checkpoint, info.get("config"), key_flags(*flags.all()), log,
+        callbacks = [*resume_policy(checkpoint, info.get("config"), key_flags(*flags.all()),
                                     data_compared=bool(info.get("data"))), *callbacks]
     load_config(flags.model)  # a wrong model path fails now, not after tokenizing
     check_weights(flags.model)
@@ -202,19 +201,19 @@ def _run_locked(method: Method, flags: Flags, argv: Sequence[str], command_line:
     # The first process of each machine tokenizes into the cache; the others then find it there.
     with local_main_first(args, args.prepare_timeout, method.tokenizing):
         data = method.prepare(flags)
-    log(data.stats_lines())
+    say(data.stats_lines())
     if checkpoint:
-        log(f"lmforge: resuming from {checkpoint}")
+        say(f"lmforge: resuming from {checkpoint}")
 
     batches = method.batches(flags, data)
-    describe_batches(batches, flags.data.val_split, args.seed, method.unit, log)
+    describe_batches(batches, flags.data.val_split, args.seed, method.unit)
 
     transformers.set_seed(args.seed)  # a model built from a config starts from the same weights
     model = load_model(flags.model, data.tokenizer, args.flash_attn, method.context_length(flags, data), flags.lora,
                        progress_bars=not args.disable_tqdm)
     trained = method.build_model(flags, data, batches, model)
-    if main_process and next(trained.model.parameters()).is_cuda:
-        print(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
+    if next(trained.model.parameters()).is_cuda:
+        say(f"lmforge: GPU memory after loading the model: {gpu_memory_gib():.2f} GiB")
 
     run_info = {
         "command": method.command, "flags": list(argv), "command_line": command_line, "started": started,
@@ -274,9 +273,8 @@ def check_resumed_data(checkpoint: str, saved: dict | None, method: Method, flag
         raise LmforgeError(f"resuming from {checkpoint}: {changes[0]}; run it with the data it started with, or "
                            "pass --resume_changed_data True to go on with this data (the position in the epoch is "
                            "then recomputed from its size)")
-    if flags.args.process_index == 0:
-        print(f"lmforge: resuming on changed data (--resume_changed_data True): {'; '.join(changes)}; the position "
-              "in the epoch is recomputed from the new data's size")
+    say(f"lmforge: resuming on changed data (--resume_changed_data True): {'; '.join(changes)}; the position "
+        "in the epoch is recomputed from the new data's size")
     return changes
 
 
@@ -334,14 +332,14 @@ def chat_options(data: DataArguments) -> ChatOptions:
     )
 
 
-def describe_batches(batches: Batches, val_split: float, seed: int, unit: str, log) -> None:
+def describe_batches(batches: Batches, val_split: float, seed: int, unit: str) -> None:
     """The log lines of the batching: the packing, and what --val_split held out."""
     rows, records = batches.train, batches.records
     if isinstance(rows, PackedDataset):
         plural = "row" if len(rows) == 1 else "rows"
-        log(f"lmforge: packing: {len(records)} records into {len(rows)} {plural} of up to {rows.model_max_length} "
+        say(f"lmforge: packing: {len(records)} records into {len(rows)} {plural} of up to {rows.model_max_length} "
             "tokens")
     if batches.held_out is not None:
         held = len(batches.held_out)
-        log(f"lmforge: --val_split {val_split}: {held} of {held + len(records)} {unit} held out for evaluation "
+        say(f"lmforge: --val_split {val_split}: {held} of {held + len(records)} {unit} held out for evaluation "
             f"(drawn by --seed {seed})")

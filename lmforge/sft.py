@@ -24,6 +24,7 @@ from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import CHAT
 from lmforge.data.split import describe_split, length_histogram, record_lengths, trained_counts
 from lmforge.flags import DataArguments
+from lmforge.logs import say
 from lmforge.preflight import Preflight
 from lmforge.recipe import Flags, Method, run
 from lmforge.samples import SampleGenerations, held_out_prompts
@@ -61,8 +62,8 @@ class Sft(Method):
         if args.eval_samples and batches.eval is not None:
             prompts = held_out_prompts(getattr(batches.eval, "dataset", batches.eval), args.eval_samples)
             return [SampleGenerations(data.tokenizer, prompts, data.end_of_turn_id, args.eval_sample_tokens)]
-        if args.eval_samples and args.process_index == 0:
-            print("lmforge: --eval_samples: no held-out data (--eval_data_path or --val_split), so no samples")
+        if args.eval_samples:
+            say("lmforge: --eval_samples: no held-out data (--eval_data_path or --val_split), so no samples")
         return []
 
 

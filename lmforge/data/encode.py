@@ -51,6 +51,7 @@ from lmforge.data.sources import (
 )
 from lmforge.data.store import INT32, SUPPORTED_SUFFIXES, Cached, RowWriter, build_or_load, cache_key, source_files
 from lmforge.errors import DataError, LmforgeError, RecordError
+from lmforge.logs import say
 
 # ---------------------------------------------------------------------------------------------
 # What an entry counts
@@ -646,7 +647,7 @@ class PrepareProgress:
     document makes a fraction of a document a second, not 0), and left out under a second,
     where it would say little. Only the process that builds the cache prints."""
 
-    def __init__(self, what: str, every: float = 10.0, log=print, clock=time.monotonic, unit: str = "record"):
+    def __init__(self, what: str, every: float = 10.0, log=say, clock=time.monotonic, unit: str = "record"):
         self.what, self.every, self.log, self.clock, self.unit = what, every, log, clock, unit
         self.started = self.last = clock()
         self.records = self.tokens = 0

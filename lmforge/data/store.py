@@ -43,6 +43,7 @@ import pyarrow as pa
 from lmforge.checkpoint import crc_range
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
+from lmforge.logs import say
 from lmforge.run_lock import process_alive
 
 CACHE_VERSION = 5  # part of every entry's key: raised when what an entry holds changes
@@ -360,7 +361,7 @@ def _new_build_dir(parent: str, key: str, log) -> str:
     return tmp
 
 
-def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict], log=print) -> CacheEntry:
+def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict], log=say) -> CacheEntry:
     """Return the entry `key`, building it with `build(tmp_dir) -> stats` when absent or damaged.
 
     `build` writes `tokens.arrow` into the temporary directory; the entry is checked (checksums

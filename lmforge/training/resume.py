@@ -21,6 +21,7 @@ from lmforge.checkpoint import (
     remove_staging_leftovers,
 )
 from lmforge.errors import LmforgeError
+from lmforge.logs import say
 from lmforge.progress import LOG_FILE
 from lmforge.report import PLOTS_DIR, REPORT_NAME
 from lmforge.run_lock import LOCK_NAME
@@ -51,8 +52,7 @@ def resolve_resume(output_dir: str, resume: bool, overwrite: bool, main_process:
         return chosen_checkpoint(output_dir, chosen, main_process)
     # The checkpoint about to be loaded is verified whole (sizes and checksums), on every rank,
     # so that all ranks choose the same one.
-    checkpoint = last_complete_checkpoint(output_dir, log=print_flushed if main_process else lambda _: None,
-                                          verify=True) if resume else None
+    checkpoint = last_complete_checkpoint(output_dir, verify=True) if resume else None
     if checkpoint is not None:
         return checkpoint
     foreign = set(os.listdir(output_dir)) - OWN_FILES if os.path.isdir(output_dir) else set()
@@ -119,7 +119,7 @@ def changed_flags(saved: dict, now: dict) -> dict[str, tuple]:
 DATA_FLAGS = frozenset({"data_path", "eval_data_path", "train_files", "validation_files"})
 
 
-def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=print,
+def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=say,
                   data_compared: bool = False) -> list[transformers.TrainerCallback]:
     """Say which flags differ from the run being resumed and what is done about each; refuse
     the ones a checkpoint cannot continue with. Returns the callbacks that apply the others.

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from lmforge.distributed import configure_fsdp_wrapping
+from lmforge.logs import say
 from lmforge.model import is_peft
 from lmforge.progress import ReportAtCheckpoints, library_bars
 from lmforge.report import try_write_report
@@ -41,7 +42,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     the end). SIGTERM / SIGINT during training end it with a checkpoint and `TrainingStopped`.
     `callbacks` are added to lmforge's own; they may also take lmforge's events (`LmforgeCallback`)."""
     stop = StopOnSignal()
-    configure_fsdp_wrapping(model, args, log=print if args.process_index == 0 else lambda *_: None)
+    configure_fsdp_wrapping(model, args)
     callbacks = [NonFiniteGuard(), CollapseGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []),
                  *callbacks]
     trainer = (trainer_class or Trainer)(  # looked up now: tests may replace lmforge.training.run.Trainer
@@ -56,10 +57,10 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     )
     # First of all callbacks: it leaves train() before any other starts a bar or prints a plan.
     trainer.callback_handler.callbacks.insert(0, StopWhenNothingLeft())
-    if args.process_index == 0:
-        if is_peft(model):
-            trainable, total = model.get_nb_trainable_parameters()
-            print(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
+    if is_peft(model):
+        trainable, total = model.get_nb_trainable_parameters()
+        say(f"lmforge: LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f} %)")
+    if args.process_index == 0:  # the run record has one writer
         write_run_info(args.output_dir, {**run_info, "device": describe_device(args),
                                          "world_size": args.world_size})
     stop.install()
@@ -69,8 +70,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
             with library_bars(False):
                 trainer.train(resume_from_checkpoint=checkpoint)
         except NothingLeftToTrain:
-            if args.process_index == 0:
-                print(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
+            say(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
         if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
             raise stopped_error(stop, args.output_dir)
         if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
@@ -83,10 +83,10 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         lmforge_event(trainer, "on_final_save", trainer)
     finally:
         stop.restore()
-    if args.process_index == 0:
-        print(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir} ({summary})")
-        if torch.cuda.is_available():
-            print(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    say(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir} ({summary})")
+    if torch.cuda.is_available():
+        say(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if args.process_index == 0:  # the run record and the report have one writer
         record_end(args.output_dir, args.device)
         report = try_write_report(args.output_dir)
         if report:

@@ -50,6 +50,7 @@ from lmforge.data.collate import LABEL_POSITIONS, add_batch_extras, for_the_step
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
+from lmforge.logs import say
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks, is_peft
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
@@ -104,8 +105,7 @@ class Trainer(transformers.Trainer):
         self.data_collator = for_the_step(self.data_collator, label_positions=self.fused_head is not None,
                                           varlen_offsets=self._attn_implementation() == VARLEN)
         if getattr(self.args, "compile_blocks", False):
-            compile_blocks(self.model, log=print if self.args.process_index == 0 else lambda *_: None,
-                           mode=self.args.compile_mode,
+            compile_blocks(self.model, mode=self.args.compile_mode,
                            memory_budget=getattr(self.args, "compile_memory_budget", None) or 1.0)
 
     def _fused_head(self):
@@ -115,12 +115,11 @@ class Trainer(transformers.Trainer):
         why = fused_head_supported(base)
         if why is None and (self.label_smoother is not None or self.compute_loss_func is not None):
             why = "a custom loss (label smoothing or compute_loss_func) is set"
-        if self.args.process_index == 0:
-            if why:
-                print(f"lmforge: loss: the model's own ({why})")
-            else:
-                kernel = "Liger's kernel" if use_liger(self.args.loss_kernel, self.args.device) else "chunks"
-                print(f"lmforge: loss: labelled positions only, projection and cross-entropy fused ({kernel})")
+        if why:
+            say(f"lmforge: loss: the model's own ({why})")
+        else:
+            kernel = "Liger's kernel" if use_liger(self.args.loss_kernel, self.args.device) else "chunks"
+            say(f"lmforge: loss: labelled positions only, projection and cross-entropy fused ({kernel})")
         return None if why else base.get_output_embeddings()
 
     def create_optimizer(self, model=None):
@@ -133,9 +132,8 @@ class Trainer(transformers.Trainer):
         keep = ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused")
         self.optimizer = MasterWeightAdamW(groups, **{k: optimizer.defaults[k] for k in keep
                                                       if k in optimizer.defaults})
-        if self.args.process_index == 0:
-            how = "one Triton kernel a parameter group" if self.optimizer.uses_kernel else "torch's AdamW"
-            print(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model; the update: {how})")
+        how = "one Triton kernel a parameter group" if self.optimizer.uses_kernel else "torch's AdamW"
+        say(f"lmforge: optimizer: AdamW over fp32 master weights ({why} in the model; the update: {how})")
         return self.optimizer
 
     def _clip_grad_norm(self, model):
@@ -197,9 +195,9 @@ class Trainer(transformers.Trainer):
             return super().train(*args, **kwargs)
         finally:
             graphs = self._step_graphs
-            if graphs is not None and self.args.process_index == 0:
-                print(f"lmforge: CUDA graphs: {len(graphs.graphs)} recorded, {graphs.replays} micro-steps replayed, "
-                      f"{graphs.eager} run eagerly (the first of each shape)")
+            if graphs is not None:
+                say(f"lmforge: CUDA graphs: {len(graphs.graphs)} recorded, {graphs.replays} micro-steps replayed, "
+                    f"{graphs.eager} run eagerly (the first of each shape)")
 
     def _graphs(self) -> StepGraphs | None:
         if not getattr(self.args, "cuda_graphs", False):
@@ -209,8 +207,7 @@ class Trainer(transformers.Trainer):
             if why:
                 raise LmforgeError(f"--cuda_graphs True: {why}")
             self._step_graphs = StepGraphs([p for p in self.model.parameters() if p.requires_grad])
-            if self.args.process_index == 0:
-                print("lmforge: CUDA graphs: each micro-step shape is recorded once and replayed")
+            say("lmforge: CUDA graphs: each micro-step shape is recorded once and replayed")
         return self._step_graphs
 
     @staticmethod
