@@ -23,7 +23,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from lmforge import loss_kernel
+from lmforge.kernels import loss_kernel
 from lmforge.data.collate import label_positions
 from lmforge.data.render import IGNORE_INDEX
 from lmforge.errors import LmforgeError

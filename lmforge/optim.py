@@ -12,7 +12,7 @@ Memory during the backward pass (the peak) is the same as fp32 training minus th
 activations: 2 + 2 bytes a parameter for the bf16 weight and gradient, 4 for the master, 8 for
 the moments.
 
-On a CUDA GPU the update is one Triton kernel per parameter group (`lmforge.optim_kernel`): it
+On a CUDA GPU the update is one Triton kernel per parameter group (`lmforge.kernels.optim_kernel`): it
 reads the 16-bit gradient, scales it by the clipping's factor (`clip_grad_norm_` measures the
 16-bit gradients in fp32 and leaves them as they are), and writes master, moments and 16-bit
 weight in one pass; no fp32 gradient is made. Elsewhere (a CPU, a sharded DTensor, a tensor the
@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from lmforge import optim_kernel
+from lmforge.kernels import optim_kernel
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -143,7 +143,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return self._kernel or bool(self.defaults.get("fused"))
 
     def _kernel_step(self, coef: torch.Tensor | None, found_inf: torch.Tensor | None) -> bool:
-        """The update as one kernel a group (`lmforge.optim_kernel`); False where it cannot run."""
+        """The update as one kernel a group (`lmforge.kernels.optim_kernel`); False where it cannot run."""
         if not self._kernel:
             return False
         work = []

@@ -48,7 +48,7 @@ def kernel_device(request) -> str:
     """Where a test runs lmforge's Triton kernels: "cuda", or "cpu" under Triton's interpreter
     (TRITON_INTERPRET=1: the kernels' own code, run with numpy), so that a machine without a GPU
     tests them too. Parametrize with `indirect=True` over KERNEL_DEVICES."""
-    from lmforge import loss_kernel, optim_kernel
+    from lmforge.kernels import loss_kernel, optim_kernel
 
     if request.param == "cuda":
         if not torch.cuda.is_available():

@@ -102,10 +102,10 @@ def test_compiled_blocks_compute_the_same_loss_and_gradients():
 @pytest.mark.parametrize("kernel_device", KERNEL_DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_softmax_rows_kernel_equals_torch(dtype, kernel_device):
-    """lmforge.loss_kernel against torch in fp64: log-sum-exp, the target's logit, and the gradient
+    """lmforge.kernels.loss_kernel against torch in fp64: log-sum-exp, the target's logit, and the gradient
     it writes over the logits, with and without a per-row scale; a vocabulary that is not a
     multiple of the kernel's block. On a GPU, and on a CPU under Triton's interpreter."""
-    from lmforge import loss_kernel
+    from lmforge.kernels import loss_kernel
 
     torch.manual_seed(0)
     vocab = 3 * loss_kernel.BLOCK + 1000

@@ -128,11 +128,11 @@ def test_clipping_scales_the_fp32_gradient_inside_the_update():
 
 @pytest.mark.parametrize("kernel_device", KERNEL_DEVICES, indirect=True)
 def test_update_kernel_follows_torchs_fused_adamw(kernel_device):
-    """The one-kernel update (lmforge.optim_kernel) against torch's fused AdamW over the same
+    """The one-kernel update (lmforge.kernels.optim_kernel) against torch's fused AdamW over the same
     masters: two groups (with and without decay) and an empty one, clipping, a parameter without
     a gradient, a step flagged non-finite, and a resume from the state it saves. On a GPU, and on
     a CPU under Triton's interpreter."""
-    from lmforge import optim_kernel
+    from lmforge.kernels import optim_kernel
 
     device = kernel_device
     assert optim_kernel.available() == (device == "cuda")
@@ -190,7 +190,7 @@ def test_a_gradient_the_kernel_cannot_address_sends_the_update_to_torch(kernel_d
     """The kernel finds each gradient at an offset from the group's first, a multiple of 16
     elements. A gradient that is a view starting an odd number of elements into its buffer is
     not: the step, and every later one, is torch's AdamW, with the same result."""
-    from lmforge import optim_kernel
+    from lmforge.kernels import optim_kernel
 
     torch.manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in ((40, 8), (24,))]

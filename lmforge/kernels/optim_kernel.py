@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.triton_launch import available, on
+from lmforge.kernels.triton_launch import available, on
 
 # Elements a program updates, and its warps: the fastest of the sizes tried (measured:
 # docs/bench_results.md, 2026-12-03 (afternoon), the update kernel).

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from lmforge.triton_launch import available, on
+from lmforge.kernels.triton_launch import available, on
 
 # Vocabulary entries a program reads per iteration, and its warps: the fastest of the sizes tried
 # (measured: docs/bench_results.md, 2026-12-02 (evening), the loss kernel).
