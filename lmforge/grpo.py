@@ -151,7 +151,7 @@ class Grpo(Method):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         rewards = self.rewards
         completions = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        longest = max(len(p.input_ids) for p in batches.train) + grpo.max_completion_length
+        longest = self.context_length(flags, data)  # the longest row: a prompt and its completion
         row_tokens = 0 if args.deepspeed else grpo.train_row_tokens
         rows = rollout_rows(completions, longest, row_tokens, args.per_device_train_batch_size)
         bound = (f"{row_tokens:,} tokens (--train_row_tokens; a document {longest} at the longest)" if row_tokens

@@ -16,6 +16,7 @@ a resumed run samples what the uninterrupted one did and dropout's draws are unt
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -127,15 +128,10 @@ def _entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     return -torch.where(torch.isfinite(logp), logp.exp() * logp, 0.0).sum(-1)
 
 
-_COMPILED_ENTROPY = None
-
-
+@functools.cache
 def _compiled_entropy():
     """`_entropy` compiled, once per process (on first use: a CPU run never compiles it)."""
-    global _COMPILED_ENTROPY
-    if _COMPILED_ENTROPY is None:
-        _COMPILED_ENTROPY = torch.compile(_entropy, dynamic=True)
-    return _COMPILED_ENTROPY
+    return torch.compile(_entropy, dynamic=True)
 
 
 class Engine(Protocol):
