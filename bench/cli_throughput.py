@@ -119,6 +119,14 @@ def _rows() -> dict[str, Row]:
         rows[f"{shape}-long-lmforge"] = Row(shape, "full", "lmforge", max_len=32768, batch=1, long=True)
         rows[f"{shape}-long-lmforge-ckpt"] = Row(shape, "full", "lmforge", ["--gradient_checkpointing", "True"],
                                                  max_len=32768, batch=1, long=True)
+        # PyTorch's varlen kernel where flash-attn-4 would be chosen: what the Hopper kernel gains.
+        torch_attn = ["--varlen_kernel", "torch"]
+        rows[f"{shape}-full-lmforge-torchattn"] = Row(shape, "full", "lmforge", torch_attn)
+        rows[f"{shape}-lora-lmforge-torchattn"] = Row(shape, "lora", "lmforge", torch_attn)
+        # bf16 matmuls where --fp8 auto would choose float8: what float8 gains.
+        rows[f"{shape}-full-lmforge-bf16"] = Row(shape, "full", "lmforge", ["--fp8", "false"])
+        rows[f"{shape}-long-lmforge-torchattn"] = Row(shape, "full", "lmforge", torch_attn, max_len=32768, batch=1,
+                                                      long=True)
     return rows
 
 

@@ -16,6 +16,8 @@ alone), so a packed batch brings its own mask, built here from the collator's do
   kind of kernel, and transformers has no attention function that calls it, so lmforge
   registers one (`varlen_attention`). CUDA only; no mask is built at all: the model gets
   `NO_MASK`, a zero-size 4-D placeholder that transformers passes through as prepared.
+  On Hopper and Blackwell GPUs the kernel underneath is flash-attn-4's where it is installed
+  (`lmforge.kernels.flash4`, faster there), chosen by `choose_kernel`.
   Without it, transformers looks for packing in the restarting position_ids at every forward,
   which reads a GPU flag on the host (the host stops queueing work until the GPU catches up)
   and builds a [B, 1, T, T] mask that varlen never reads.
@@ -99,7 +101,8 @@ class _Kernel:
     fn: Callable | None = None
     windowed = False  # takes window_size=(-1, 0) for causal (newer) rather than is_causal=True
     gqa = False  # takes enable_gqa (fewer key / value heads than query heads)
-    native_gqa = False  # takes fewer key / value heads without being told (found by `probe_native_gqa`)
+    native_gqa = False  # takes fewer key / value heads without being told
+    native_gqa_torch = False  # whether torch's does (found once by `probe_native_gqa`)
     probed = False
     scale = False  # takes a softmax scale
     dtypes = (torch.float16, torch.bfloat16)  # the inputs it takes
@@ -164,20 +167,53 @@ def offsets_mask(cu: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     return (causal & (sequence[:, :, None] == sequence[:, None, :]))[:, None]
 
 
-def register_varlen() -> None:
-    """Make `attn_implementation=VARLEN` known to transformers (its mask function: SDPA's, for the
-    batches that come without CU_SEQLENS)."""
-    from torch.nn.attention.varlen import varlen_attn
+KERNELS = ("flash-attn-4", "torch")
+
+
+def choose_kernel(requested: str, capability: tuple[int, int] | None, fa4_installed: bool) -> tuple[str, str]:
+    """(the kernel under varlen attention, why). `requested`: --varlen_kernel (auto, flash-attn-4,
+    torch); `capability`: the GPU's compute capability (None: no CUDA GPU)."""
+    from lmforge.errors import LmforgeError
+    from lmforge.kernels import flash4
+
+    if requested == "torch":
+        return "torch", "--varlen_kernel torch"
+    why_not = flash4.unavailable(capability, fa4_installed)
+    if requested == "flash-attn-4":
+        if why_not:
+            raise LmforgeError(f"--varlen_kernel flash-attn-4 cannot run here: {why_not}")
+        return "flash-attn-4", "--varlen_kernel flash-attn-4"
+    if requested != "auto":
+        raise LmforgeError(f"--varlen_kernel {requested!r}: choose auto, {' or '.join(KERNELS)}")
+    if why_not is None:
+        major, minor = capability
+        return "flash-attn-4", (f"SM{major}{minor} GPU and flash-attn-4 installed: its Hopper / Blackwell path "
+                                f"(--varlen_kernel torch: PyTorch's)")
+    return "torch", f"PyTorch's ({why_not})"
+
+
+def register_varlen(kernel: str = "torch") -> None:
+    """Make `attn_implementation=VARLEN` known to transformers, running `kernel` (one of KERNELS)
+    on packed batches (its mask function: SDPA's, for the batches that come without CU_SEQLENS)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    params = inspect.signature(varlen_attn).parameters
-    if _Kernel.fn is None:
+    if kernel == "flash-attn-4":
+        from lmforge.kernels import flash4
+
+        # Same call form as torch's; windows, a softmax scale and grouped-query heads are native.
+        _Kernel.fn = flash4.varlen_attn
+        _Kernel.windowed, _Kernel.gqa, _Kernel.scale, _Kernel.native_gqa = True, False, True, True
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
         _Kernel.fn = varlen_attn
-    _Kernel.windowed, _Kernel.gqa, _Kernel.scale = ("window_size" in params, "enable_gqa" in params,
-                                                    "scale" in params)
-    if not _Kernel.gqa and not _Kernel.probed and torch.cuda.is_available() and _Kernel.fn is varlen_attn:
-        _Kernel.native_gqa, _Kernel.probed = probe_native_gqa(), True
+        _Kernel.windowed, _Kernel.gqa, _Kernel.scale = ("window_size" in params, "enable_gqa" in params,
+                                                        "scale" in params)
+        if not _Kernel.gqa and not _Kernel.probed and torch.cuda.is_available():
+            _Kernel.native_gqa_torch, _Kernel.probed = probe_native_gqa(), True
+        _Kernel.native_gqa = _Kernel.native_gqa_torch
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 

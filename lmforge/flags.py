@@ -63,6 +63,13 @@ class ModelArguments:
                           "or varlen, lmforge's call of PyTorch's built-in variable-length flash kernel (CUDA): "
                           "packed documents with no mask to build."},
     )
+    varlen_kernel: str = field(
+        default="auto",
+        metadata={"help": "The kernel under varlen attention: auto (flash-attn-4 where it is installed and the GPU "
+                          "is a Hopper or Blackwell, SM90 / SM100; else PyTorch's), flash-attn-4 (refused where it "
+                          "cannot run), or torch (PyTorch's built-in varlen flash kernel).",
+                  "choices": ["auto", "flash-attn-4", "torch"]},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model/tokenizer code from the model directory to run. Off by default."}
     )
@@ -587,6 +594,14 @@ class TrainingFlags:
                           "by every layer, a short compile); fuses the elementwise work small models are bound by. "
                           "Default: on with a CUDA GPU for packed rows (SFT, LoRA, pretraining) and DPO's pairs "
                           "when neither DeepSpeed nor FSDP shards the model; off on a CPU and with --packing False."},
+    )
+    fp8: str = field(
+        default="auto",
+        metadata={"help": "Float8 matmuls (torchao, tensorwise scaling) in the decoder blocks' linear layers; the "
+                          "head, the loss and the stored weights stay as they are. auto: on for full-parameter "
+                          "training in compiled blocks on a GPU of SM89 or newer with torchao installed, for models "
+                          "of hidden size 2048 or more (where it measured faster); true; false.",
+                  "choices": ["auto", "true", "false"]},
     )
     compile_mode: str = field(
         default="default",

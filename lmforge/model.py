@@ -102,34 +102,48 @@ def load_config(args: ModelArguments):
 
 def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=say) -> str:
     """The attention kernel. `auto` (the default) and `--flash_attn True` (FastChat's flag) ask
-    for the fastest one this install has: flash-attn's kernels when `--flash_attn` and the
-    package are there; else on a GPU lmforge's varlen attention (PyTorch's own flash kernel
-    over the packed documents); else SDPA. The choice is logged."""
+    for the fastest one this install has: flash-attn 2's kernels when `--flash_attn` and the
+    package are there; else on a GPU lmforge's varlen attention over the packed documents
+    (flash-attn-4's kernel on Hopper / Blackwell where installed, else PyTorch's own flash
+    kernel); else SDPA. The choice is logged."""
     if args.attn_implementation in ("varlen", VARLEN):
-        return varlen_implementation()
+        return varlen_implementation(args.varlen_kernel, log)
     if args.attn_implementation != "auto" and not flash_attn:
         return args.attn_implementation
     gpu = torch.cuda.is_available()
-    if flash_attn and gpu and importlib.util.find_spec("flash_attn") is not None:
+    if flash_attn and gpu and _find("flash_attn.flash_attn_interface"):  # flash-attn 2 (flash-attn-4 is flash_attn.cute)
         choice, why = "flash_attention_2", "flash-attn is installed"
-    elif gpu and importlib.util.find_spec("torch.nn.attention.varlen") is not None:
-        choice, why = "varlen", "PyTorch's flash kernel over the packed documents, no mask to build"
+    elif gpu and _find("torch.nn.attention.varlen"):
+        return varlen_implementation(args.varlen_kernel, log)
     else:
         choice, why = "sdpa", "no GPU: flash kernels need CUDA" if not gpu else "this PyTorch has no varlen kernel"
     log(f"lmforge: attention: {choice} ({why})")
-    return varlen_implementation() if choice == "varlen" else choice
+    return choice
 
 
-def varlen_implementation() -> str:
-    """lmforge's varlen attention (lmforge/attention.py), registered with transformers."""
-    if not torch.cuda.is_available():
-        raise LmforgeError("--attn_implementation varlen runs PyTorch's flash kernel, which needs a CUDA GPU; "
-                           "on CPU use sdpa (packed documents are kept apart by a mask there)")
+def _find(module: str) -> bool:
     try:
-        register_varlen()
-    except ImportError:
-        raise LmforgeError(f"--attn_implementation varlen needs torch.nn.attention.varlen (PyTorch 2.9 or "
-                           f"newer); this is PyTorch {torch.__version__}") from None
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is absent
+        return False
+
+
+def varlen_implementation(kernel: str = "auto", log=say) -> str:
+    """lmforge's varlen attention (lmforge/attention.py) over the packed documents, registered
+    with transformers, its kernel chosen by `attention.choose_kernel` and logged."""
+    from lmforge.attention import choose_kernel
+    from lmforge.kernels import flash4
+
+    if not torch.cuda.is_available():
+        raise LmforgeError("--attn_implementation varlen runs a flash kernel, which needs a CUDA GPU; "
+                           "on CPU use sdpa (packed documents are kept apart by a mask there)")
+    chosen, why = choose_kernel(kernel, torch.cuda.get_device_capability(), flash4.installed())
+    try:
+        register_varlen(chosen)
+    except ImportError as e:
+        raise LmforgeError(f"--attn_implementation varlen with the {chosen} kernel cannot import it ({e}); "
+                           f"PyTorch's needs PyTorch 2.9 or newer, this is {torch.__version__}") from None
+    log(f"lmforge: attention: varlen over the packed documents, {chosen} kernel ({why})")
     return VARLEN
 
 
@@ -354,6 +368,13 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False,
     return model
 
 
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The model's decoder blocks: its modules of the classes it names in `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
 def compile_blocks(model, log=say, mode: str = "default", memory_budget: float = 1.0) -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
@@ -363,9 +384,8 @@ def compile_blocks(model, log=say, mode: str = "default", memory_budget: float =
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = memory_budget
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in base.modules() if type(m).__name__ in names]
+    blocks = decoder_blocks(model)
+    names = {type(b).__name__ for b in blocks}
     for block in blocks:
         block.compile(mode=None if mode == "default" else mode)
     log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "

@@ -239,12 +239,18 @@ def test_varlen_refused_without_a_gpu():
         attention_implementation(ModelArguments(config_name="x", attn_implementation="varlen"))
 
 
-@pytest.mark.gpu  # PyTorch's varlen flash kernel runs on CUDA only
-def test_varlen_flash_kernel_packed_equals_unpacked_on_gpu():
-    """The real kernel, bf16 autocast over fp32 weights (the Trainer's bf16 mode): packed loss
-    equals the unpacked SDPA run within bf16 noise, gradients point the same way, and a record's
-    logits do not move when another record of its row changes."""
-    register_varlen()
+@pytest.mark.gpu  # the varlen flash kernels run on CUDA only
+@pytest.mark.parametrize("kernel", attention.KERNELS)
+def test_varlen_flash_kernel_packed_equals_unpacked_on_gpu(kernel):
+    """The real kernel (PyTorch's, flash-attn-4's where it runs), bf16 autocast over fp32 weights
+    (the Trainer's bf16 mode): packed loss equals the unpacked SDPA run within bf16 noise,
+    gradients point the same way, and a record's logits do not move when another record of its
+    row changes."""
+    from lmforge.kernels import flash4
+
+    if kernel == "flash-attn-4" and flash4.unavailable(torch.cuda.get_device_capability(), flash4.installed()):
+        pytest.skip(flash4.unavailable(torch.cuda.get_device_capability(), flash4.installed()))
+    register_varlen(kernel)
     recs = records(16)
 
     def gpu_model(attn: str):  # head size 64, as real models have (the tiny one's 8 is padded by the kernel)
@@ -278,3 +284,81 @@ def test_varlen_flash_kernel_packed_equals_unpacked_on_gpu():
             n = len(recs[i]["input_ids"])
             assert bool(differs[row, pos:pos + n].any()) == (i == 0), (row, i)
             pos += n
+
+
+@pytest.mark.parametrize("requested, capability, installed, expected", [
+    ("auto", (9, 0), True, "flash-attn-4"),  # H100 / H200
+    ("auto", (10, 0), True, "flash-attn-4"),  # B200
+    ("auto", (9, 0), False, "torch"),  # not installed
+    ("auto", (8, 0), True, "torch"),  # A100: no flash-attn-4 training path
+    ("auto", (12, 0), True, "torch"),  # consumer Blackwell
+    ("torch", (9, 0), True, "torch"),
+    ("flash-attn-4", (9, 0), True, "flash-attn-4"),
+])
+def test_varlen_kernel_choice(requested, capability, installed, expected):
+    chosen, why = attention.choose_kernel(requested, capability, installed)
+    assert chosen == expected
+    if requested == "auto" and expected == "torch":
+        assert ("not installed" in why) if not installed else (f"SM{capability[0]}{capability[1]}" in why)
+
+
+@pytest.mark.parametrize("capability, installed, reason", [
+    ((8, 0), True, "SM80"), ((9, 0), False, "not installed"), (None, True, "no CUDA GPU")])
+def test_flash_attn_4_forced_where_it_cannot_run_is_refused_with_the_reason(capability, installed, reason):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=f"--varlen_kernel flash-attn-4 cannot run here: .*{reason}"):
+        attention.choose_kernel("flash-attn-4", capability, installed)
+
+
+def test_flash_attn_4_op_is_opaque_with_known_shapes():
+    """The compiler sees the custom op's fake implementation only: output [T, Hq, D] and an fp32
+    log-sum-exp [Hq, T], grouped-query heads kept; the backward's gradients match their inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lmforge.kernels import flash4
+
+    with FakeTensorMode():
+        q = torch.empty(40, 14, 64, dtype=torch.bfloat16)
+        k, v = (torch.empty(40, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        cu = torch.empty(5, dtype=torch.int32)
+        out, lse = torch.ops.lmforge.flash4_varlen_forward(q, k, v, cu, 16, 0.125, -1)
+        grads = torch.ops.lmforge.flash4_varlen_backward(out, q, k, v, out, lse, cu, 16, 0.125, -1)
+    assert out.shape == (40, 14, 64) and out.dtype == torch.bfloat16
+    assert lse.shape == (14, 40) and lse.dtype == torch.float32
+    assert [tuple(g.shape) for g in grads] == [(40, 14, 64), (40, 2, 64), (40, 2, 64)]
+    assert flash4._window(-1) == (None, None) and flash4._window(7) == (7, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, kv_heads, dim, window", [(14, 2, 64, -1), (32, 8, 64, -1), (28, 4, 128, -1),
+                                                          (8, 8, 128, 100)])
+def test_flash_attn_4_equals_torch_varlen_on_gpu(heads, kv_heads, dim, window):
+    """flash-attn-4's kernel against an fp32 reference (causal SDPA per document) on packed
+    documents: outputs and the three gradients within bf16 rounding, eager and inside a compiled
+    function (one graph: fullgraph)."""
+    from lmforge.kernels import flash4
+
+    if flash4.unavailable(torch.cuda.get_device_capability(), flash4.installed()):
+        pytest.skip(flash4.unavailable(torch.cuda.get_device_capability(), flash4.installed()))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [700, 1, 1300, 48, 2000]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    leaves = [torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+              for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def run(fn, dtype):
+        q, k, v = (x.to(dtype).requires_grad_() for x in leaves)
+        out = fn(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(window, 0), scale=dim ** -0.5)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().float()] + [x.grad.float() for x in (q, k, v)]
+
+    expected = run(lambda *a, **kw: ReferenceKernel()(*a, enable_gqa=True, **kw), torch.float32)
+    eager = run(flash4.varlen_attn, torch.bfloat16)
+    compiled = run(torch.compile(flash4.varlen_attn, fullgraph=True), torch.bfloat16)
+    for name, e, a, c in zip(("out", "dq", "dk", "dv"), expected, eager, compiled):
+        scale = e.abs().max()
+        assert (a - e).abs().max() <= 2e-2 * scale, name
+        assert (c - e).abs().max() <= 2e-2 * scale, name

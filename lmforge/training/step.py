@@ -52,7 +52,7 @@ from lmforge.errors import LmforgeError
 from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
 from lmforge.logs import say
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
-from lmforge.model import compile_blocks, is_peft
+from lmforge.model import compile_blocks, decoder_blocks, is_peft
 from lmforge.optim import MasterWeightAdamW, wants_master_weights
 from lmforge.progress import add_perplexity, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
@@ -104,9 +104,28 @@ class Trainer(transformers.Trainer):
         # document offsets for varlen attention), in the data loader, before the batch moves.
         self.data_collator = for_the_step(self.data_collator, label_positions=self.fused_head is not None,
                                           varlen_offsets=self._attn_implementation() == VARLEN)
+        self.fp8_layers = self._fp8()
         if getattr(self.args, "compile_blocks", False):
             compile_blocks(self.model, mode=self.args.compile_mode,
                            memory_budget=getattr(self.args, "compile_memory_budget", None) or 1.0)
+
+    def _fp8(self) -> int:
+        """Float8 matmuls in the decoder blocks' linear layers where `lmforge.fp8.choose` says so
+        (before the blocks compile and the optimizer is made); the choice is said. Returns how many
+        layers were converted."""
+        from lmforge import fp8
+
+        requested = getattr(self.args, "fp8", "false")
+        cuda = torch.cuda.is_available() and self.args.device.type == "cuda"
+        on, why = fp8.choose(requested, capability=torch.cuda.get_device_capability() if cuda else None,
+                             torchao=fp8.installed(), compiled=bool(getattr(self.args, "compile_blocks", False)),
+                             engine="DeepSpeed" if self.args.deepspeed else "FSDP" if self.args.fsdp else None,
+                             adapters=is_peft(self.model) or getattr(self.model, "is_quantized", False),
+                             hidden=getattr(self.model.config, "hidden_size", 0))
+        layers = fp8.convert(self.model, decoder_blocks(self.model)) if on else 0
+        if on or str(requested).lower() != "auto" or cuda:  # on a CPU, auto's "no" is not news
+            say(f"lmforge: speed: {'float8' if on else 'no float8'} ({why})" + (f": {layers} layers" if on else ""))
+        return layers
 
     def _fused_head(self):
         if not getattr(self.args, "fused_loss", False):

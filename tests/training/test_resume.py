@@ -646,3 +646,28 @@ def test_a_final_save_that_did_not_finish_is_removed_by_the_next_run(tmp_path, c
     assert f"lmforge: removing {out / '.lmforge-final'}, left by a final save that did not finish" \
         in capsys.readouterr().out
     assert not (out / ".lmforge-final").exists()
+
+
+def test_float8_run_saves_ordinary_weights_and_resumes_exactly(setup, tmp_path):
+    """--fp8 true (torchao emulates float8 matmuls on a CPU): the decoder blocks' linear layers
+    are converted (and only those), the run trains to other weights than the plain one, saves
+    the same tensors under the same names, and a SIGTERM + resume ends bitwise where the
+    uninterrupted float8 run ends."""
+    pytest.importorskip("torchao")
+    fp8 = ["--fp8", "true", "--max_steps", "8"]
+    reference = run(setup, str(tmp_path / "fp8"), extra=fp8)
+    assert reference.returncode == 0, reference.log
+    # 2 blocks x (q, k, v, o, gate, up, down); the tied head / embedding stays as it is
+    assert "lmforge: speed: float8 (--fp8 true): 14 layers" in reference.log, reference.log
+    got = load_file(os.path.join(tmp_path / "fp8", "model.safetensors"))
+    plain = load_file(os.path.join(setup.baseline, "model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+    assert "quantization_config" not in json.loads((tmp_path / "fp8" / "config.json").read_text())
+
+    out = str(tmp_path / "out")
+    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM, extra=fp8)
+    assert stopped.returncode == 143, stopped.log
+    resumed = run(setup, out, extra=fp8)
+    assert resumed.returncode == 0 and resumed.resumed_from >= 4, resumed.log
+    assert_same_weights(out, str(tmp_path / "fp8"))
+    assert logged_steps(out) == logged_steps(str(tmp_path / "fp8"))

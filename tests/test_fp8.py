@@ -1,0 +1,52 @@
+"""The float8 rule (`lmforge.fp8.choose`) and the layers it converts; float8 training itself,
+its saving and its resume are in tests/training/test_resume.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge import fp8
+from lmforge.errors import LmforgeError
+
+H100 = (9, 0)
+BASE = dict(capability=H100, torchao=True, compiled=True, engine=None, adapters=False, hidden=2048)
+
+
+@pytest.mark.parametrize("change, on, reason", [
+    ({}, True, "SM90, hidden size 2048"),
+    ({"hidden": 896}, False, "hidden size 896 < 2048"),
+    ({"capability": (8, 0)}, False, "SM80 has no float8 matmuls"),
+    ({"capability": (8, 9)}, True, "SM89"),
+    ({"capability": None}, False, "no CUDA GPU"),
+    ({"torchao": False}, False, "torchao is not installed"),
+    ({"compiled": False}, False, "blocks not compiled"),
+    ({"engine": "FSDP"}, False, "FSDP keeps fp32 weights"),
+    ({"adapters": True}, False, "LoRA / QLoRA"),
+])
+def test_auto_rule(change, on, reason):
+    chosen, why = fp8.choose("auto", **{**BASE, **change})
+    assert chosen is on and reason in why
+
+
+def test_false_is_off_and_true_is_refused_where_it_cannot_run():
+    assert fp8.choose("false", **BASE) == (False, "--fp8 false")
+    # true runs where auto would not (a CPU, a small model: for tests and for users who measured)
+    assert fp8.choose("true", **{**BASE, "capability": None, "hidden": 64}) == (True, "--fp8 true")
+    with pytest.raises(LmforgeError, match="--fp8 true cannot run here: DeepSpeed keeps"):
+        fp8.choose("true", **{**BASE, "engine": "DeepSpeed"})
+    with pytest.raises(LmforgeError, match="choose one of auto, true, false"):
+        fp8.choose("maybe", **BASE)
+
+
+def test_only_plain_linear_layers_of_float8_dimensions_convert():
+    pytest.importorskip("torchao")
+    blocks = [torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 24), torch.nn.LayerNorm(24))
+              for _ in range(2)]
+    head = torch.nn.Linear(24, 48)
+    model = torch.nn.Sequential(*blocks, head)
+    weights = [b[0].weight for b in blocks]
+    assert fp8.convert(model, blocks) == 2  # 24 is not a multiple of 16
+    assert [type(b[0]).__name__ for b in blocks] == ["Float8Linear"] * 2
+    assert [type(b[1]) for b in blocks] == [torch.nn.Linear] * 2 and type(model[2]) is torch.nn.Linear
+    assert all(b[0].weight is w for b, w in zip(blocks, weights))  # the optimizer's parameters, unchanged
