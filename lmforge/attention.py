@@ -170,15 +170,17 @@ def offsets_mask(cu: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 KERNELS = ("flash-attn-4", "torch")
 
 
-def choose_kernel(requested: str, capability: tuple[int, int] | None, fa4_installed: bool) -> tuple[str, str]:
+def choose_kernel(requested: str, capability: tuple[int, int] | None, fa4_installed: bool,
+                  head_dim: int | None = None) -> tuple[str, str]:
     """(the kernel under varlen attention, why). `requested`: --varlen_kernel (auto, flash-attn-4,
-    torch); `capability`: the GPU's compute capability (None: no CUDA GPU)."""
+    torch); `capability`: the GPU's compute capability (None: no CUDA GPU); `head_dim`: the
+    model's attention head size (None: unknown)."""
     from lmforge.errors import LmforgeError
     from lmforge.kernels import flash4
 
     if requested == "torch":
         return "torch", "--varlen_kernel torch"
-    why_not = flash4.unavailable(capability, fa4_installed)
+    why_not = flash4.unavailable(capability, fa4_installed, head_dim)
     if requested == "flash-attn-4":
         if why_not:
             raise LmforgeError(f"--varlen_kernel flash-attn-4 cannot run here: {why_not}")

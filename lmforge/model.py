@@ -100,21 +100,22 @@ def load_config(args: ModelArguments):
     )
 
 
-def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=say) -> str:
+def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=say,
+                             head_dim: int | None = None) -> str:
     """The attention kernel. `auto` (the default) and `--flash_attn True` (FastChat's flag) ask
     for the fastest one this install has: flash-attn 2's kernels when `--flash_attn` and the
     package are there; else on a GPU lmforge's varlen attention over the packed documents
     (flash-attn-4's kernel on Hopper / Blackwell where installed, else PyTorch's own flash
-    kernel); else SDPA. The choice is logged."""
+    kernel); else SDPA. The choice is logged. `head_dim`: the model's attention head size."""
     if args.attn_implementation in ("varlen", VARLEN):
-        return varlen_implementation(args.varlen_kernel, log)
+        return varlen_implementation(args.varlen_kernel, log, head_dim)
     if args.attn_implementation != "auto" and not flash_attn:
         return args.attn_implementation
     gpu = torch.cuda.is_available()
     if flash_attn and gpu and _find("flash_attn.flash_attn_interface"):  # flash-attn 2 (flash-attn-4 is flash_attn.cute)
         choice, why = "flash_attention_2", "flash-attn is installed"
     elif gpu and _find("torch.nn.attention.varlen"):
-        return varlen_implementation(args.varlen_kernel, log)
+        return varlen_implementation(args.varlen_kernel, log, head_dim)
     else:
         choice, why = "sdpa", "no GPU: flash kernels need CUDA" if not gpu else "this PyTorch has no varlen kernel"
     log(f"lmforge: attention: {choice} ({why})")
@@ -128,7 +129,7 @@ def _find(module: str) -> bool:
         return False
 
 
-def varlen_implementation(kernel: str = "auto", log=say) -> str:
+def varlen_implementation(kernel: str = "auto", log=say, head_dim: int | None = None) -> str:
     """lmforge's varlen attention (lmforge/attention.py) over the packed documents, registered
     with transformers, its kernel chosen by `attention.choose_kernel` and logged."""
     from lmforge.attention import choose_kernel
@@ -137,7 +138,7 @@ def varlen_implementation(kernel: str = "auto", log=say) -> str:
     if not torch.cuda.is_available():
         raise LmforgeError("--attn_implementation varlen runs a flash kernel, which needs a CUDA GPU; "
                            "on CPU use sdpa (packed documents are kept apart by a mask there)")
-    chosen, why = choose_kernel(kernel, torch.cuda.get_device_capability(), flash4.installed())
+    chosen, why = choose_kernel(kernel, torch.cuda.get_device_capability(), flash4.installed(), head_dim)
     try:
         register_varlen(chosen)
     except ImportError as e:
@@ -211,6 +212,13 @@ def check_vocabulary(args: ModelArguments, config, tokenizer) -> None:
         "embeddings), pass --resize_token_embeddings True")
 
 
+def head_size(config) -> int | None:
+    """The model's attention head size (its config's head_dim, else hidden / heads)."""
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    return getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+
+
 def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_max_length: int | None = None,
                lora: LoraArguments | None = None, progress_bars: bool = False):
     """The causal LM to train, with `use_cache` off (training recomputes every position).
@@ -220,7 +228,7 @@ def load_model(args: ModelArguments, tokenizer, flash_attn: bool = False, model_
     check_vocabulary(args, config, tokenizer)
     apply_rope_scaling(config, model_max_length)
     dtype = DTYPES[args.torch_dtype]
-    attn = attention_implementation(args, flash_attn)
+    attn = attention_implementation(args, flash_attn, head_dim=head_size(config))
     quant = quantization_config(lora) if lora else None
     from_weights = bool(args.model_name_or_path and not args.config_name)
     if lora and lora.lora and not from_weights:

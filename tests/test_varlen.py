@@ -302,6 +302,26 @@ def test_varlen_kernel_choice(requested, capability, installed, expected):
         assert ("not installed" in why) if not installed else (f"SM{capability[0]}{capability[1]}" in why)
 
 
+@pytest.mark.parametrize("capability, head_dim, expected", [
+    ((9, 0), 64, "flash-attn-4"), ((9, 0), 80, "flash-attn-4"), ((9, 0), 256, "flash-attn-4"),
+    ((9, 0), 512, "torch"), ((9, 0), 60, "torch"),  # too large; not a multiple of 8
+    ((10, 0), 128, "flash-attn-4"), ((10, 0), 256, "flash-attn-4"), ((10, 0), 192, "torch"),
+])
+def test_varlen_kernel_choice_by_head_size(capability, head_dim, expected):
+    chosen, why = attention.choose_kernel("auto", capability, True, head_dim)
+    assert chosen == expected
+    assert expected != "torch" or f"no head size {head_dim}" in why
+
+
+def test_head_size_of_a_config():
+    from lmforge.model import head_size
+
+    llama = transformers.AutoConfig.for_model("llama", hidden_size=256, num_attention_heads=4)
+    assert head_size(llama) == 64
+    llama.head_dim = 128  # set apart from hidden / heads, as Qwen3 and Gemma do
+    assert head_size(llama) == 128
+
+
 @pytest.mark.parametrize("capability, installed, reason", [
     ((8, 0), True, "SM80"), ((9, 0), False, "not installed"), (None, True, "no CUDA GPU")])
 def test_flash_attn_4_forced_where_it_cannot_run_is_refused_with_the_reason(capability, installed, reason):

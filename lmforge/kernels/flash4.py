@@ -38,9 +38,9 @@ def installed() -> bool:
         return False
 
 
-def unavailable(capability: tuple[int, int] | None, is_installed: bool) -> str | None:
-    """Why flash-attn-4 cannot serve this machine (None: it can). `capability`: the GPU's compute
-    capability, None without a CUDA GPU."""
+def unavailable(capability: tuple[int, int] | None, is_installed: bool, head_dim: int | None = None) -> str | None:
+    """Why flash-attn-4 cannot serve this machine and model (None: it can). `capability`: the
+    GPU's compute capability, None without a CUDA GPU; `head_dim`: the model's (None: unknown)."""
     if capability is None:
         return "no CUDA GPU"
     if not is_installed:
@@ -48,7 +48,17 @@ def unavailable(capability: tuple[int, int] | None, is_installed: bool) -> str |
     if capability[0] not in ARCHITECTURES:
         return (f"this GPU is SM{capability[0]}{capability[1]}; {PACKAGE} trains on SM90 (Hopper) and SM100 "
                 f"(Blackwell) only")
+    if head_dim is not None and not head_dim_supported(head_dim, capability[0]):
+        return f"its SM{capability[0]}0 kernels take no head size {head_dim}"
     return None
+
+
+def head_dim_supported(head_dim: int, major: int) -> bool:
+    """flash-attn-4's head sizes (16-bit inputs: multiples of 8): 8 to 256 on Hopper; 8 to 128, or
+    256, on Blackwell."""
+    if head_dim % 8:
+        return False
+    return 8 <= head_dim <= 256 if major == 9 else (8 <= head_dim <= 128 or head_dim == 256)
 
 
 def _interface():
