@@ -246,12 +246,51 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     p.copy_(saved)
 
 
+# torch's AdamW, which lmforge's MasterWeightAdamW replaces over fp32 masters.
+TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")
+# Optimizers whose moments are stored in a few bits (bytes of state per trained weight):
+# transformers' names for torchao's AdamW8bit / AdamW4bit (blockwise-quantised moments) and for
+# bitsandbytes' 8-bit AdamW.
+LOW_BIT_STATE_BYTES = {"adamw_torch_8bit": 2, "adamw_torch_4bit": 1, "adamw_bnb_8bit": 2, "adamw_8bit": 2,
+                       "paged_adamw_8bit": 2}
+# torchao's low-bit AdamW take `bf16_stochastic_round`: the update of a bf16 weight rounded up or
+# down at random in proportion to the remainder, so updates below bf16's resolution are kept on
+# average instead of lost, with no fp32 master copy (4 bytes a weight saved).
+STOCHASTIC_ROUNDING = ("adamw_torch_8bit", "adamw_torch_4bit")
+
+
+def optim_name(args) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
 def keeps_masters(args) -> bool:
     """Whether the run's optimizer can keep fp32 masters of 16-bit weights: torch's AdamW, and no
-    engine that keeps its own (DeepSpeed, FSDP's mixed precision)."""
+    engine that keeps its own (DeepSpeed, FSDP's mixed precision). Other optimizers (low-bit
+    states, Adafactor, ...) run as the user chose them."""
     if args.deepspeed or args.fsdp:
         return False
-    return str(getattr(args.optim, "value", args.optim)).startswith("adamw_torch")
+    return optim_name(args) in TORCH_ADAMW
+
+
+def state_bytes(args, dtype: torch.dtype) -> int:
+    """Bytes of optimizer state per trained weight of `dtype`: AdamW's two fp32 moments, plus an
+    fp32 master of a 16-bit weight where lmforge keeps one; a few bits' worth for the low-bit
+    optimizers; DeepSpeed also keeps fp32 masters of its own."""
+    name = optim_name(args) if args is not None else "adamw_torch"
+    master = 4 if dtype != torch.float32 and (args is None or keeps_masters(args) or args.deepspeed) else 0
+    return LOW_BIT_STATE_BYTES.get(name, 8) + (0 if name in LOW_BIT_STATE_BYTES else master)
+
+
+def with_stochastic_rounding(args, model) -> str | None:
+    """For torchao's low-bit AdamW over bf16 weights: `bf16_stochastic_round=True` added to
+    --optim_args unless the user set it; returns what was done (None: nothing)."""
+    if optim_name(args) not in STOCHASTIC_ROUNDING or "bf16_stochastic_round" in (args.optim_args or ""):
+        return None
+    if not any(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters()):
+        return None
+    args.optim_args = ",".join(filter(None, [args.optim_args, "bf16_stochastic_round=True"]))
+    return (f"--optim {optim_name(args)} over bf16 weights: stochastic rounding of the update, so updates below "
+            "bf16's resolution are kept on average (--optim_args bf16_stochastic_round=False: round to nearest)")
 
 
 def wants_master_weights(model, args) -> str | None:

@@ -90,12 +90,12 @@ class MemoryEstimate:
         return self.weights_gib + self.gradients_gib + self.optimizer_gib
 
 
-def estimate_memory(model) -> MemoryEstimate:
+def estimate_memory(model, args=None) -> MemoryEstimate:
     """Bytes of the weights as stored, of a gradient per trained weight (in its dtype), and of
-    AdamW's state: two fp32 moments per trained weight, plus an fp32 master copy of a trained
-    weight held in 16 bits (lmforge's master-weight AdamW, DeepSpeed's optimizer). For the
+    the optimizer's state (`lmforge.optim.state_bytes`; without `args`, AdamW's: two fp32 moments
+    per trained weight, plus an fp32 master copy of a trained weight held in 16 bits). For the
     whole model, before any sharding across processes; activations not included."""
-    import torch
+    from lmforge.optim import state_bytes
 
     params = trainable = weights = grads = optim = 0
     for p in model.parameters():
@@ -106,7 +106,7 @@ def estimate_memory(model) -> MemoryEstimate:
         if p.requires_grad:
             trainable += n
             grads += n * size
-            optim += n * (8 + (4 if p.dtype != torch.float32 else 0))
+            optim += n * state_bytes(args, p.dtype)
     gib = 2**30
     return MemoryEstimate(params, trainable, weights / gib, grads / gib, optim / gib)
 
@@ -141,7 +141,7 @@ def plan_lines(plan: Plan, args: transformers.TrainingArguments) -> list[str]:
     m = plan.memory
     if m is not None:
         lines.append(f"estimated memory: {m.total_gib:.2f} GiB = weights {m.weights_gib:.2f} + gradients "
-                     f"{m.gradients_gib:.2f} + AdamW state {m.optimizer_gib:.2f} ({m.parameters / 1e6:,.2f}M "
+                     f"{m.gradients_gib:.2f} + optimizer state {m.optimizer_gib:.2f} ({m.parameters / 1e6:,.2f}M "
                      f"parameters, {m.trainable / 1e6:,.2f}M trained; an estimate: activations come on top, "
                      "sharding divides it)")
     return lines
@@ -149,12 +149,14 @@ def plan_lines(plan: Plan, args: transformers.TrainingArguments) -> list[str]:
 
 def speed_line(model, args) -> str:
     """The settings the step's speed depends on, as in effect (chosen or given)."""
-    from lmforge.optim import wants_master_weights
+    from lmforge.optim import LOW_BIT_STATE_BYTES, optim_name, wants_master_weights
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weights = str(next(base.parameters()).dtype).removeprefix("torch.")
     if wants_master_weights(model, args):
         weights += " weights, AdamW over fp32 masters"
+    elif optim_name(args) in LOW_BIT_STATE_BYTES:
+        weights += f" weights, {optim_name(args)} ({LOW_BIT_STATE_BYTES[optim_name(args)]} bytes of state a weight)"
     else:
         # accelerate autocasts fp16 on a GPU only (a CPU run with --fp16 computes in fp32).
         autocast = "bf16" if args.bf16 else "fp16" if args.fp16 and args.device.type != "cpu" else None
@@ -186,7 +188,7 @@ class Preflight(transformers.TrainerCallback):
             return
         batches = len(train_dataloader) if train_dataloader is not None else 0
         per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        memory = estimate_memory(model) if model is not None else None
+        memory = estimate_memory(model, args) if model is not None else None
         plan = make_plan(args, state.max_steps, per_epoch, self.tokens, self.trained_tokens, self.row_length, memory)
         lines = ["lmforge: pre-flight check"]
         if self.example is not None:

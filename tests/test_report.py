@@ -309,3 +309,24 @@ def test_data_section_says_what_was_cut_and_what_changed_on_resume():
     assert "- pairs cut to --model_max_length: 86 prompts at their start, 40 with answers cut at their end" in lines
     assert ("- resumed on changed data (--resume_changed_data True): d.jsonl is not the training data the run started "
             "with: 10 bytes now; the position in the epoch was recomputed from the new data's size") in lines
+
+
+def test_memory_estimate_follows_the_optimizer():
+    """Low-bit optimizers keep a few bits of state a weight and no fp32 master; torch's AdamW over
+    16-bit weights keeps masters; DeepSpeed keeps masters of its own."""
+    import types
+
+    import torch
+
+    model = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
+    n, gib = 16 * 16, 2**30
+
+    def args(optim: str, deepspeed=None):
+        return types.SimpleNamespace(optim=optim, deepspeed=deepspeed, fsdp="")
+
+    assert estimate_memory(model, args("adamw_torch")).optimizer_gib * gib == n * 12
+    assert estimate_memory(model, args("adamw_torch_8bit")).optimizer_gib * gib == n * 2
+    assert estimate_memory(model, args("adamw_torch_4bit")).optimizer_gib * gib == n * 1
+    assert estimate_memory(model, args("adamw_bnb_8bit")).optimizer_gib * gib == n * 2
+    assert estimate_memory(model, args("adafactor")).optimizer_gib * gib == n * 8  # counted as AdamW's
+    assert estimate_memory(model, args("adamw_torch", deepspeed="zero3")).optimizer_gib * gib == n * 12

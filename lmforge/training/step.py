@@ -53,7 +53,7 @@ from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupp
 from lmforge.logs import say
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks, decoder_blocks, is_peft
-from lmforge.optim import MasterWeightAdamW, wants_master_weights
+from lmforge.optim import MasterWeightAdamW, wants_master_weights, with_stochastic_rounding
 from lmforge.progress import add_perplexity, quiet_deepspeed_import
 from lmforge.progress import install as install_progress
 from lmforge.training.events import lmforge_event
@@ -142,6 +142,8 @@ class Trainer(transformers.Trainer):
         return None if why else base.get_output_embeddings()
 
     def create_optimizer(self, model=None):
+        if said := with_stochastic_rounding(self.args, self.model):
+            say(f"lmforge: optimizer: {said}")
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         why = wants_master_weights(self.model, self.args)
         if why is None or isinstance(optimizer, MasterWeightAdamW):

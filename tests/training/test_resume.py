@@ -671,3 +671,27 @@ def test_float8_run_saves_ordinary_weights_and_resumes_exactly(setup, tmp_path):
     assert resumed.returncode == 0 and resumed.resumed_from >= 4, resumed.log
     assert_same_weights(out, str(tmp_path / "fp8"))
     assert logged_steps(out) == logged_steps(str(tmp_path / "fp8"))
+
+
+def test_eight_bit_adamw_over_bf16_weights_resumes_exactly(setup, tmp_path):
+    """--optim adamw_torch_8bit (torchao's AdamW8bit: moments in 8 bits) over bf16 weights: no
+    fp32 masters, stochastic rounding turned on and said, bf16 weights saved, and a SIGTERM +
+    resume ends bitwise where the uninterrupted run ends (the quantised moments and the rounding's
+    random stream both come back)."""
+    pytest.importorskip("torchao")
+    flags = ["--optim", "adamw_torch_8bit", "--torch_dtype", "bfloat16", "--max_steps", "8"]
+    reference = run(setup, str(tmp_path / "ref"), extra=flags)
+    assert reference.returncode == 0, reference.log
+    assert "lmforge: optimizer: --optim adamw_torch_8bit over bf16 weights: stochastic rounding" in reference.log
+    assert "fp32 master weights" not in reference.log
+    assert "adamw_torch_8bit (2 bytes of state a weight)" in reference.log
+    saved = load_file(os.path.join(tmp_path / "ref", "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+
+    out = str(tmp_path / "out")
+    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM, extra=flags)
+    assert stopped.returncode == 143, stopped.log
+    resumed = run(setup, out, extra=flags)
+    assert resumed.returncode == 0 and resumed.resumed_from >= 4, resumed.log
+    assert_same_weights(out, str(tmp_path / "ref"))
+    assert logged_steps(out) == logged_steps(str(tmp_path / "ref"))
