@@ -17,11 +17,18 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed
 	touch $@
 
+# torchao for the tests only: float8 training and its low-bit AdamW run on a CPU too (emulated),
+# so their conversion, saving and exact resume are tested there. Not in the demo's environment:
+# on a CPU-only torch it warns at every import that its CUDA extensions do not load.
+$(VENV)/.torchao: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps "torchao>=0.18"
+	touch $@
+
 .PHONY: install demo test
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lmforge demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.torchao
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -> int:
+    from lmforge.progress import quiet_deepspeed_import
+
+    # Before anything imports deepspeed (TrainingArguments with --deepspeed at parsing, the Trainer
+    # and accelerate in every run where it is installed): no "Setting accelerator to CPU" line.
+    quiet_deepspeed_import()
     try:
         entry(argv)
     except LmforgeError as e:

@@ -157,8 +157,9 @@ def test_log_lines():
 
 def test_deepspeed_import_says_nothing_about_its_accelerator():
     pytest.importorskip("deepspeed")
-    proc = subprocess.run([sys.executable, "-c", "import lmforge.training.step, deepspeed"], capture_output=True, text=True,
-                          timeout=300)
+    # what every command's entry (lmforge.cli._call) does first
+    code = "from lmforge.progress import quiet_deepspeed_import; quiet_deepspeed_import(); import deepspeed"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Setting accelerator" not in proc.stdout + proc.stderr
 

@@ -54,15 +54,11 @@ from lmforge.logs import say
 from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.model import compile_blocks, decoder_blocks, is_peft
 from lmforge.optim import MasterWeightAdamW, wants_master_weights, with_stochastic_rounding
-from lmforge.progress import add_perplexity, quiet_deepspeed_import
+from lmforge.progress import add_perplexity
 from lmforge.progress import install as install_progress
 from lmforge.training.events import lmforge_event
 from lmforge.training.save import disk_full_error
 from lmforge.verify_save import loaded_through_tie
-
-# Before anything imports deepspeed (TrainingArguments with --deepspeed at parsing, the Trainer
-# and accelerate in every run where it is installed): no "Setting accelerator to CPU" line.
-quiet_deepspeed_import()
 
 NUM_ITEMS = "lmforge_num_items"  # a graphed step's labelled-token count, when the Trainer gives a tensor
 ACCUMULATION = "lmforge_accumulation"  # what a graphed step's loss is divided by
