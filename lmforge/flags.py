@@ -83,6 +83,23 @@ class ModelArguments:
     )
 
 
+# The flags every data command shares (sft / dpo / grpo records, pretraining text), one definition each.
+def cache_dir_field():
+    return field(default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."})
+
+
+def workers_field():
+    return field(default=None, metadata={"help": "Processes that tokenize the data into the cache (default: one per "
+                                                 "4 MiB of data, at most the cores this process may use; the cache is "
+                                                 "the same whatever the count)."})
+
+
+def bad_record_field():
+    return field(default=OnBadRecord.ERROR,
+                 metadata={"help": "error: stop at the first bad record, naming it; skip: leave bad records out, "
+                                   "counted by reason in the report."})
+
+
 @dataclass
 class DataArguments:
     data_path: list[str] = field(
@@ -145,19 +162,9 @@ class DataArguments:
         metadata={"help": "Records longer than --model_max_length: truncate (keep the start) or drop. "
                           "Both are counted and reported."},
     )
-    on_bad_record: OnBadRecord = field(
-        default=OnBadRecord.ERROR,
-        metadata={"help": "error: stop at the first bad record, naming it; skip: leave bad records out, "
-                          "counted by reason in the report."},
-    )
-    data_cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
-    )
-    preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Processes that tokenize the data into the cache (default: one per 4 MiB "
-                                        "of data, at most the cores this process may use; the cache is the same "
-                                        "whatever the count)."}
-    )
+    on_bad_record: OnBadRecord = bad_record_field()
+    data_cache_dir: Optional[str] = cache_dir_field()
+    preprocessing_num_workers: Optional[int] = workers_field()
     lazy_preprocess: bool = field(
         default=False,
         metadata={"help": "Accepted for FastChat compatibility. lmforge always tokenizes once into a "
@@ -391,9 +398,7 @@ class PretrainDataArguments:
         metadata={"help": "The corpus' last tokens that fill no block: drop (counted) or pad (a shorter last "
                           "block, padding masked)."},
     )
-    on_bad_record: OnBadRecord = field(
-        default=OnBadRecord.ERROR, metadata={"help": "error: stop at a bad record, naming it; skip: count and skip."}
-    )
+    on_bad_record: OnBadRecord = bad_record_field()
     model_max_length: Optional[int] = field(
         default=None, metadata={"help": "Context the model must support; defaults to --block_size (RoPE scaling)."}
     )
@@ -402,14 +407,8 @@ class PretrainDataArguments:
         metadata={"help": "Confine attention to each document inside a block (documents end at EOS), with "
                           "positions restarting at each document, as packed SFT does."},
     )
-    data_cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Token cache root (default: $LMFORGE_CACHE or ~/.cache/lmforge)."}
-    )
-    preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Processes that tokenize the data into the cache (default: one per 4 MiB "
-                                        "of data, at most the cores this process may use; the cache is the same "
-                                        "whatever the count)."}
-    )
+    data_cache_dir: Optional[str] = cache_dir_field()
+    preprocessing_num_workers: Optional[int] = workers_field()
 
     def __post_init__(self):
         check_val_split(self.val_split, self.validation_files, "--validation_files")
