@@ -382,3 +382,87 @@ def test_flash_attn_4_equals_torch_varlen_on_gpu(heads, kv_heads, dim, window):
         scale = e.abs().max()
         assert (a - e).abs().max() <= 2e-2 * scale, name
         assert (c - e).abs().max() <= 2e-2 * scale, name
+
+
+class StandInFlash4:
+    """flash-attn-4's two private entry points as lmforge calls them, computed by SDPA on each
+    document in fp32 on any device, following the package's contract: causal, a window of
+    `window_size_left` earlier keys (None: all), grouped-query heads native, the log-sum-exp
+    [heads, tokens] returned with the output, the backward from (q, k, v, out, dout, lse)."""
+
+    calls: list[str] = []
+
+    @staticmethod
+    def _documents(q, k, v, cu, scale, left):
+        """Per document: (slice, q, k, v with the key / value heads repeated, in fp32; the softmax P)."""
+        group = q.shape[1] // k.shape[1]
+        for start, stop in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            qq, kk, vv = (x[start:stop].transpose(0, 1).float() for x in (q, k, v))
+            kk, vv = (x.repeat_interleave(group, dim=0) for x in (kk, vv))
+            n = stop - start
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            if left is not None:
+                allowed &= ~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-left - 1)
+            scores = (qq @ kk.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+            yield slice(start, stop), qq, kk, vv, scores
+
+    @classmethod
+    def _flash_attn_fwd(cls, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        causal, window_size_left, window_size_right, return_lse):
+        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k
+        assert (window_size_left, window_size_right) == (None, None) or window_size_right == 0
+        cls.calls.append("forward")
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+        for doc, qq, kk, vv, scores in cls._documents(q, k, v, cu_seqlens_q, softmax_scale, window_size_left):
+            lse[:, doc] = scores.logsumexp(-1)
+            out[doc] = (scores.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
+        return out, lse, None, None, None
+
+    @classmethod
+    def _flash_attn_bwd(cls, q, k, v, out, dout, lse, softmax_scale, causal, *, window_size_left, window_size_right,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
+        """The attention backward written out (no autograd inside an op): with P = softmax(S),
+        dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q; the
+        repeated key / value heads summed back into their group."""
+        cls.calls.append("backward")
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        group = q.shape[1] // k.shape[1]
+        for doc, qq, kk, vv, scores in cls._documents(q, k, v, cu_seqlens_q, softmax_scale, window_size_left):
+            p = torch.exp(scores - lse[:, doc, None])
+            do, o = (x[doc].transpose(0, 1).float() for x in (dout, out))
+            ds = p * (do @ vv.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+            fold = lambda x: x.unflatten(0, (-1, group)).sum(1).transpose(0, 1)  # noqa: E731
+            dq[doc] = (softmax_scale * ds @ kk).transpose(0, 1).to(q.dtype)
+            dk[doc] = fold(softmax_scale * ds.transpose(1, 2) @ qq).to(k.dtype)
+            dv[doc] = fold(p.transpose(1, 2) @ do).to(v.dtype)
+        return dq, dk, dv
+
+
+@pytest.mark.parametrize("window", [-1, 5])
+def test_flash_attn_4_op_plumbing_on_cpu(monkeypatch, window):
+    """lmforge's custom ops around flash-attn-4, run on a CPU with a stand-in for the package:
+    output and gradients equal the reference kernel's (grouped-query heads, a sliding window),
+    eagerly and compiled into one graph (fullgraph: the compiler sees the op, not the package),
+    and the backward goes through the package's backward (one call a backward)."""
+    from lmforge.kernels import flash4
+
+    monkeypatch.setattr(flash4, "_interface", lambda: StandInFlash4)
+    StandInFlash4.calls = []
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 12, 4]
+    cu = torch.tensor([0, 7, 8, 20, 24], dtype=torch.int32)
+    leaves = [torch.randn(24, h, 16, generator=gen) for h in (4, 2, 2)]
+    grad_out = torch.randn(24, 4, 16, generator=gen)
+
+    def run(fn):
+        q, k, v = (x.clone().requires_grad_() for x in leaves)
+        out = fn(q, k, v, cu, cu, max(lengths), max(lengths), window_size=(window, 0), scale=0.3)
+        out.backward(grad_out)
+        return [out.detach()] + [x.grad for x in (q, k, v)]
+
+    expected = run(lambda *a, **kw: ReferenceKernel()(*a, enable_gqa=True, **kw))
+    for fn in (flash4.varlen_attn, torch.compile(flash4.varlen_attn, fullgraph=True, backend="aot_eager")):
+        got = run(fn)
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+            assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), name
+    assert StandInFlash4.calls == ["forward", "backward"] * 2

@@ -12,7 +12,9 @@ sees an opaque call with a known output shape (the fake implementations below): 
 recompiles per batch. The backward is a second op, so compiled graphs and activation recomputation
 treat it the same way.
 
-Nothing here imports flash-attn-4 until an op runs on a GPU; `unavailable()` says why it cannot.
+Nothing here imports flash-attn-4 until an op runs; `unavailable()` says why it cannot run here.
+The ops take any device (lmforge routes only CUDA tensors of SM90 / SM100 GPUs to them), so that a
+CPU test can run this module's plumbing with a stand-in for the package (tests/test_varlen.py).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _window(left: int) -> tuple[int | None, int | None]:
     return (None, None) if left < 0 else (left, 0)
 
 
-@torch.library.custom_op("lmforge::flash4_varlen_forward", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("lmforge::flash4_varlen_forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float,
              window_left: int) -> tuple[Tensor, Tensor]:
     """(output [T, Hq, D], log-sum-exp [Hq, T] fp32) of causal attention within each sequence `cu` delimits."""
@@ -89,7 +91,7 @@ def _(q, k, v, cu, max_len, scale, window_left):
     return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("lmforge::flash4_varlen_backward", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("lmforge::flash4_varlen_backward", mutates_args=())
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu: Tensor, max_len: int,
               scale: float, window_left: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv). Deterministic (no atomic accumulation order) when torch is asked to be."""
