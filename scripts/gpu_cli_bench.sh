@@ -7,7 +7,8 @@
 # are installed first; DATA (default .devdata) holds tokenizers/qwen2.5-0.5b-instruct and what
 # TESTS (pytest arguments, optional; their output in $OUT/tests.log) read; PARTS (optional) names
 # parts of bench/step_parts.py to time first; MEMORY=1 adds each row's peak-memory breakdown.
-# The table and results.json go to $OUT when set.
+# The table and results.json go to $OUT when set. The Hopper wheels (flash-attn-4, torchao) are
+# installed when they travel: scripts/gpu_hopper_env.sh says how, over two calls.
 set -uo pipefail
 DATA=${DATA:-.devdata}
 W=${W:-/tmp/lmforge-cli-bench}
@@ -19,6 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+source scripts/gpu_hopper_env.sh  # flash-attn-4 / torchao where .hopper* travelled (see that file)
 export LMFORGE_CACHE=$W/cache TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "${TESTS:-}" ]; then
