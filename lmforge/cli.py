@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from lmforge.commands import COMMANDS
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.flag_help import help_text, help_wanted, print_help
+from lmforge.logs import quiet_library_imports
 
 
 def usage() -> str:
@@ -30,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmforge {version()}")
         return 0
     command, rest = argv[0], argv[1:]
+    quiet_library_imports()  # before the command's module imports them
     if command not in COMMANDS:
         print(f"lmforge: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
@@ -40,11 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -> int:
-    from lmforge.progress import quiet_deepspeed_import
-
-    # Before anything imports deepspeed (TrainingArguments with --deepspeed at parsing, the Trainer
-    # and accelerate in every run where it is installed): no "Setting accelerator to CPU" line.
-    quiet_deepspeed_import()
+    quiet_library_imports()  # for entries called in-process; idempotent
     try:
         entry(argv)
     except LmforgeError as e:
@@ -85,7 +83,8 @@ def printed_help(command: str, argv: Sequence[str]) -> bool:
 def answer_help(command: str) -> None:
     """`python -m lmforge.<command> --help`: the help, then exit. The command modules call this
     before their own imports (torch, transformers), so the help comes as fast as `lmforge
-    <command> --help`."""
+    <command> --help`. Also the first thing such an entry does: the libraries' import noise goes."""
+    quiet_library_imports()
     if printed_help(command, sys.argv[1:]):
         sys.exit(0)
 

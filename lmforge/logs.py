@@ -10,8 +10,10 @@ failure) use print directly.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Callable
 
 
 def main_process() -> bool:
@@ -28,3 +30,45 @@ def say(*parts: object) -> None:
     """print(*parts) on the main process, flushed; nothing on the others."""
     if main_process():
         print(*parts, flush=True)
+
+
+def _torch_without_cuda() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.version.cuda is None
+
+
+# Lines libraries log while they are imported that say nothing a user of lmforge can act on, by
+# the logger that writes them. Each is dropped by a filter on that logger; every other line of
+# theirs is shown as before.
+IMPORT_NOISE: dict[str, Callable[[str], bool]] = {
+    # DeepSpeed, imported by transformers and accelerate wherever it is installed (also without
+    # --deepspeed), says at WARNING level which accelerator it picked ("Setting accelerator to CPU").
+    "DeepSpeed": lambda line: line.startswith(("Setting accelerator to ", "Setting ds_accelerator to ")),
+    # torchao, imported by transformers wherever it is installed: on a torch built without CUDA
+    # its CUDA extensions cannot load, and nothing lmforge runs there needs them.
+    "torchao": lambda line: line.startswith("Failed to load ") and _torch_without_cuda(),
+    # torch's notice to libraries (torchao 0.18) that still register enums with pytree.
+    "torch.utils._pytree": lambda line: "Calling register_constant() on Enum subclasses is deprecated" in line,
+}
+
+
+class _DropImportNoise(logging.Filter):
+    def __init__(self, is_noise: Callable[[str], bool]):
+        super().__init__()
+        self.is_noise = is_noise
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not self.is_noise(str(record.getMessage()))
+        except Exception:  # a record that does not format: shown as it is
+            return True
+
+
+def quiet_library_imports() -> None:
+    """Drop `IMPORT_NOISE` from the libraries' loggers, before they are imported (a filter set on
+    a logger before its library creates it stays on it). Called where a command starts;
+    idempotent."""
+    for name, is_noise in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropImportNoise) for f in logger.filters):
+            logger.addFilter(_DropImportNoise(is_noise))

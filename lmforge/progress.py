@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import time
@@ -347,28 +346,6 @@ def library_bars(show: bool):
     finally:
         if hide:
             hf_logging.enable_progress_bar()
-
-
-# What DeepSpeed logs while it is imported and picks its accelerator: transformers and accelerate
-# import it in every run where it is installed (also without --deepspeed), and on a machine
-# without a GPU it says "Setting accelerator to CPU. If you have GPU ..." at WARNING level.
-DEEPSPEED_IMPORT_LINES = ("Setting accelerator to ", "Setting ds_accelerator to ")
-
-
-def _not_deepspeed_import_line(record: logging.LogRecord) -> bool:
-    try:
-        return not str(record.getMessage()).startswith(DEEPSPEED_IMPORT_LINES)
-    except Exception:  # a record that does not format: shown as it is
-        return True
-
-
-def quiet_deepspeed_import() -> None:
-    """Drop DeepSpeed's accelerator-detection lines (`DEEPSPEED_IMPORT_LINES`) from its logger
-    ("DeepSpeed", created when deepspeed is imported; a filter set before that stays on it):
-    every other DeepSpeed message is shown as before. Idempotent."""
-    ds_logger = logging.getLogger("DeepSpeed")
-    if _not_deepspeed_import_line not in ds_logger.filters:
-        ds_logger.addFilter(_not_deepspeed_import_line)
 
 
 def install(trainer: transformers.Trainer) -> TokenMeter:

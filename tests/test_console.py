@@ -158,10 +158,39 @@ def test_log_lines():
 def test_deepspeed_import_says_nothing_about_its_accelerator():
     pytest.importorskip("deepspeed")
     # what every command's entry (lmforge.cli._call) does first
-    code = "from lmforge.progress import quiet_deepspeed_import; quiet_deepspeed_import(); import deepspeed"
+    code = "from lmforge.logs import quiet_library_imports; quiet_library_imports(); import deepspeed"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Setting accelerator" not in proc.stdout + proc.stderr
+
+
+def test_library_import_noise_is_dropped_and_nothing_else(monkeypatch):
+    """The filters drop exactly the listed lines of each library's logger: torchao's extension
+    lines only where torch has no CUDA; every other record passes."""
+    import logging
+
+    import torch
+
+    from lmforge.logs import quiet_library_imports
+
+    quiet_library_imports()
+    quiet_library_imports()  # idempotent: one filter a logger
+
+    def kept(logger: str, message: str) -> bool:
+        log = logging.getLogger(logger)
+        assert len(log.filters) >= 1
+        return log.filter(logging.LogRecord(logger, logging.WARNING, __file__, 1, message, None, None))
+
+    assert not kept("DeepSpeed", "Setting accelerator to CPU. If you have GPU ...")
+    assert kept("DeepSpeed", "ZeRO-3 is enabled")
+    assert not kept("torch.utils._pytree", "<enum 'X'> is an Enum subclass ... Calling register_constant() on Enum "
+                                           "subclasses is deprecated and will be an error in a future release.")
+    assert kept("torch.utils._pytree", "something else")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert not kept("torchao", "Failed to load /x/_C_mxfp8.so: Could not load this library")
+    assert kept("torchao", "Skipping import of cpp extensions")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA torch: a failed extension is news
+    assert kept("torchao", "Failed to load /x/_C_mxfp8.so: Could not load this library")
 
 
 def test_log_file_keeps_only_the_steps_up_to_where_a_run_starts(tmp_path):
