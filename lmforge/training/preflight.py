@@ -149,7 +149,7 @@ def plan_lines(plan: Plan, args: transformers.TrainingArguments) -> list[str]:
 
 def speed_line(model, args) -> str:
     """The settings the step's speed depends on, as in effect (chosen or given)."""
-    from lmforge.optim import wants_master_weights
+    from lmforge.modeling.optim import wants_master_weights
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weights = str(next(base.parameters()).dtype).removeprefix("torch.")
