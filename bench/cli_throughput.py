@@ -16,7 +16,7 @@ initialisations of the shapes in bench/configs (the LoRA and DPO bases saved onc
 The clock is the same for every row: a callback and a wrapper of `transformers.Trainer.training_step`
 (which lmforge's, TRL's and the seed-style trainers all go through). From the start of step
 `--warmup` + 1 to the end of the last step it counts the useful (non-pad) tokens of every batch
-(`lmforge.progress.useful_tokens`, summed on the GPU) and waits for the GPU only at the window's two
+(`lmforge.training.progress.useful_tokens`, summed on the GPU) and waits for the GPU only at the window's two
 ends. DPO rows are compared by pairs a second (the same pairs each step on every side).
 
 Rows:
@@ -205,7 +205,7 @@ def install_clock(warmup: int):
     import torch
     import transformers
 
-    from lmforge.progress import useful_tokens
+    from lmforge.training.progress import useful_tokens
 
     class Clock(transformers.TrainerCallback):
         def __init__(self):

@@ -13,9 +13,9 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lmforge.attention import document_attention_mask  # noqa: E402
 from lmforge.data.collate import PackedCollator, PaddedCollator  # noqa: E402
 from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
+from lmforge.modeling.attention import document_attention_mask  # noqa: E402
 
 
 def records(n, vocab, seed=0):

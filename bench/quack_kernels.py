@@ -11,7 +11,7 @@
   labelled rows only, as lmforge's fused loss sees them (it drops the -100 positions before the
   head): quack's one-pass loss + gradient written over the logits (`cross_entropy_fwd`, what its
   chunked head loss runs per chunk) and lmforge's softmax-rows kernel, which does the same job.
-- lce: the fused head + loss, `lmforge.loss.linear_cross_entropy` (what lmforge's fused loss calls)
+- lce: the fused head + loss, `lmforge.modeling.loss.linear_cross_entropy` (what lmforge's fused loss calls)
   against quack's `chunked_linear_cross_entropy`, at the 0.5B, 1B and 7B heads (bench/configs).
 
 Summed loss everywhere (lmforge sums, then divides by the labelled tokens of the window). Times: CUDA
@@ -311,7 +311,7 @@ def head_reference(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
 def lce_part(quack, tokens: int, shapes: list[str], warmup: int, reps: int) -> list[Row]:
     from quack.linear_cross_entropy import chunked_linear_cross_entropy
 
-    from lmforge import loss as lmforge_loss
+    from lmforge.modeling import loss as lmforge_loss
 
     rows = []
     for shape in shapes:

@@ -38,7 +38,7 @@ from lmforge.config import TrainingArguments  # noqa: E402
 from lmforge.data.collate import PackedCollator, PaddedCollator  # noqa: E402
 from lmforge.data.pack import best_fit_decreasing, pack_records  # noqa: E402
 from lmforge.flags import LoraArguments, ModelArguments
-from lmforge.model import apply_lora, load_model, varlen_implementation  # noqa: E402
+from lmforge.modeling.load import apply_lora, load_model, varlen_implementation  # noqa: E402
 from lmforge.training.guards import NonFiniteGuard  # noqa: E402
 from lmforge.training.step import Trainer  # noqa: E402
 
@@ -141,7 +141,7 @@ class Variant:
     liger: bool = False
     attn: str = "sdpa"
     bf16_weights: bool = False
-    """Full SFT: the model held in bf16, AdamW over fp32 masters (lmforge.optim); else fp32
+    """Full SFT: the model held in bf16, AdamW over fp32 masters (lmforge.modeling.optim); else fp32
     weights under bf16 autocast, as the seeds train."""
     extra: dict = field(default_factory=dict)
     """More TrainingArguments (e.g. loss_kernel)."""

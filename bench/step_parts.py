@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lmforge import loss  # noqa: E402
 from lmforge.kernels import loss_kernel  # noqa: E402
+from lmforge.modeling import loss  # noqa: E402
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -216,7 +216,7 @@ def optimizer_parts() -> None:
     (gradients copied to fp32, their norm, the scaling, fused AdamW, the copy back) against
     lmforge's kernel (the norm of the bf16 gradients, then one kernel a group)."""
     from lmforge.kernels import optim_kernel
-    from lmforge.optim import MasterWeightAdamW
+    from lmforge.modeling.optim import MasterWeightAdamW
 
     shapes = qwen_05b_shapes()
     runs = {}

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 import transformers
 
-from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.config import parse
 from lmforge.errors import LmforgeError
 from lmforge.flags import ChatArguments
+from lmforge.training.checkpoint import last_complete_checkpoint
 
 
 @dataclass

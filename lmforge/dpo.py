@@ -28,15 +28,21 @@ from lmforge.config import DpoTrainingArguments
 from lmforge.data.batches import Batches, PreparedData
 from lmforge.data.encode import PAIRS
 from lmforge.data.split import split_dataset
-from lmforge.distributed import local_main_first, shards_weights
-from lmforge.dpo_trainer import DpoTrainer, disable_dropout, frozen_copy, reference_entry, with_reference_columns
 from lmforge.errors import LmforgeError
-from lmforge.fast_path import Rows
 from lmforge.flags import DpoArguments, PreferenceDataArguments
 from lmforge.logs import say
-from lmforge.model import apply_lora
-from lmforge.optim import adapter_dtype
+from lmforge.modeling.load import apply_lora
+from lmforge.modeling.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, run
+from lmforge.training.distributed import local_main_first, shards_weights
+from lmforge.training.dpo_trainer import (
+    DpoTrainer,
+    disable_dropout,
+    frozen_copy,
+    reference_entry,
+    with_reference_columns,
+)
+from lmforge.training.fast_path import Rows
 
 
 class Dpo(Method):

@@ -29,18 +29,18 @@ from lmforge.data.sources import SkipCounter
 from lmforge.data.split import held_out_indices
 from lmforge.data.store import source_files
 from lmforge.data.templates import resolve_template
-from lmforge.distributed import shards_weights
-from lmforge.dpo_trainer import disable_dropout, frozen_copy
 from lmforge.errors import LmforgeError
-from lmforge.fast_path import Rows
 from lmforge.flags import DataArguments, GrpoArguments
 from lmforge.logs import say
-from lmforge.model import apply_lora, load_tokenizer
-from lmforge.optim import adapter_dtype
+from lmforge.modeling.load import apply_lora, load_tokenizer
+from lmforge.modeling.optim import adapter_dtype
 from lmforge.recipe import Flags, Method, Model, chat_options, run
 from lmforge.rl.rewards import RewardOptions, Rewards, check_columns, load_rewards
 from lmforge.rl.rollout import Prompt, TransformersEngine, read_prompts
 from lmforge.rl.trainer import GrpoTrainer, rollout_rows
+from lmforge.training.distributed import shards_weights
+from lmforge.training.dpo_trainer import disable_dropout, frozen_copy
+from lmforge.training.fast_path import Rows
 
 
 def reward_functions(grpo: GrpoArguments) -> Rewards:

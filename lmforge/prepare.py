@@ -30,7 +30,7 @@ class PrepareTrainingArguments(PrepareTrainingFlags, TrainingArguments):
 
 def show(data: PreparedData, flags: Flags, n: int) -> None:
     """`--show N`: what `lmforge sft` with these flags would print before its first step."""
-    from lmforge.preflight import make_plan, optimizer_steps, plan_lines, show_example, use_color
+    from lmforge.training.preflight import make_plan, optimizer_steps, plan_lines, show_example, use_color
 
     args = flags.args
     batches = build_batches(data, flags.data.model_max_length, packing=flags.data.packing,
@@ -58,8 +58,8 @@ def meta_memory_estimate(model_args: ModelArguments, lora_args: LoraArguments, t
     import transformers
 
     from lmforge.errors import LmforgeError
-    from lmforge.model import DTYPES, apply_lora, load_config
-    from lmforge.preflight import estimate_memory
+    from lmforge.modeling.load import DTYPES, apply_lora, load_config
+    from lmforge.training.preflight import estimate_memory
 
     if lora_args.q_lora:
         return None, "printed at training start (QLoRA's 4-bit weights are counted once loaded)"

@@ -25,9 +25,9 @@ from lmforge.data.options import TextOptions
 from lmforge.data.split import describe_split, record_lengths
 from lmforge.flags import PretrainDataArguments
 from lmforge.logs import say
-from lmforge.model import load_tokenizer
-from lmforge.preflight import Preflight
+from lmforge.modeling.load import load_tokenizer
 from lmforge.recipe import Flags, Method, Model, run
+from lmforge.training.preflight import Preflight
 
 
 class Pretrain(Method):

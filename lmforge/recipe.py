@@ -24,19 +24,19 @@ from lmforge.data.pack import PackedDataset
 from lmforge.data.sources import read_tools
 from lmforge.data.store import Cached, SourceFile, source_files
 from lmforge.data.templates import resolve_template
-from lmforge.distributed import local_main_first
 from lmforge.errors import LmforgeError
-from lmforge.fast_path import Rows, choose_fast_path
-from lmforge.fast_path import describe as describe_choices
 from lmforge.flags import DataArguments, LoraArguments, ModelArguments
-from lmforge.graphs import graphs_unsupported
 from lmforge.logs import say
-from lmforge.model import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
-from lmforge.optim import adapter_dtype
-from lmforge.run_lock import RunLock
-from lmforge.run_lock import describe as describe_holder
+from lmforge.modeling.load import apply_lora, check_weights, gpu_memory_gib, load_config, load_model, load_tokenizer
+from lmforge.modeling.optim import adapter_dtype
+from lmforge.training.distributed import local_main_first
+from lmforge.training.fast_path import Rows, choose_fast_path
+from lmforge.training.fast_path import describe as describe_choices
+from lmforge.training.graphs import graphs_unsupported
 from lmforge.training.resume import read_trainer_state, resolve_resume, resume_policy
 from lmforge.training.run import train_and_save
+from lmforge.training.run_lock import RunLock
+from lmforge.training.run_lock import describe as describe_holder
 from lmforge.training.run_record import key_flags, read_run_info
 
 

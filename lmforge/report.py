@@ -20,9 +20,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from lmforge.checkpoint import last_complete_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.flags import ReportArguments
+from lmforge.training.checkpoint import last_complete_checkpoint
 from lmforge.training.run_record import RUN_INFO, read_run_info
 
 REPORT_NAME = "report.md"
@@ -441,7 +441,7 @@ def render(run_dir: str, source: StateSource, info: dict, plots: list[tuple[str,
     lines += _data_section(info)
     lines += _curves_section(c, plots, why_no_plots)
     lines += _resources_section(source, info, c)
-    from lmforge.samples import read_samples
+    from lmforge.training.samples import read_samples
 
     lines += _samples_section(read_samples(run_dir))
     return "\n".join(lines).rstrip() + "\n"

@@ -25,9 +25,9 @@ from lmforge.data.encode import CHAT
 from lmforge.data.split import describe_split, length_histogram, record_lengths, trained_counts
 from lmforge.flags import DataArguments
 from lmforge.logs import say
-from lmforge.preflight import Preflight
 from lmforge.recipe import Flags, Method, run
-from lmforge.samples import SampleGenerations, held_out_prompts
+from lmforge.training.preflight import Preflight
+from lmforge.training.samples import SampleGenerations, held_out_prompts
 
 
 def training_records_info(records, held_out, fraction: float, seed: int) -> dict:

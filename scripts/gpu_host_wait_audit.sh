@@ -12,13 +12,13 @@ LOG=${OUT:-/tmp}/host-wait-${SHAPES:-qwen2.5-0.5b}-${METHODS:-full}.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "
 import torch, transformers, inspect
-from lmforge import attention
+from lmforge.modeling import attention
 from torch.nn.attention.varlen import varlen_attn
 attention.register_varlen()
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'varlen_attn', inspect.signature(varlen_attn))
 print('varlen: enable_gqa', attention._Kernel.gqa, 'native grouped heads', attention._Kernel.native_gqa)"
 if [ -z "${NO_TESTS:-}" ]; then
-  python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_varlen.py} 2>&1 | tail -8
+  python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/modeling/test_varlen.py} 2>&1 | tail -8
 fi
 python3 bench/sft_throughput.py --shapes ${SHAPES:-qwen2.5-0.5b} --methods ${METHODS:-full} --steps ${STEPS:-24} \
   ${AUDIT:+--sync_audit} --only ${ONLY:-seed-style lmforge+compile+varlen+bf16 lmforge+compile+flex+bf16} 2>&1 \

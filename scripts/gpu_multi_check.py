@@ -82,7 +82,7 @@ def losses(run_dir: str) -> dict[int, float]:
 
 
 def saved_shapes(run_dir: str) -> dict[str, tuple]:
-    from lmforge.verify_save import saved_shapes as read
+    from lmforge.training.verify_save import saved_shapes as read
 
     return read(run_dir) if os.path.isdir(run_dir) else {}
 

@@ -8,7 +8,7 @@ mkdir -p $W
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH LMFORGE_CACHE=$W/cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-LMFORGE_SHARED_DATA=$DATA python3 -m pytest -q -p no:cacheprovider -rs tests/test_lora.py tests/test_loss.py 2>&1 | tail -4
+LMFORGE_SHARED_DATA=$DATA python3 -m pytest -q -p no:cacheprovider -rs tests/test_lora.py tests/modeling/test_loss.py 2>&1 | tail -4
 for vocab in 128256; do
 python3 - $W/llama1b-$vocab $vocab <<'PY'
 import sys, json, torch, transformers

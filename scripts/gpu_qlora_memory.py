@@ -6,7 +6,7 @@ import sys
 import torch
 
 from lmforge.flags import LoraArguments, ModelArguments
-from lmforge.model import load_model, load_tokenizer
+from lmforge.modeling.load import load_model, load_tokenizer
 
 
 def loaded_gib(model_args: ModelArguments, lora: LoraArguments) -> float:

@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH LMFORGE_CACHE=$W/cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, inspect; from torch.nn.attention.varlen import varlen_attn; print('torch', torch.__version__, 'varlen_attn', inspect.signature(varlen_attn))"
 if [ -z "${NO_TESTS:-}" ]; then
-LMFORGE_SHARED_DATA=$DATA python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/test_varlen.py tests/data/test_pack.py} 2>&1 | tail -6
+LMFORGE_SHARED_DATA=$DATA python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests/modeling/test_varlen.py tests/data/test_pack.py} 2>&1 | tail -6
 fi
 python3 bench/sft_throughput.py --shapes ${SHAPES:-qwen2.5-0.5b} --methods ${METHODS:-full} --steps ${STEPS:-16} \
   --only ${ONLY:-seed-style lmforge+compile+flex+bf16 lmforge+compile+varlen+bf16 lmforge+compile+varlen+bf16+budget lmforge+compile+varlen} 2>&1 \

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import transformers
 
-from lmforge.model import is_peft
+from lmforge.modeling.load import is_peft
 from lmforge.training.events import LmforgeCallback
 
 

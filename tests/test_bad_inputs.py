@@ -869,9 +869,9 @@ def test_modules_to_save_typo_is_refused():
     the module the user asked for and save no copy of it."""
     import transformers
 
-    from lmforge.flags import LoraArguments
     from lmforge.errors import LmforgeError
-    from lmforge.model import apply_lora
+    from lmforge.flags import LoraArguments
+    from lmforge.modeling.load import apply_lora
 
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(**{**TINY_QWEN, "vocab_size": 64}))
@@ -889,9 +889,9 @@ def test_modules_to_save_typo_is_refused():
 def test_model_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
     import transformers.dynamic_module_utils
 
-    from lmforge.flags import ModelArguments
     from lmforge.errors import LmforgeError
-    from lmforge.model import load_config
+    from lmforge.flags import ModelArguments
+    from lmforge.modeling.load import load_config
 
     model, marker = tmp_path / "custom", tmp_path / "code_ran"
     custom_code_model(model, marker)

@@ -14,7 +14,7 @@ spec.loader.exec_module(memory_peak)
 
 TORCH = os.path.join(os.sep, "venv", "site-packages", "torch", "nn", "functional.py")
 INDUCTOR = os.path.join(os.sep, "tmp", "torchinductor_me", "ab", "cabc123.py")
-LOSS = os.path.join(os.sep, "repo", "lmforge", "loss.py")
+LOSS = os.path.join(os.sep, "repo", "lmforge", "modeling", "loss.py")
 MIB = 2**20
 
 
@@ -46,7 +46,7 @@ def test_replay_finds_the_peak_and_what_was_live_then():
     lines = memory_peak.summary(trace, 1000 * MIB)
     assert lines[0].startswith(f"peak {1450 * MIB / 2**30:.2f} GiB")
     assert f"{1000 * MIB / 2**30:.2f} GiB" in lines[0]
-    assert "lmforge/loss.py:11 fn1" in lines[1] and f"{300 * MIB / 2**30:7.3f} GiB" in lines[1]
+    assert "modeling/loss.py:11 fn1" in lines[1] and f"{300 * MIB / 2**30:7.3f} GiB" in lines[1]
     assert "compiled blocks" in lines[2] and "     2 blocks" in lines[2]
 
 
@@ -61,5 +61,5 @@ def test_frees_of_older_blocks_before_the_peak_lower_the_older_part():
 
 def test_where_charges_torch_internal_frames_to_their_caller():
     assert memory_peak.where([{"filename": TORCH, "line": 1, "name": "linear"},
-                              {"filename": LOSS, "line": 5, "name": "forward"}]) == "lmforge/loss.py:5 forward"
+                              {"filename": LOSS, "line": 5, "name": "forward"}]) == "modeling/loss.py:5 forward"
     assert memory_peak.where([]) == "no stack recorded"

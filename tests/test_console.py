@@ -112,7 +112,7 @@ def test_a_tied_head_is_not_missing_a_missing_key_still_is(monkeypatch):
     import transformers
 
     from lmforge.training.step import Trainer
-    from lmforge.verify_save import loaded_through_tie
+    from lmforge.training.verify_save import loaded_through_tie
 
     small = {**TINY_QWEN, "vocab_size": 64}
     tied = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**small))
@@ -142,7 +142,7 @@ def test_a_tied_head_is_not_missing_a_missing_key_still_is(monkeypatch):
 
 
 def test_log_lines():
-    from lmforge.progress import log_line
+    from lmforge.training.progress import log_line
 
     state = SimpleNamespace(global_step=30, max_steps=100)
     assert log_line(state, {"eval_loss": 1.23456, "eval_perplexity": 3.437, "eval_runtime": 2.04, "epoch": 1.0}) \
@@ -196,7 +196,7 @@ def test_library_import_noise_is_dropped_and_nothing_else(monkeypatch):
 def test_log_file_keeps_only_the_steps_up_to_where_a_run_starts(tmp_path):
     """A resumed run drops the entries past its checkpoint (it logs those steps again), a fresh
     run all of them; a line cut short by a kill is dropped too."""
-    from lmforge.progress import LOG_FILE, LogFile
+    from lmforge.training.progress import LOG_FILE, LogFile
 
     path = tmp_path / LOG_FILE
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)) + '{"step": 9, "lo')
@@ -210,7 +210,7 @@ def test_log_file_keeps_only_the_steps_up_to_where_a_run_starts(tmp_path):
 
 
 def test_grpo_logs_show_reward_lengths_clipping_entropy_and_kl():
-    from lmforge.progress import progress_fields
+    from lmforge.training.progress import progress_fields
 
     logs = {"loss": 0.01, "learning_rate": 1e-6, "reward": 0.625, "reward_std": 0.2, "rewards/accuracy": 0.5,
             "rewards/my.py:brevity": 0.25, "completion_length": 118.4, "completion_length_max": 256,

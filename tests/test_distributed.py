@@ -44,10 +44,10 @@ from safetensors.torch import load_file, save_file
 from lmforge import cli as cli_module
 from lmforge.cli import main as cli
 from lmforge.config import SHIPPED_CONFIGS, TrainingArguments, parse
-from lmforge.distributed import configure_fsdp_wrapping, decoder_layer_classes, local_main_first
 from lmforge.errors import LmforgeError
 from lmforge.flags import DataArguments, LoraArguments, ModelArguments
-from lmforge.verify_save import check_saved_model, saved_shapes
+from lmforge.training.distributed import configure_fsdp_wrapping, decoder_layer_classes, local_main_first
+from lmforge.training.verify_save import check_saved_model, saved_shapes
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
@@ -425,7 +425,7 @@ def _fsdp2_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    from lmforge.loss import fused_causal_lm_loss
+    from lmforge.modeling.loss import fused_causal_lm_loss
     from lmforge.training.guards import all_finite
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -522,8 +522,8 @@ def _fsdp2_generation_worker(rank: int, port: int, out: str) -> None:
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    from lmforge.distributed import sharded_across_processes
     from lmforge.rl.rollout import Sampling, TransformersEngine
+    from lmforge.training.distributed import sharded_across_processes
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])

@@ -31,9 +31,9 @@ from lmforge.data.options import PreferenceFormat
 from lmforge.data.records import Pair, iter_pairs
 from lmforge.data.render import IGNORE_INDEX, Rendered
 from lmforge.data.schema import Message
-from lmforge.dpo_trainer import batch_log_probs, preference_loss
 from lmforge.errors import RecordError
 from lmforge.flags import DpoLoss
+from lmforge.training.dpo_trainer import batch_log_probs, preference_loss
 from lmforge.training.step import Trainer
 
 from conftest import ROOT
@@ -215,7 +215,7 @@ def test_sequence_log_probs_equal_a_direct_hf_computation(tmp_path, small_base):
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    from lmforge.loss import sequence_log_probs
+    from lmforge.modeling.loss import sequence_log_probs
 
     ours, counts = sequence_log_probs(model, head, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
                                       chunk=3)
@@ -265,10 +265,10 @@ def test_packed_pairs_score_as_padded_pairs(tmp_path, small_base):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_padded_positions_score_as_the_labelled_positions(tmp_path, small_base, packing):
-    """What a CUDA-graphed DPO step takes (`lmforge.graphs.bucketed`): the labelled positions padded
+    """What a CUDA-graphed DPO step takes (`lmforge.training.graphs.bucketed`): the labelled positions padded
     to a bucket with positions past the batch. The log-probs, counts and gradients are those of the
     positions alone, padded rows and packed sides alike."""
-    from lmforge.graphs import PADDED_POSITIONS, POSITION_BUCKET, bucketed
+    from lmforge.training.graphs import PADDED_POSITIONS, POSITION_BUCKET, bucketed
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(5, seed=3))
     tok = transformers.AutoTokenizer.from_pretrained(small_base)
@@ -463,8 +463,8 @@ def test_full_dpo_raises_margin_and_accuracy(tmp_path, small_base, capsys):
 def test_lora_dpo_keeps_base_and_disabled_adapter_is_the_base(tmp_path, small_base):
     from lmforge.config import TrainingArguments
     from lmforge.flags import DpoArguments, LoraArguments, ModelArguments
-    from lmforge.model import apply_lora, load_model, load_tokenizer
-    from lmforge.dpo_trainer import DpoTrainer
+    from lmforge.modeling.load import apply_lora, load_model, load_tokenizer
+    from lmforge.training.dpo_trainer import DpoTrainer
     from lmforge.training.run import train_and_save
 
     data = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(8))

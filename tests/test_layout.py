@@ -1,4 +1,6 @@
-"""The package's layout, as a newcomer reads it: no import circle (lazy imports included), no two
+"""The package's layout, as a newcomer reads it: the top level holds the entry points and the shared
+basics only (the rest lives on its floor: modeling/, training/, data/, rl/, kernels/), every
+package's docstring names each of its modules, no import circle (lazy imports included), no two
 modules with one name, and the data chain's stages in order, each saying which stage it is."""
 
 from __future__ import annotations
@@ -6,9 +8,15 @@ from __future__ import annotations
 import ast
 import collections
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmforge"
 STAGES = ["sources", "records", "render", "store", "encode", "pack", "collate"]
+# `lmforge <command>` and `python -m lmforge.<command>` (torchrun, deepspeed --module) entries, which
+# must stay where they are, and the basics every floor reads: flags, parsing, errors, logs, the recipe.
+ENTRIES = ["__init__", "__main__", "cli", "commands", "sft", "lora", "pretrain", "dpo", "grpo", "prepare",
+           "export", "tokenizer", "chat", "demo", "report"]
+BASICS = ["flags", "flag_help", "config", "errors", "logs", "recipe"]
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -64,3 +72,26 @@ def test_data_chain_stages_are_in_order_and_only_look_upstream():
     chain = ast.get_docstring(ast.parse((PACKAGE / "data" / "__init__.py").read_text()))
     positions = [chain.index(f"{stage}.py") for stage in STAGES]
     assert positions == sorted(positions)
+
+
+def test_top_level_holds_only_the_entries_and_the_basics():
+    top = {path.stem for path in PACKAGE.glob("*.py")}
+    assert sorted(top) == sorted(ENTRIES + BASICS), "a new module belongs on a floor (a package), not at the top"
+
+
+def test_every_package_docstring_names_each_of_its_modules():
+    packages = [path.parent for path in PACKAGE.rglob("__init__.py") if path.parent != PACKAGE]
+    assert {p.name for p in packages} >= {"modeling", "training", "data", "rl", "kernels"}
+    for package in packages:
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        unnamed = [p.name for p in sorted(package.glob("*.py"))
+                   if p.name != "__init__.py" and not re.search(rf"(?<![\w/.]){re.escape(p.name)}", doc)]
+        assert unnamed == [], f"{package.name}/__init__.py does not name {unnamed}"
+
+
+def test_package_inits_import_nothing():
+    """Every floor is imported lazily: an `__init__` that imported its modules would load torch
+    with `lmforge.flags` (the help runs without it)."""
+    for init in PACKAGE.rglob("__init__.py"):
+        tree = ast.parse(init.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))], init

@@ -16,7 +16,7 @@ from lmforge.data.collate import PaddedCollator
 from lmforge.data.encode import CHAT, prepare
 from lmforge.data.options import ChatOptions as PrepareOptions
 from lmforge.flags import LoraArguments, ModelArguments
-from lmforge.model import apply_lora, load_model, load_tokenizer
+from lmforge.modeling.load import apply_lora, load_model, load_tokenizer
 from lmforge.training.run import train_and_save
 
 from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
@@ -126,7 +126,7 @@ def test_bf16_adapters_over_fp32_masters_train_as_fp32_adapters_under_autocast(t
     back in every adapted layer) computes exactly what PEFT's fp32 adapters under bf16 autocast
     compute: the same losses and gradient norms at every step (clipped on the fp32 masters),
     masters equal to the fp32 adapters, and the model's adapters their bf16 rounding."""
-    from lmforge.optim import MasterWeightAdamW
+    from lmforge.modeling.optim import MasterWeightAdamW
 
     ref_model, ref_opt, ref_log = _train_lora_bf16(base_model, str(tmp_path / "fp32"), None)
     model, opt, log = _train_lora_bf16(base_model, str(tmp_path / "bf16"), torch.bfloat16)
@@ -213,7 +213,7 @@ def test_qlora_keeps_4bit_weights_frozen(tmp_path, base_model):
 def test_qlora_stores_tied_embedding_and_head_in_one_4bit_copy(tmp_path):
     import bitsandbytes as bnb
 
-    from lmforge.quantize import TiedEmbedding4bit
+    from lmforge.modeling.quantize import TiedEmbedding4bit
 
     base = str(tmp_path / "base64")
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from lmforge.data.options import Remainder, TextSplit
 from lmforge.data.options import TextOptions as PretrainOptions
 from lmforge.data.sources import iter_documents
 from lmforge.errors import DataError, LmforgeError
-from lmforge.model import apply_rope_scaling
+from lmforge.modeling.load import apply_rope_scaling
 
 from conftest import SHARED_DATA
 

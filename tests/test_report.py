@@ -17,8 +17,15 @@ from lmforge.cli import main as cli
 from lmforge.data.render import IGNORE_INDEX, Renderer
 from lmforge.data.split import held_out_count, held_out_indices, record_lengths, split_dataset, trained_counts
 from lmforge.errors import LmforgeError
-from lmforge.preflight import TRAINED_CLOSE, TRAINED_OPEN, estimate_memory, highlight, label_spans, optimizer_steps
 from lmforge.report import PLOT_PIXELS
+from lmforge.training.preflight import (
+    TRAINED_CLOSE,
+    TRAINED_OPEN,
+    estimate_memory,
+    highlight,
+    label_spans,
+    optimizer_steps,
+)
 
 from conftest import DUMMY_CONVERSATIONS, QWEN_TOKENIZER
 
@@ -267,7 +274,7 @@ def test_val_split_flag_is_checked(tmp_path):
 
 
 def test_held_out_prompts_split_at_the_first_labelled_token():
-    from lmforge.samples import held_out_prompts
+    from lmforge.training.samples import held_out_prompts
 
     X = -100
     records = [{"input_ids": [1, 2, 3], "labels": [X, X, X]},  # nothing trained: skipped
@@ -279,7 +286,7 @@ def test_held_out_prompts_split_at_the_first_labelled_token():
 
 
 def test_eval_samples_are_written_at_each_evaluation_and_reported(small_run):
-    from lmforge.samples import read_samples
+    from lmforge.training.samples import read_samples
 
     out = small_run["out"]
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -58,7 +58,7 @@ def test_killed_run_resumes_and_output_loads(tmp_path, tiny_config):
     assert os.path.exists(state), log
     assert not os.path.exists(os.path.join(out, "model.safetensors")), "the run finished before it was killed"
 
-    from lmforge.checkpoint import last_complete_checkpoint
+    from lmforge.training.checkpoint import last_complete_checkpoint
 
     checkpoint = last_complete_checkpoint(out)
     resumed_from = int(checkpoint.rsplit("-", 1)[1])

@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from lmforge.checkpoint import usable_cores
 from lmforge.data.options import (
     ChatOptions,
     LongRecords,
@@ -52,6 +51,7 @@ from lmforge.data.sources import (
 from lmforge.data.store import INT32, SUPPORTED_SUFFIXES, Cached, RowWriter, build_or_load, cache_key, source_files
 from lmforge.errors import DataError, LmforgeError, RecordError
 from lmforge.logs import say
+from lmforge.training.checkpoint import usable_cores
 
 # ---------------------------------------------------------------------------------------------
 # What an entry counts

@@ -5,7 +5,7 @@ while every record keeps its own positions and attention.
 A packed row carries, besides input_ids and labels:
   - position_ids restarting at 0 for every record, so RoPE sees each one as if alone;
   - document_ids (0, 1, 2, ... per record in the row), from which the trainer builds the
-    attention mask that confines every token to its own record (see `attention.py`);
+    attention mask that confines every token to its own record (see `modeling/attention.py`);
   - the label of each record's first token set to -100: unpacked, the model never predicts a
     record's first token (there is nothing before it); packed, the token before it belongs to
     the previous record, and that prediction would cross the boundary.

@@ -40,11 +40,11 @@ from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
 
-from lmforge.checkpoint import crc_range
 from lmforge.data.sources import SUPPORTED_SUFFIXES, require_file
 from lmforge.errors import LmforgeError, is_disk_full
 from lmforge.logs import say
-from lmforge.run_lock import process_alive
+from lmforge.training.checkpoint import crc_range
+from lmforge.training.run_lock import process_alive
 
 CACHE_VERSION = 5  # part of every entry's key: raised when what an entry holds changes
 TOKENS, STATS, MANIFEST = "tokens.arrow", "stats.json", "entry.json"

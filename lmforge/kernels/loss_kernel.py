@@ -1,6 +1,6 @@
 """One Triton kernel for the softmax rows of the chunked loss (CUDA only).
 
-The chunked cross-entropy (`lmforge.loss`) needs, for each chunk of logits, every row's
+The chunked cross-entropy (`lmforge.modeling.loss`) needs, for each chunk of logits, every row's
 log-sum-exp, the target's logit and, for the gradient, softmax - one-hot. Written with torch ops
 (even compiled) that is five passes over a chunk: the bf16 logits cast to a materialised fp32
 copy, a max reduction, an exp-sum reduction, the gradient, and its cast back. On the 0.5B shape

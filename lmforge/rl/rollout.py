@@ -26,8 +26,8 @@ from lmforge.data.options import DataFormat, LongRecords, OnBadRecord
 from lmforge.data.records import iter_records, to_prompt
 from lmforge.data.render import Renderer
 from lmforge.data.sources import SkipCounter, bad_record
-from lmforge.distributed import sharded_across_processes
 from lmforge.errors import DataError, RecordError
+from lmforge.training.distributed import sharded_across_processes
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ from lmforge.data.pack import pack_records
 from lmforge.data.render import IGNORE_INDEX
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
-from lmforge.loss import token_log_probs
-from lmforge.model import is_peft
-from lmforge.rl.surrogate import ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
+from lmforge.modeling.load import is_peft
+from lmforge.modeling.loss import token_log_probs
 from lmforge.rl.rollout import Completion, Engine, Prompt, Sampling
-from lmforge.samples import SAMPLES_NAME
+from lmforge.rl.surrogate import ScaleRewards, SurrogateConfig, advantages, sequence_weights, surrogate_loss
 from lmforge.training.events import LmforgeCallback
+from lmforge.training.samples import SAMPLES_NAME
 from lmforge.training.step import Trainer
 
 ROLLOUT_FILE = "rollout.safetensors"
@@ -299,7 +299,7 @@ class GrpoTrainer(Trainer):
         return ids[:-1] if ids and not completion.truncated and ids[-1] in self.stop_ids else ids
 
     def _varlen(self) -> bool:
-        from lmforge.attention import VARLEN
+        from lmforge.modeling.attention import VARLEN
 
         return self._attn_implementation() == VARLEN
 

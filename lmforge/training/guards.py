@@ -13,9 +13,9 @@ import threading
 import torch
 import transformers
 
-from lmforge.checkpoint import checkpoint_problem, find_checkpoints, last_complete_checkpoint, print_flushed
 from lmforge.errors import LmforgeError
-from lmforge.optim import MasterWeightAdamW
+from lmforge.modeling.optim import MasterWeightAdamW
+from lmforge.training.checkpoint import checkpoint_problem, find_checkpoints, last_complete_checkpoint, print_flushed
 
 
 class NonFiniteGradients(LmforgeError):

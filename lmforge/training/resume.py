@@ -11,7 +11,10 @@ import shutil
 import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 
-from lmforge.checkpoint import (
+from lmforge.errors import LmforgeError
+from lmforge.logs import say
+from lmforge.report import PLOTS_DIR, REPORT_NAME
+from lmforge.training.checkpoint import (
     CHECKPOINT_RE,
     STAGING_DIR,
     checkpoint_problem,
@@ -20,11 +23,8 @@ from lmforge.checkpoint import (
     print_flushed,
     remove_staging_leftovers,
 )
-from lmforge.errors import LmforgeError
-from lmforge.logs import say
-from lmforge.progress import LOG_FILE
-from lmforge.report import PLOTS_DIR, REPORT_NAME
-from lmforge.run_lock import LOCK_NAME
+from lmforge.training.progress import LOG_FILE
+from lmforge.training.run_lock import LOCK_NAME
 from lmforge.training.run_record import RUN_INFO, read_run_info
 from lmforge.training.save import FINAL_STAGING
 

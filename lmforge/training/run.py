@@ -13,11 +13,10 @@ from typing import Sequence
 import torch
 import transformers
 
-from lmforge.distributed import configure_fsdp_wrapping
 from lmforge.logs import say
-from lmforge.model import is_peft
-from lmforge.progress import ReportAtCheckpoints, library_bars
+from lmforge.modeling.load import is_peft
 from lmforge.report import try_write_report
+from lmforge.training.distributed import configure_fsdp_wrapping
 from lmforge.training.events import lmforge_event
 from lmforge.training.guards import (
     CollapseGuard,
@@ -27,6 +26,7 @@ from lmforge.training.guards import (
     StopWhenNothingLeft,
     stopped_error,
 )
+from lmforge.training.progress import ReportAtCheckpoints, library_bars
 from lmforge.training.run_record import record_end, write_run_info
 from lmforge.training.save import save_final
 from lmforge.training.step import Trainer

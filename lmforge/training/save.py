@@ -11,9 +11,9 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 
 from lmforge.errors import LmforgeError, is_disk_full
-from lmforge.model import is_peft
+from lmforge.modeling.load import is_peft
 from lmforge.training.run_record import update_run_info
-from lmforge.verify_save import check_saved_model
+from lmforge.training.verify_save import check_saved_model
 
 BASE_CONFIG = "lmforge_base_config.json"
 FINAL_STAGING = ".lmforge-final"  # the final save, before it is moved into the output directory
@@ -43,7 +43,7 @@ def save_final(trainer: transformers.Trainer, tokenizer, end_of_turn_id: int | N
 
     Under FSDP and ZeRO-3 each process holds a shard: the weights are gathered into one whole
     model (or adapter) written by the main process, and what was written is checked against the
-    model (`lmforge.verify_save`) before it is moved in. Returns that check's summary on the main process."""
+    model (`lmforge.training.verify_save`) before it is moved in. Returns that check's summary on the main process."""
     model = trainer.model
     unwrapped = getattr(model, "module", model)
     unwrapped.config.use_cache = True

@@ -15,7 +15,7 @@ One optimizer step, in order, and what does each part:
     graph. Then the Trainer's step: `_prepare_inputs` moves the batch, `compute_loss`, backward.
  3. Forward with the fused head (`compute_loss`): a packed batch's document_ids become the mask
     that keeps each record to itself; the model is called with its output head computing the
-    loss of the labelled positions instead of logits (`lmforge.loss.fused_causal_lm_loss`), so
+    loss of the labelled positions instead of logits (`lmforge.modeling.loss.fused_causal_lm_loss`), so
     the [tokens, vocabulary] logits never exist.
  4. Loss: that sum over num_items_in_batch; backward (`accelerator.backward`) accumulates the
     gradients; DDP's all-reduce waits for the window's last micro-batch.
@@ -44,21 +44,21 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmforge.attention import VARLEN, document_attention_mask
-from lmforge.checkpoint import clear_staged, publish, rotate, staging_root, tidy_staging, write_manifest
 from lmforge.data.collate import LABEL_POSITIONS, add_batch_extras, for_the_step
 from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
-from lmforge.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
 from lmforge.logs import say
-from lmforge.loss import fused_causal_lm_loss, fused_head_supported, use_liger
-from lmforge.model import compile_blocks, decoder_blocks, is_peft
-from lmforge.optim import MasterWeightAdamW, wants_master_weights, with_stochastic_rounding
-from lmforge.progress import add_perplexity
-from lmforge.progress import install as install_progress
+from lmforge.modeling.attention import VARLEN, document_attention_mask
+from lmforge.modeling.load import compile_blocks, decoder_blocks, is_peft
+from lmforge.modeling.loss import fused_causal_lm_loss, fused_head_supported, use_liger
+from lmforge.modeling.optim import MasterWeightAdamW, wants_master_weights, with_stochastic_rounding
+from lmforge.training.checkpoint import clear_staged, publish, rotate, staging_root, tidy_staging, write_manifest
 from lmforge.training.events import lmforge_event
+from lmforge.training.graphs import PADDED_POSITIONS, StepGraphs, bucketed, graphs_unsupported
+from lmforge.training.progress import add_perplexity
+from lmforge.training.progress import install as install_progress
 from lmforge.training.save import disk_full_error
-from lmforge.verify_save import loaded_through_tie
+from lmforge.training.verify_save import loaded_through_tie
 
 NUM_ITEMS = "lmforge_num_items"  # a graphed step's labelled-token count, when the Trainer gives a tensor
 ACCUMULATION = "lmforge_accumulation"  # what a graphed step's loss is divided by
@@ -68,12 +68,12 @@ class Trainer(transformers.Trainer):
     """The HF Trainer with a few hooks filled:
       - a packed batch (one carrying document_ids) gets the attention mask that keeps each
         record to itself, in the form the model's attention implementation takes;
-      - the loss is computed without the full logits tensor (lmforge.loss) unless
+      - the loss is computed without the full logits tensor (lmforge.modeling.loss) unless
         --fused_loss False or the model does not allow it; --compile_blocks compiles the blocks;
       - the training order is a function of (seed, epoch) only (`EpochShuffle`);
       - checkpoints are written under a staging name, listed in a manifest and renamed when
         complete, and rotation never deletes a good checkpoint for an incomplete one
-        (`lmforge/checkpoint.py`).
+        (`lmforge/training/checkpoint.py`).
 
     What resume restores, and from where (transformers 5 Trainer + these hooks): weights,
     optimizer, LR scheduler, grad scaler (the Trainer's checkpoint files); global step, epoch,
@@ -106,10 +106,10 @@ class Trainer(transformers.Trainer):
                            memory_budget=getattr(self.args, "compile_memory_budget", None) or 1.0)
 
     def _fp8(self) -> int:
-        """Float8 matmuls in the decoder blocks' linear layers where `lmforge.fp8.choose` says so
+        """Float8 matmuls in the decoder blocks' linear layers where `lmforge.modeling.fp8.choose` says so
         (before the blocks compile and the optimizer is made); the choice is said. Returns how many
         layers were converted."""
-        from lmforge import fp8
+        from lmforge.modeling import fp8
 
         requested = getattr(self.args, "fp8", "false")
         cuda = torch.cuda.is_available() and self.args.device.type == "cuda"
@@ -294,7 +294,7 @@ class Trainer(transformers.Trainer):
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None  # the Trainer then averages over accumulation steps itself
         # The fused head: for this call the output head computes the summed cross-entropy of the
-        # labelled positions instead of the logits (lmforge.loss), and the model hands it back in
+        # labelled positions instead of the logits (lmforge.modeling.loss), and the model hands it back in
         # its `logits` slot; the [tokens, vocabulary] logits are never made.
         loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel,
                                     positions, padded)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from lmforge.attention import document_attention_mask
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.pack import best_fit_decreasing, pack_records
 from lmforge.data.render import IGNORE_INDEX as X
+from lmforge.modeling.attention import document_attention_mask
 
 VOCAB = 97
 

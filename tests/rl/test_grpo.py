@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main as cli
-from lmforge.loss import token_log_probs
+from lmforge.modeling.loss import token_log_probs
 from lmforge.rl.trainer import SEQ, deal_rows, packed_micro_batch, rollout_rows
 from lmforge.training.step import Trainer
 

@@ -93,7 +93,7 @@ def test_the_guard_names_a_checkpoint_from_before_the_divergence(tmp_path):
     """A checkpoint can be finite and already ruined: the guard names the newest one from before
     the gradient norm left its usual range, with a command that continues from it."""
     from lmforge.training.guards import divergence_start, nonfinite_message
-    from tests.test_checkpoint import make_checkpoint
+    from tests.training.test_checkpoint import make_checkpoint
 
     for step in (2, 4, 6, 8):
         make_checkpoint(tmp_path, step)

@@ -32,7 +32,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import (
+from lmforge.cli import main as cli
+from lmforge.config import TrainingArguments
+from lmforge.data.collate import PaddedCollator
+from lmforge.training.checkpoint import (
     MANIFEST_NAME,
     STAGING_DIR,
     checkpoint_problem,
@@ -41,9 +44,6 @@ from lmforge.checkpoint import (
     rotate,
     write_manifest,
 )
-from lmforge.cli import main as cli
-from lmforge.config import TrainingArguments
-from lmforge.data.collate import PaddedCollator
 from lmforge.training.resume import resolve_resume
 from lmforge.training.run import train_and_save
 
@@ -547,7 +547,7 @@ def test_starting_over_sets_the_previous_run_aside(setup, tmp_path):
 
 
 def test_a_second_run_into_one_output_directory_is_refused_and_a_dead_ones_lock_taken_over(setup, tmp_path):
-    from lmforge.run_lock import LOCK_NAME, RunLock
+    from lmforge.training.run_lock import LOCK_NAME, RunLock
 
     out = tmp_path / "out"
     out.mkdir()
@@ -618,7 +618,7 @@ def test_chat_on_a_run_without_a_final_save_uses_its_newest_checkpoint(setup, tm
 def test_replaced_and_leftover_checkpoints_are_named_for_what_they_are(two_checkpoints, tmp_path, capsys):
     """A complete checkpoint that failed its checksum, replaced by a new save of its step, is
     called damaged; a checkpoint a rotation was deleting when the run stopped is called that."""
-    from lmforge.checkpoint import publish
+    from lmforge.training.checkpoint import publish
 
     out = copy_of(two_checkpoints, tmp_path)
     newest = os.path.join(out, "checkpoint-4")

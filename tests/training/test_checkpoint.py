@@ -17,8 +17,8 @@ import zlib
 
 import pytest
 
-from lmforge import checkpoint
-from lmforge.checkpoint import (
+from lmforge.training import checkpoint
+from lmforge.training.checkpoint import (
     MANIFEST_NAME,
     checkpoint_problem,
     last_complete_checkpoint,

@@ -1,4 +1,4 @@
-"""The float8 rule (`lmforge.fp8.choose`) and the layers it converts; float8 training itself,
+"""The float8 rule (`lmforge.modeling.fp8.choose`) and the layers it converts; float8 training itself,
 its saving and its resume are in tests/training/test_resume.py."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge import fp8
 from lmforge.errors import LmforgeError
+from lmforge.modeling import fp8
 
 H100 = (9, 0)
 BASE = dict(capability=H100, torchao=True, compiled=True, engine=None, adapters=False, hidden=2048)

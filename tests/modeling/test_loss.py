@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from conftest import KERNEL_DEVICES
-from lmforge.loss import fused_causal_lm_loss, fused_head_supported, linear_cross_entropy
+from lmforge.modeling.loss import fused_causal_lm_loss, fused_head_supported, linear_cross_entropy
 from tests.data.test_pack import one_step, packed_batch, records, tiny_model
 
 
@@ -83,7 +83,7 @@ def test_soft_capped_logits_keep_the_models_own_loss():
 
 
 def test_compiled_blocks_compute_the_same_loss_and_gradients():
-    from lmforge.model import compile_blocks
+    from lmforge.modeling.load import compile_blocks
 
     model = tiny_model("sdpa")
     batch = packed_batch(records(12), capacity=64, attn="sdpa")
@@ -134,7 +134,7 @@ def test_the_softmax_rows_kernel_equals_torch(dtype, kernel_device):
 def test_chunked_loss_and_log_probs_on_the_gpu_equal_the_fp64_reference():
     """The chunked loss and DPO's log-probs as they run on a GPU (the kernel, the fp32-accumulated
     weight gradient) against fp64 torch on the same bf16 inputs."""
-    from lmforge.loss import linear_token_log_probs
+    from lmforge.modeling.loss import linear_token_log_probs
 
     torch.manual_seed(0)
     hidden = torch.randn(700, 64, device="cuda", dtype=torch.bfloat16)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from lmforge import attention
-from lmforge.attention import VARLEN, document_attention_mask, is_no_mask, register_varlen
 from lmforge.data.collate import CU_SEQLENS, cu_seqlens
 from lmforge.data.collate import PackedCollator, PaddedCollator
 from lmforge.data.pack import best_fit_decreasing, pack_records
+from lmforge.modeling import attention
+from lmforge.modeling.attention import VARLEN, document_attention_mask, is_no_mask, register_varlen
 from tests.data.test_pack import VOCAB, loss_and_grads, records, tiny_model
 
 
@@ -221,7 +221,7 @@ def test_offsets_mask_is_causal_within_each_sequence():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
 def test_auto_attention_is_sdpa_without_a_gpu():
     from lmforge.flags import ModelArguments
-    from lmforge.model import attention_implementation
+    from lmforge.modeling.load import attention_implementation
 
     logged = []
     assert attention_implementation(ModelArguments(config_name="x"), log=logged.append) == "sdpa"
@@ -231,9 +231,9 @@ def test_auto_attention_is_sdpa_without_a_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_varlen_refused_without_a_gpu():
-    from lmforge.flags import ModelArguments
     from lmforge.errors import LmforgeError
-    from lmforge.model import attention_implementation
+    from lmforge.flags import ModelArguments
+    from lmforge.modeling.load import attention_implementation
 
     with pytest.raises(LmforgeError, match="varlen .*CUDA GPU"):
         attention_implementation(ModelArguments(config_name="x", attn_implementation="varlen"))
@@ -314,7 +314,7 @@ def test_varlen_kernel_choice_by_head_size(capability, head_dim, expected):
 
 
 def test_head_size_of_a_config():
-    from lmforge.model import head_size
+    from lmforge.modeling.load import head_size
 
     llama = transformers.AutoConfig.for_model("llama", hidden_size=256, num_attention_heads=4)
     assert head_size(llama) == 64

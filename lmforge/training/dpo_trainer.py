@@ -2,7 +2,7 @@
 log-probabilities, and the metrics preference trainers log.
 
 The per-sequence log-probabilities come from the final hidden states at the answer positions
-only, the vocabulary projection done a chunk at a time (`lmforge.loss.sequence_log_probs`):
+only, the vocabulary projection done a chunk at a time (`lmforge.modeling.loss.sequence_log_probs`):
 the [2B x length x vocab] logits are never built. That is what makes this better than scoring
 pairs through `model(...).logits` (with Qwen's 151,936 tokens, 2 x 8 sequences of 512 tokens
 are 10 GB of fp32 logits, and as much again for their gradient). TRL, which lmforge does not
@@ -30,10 +30,10 @@ from lmforge.data.collate import CU_SEQLENS, LABEL_POSITIONS, REFERENCE_COLUMNS,
 from lmforge.data.store import FLOAT_COLUMN, CacheEntry, build_or_load
 from lmforge.errors import LmforgeError
 from lmforge.flags import DpoArguments, DpoLoss
-from lmforge.graphs import PADDED_POSITIONS
 from lmforge.logs import say
-from lmforge.loss import sequence_log_probs
-from lmforge.model import is_peft
+from lmforge.modeling.load import is_peft
+from lmforge.modeling.loss import sequence_log_probs
+from lmforge.training.graphs import PADDED_POSITIONS
 from lmforge.training.step import Trainer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", CU_SEQLENS)

@@ -1,4 +1,4 @@
-"""lmforge.graphs: what makes two batches one graph, the gradient buffers a recorded backward
+"""lmforge.training.graphs: what makes two batches one graph, the gradient buffers a recorded backward
 adds into (kept, zeroed where the Trainer dropped them, refilled where it replaced them), and
 the padding of a batch's varying sizes, which must leave its loss and gradients unchanged. The
 recording itself needs a CUDA GPU: the GPU tests here and in tests/test_dpo.py train with it."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.graphs import StepGraphs, batch_key
+from lmforge.training.graphs import StepGraphs, batch_key
 
 
 def test_batch_key_separates_shapes_dtypes_and_plain_values():
@@ -38,7 +38,7 @@ def test_gradient_buffers_keep_their_storage_and_the_gradient_so_far():
 def test_weighted_rows_count_for_nothing_in_the_chunked_cross_entropy():
     """Rows of weight 0 (a graphed step's padding) change neither the loss nor any gradient,
     across chunks (3 rows each here)."""
-    from lmforge.loss import _ChunkedLinearCrossEntropy
+    from lmforge.modeling.loss import _ChunkedLinearCrossEntropy
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 8, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -63,8 +63,8 @@ def test_bucketed_batch_trains_as_the_batch(tmp_path):
     import transformers
 
     from lmforge.data.collate import CU_SEQLENS, LABEL_POSITIONS, label_positions
-    from lmforge.graphs import OFFSET_BUCKET, PADDED_POSITIONS, POSITION_BUCKET, bucketed
-    from lmforge.loss import fused_causal_lm_loss
+    from lmforge.modeling.loss import fused_causal_lm_loss
+    from lmforge.training.graphs import OFFSET_BUCKET, PADDED_POSITIONS, POSITION_BUCKET, bucketed
 
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=50)

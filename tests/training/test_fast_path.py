@@ -1,4 +1,4 @@
-"""The speed settings chosen for flags left unset (lmforge/fast_path.py): on a CUDA GPU under --bf16,
+"""The speed settings chosen for flags left unset (lmforge/training/fast_path.py): on a CUDA GPU under --bf16,
 bf16 weights with fp32 masters, compiled blocks on packed rows and an activation memory budget;
 eager fp32 on a CPU, under DeepSpeed / FSDP and for rows of varying length; a flag the user gave
 is never changed."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lmforge.config import TrainingArguments
-from lmforge.fast_path import Rows, choose_fast_path, describe
 from lmforge.flags import ModelArguments
+from lmforge.training.fast_path import Rows, choose_fast_path, describe
 
 from conftest import DUMMY_CONVERSATIONS, SHARED_DATA
 
@@ -175,7 +175,7 @@ def test_speed_line_says_what_is_in_effect():
     import torch
     import transformers
 
-    from lmforge.preflight import speed_line
+    from lmforge.training.preflight import speed_line
 
     config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64)

@@ -23,10 +23,10 @@ import importlib.util
 import torch
 from torch import nn
 
-from lmforge.kernels import loss_kernel
 from lmforge.data.collate import label_positions
 from lmforge.data.render import IGNORE_INDEX
 from lmforge.errors import LmforgeError
+from lmforge.kernels import loss_kernel
 
 CHUNK_LOGITS = 2**28  # fp32 logits per chunk: 1 GiB
 
@@ -105,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     logits is ever held. The fallback where liger-kernel is not installed (CPU included).
     `hidden` and `weight` come in one dtype; logits and the weight gradient sum in fp32.
     `rows` (optional, 0 or 1 per row): rows of weight 0 count for nothing, neither in the loss nor
-    in a gradient (padding of a fixed-size batch, lmforge.graphs)."""
+    in a gradient (padding of a fixed-size batch, lmforge.training.graphs)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
@@ -269,7 +269,7 @@ def head_computes_loss(head: nn.Module, labels: torch.Tensor, kernel: str = "aut
 
 
 def without_padding(positions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labelled positions padded past the batch (`lmforge.graphs.bucketed`) as (positions with
+    """Labelled positions padded past the batch (`lmforge.training.graphs.bucketed`) as (positions with
     the padding replaced by the first position, a real target; which entries are real). Where a
     padding entry is scored, its score is then weighted 0 or dropped."""
     real = positions < labels.numel()
@@ -282,7 +282,7 @@ def fused_causal_lm_loss(model: nn.Module, head: nn.Module, inputs: dict,
     """The model's next-token loss from `inputs` (which hold labels), summed over the labelled
     positions and divided by `num_items_in_batch` (the labelled tokens of the whole
     accumulation window, as the Trainer counts them) or, when None, by this batch's count.
-    `padded`: `positions` end with padding past the batch (`lmforge.graphs.bucketed`), scored as
+    `padded`: `positions` end with padding past the batch (`lmforge.training.graphs.bucketed`), scored as
     the first position and weighted 0.
 
     The model must pass what its head returned through. Wrappers may hand back another tensor
@@ -417,7 +417,7 @@ def sequence_log_probs(model: nn.Module, head: nn.Module | None, inputs: dict,
     are used (models whose head is not a plain linear layer).
 
     `padded`: `positions` end with entries past the batch (labels.numel()), which count for
-    nothing: a fixed number of positions for a CUDA graph (lmforge.graphs). They are scored as the
+    nothing: a fixed number of positions for a CUDA graph (lmforge.training.graphs). They are scored as the
     first position (a real target), into a sequence that is dropped, so their gradient is zero."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICES
-from lmforge.optim import MasterWeightAdamW
+from lmforge.modeling.optim import MasterWeightAdamW
 
 
 def test_step_is_fp32_adamw_on_the_masters_written_back_in_bf16():

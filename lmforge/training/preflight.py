@@ -92,10 +92,10 @@ class MemoryEstimate:
 
 def estimate_memory(model, args=None) -> MemoryEstimate:
     """Bytes of the weights as stored, of a gradient per trained weight (in its dtype), and of
-    the optimizer's state (`lmforge.optim.state_bytes`; without `args`, AdamW's: two fp32 moments
+    the optimizer's state (`lmforge.modeling.optim.state_bytes`; without `args`, AdamW's: two fp32 moments
     per trained weight, plus an fp32 master copy of a trained weight held in 16 bits). For the
     whole model, before any sharding across processes; activations not included."""
-    from lmforge.optim import state_bytes
+    from lmforge.modeling.optim import state_bytes
 
     params = trainable = weights = grads = optim = 0
     for p in model.parameters():
@@ -149,7 +149,7 @@ def plan_lines(plan: Plan, args: transformers.TrainingArguments) -> list[str]:
 
 def speed_line(model, args) -> str:
     """The settings the step's speed depends on, as in effect (chosen or given)."""
-    from lmforge.optim import LOW_BIT_STATE_BYTES, optim_name, wants_master_weights
+    from lmforge.modeling.optim import LOW_BIT_STATE_BYTES, optim_name, wants_master_weights
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weights = str(next(base.parameters()).dtype).removeprefix("torch.")

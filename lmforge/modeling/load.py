@@ -13,15 +13,15 @@ import os
 import torch
 import transformers
 
-from lmforge.attention import VARLEN, register_varlen
 from lmforge.config import read_json_object
 from lmforge.errors import LmforgeError
 from lmforge.flags import LoraArguments, ModelArguments
 from lmforge.logs import say
-from lmforge.progress import library_bars
+from lmforge.modeling.attention import VARLEN, register_varlen
+from lmforge.training.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
-          None: torch.float32}  # None: --torch_dtype not chosen yet (lmforge.fast_path chooses it for a run)
+          None: torch.float32}  # None: --torch_dtype not chosen yet (lmforge.training.fast_path chooses it for a run)
 
 
 def custom_code_requests(path: str) -> list[str]:
@@ -130,10 +130,10 @@ def _find(module: str) -> bool:
 
 
 def varlen_implementation(kernel: str = "auto", log=say, head_dim: int | None = None) -> str:
-    """lmforge's varlen attention (lmforge/attention.py) over the packed documents, registered
+    """lmforge's varlen attention (lmforge/modeling/attention.py) over the packed documents, registered
     with transformers, its kernel chosen by `attention.choose_kernel` and logged."""
-    from lmforge.attention import choose_kernel
     from lmforge.kernels import flash4
+    from lmforge.modeling.attention import choose_kernel
 
     if not torch.cuda.is_available():
         raise LmforgeError("--attn_implementation varlen runs a flash kernel, which needs a CUDA GPU; "
@@ -284,9 +284,9 @@ def align_token_ids(model, tokenizer) -> None:
 
 
 def quantize_frozen_embeddings(model, lora: LoraArguments, log=say) -> None:
-    """QLoRA: the embedding and head in 4-bit too (lmforge.quantize says why), unless one of
+    """QLoRA: the embedding and head in 4-bit too (lmforge.modeling.quantize says why), unless one of
     them is trained through --modules_to_save or cannot be stored that way; either is logged."""
-    from lmforge.quantize import embeddings_quantizable, quantize_embeddings
+    from lmforge.modeling.quantize import embeddings_quantizable, quantize_embeddings
 
     names = {n for n, m in model.named_modules() if m is model.get_input_embeddings()
              or m is model.get_output_embeddings()}
@@ -338,7 +338,7 @@ def apply_lora(model, lora: LoraArguments, gradient_checkpointing: bool = False,
                adapter_dtype: torch.dtype | None = None):
     """Wrap `model` with LoRA adapters through PEFT (k-bit preparation first under QLoRA).
 
-    `adapter_dtype` (lmforge.optim.adapter_dtype): the trained weights are held in it, 16 bits,
+    `adapter_dtype` (lmforge.modeling.optim.adapter_dtype): the trained weights are held in it, 16 bits,
     and the optimizer keeps their fp32 masters. PEFT otherwise keeps adapters in fp32 beside a
     16-bit base, and every adapted layer casts its input to fp32 and back on each use: two copies
     of the activations per linear layer, forward and backward (a fifth of the GPU time of LoRA

@@ -2,17 +2,17 @@
 
 A run on a CUDA GPU with `--bf16 True` (FastChat's and happy-llm's command lines) gets, unless a
 flag says otherwise:
-  - the model held in bf16 with AdamW over fp32 master weights (`lmforge.optim`) instead of fp32
+  - the model held in bf16 with AdamW over fp32 master weights (`lmforge.modeling.optim`) instead of fp32
     weights under bf16 autocast: no fp32 activations and residual stream, no casts of every weight
     on every use;
-  - compiled decoder blocks (`model.compile_blocks`) where the rows all have one length (packed
+  - compiled decoder blocks (`modeling.load.compile_blocks`) where the rows all have one length (packed
     rows, pretraining blocks) or are DPO's pairs: the elementwise work small models are bound by
     is fused;
   - with them, an activation memory budget of 0.8: the compiler recomputes the cheapest
     activations in the backward instead of keeping them; 0.1 under --q_lora without gradient
     checkpointing (a 4-bit base is chosen to fit a small memory, so memory comes before speed
     there; QLoRA DPO takes the same rule, not measured).
-  - for DPO's padded pairs on one GPU, CUDA graphs over whole micro-steps (lmforge.graphs): its
+  - for DPO's padded pairs on one GPU, CUDA graphs over whole micro-steps (lmforge.training.graphs): its
     step is bound by the host launching thousands of kernels.
 Together they make FastChat's command line on the Qwen2.5-0.5B shape faster and lighter than fp32
 weights run eagerly (measured: docs/bench_results.md, 2026-12-02, the command lines beside TRL).
@@ -31,7 +31,7 @@ Where they are not chosen, and why:
   - --fp16: the weights stay fp32 under fp16 autocast and the Trainer's loss scaler. fp16
     weights over fp32 masters (--torch_dtype float16) train correctly under the scaler (it
     unscales and checks the masters' fp32 gradients, and the clipping measures them:
-    tests/test_optim.py), but ran no faster than the bf16 default (measured: docs/bench_results.md,
+    tests/modeling/test_optim.py), but ran no faster than the bf16 default (measured: docs/bench_results.md,
     2026-12-03, CUDA graphs over DPO's micro-steps), and a model trained in bf16 can overflow fp16
     in its residual stream, which autocast keeps in fp32.
 """
@@ -130,7 +130,7 @@ def choose_fast_path(model_args, args, rows: Rows, cuda: bool | None = None, qua
                                   "activations in the backward: less memory at no measured speed cost (1: keep "
                                   "them all)"))
     if getattr(args, "cuda_graphs", False) is None:
-        from lmforge.graphs import graphs_unsupported
+        from lmforge.training.graphs import graphs_unsupported
 
         on = rows is Rows.PAIRS and graphs_unsupported(args, cuda) is None
         args.cuda_graphs = on
