@@ -76,7 +76,8 @@ def _convertible(module: torch.nn.Module) -> bool:
 def convert(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> int:
     """Float8 training for the linear layers inside `blocks` (the decoder blocks), in place,
     before the optimizer is made (the parameters are the same objects afterwards). Returns how
-    many were converted."""
+    many were converted. Compiled, they need room in dynamo's recompile limits
+    (`lmforge.modeling.load.compile_settings`)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(RECIPE)
@@ -85,13 +86,4 @@ def convert(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> int:
         before = sum(1 for m in block.modules() if _convertible(m))
         convert_to_float8_training(block, config=config, module_filter_fn=lambda m, _name: _convertible(m))
         converted += before
-    if converted:
-        # Every compiled block guards on its float8 layers' own config objects, so each block
-        # compiles once; with the default limit (8) the rest would fall back to eager, 2-3x slower
-        # than bf16. Room for every block, and a few recompiles of each.
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * (len(blocks) + 1))
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
-                                                        8 * (len(blocks) + 1) * 4)
     return converted

@@ -4,6 +4,7 @@ is patched."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -112,7 +113,7 @@ def attention_implementation(args: ModelArguments, flash_attn: bool = False, log
     if args.attn_implementation != "auto" and not flash_attn:
         return args.attn_implementation
     gpu = torch.cuda.is_available()
-    if flash_attn and gpu and _find("flash_attn.flash_attn_interface"):  # flash-attn 2 (flash-attn-4 is flash_attn.cute)
+    if flash_attn and gpu and _find("flash_attn.flash_attn_interface"):  # flash-attn 2 (4 is flash_attn.cute)
         choice, why = "flash_attention_2", "flash-attn is installed"
     elif gpu and _find("torch.nn.attention.varlen"):
         return varlen_implementation(args.varlen_kernel, log, head_dim)
@@ -386,12 +387,9 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
 def compile_blocks(model, log=say, mode: str = "default", memory_budget: float = 1.0) -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
-    many were compiled; the block classes are the model's `_no_split_modules`. A memory budget
-    below 1 lets the compiler's partitioner recompute activations in the backward (a setting of
-    the process: every compiled graph after this call uses it)."""
-    import torch._functorch.config as functorch_config
-
-    functorch_config.activation_memory_budget = memory_budget
+    many were compiled; the block classes are the model's `_no_split_modules`. The blocks
+    compile at their first call, under the settings of `compile_settings` (`memory_budget` is
+    only said here)."""
     blocks = decoder_blocks(model)
     names = {type(b).__name__ for b in blocks}
     for block in blocks:
@@ -399,6 +397,26 @@ def compile_blocks(model, log=say, mode: str = "default", memory_budget: float =
     log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "
         f"mode {mode}" + (f", activation memory budget {memory_budget:g}" if memory_budget < 1 else ""))
     return len(blocks)
+
+
+def compile_settings(memory_budget: float = 1.0, blocks: int = 0, float8: bool = False) -> contextlib.ExitStack:
+    """The compiler's settings compiled blocks run under, as a context (set while it is entered,
+    as they were after): PyTorch's activation memory budget, read when a graph's backward is
+    partitioned (below 1 the partitioner recomputes the cheapest activations instead of keeping
+    them); and with float8 layers, room for one graph per block in dynamo's recompile limits
+    (each block guards on its own float8 layers' config objects, so each compiles once; at the
+    default limit of 8 the rest would fall back to eager, 2-3x slower than bf16)."""
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(functorch_config.patch(activation_memory_budget=memory_budget))
+    if float8:
+        room = 8 * (blocks + 1)
+        stack.enter_context(dynamo_config.patch(
+            recompile_limit=max(dynamo_config.recompile_limit, room),
+            accumulated_recompile_limit=max(dynamo_config.accumulated_recompile_limit, 4 * room)))
+    return stack
 
 
 def gpu_memory_gib() -> float | None:

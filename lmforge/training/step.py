@@ -37,6 +37,7 @@ One optimizer step, in order, and what does each part:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,7 +50,7 @@ from lmforge.data.sampler import EpochShuffle
 from lmforge.errors import LmforgeError
 from lmforge.logs import say
 from lmforge.modeling.attention import VARLEN, document_attention_mask
-from lmforge.modeling.load import compile_blocks, decoder_blocks, is_peft
+from lmforge.modeling.load import compile_blocks, compile_settings, decoder_blocks, is_peft
 from lmforge.modeling.loss import fused_causal_lm_loss, fused_head_supported, use_liger
 from lmforge.modeling.optim import MasterWeightAdamW, wants_master_weights, with_stochastic_rounding
 from lmforge.training.checkpoint import clear_staged, publish, rotate, staging_root, tidy_staging, write_manifest
@@ -101,9 +102,12 @@ class Trainer(transformers.Trainer):
         self.data_collator = for_the_step(self.data_collator, label_positions=self.fused_head is not None,
                                           varlen_offsets=self._attn_implementation() == VARLEN)
         self.fp8_layers = self._fp8()
-        if getattr(self.args, "compile_blocks", False):
-            compile_blocks(self.model, mode=self.args.compile_mode,
-                           memory_budget=getattr(self.args, "compile_memory_budget", None) or 1.0)
+        budget = getattr(self.args, "compile_memory_budget", None) or 1.0
+        blocks = (compile_blocks(self.model, mode=self.args.compile_mode, memory_budget=budget)
+                  if getattr(self.args, "compile_blocks", False) else 0)
+        # Entered around train() and evaluate(): the compiler's settings hold while lmforge's
+        # blocks run, not for the whole process.
+        self.compile_settings = functools.partial(compile_settings, budget, blocks, self.fp8_layers > 0)
 
     def _fp8(self) -> int:
         """Float8 matmuls in the decoder blocks' linear layers where `lmforge.modeling.fp8.choose` says so
@@ -207,9 +211,14 @@ class Trainer(transformers.Trainer):
         finally:
             self._graph_outputs = None
 
+    def evaluate(self, *args, **kwargs):
+        with self.compile_settings():
+            return super().evaluate(*args, **kwargs)
+
     def train(self, *args, **kwargs):
         try:
-            return super().train(*args, **kwargs)
+            with self.compile_settings():
+                return super().train(*args, **kwargs)
         finally:
             graphs = self._step_graphs
             if graphs is not None:
