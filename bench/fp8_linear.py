@@ -23,14 +23,14 @@ import copy
 import glob
 import json
 import os
-import statistics
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cuda_timing import timed  # bench/cuda_timing.py: this script's folder is on the path
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 Row = dict[str, object]
@@ -116,28 +116,6 @@ def raise_recompile_limit(limit: int = 64) -> None:
     setattr(config, name, max(getattr(config, name), limit))
     if hasattr(config, "fail_on_recompile_limit_hit"):
         config.fail_on_recompile_limit_hit = True
-
-
-def timed(run: Callable[[], object], clear: Callable[[], None], warmup: int, reps: int) -> tuple[float, float]:
-    """(median milliseconds of `run()`, GiB it allocates beyond what was held before); `clear()`
-    drops the previous run's gradients first. The warm-up runs also compile."""
-    for _ in range(warmup):
-        clear()
-        run()
-    clear()
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        clear()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - held) / 2**30
 
 
 def rel_norm(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from typing import Callable
 
@@ -38,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cuda_timing import timed  # noqa: E402 - bench/cuda_timing.py, beside this script
 
 IGNORE = -100  # lmforge.data.render.IGNORE_INDEX
 EPS = 1e-6  # Qwen2's rms_norm_eps
@@ -61,29 +62,6 @@ def require_gpu_and_quack():
         sys.exit(f"bench/quack_kernels.py needs quack-kernels ({type(e).__name__}: {e}); install the wheels "
                  "in .hopper/ (quack_kernels, nvidia_cutlass_dsl*, apache_tvm_ffi, torch_c_dlpack_ext) and einops")
     return quack
-
-
-def timed(run: Callable[[], object], clear: Callable[[], None], warmup: int, reps: int) -> tuple[float, float]:
-    """(median milliseconds of `run()`, GiB it allocates beyond what was held before). `clear()`
-    drops the previous run's gradients before each run, so they count in neither the time nor the
-    memory held before."""
-    for _ in range(warmup):
-        clear()
-        run()
-    clear()
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        clear()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - held) / 2**30
 
 
 def max_abs(a: torch.Tensor, ref: torch.Tensor) -> float:
