@@ -16,30 +16,20 @@ from __future__ import annotations
 import math
 import os
 import random
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import cuda_timing  # noqa: E402 - bench/cuda_timing.py, beside this script
 from lmforge.kernels import loss_kernel  # noqa: E402
 from lmforge.modeling import loss  # noqa: E402
 
 
 def timed(fn, reps: int = 10) -> float:
-    """Median milliseconds of `fn()`."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds of `fn()` (bench/cuda_timing.py's clock, 3 warm-up runs)."""
+    return cuda_timing.timed(fn, lambda: None, 3, reps)[0]
 
 
 def old_path():

@@ -664,13 +664,18 @@ def test_float8_run_saves_ordinary_weights_and_resumes_exactly(setup, tmp_path):
     assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
     assert "quantization_config" not in json.loads((tmp_path / "fp8" / "config.json").read_text())
 
-    out = str(tmp_path / "out")
-    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM, extra=fp8)
+    assert_sigterm_and_resume_end_as(setup, str(tmp_path / "out"), str(tmp_path / "fp8"), fp8)
+
+
+def assert_sigterm_and_resume_end_as(setup: Setup, out: str, reference: str, extra: Sequence[str]) -> None:
+    """SIGTERM after step 4, then the same command: the weights and every logged step of
+    `reference`, the uninterrupted run of the same flags."""
+    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM, extra=extra)
     assert stopped.returncode == 143, stopped.log
-    resumed = run(setup, out, extra=fp8)
+    resumed = run(setup, out, extra=extra)
     assert resumed.returncode == 0 and resumed.resumed_from >= 4, resumed.log
-    assert_same_weights(out, str(tmp_path / "fp8"))
-    assert logged_steps(out) == logged_steps(str(tmp_path / "fp8"))
+    assert_same_weights(out, reference)
+    assert logged_steps(out) == logged_steps(reference)
 
 
 def test_eight_bit_adamw_over_bf16_weights_resumes_exactly(setup, tmp_path):
@@ -688,10 +693,4 @@ def test_eight_bit_adamw_over_bf16_weights_resumes_exactly(setup, tmp_path):
     saved = load_file(os.path.join(tmp_path / "ref", "model.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
 
-    out = str(tmp_path / "out")
-    stopped = run(setup, out, stop_after_step(4, 0.0), sig=signal.SIGTERM, extra=flags)
-    assert stopped.returncode == 143, stopped.log
-    resumed = run(setup, out, extra=flags)
-    assert resumed.returncode == 0 and resumed.resumed_from >= 4, resumed.log
-    assert_same_weights(out, str(tmp_path / "ref"))
-    assert logged_steps(out) == logged_steps(str(tmp_path / "ref"))
+    assert_sigterm_and_resume_end_as(setup, str(tmp_path / "out"), str(tmp_path / "ref"), flags)
