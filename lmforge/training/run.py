@@ -43,18 +43,10 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     `callbacks` are added to lmforge's own; they may also take lmforge's events (`LmforgeCallback`)."""
     stop = StopOnSignal()
     configure_fsdp_wrapping(model, args)
-    callbacks = [NonFiniteGuard(), CollapseGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else []),
-                 *callbacks]
+    guards = [NonFiniteGuard(), CollapseGuard(), stop, ReportAtCheckpoints(), *([preflight] if preflight else [])]
     trainer = (trainer_class or Trainer)(  # looked up now: tests may replace lmforge.training.run.Trainer
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        **(trainer_kwargs or {}),
-    )
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
+        processing_class=tokenizer, callbacks=[*guards, *callbacks], **(trainer_kwargs or {}))
     # First of all callbacks: it leaves train() before any other starts a bar or prints a plan.
     trainer.callback_handler.callbacks.insert(0, StopWhenNothingLeft())
     if is_peft(model):
@@ -65,18 +57,7 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
                                          "world_size": args.world_size})
     stop.install()
     try:
-        try:
-            # lmforge's bar or lines are the progress: no "Writing model shards" bar per checkpoint.
-            with library_bars(False):
-                trainer.train(resume_from_checkpoint=checkpoint)
-        except NothingLeftToTrain:
-            say(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
-        if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
-            raise stopped_error(stop, args.output_dir)
-        if eval_dataset is not None and last_eval_step(trainer.state) != trainer.state.global_step:
-            # The final model's evaluation loss, also when --eval_steps did not fall on the last
-            # step or --eval_strategy is no: the report and trainer_state.json end with it.
-            trainer.evaluate()
+        train_to_the_end(trainer, checkpoint, stop, evaluate=eval_dataset is not None)
         # A signal after the last step does not stop the short final save.
         with library_bars(not args.disable_tqdm):  # its "Writing model shards" bar only with bars
             summary = save_final(trainer, tokenizer, end_of_turn_id, args.output_dir)
@@ -84,6 +65,33 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
     finally:
         stop.restore()
     say(f"lmforge: saved the {'adapter' if is_peft(model) else 'model'} to {args.output_dir} ({summary})")
+    finish_run(args)
+    return args.output_dir
+
+
+def train_to_the_end(trainer: transformers.Trainer, checkpoint: str | None, stop: StopOnSignal,
+                     evaluate: bool) -> None:
+    """Train from `checkpoint` (None: the start) to the last step, then (`evaluate`: the run has
+    held-out data) evaluate the final model if the last evaluation was earlier. Raises
+    `TrainingStopped` when a signal stopped it first."""
+    args = trainer.args
+    try:
+        # lmforge's bar or lines are the progress: no "Writing model shards" bar per checkpoint.
+        with library_bars(False):
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except NothingLeftToTrain:
+        say(f"lmforge: {checkpoint} is this run's last step; writing its final save, without training")
+    if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise stopped_error(stop, args.output_dir)
+    if evaluate and last_eval_step(trainer.state) != trainer.state.global_step:
+        # The final model's evaluation loss, also when --eval_steps did not fall on the last
+        # step or --eval_strategy is no: the report and trainer_state.json end with it.
+        trainer.evaluate()
+
+
+def finish_run(args) -> None:
+    """After the final save: the peak GPU memory said; the run record closed and the report
+    written, by the main process."""
     if torch.cuda.is_available():
         say(f"lmforge: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.process_index == 0:  # the run record and the report have one writer
@@ -91,7 +99,6 @@ def train_and_save(model, args, tokenizer, train_dataset, eval_dataset, collator
         report = try_write_report(args.output_dir)
         if report:
             print(f"lmforge: run report: {report}")
-    return args.output_dir
 
 
 def last_eval_step(state) -> int | None:
