@@ -34,7 +34,7 @@ def saved_model_dir(path: str) -> str:
         raise LmforgeError(f"{path}: no such model directory")
     if any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "adapter_config.json")):
         return path
-    checkpoint = last_complete_checkpoint(path, log=lambda _: None)
+    checkpoint = last_complete_checkpoint(path, quiet=True)
     if checkpoint is None:
         raise LmforgeError(f"{path}: holds no saved model (no config.json) and no complete checkpoint-N")
     print(f"lmforge chat: {path} has no final save (its run did not finish); using its newest complete "

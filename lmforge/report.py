@@ -60,7 +60,7 @@ def find_state(run_dir: str) -> StateSource:
     final = os.path.join(run_dir, STATE_NAME)
     if os.path.isfile(final):
         candidates.append(StateSource(final, True, _read_json(final)))
-    newest = last_complete_checkpoint(run_dir, log=lambda _: None)
+    newest = last_complete_checkpoint(run_dir, quiet=True)
     if newest is not None:
         path = os.path.join(newest, STATE_NAME)
         candidates.append(StateSource(path, False, _read_json(path)))

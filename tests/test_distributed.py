@@ -395,7 +395,7 @@ def test_fsdp_wraps_the_models_decoder_layers(tmp_path, lora):
         model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert decoder_layer_classes(model) == ["Qwen2DecoderLayer"]
     args = fsdp_args(tmp_path, "--fsdp", "full_shard auto_wrap")
-    assert configure_fsdp_wrapping(model, args, log=lambda _: None) == ["Qwen2DecoderLayer"]
+    assert configure_fsdp_wrapping(model, args) == ["Qwen2DecoderLayer"]
     # What the Trainer hands accelerate wraps exactly the decoder layers.
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
@@ -410,7 +410,7 @@ def test_a_layer_class_the_model_lacks_is_named(tmp_path):
     with pytest.raises(LmforgeError, match="--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer: the model "
                                            r"\(Qwen2ForCausalLM\) has no LlamaDecoderLayer; its decoder layer class "
                                            "is Qwen2DecoderLayer"):
-        configure_fsdp_wrapping(tiny_model(), args, log=lambda _: None)
+        configure_fsdp_wrapping(tiny_model(), args)
 
 
 def _fsdp2_worker(rank: int, port: int, out: str) -> None:
@@ -432,7 +432,7 @@ def _fsdp2_worker(rank: int, port: int, out: str) -> None:
     (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])
     model = tiny_model()
     reference = copy.deepcopy(model)
-    configure_fsdp_wrapping(model, args, log=lambda _: None)
+    configure_fsdp_wrapping(model, args)
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     # What accelerate's FSDP2 functions read of an Accelerator (which enables FSDP on GPUs only).
     accelerator = SimpleNamespace(
@@ -529,7 +529,7 @@ def _fsdp2_generation_worker(rank: int, port: int, out: str) -> None:
     (args,) = parse((TrainingArguments,), ["--output_dir", out, "--fsdp", "full_shard auto_wrap"])
     model = tiny_model()
     reference = copy.deepcopy(model)
-    configure_fsdp_wrapping(model, args, log=lambda _: None)
+    configure_fsdp_wrapping(model, args)
     accelerator = SimpleNamespace(
         state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)),
         torch_device_mesh=None, parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,

@@ -103,9 +103,9 @@ def test_rope_scaling_as_fastchat_sets_it():
     config = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=2, vocab_size=64, max_position_embeddings=100,
                                                rope_theta=5e5)
-    apply_rope_scaling(config, 100, log=lambda *_: None)
+    apply_rope_scaling(config, 100)
     assert config.rope_parameters["rope_type"] == "default"
-    apply_rope_scaling(config, 250, log=lambda *_: None)
+    apply_rope_scaling(config, 250)
     assert config.rope_parameters["rope_type"] == "linear"
     assert config.rope_parameters["factor"] == float(math.ceil(250 / 100)) == 3.0
     assert config.rope_parameters["rope_theta"] == 5e5

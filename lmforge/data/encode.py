@@ -647,8 +647,8 @@ class PrepareProgress:
     document makes a fraction of a document a second, not 0), and left out under a second,
     where it would say little. Only the process that builds the cache prints."""
 
-    def __init__(self, what: str, every: float = 10.0, log=say, clock=time.monotonic, unit: str = "record"):
-        self.what, self.every, self.log, self.clock, self.unit = what, every, log, clock, unit
+    def __init__(self, what: str, every: float = 10.0, clock=time.monotonic, unit: str = "record"):
+        self.what, self.every, self.clock, self.unit = what, every, clock, unit
         self.started = self.last = clock()
         self.records = self.tokens = 0
 
@@ -658,10 +658,10 @@ class PrepareProgress:
         now = self.clock()
         if now - self.last >= self.every:
             self.last = now
-            self.log(f"lmforge: {self.what}: {self._figures(now)}")
+            say(f"lmforge: {self.what}: {self._figures(now)}")
 
     def done(self) -> None:
-        self.log(f"lmforge: {self.what}: done, {self._figures(self.clock())}")
+        say(f"lmforge: {self.what}: done, {self._figures(self.clock())}")
 
     def _figures(self, now: float) -> str:
         seconds = max(now - self.started, 0.0)

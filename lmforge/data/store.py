@@ -326,7 +326,7 @@ def _leftover_reason(folder: str) -> str | None:
     return f"its process {pid} is gone"
 
 
-def _remove_leftovers(parent: str, log) -> None:
+def _remove_leftovers(parent: str) -> None:
     """Remove the temporary directories under `parent` of builds that were killed (a killed
     process runs no cleanup), and say in one line which and why."""
     removed = []
@@ -342,17 +342,17 @@ def _remove_leftovers(parent: str, log) -> None:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"{name} ({reason})")
     if removed:
-        log(f"lmforge: removed {len(removed)} leftover temporary cache "
+        say(f"lmforge: removed {len(removed)} leftover temporary cache "
             f"{'directory' if len(removed) == 1 else 'directories'} of killed builds under {parent}: "
             + ", ".join(removed))
 
 
-def _new_build_dir(parent: str, key: str, log) -> str:
+def _new_build_dir(parent: str, key: str) -> str:
     """A temporary directory for building entry `key`, owned by this process (`owner.json`),
     after removing the leftovers of dead builds beside it."""
     try:
         os.makedirs(parent, exist_ok=True)
-        _remove_leftovers(parent, log)
+        _remove_leftovers(parent)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
         _write_json(os.path.join(tmp, OWNER), {"pid": os.getpid(), "host": socket.gethostname()})
     except OSError as e:
@@ -361,7 +361,7 @@ def _new_build_dir(parent: str, key: str, log) -> str:
     return tmp
 
 
-def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict], log=say) -> CacheEntry:
+def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[str], dict]) -> CacheEntry:
     """Return the entry `key`, building it with `build(tmp_dir) -> stats` when absent or damaged.
 
     `build` writes `tokens.arrow` into the temporary directory; the entry is checked (checksums
@@ -375,9 +375,9 @@ def build_or_load(cache_dir: str | None, kind: str, key: str, build: Callable[[s
         try:
             return CacheEntry(final, load_entry(final))
         except DamagedEntry as e:
-            log(f"lmforge: the cache entry {final} is damaged ({e}); rebuilding it")
+            say(f"lmforge: the cache entry {final} is damaged ({e}); rebuilding it")
             shutil.rmtree(final, ignore_errors=True)
-    tmp = _new_build_dir(parent, key, log)
+    tmp = _new_build_dir(parent, key)
     try:
         stats = build(tmp)
         _write_json(os.path.join(tmp, STATS), stats)

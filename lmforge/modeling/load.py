@@ -101,25 +101,24 @@ def load_config(args: ModelArguments):
     )
 
 
-def attention_implementation(args: ModelArguments, flash_attn: bool = False, log=say,
-                             head_dim: int | None = None) -> str:
+def attention_implementation(args: ModelArguments, flash_attn: bool = False, head_dim: int | None = None) -> str:
     """The attention kernel. `auto` (the default) and `--flash_attn True` (FastChat's flag) ask
     for the fastest one this install has: flash-attn 2's kernels when `--flash_attn` and the
     package are there; else on a GPU lmforge's varlen attention over the packed documents
     (flash-attn-4's kernel on Hopper / Blackwell where installed, else PyTorch's own flash
     kernel); else SDPA. The choice is logged. `head_dim`: the model's attention head size."""
     if args.attn_implementation in ("varlen", VARLEN):
-        return varlen_implementation(args.varlen_kernel, log, head_dim)
+        return varlen_implementation(args.varlen_kernel, head_dim)
     if args.attn_implementation != "auto" and not flash_attn:
         return args.attn_implementation
     gpu = torch.cuda.is_available()
     if flash_attn and gpu and _find("flash_attn.flash_attn_interface"):  # flash-attn 2 (4 is flash_attn.cute)
         choice, why = "flash_attention_2", "flash-attn is installed"
     elif gpu and _find("torch.nn.attention.varlen"):
-        return varlen_implementation(args.varlen_kernel, log, head_dim)
+        return varlen_implementation(args.varlen_kernel, head_dim)
     else:
         choice, why = "sdpa", "no GPU: flash kernels need CUDA" if not gpu else "this PyTorch has no varlen kernel"
-    log(f"lmforge: attention: {choice} ({why})")
+    say(f"lmforge: attention: {choice} ({why})")
     return choice
 
 
@@ -130,7 +129,7 @@ def _find(module: str) -> bool:
         return False
 
 
-def varlen_implementation(kernel: str = "auto", log=say, head_dim: int | None = None) -> str:
+def varlen_implementation(kernel: str = "auto", head_dim: int | None = None) -> str:
     """lmforge's varlen attention (lmforge/modeling/attention.py) over the packed documents, registered
     with transformers, its kernel chosen by `attention.choose_kernel` and logged."""
     from lmforge.kernels import flash4
@@ -145,11 +144,11 @@ def varlen_implementation(kernel: str = "auto", log=say, head_dim: int | None = 
     except ImportError as e:
         raise LmforgeError(f"--attn_implementation varlen with the {chosen} kernel cannot import it ({e}); "
                            f"PyTorch's needs PyTorch 2.9 or newer, this is {torch.__version__}") from None
-    log(f"lmforge: attention: varlen over the packed documents, {chosen} kernel ({why})")
+    say(f"lmforge: attention: varlen over the packed documents, {chosen} kernel ({why})")
     return VARLEN
 
 
-def apply_rope_scaling(config, model_max_length: int | None, log=say) -> None:
+def apply_rope_scaling(config, model_max_length: int | None) -> None:
     """Linear RoPE scaling when training past the model's native context: factor =
     ceil(model_max_length / max_position_embeddings), as FastChat's train.py does. Written as
     transformers 5 `rope_parameters` (keeping rope_theta), which the older `rope_scaling` dict
@@ -162,7 +161,7 @@ def apply_rope_scaling(config, model_max_length: int | None, log=say) -> None:
     params.update({"rope_type": "linear", "factor": factor})
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     config.rope_parameters = params
-    log(f"lmforge: model_max_length {model_max_length} > max_position_embeddings {native}: linear RoPE scaling, "
+    say(f"lmforge: model_max_length {model_max_length} > max_position_embeddings {native}: linear RoPE scaling, "
         f"factor {factor:g}")
 
 
@@ -284,7 +283,7 @@ def align_token_ids(model, tokenizer) -> None:
         logger.setLevel(level)
 
 
-def quantize_frozen_embeddings(model, lora: LoraArguments, log=say) -> None:
+def quantize_frozen_embeddings(model, lora: LoraArguments) -> None:
     """QLoRA: the embedding and head in 4-bit too (lmforge.modeling.quantize says why), unless one of
     them is trained through --modules_to_save or cannot be stored that way; either is logged."""
     from lmforge.modeling.quantize import embeddings_quantizable, quantize_embeddings
@@ -294,11 +293,11 @@ def quantize_frozen_embeddings(model, lora: LoraArguments, log=say) -> None:
     trained = [m for m in lora.modules_to_save if any(n == m or n.endswith("." + m) for n in names)]
     why = (f"--modules_to_save {','.join(trained)} trains them" if trained else embeddings_quantizable(model))
     if why:
-        log(f"lmforge: QLoRA: embedding and head kept in bf16: {why}")
+        say(f"lmforge: QLoRA: embedding and head kept in bf16: {why}")
         return
     # The same storage dtype as the quantised linear layers (bf16, which FSDP can shard).
     done = quantize_embeddings(model, quant_storage=torch.bfloat16)
-    log(f"lmforge: QLoRA: 4-bit NF4 {' and '.join(done)}")
+    say(f"lmforge: QLoRA: 4-bit NF4 {' and '.join(done)}")
 
 
 def prepare_kbit_model(model) -> None:
@@ -384,7 +383,7 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def compile_blocks(model, log=say, mode: str = "default", memory_budget: float = 1.0) -> int:
+def compile_blocks(model, mode: str = "default", memory_budget: float = 1.0) -> int:
     """torch.compile every decoder block in place (regional compilation: the blocks share one
     compiled graph, so compiling costs about one block's time, not the model's). Returns how
     many were compiled; the block classes are the model's `_no_split_modules`. The blocks
@@ -394,7 +393,7 @@ def compile_blocks(model, log=say, mode: str = "default", memory_budget: float =
     names = {type(b).__name__ for b in blocks}
     for block in blocks:
         block.compile(mode=None if mode == "default" else mode)
-    log(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "
+    say(f"lmforge: compiled {len(blocks)} decoder blocks ({', '.join(sorted(names)) or 'none found'}), "
         f"mode {mode}" + (f", activation memory budget {memory_budget:g}" if memory_budget < 1 else ""))
     return len(blocks)
 

@@ -24,7 +24,7 @@ import re
 import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Iterable
 
 from lmforge.logs import say
 
@@ -41,9 +41,6 @@ BLOCK = 4 << 20  # read size: 1, 4 and 8 MiB measured the same
 CHUNK = 64 << 20  # a large file is checksummed in ranges of this size, in parallel
 STAGING_DIR = ".lmforge-staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-Log = Callable[[str], None]
-
 
 def print_flushed(message: str) -> None:
     """stdout, flushed: a supervisor (or a test) watching the log sees it before a kill."""
@@ -223,19 +220,21 @@ def find_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def last_complete_checkpoint(output_dir: str, log: Log = say, verify: bool = False) -> str | None:
-    """The newest complete checkpoint; each newer one is reported with why it is skipped. With
+def last_complete_checkpoint(output_dir: str, verify: bool = False, quiet: bool = False) -> str | None:
+    """The newest complete checkpoint; each newer one is reported with why it is skipped (not
+    when `quiet`: a look that decides nothing, as the report's or chat's). With
     `verify` (resume: the checkpoint about to be loaded) the one returned has also had every
     file's checksum verified - a whole read of one checkpoint, plus of each damaged one skipped."""
     for _, path in reversed(find_checkpoints(output_dir)):
         problem = checkpoint_problem(path, verify=verify)
         if problem is None:
             return path
-        log(f"lmforge: ignoring incomplete checkpoint {path}: {problem}")
+        if not quiet:
+            say(f"lmforge: ignoring incomplete checkpoint {path}: {problem}")
     return None
 
 
-def remove_staging_leftovers(output_dir: str, log: Log = say) -> None:
+def remove_staging_leftovers(output_dir: str) -> None:
     """Delete what a killed save (or a killed rotation) left in the staging directory."""
     staging = os.path.join(output_dir, STAGING_DIR)
     if not os.path.isdir(staging):
@@ -244,7 +243,7 @@ def remove_staging_leftovers(output_dir: str, log: Log = say) -> None:
         # `remove_checkpoint` renames a checkpoint to deleting-NAME before it deletes it.
         why = ("a checkpoint that rotation (or a replacement) was deleting when the run stopped"
                if name.startswith("deleting-") else "left by a save that did not finish")
-        log(f"lmforge: removing {os.path.join(staging, name)}, {why}")
+        say(f"lmforge: removing {os.path.join(staging, name)}, {why}")
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -282,7 +281,7 @@ def remove_checkpoint(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def publish(staged: str, final: str, log: Log = say) -> None:
+def publish(staged: str, final: str) -> None:
     """Rename a finished staged checkpoint to its final name. A directory already there under
     that name is one resume passed over: incomplete, or damaged (its checksums did not verify),
     and is replaced, saying which. Its files are read whole only where their sizes are right."""
@@ -292,7 +291,7 @@ def publish(staged: str, final: str, log: Log = say) -> None:
             damage = checkpoint_problem(final, verify=True)
             problem = (f"damaged, passed over when this run resumed: {damage}" if damage
                        else "complete and undamaged, written by an earlier attempt at this step")
-        log(f"lmforge: replacing {final} ({problem})")
+        say(f"lmforge: replacing {final} ({problem})")
         remove_checkpoint(final)
     os.rename(staged, final)
     _fsync(os.path.dirname(os.path.normpath(final)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -45,7 +45,7 @@ def check_layer_classes(model, given: list[str]) -> None:
             "Leave the flag out to use it")
 
 
-def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = say) -> list[str] | None:
+def configure_fsdp_wrapping(model, args) -> list[str] | None:
     """With FSDP on: the layer classes it wraps, each instance its own unit (sharded, gathered
     for its forward and backward, freed after). `--fsdp_transformer_layer_cls_to_wrap` is
     checked against the model; without it the model's decoder layer classes are used. The
@@ -77,7 +77,7 @@ def configure_fsdp_wrapping(model, args, log: Callable[[str], None] = say) -> li
     plugin_args["transformer_cls_names_to_wrap"] = ",".join(classes)
     if isinstance(args.fsdp_config, dict):
         args.fsdp_config["transformer_layer_cls_to_wrap"] = list(classes)
-    log(f"lmforge: FSDP wraps each {', '.join(classes)} (from {source})")
+    say(f"lmforge: FSDP wraps each {', '.join(classes)} (from {source})")
     return classes
 
 

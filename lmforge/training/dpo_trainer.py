@@ -153,7 +153,7 @@ def reference_entry(model: nn.Module, data_entry: CacheEntry, collator, args, fu
             writer.write_table(table)
         return {"pairs": len(chosen), "data": data_entry.path}
 
-    entry = build_or_load(cache_dir, "dpo-ref", key, build, log=say)
+    entry = build_or_load(cache_dir, "dpo-ref", key, build)
     say(f"lmforge: reference log-probabilities: {entry.path}")
     return entry
 

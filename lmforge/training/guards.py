@@ -206,7 +206,7 @@ def nonfinite_message(step: int, output_dir: str, history: list[dict]) -> str:
         return head + where + (f"the newest checkpoint from before that is {path}. Rerun with "
                                f"--resume_from_checkpoint {path} and a lower --learning_rate (a resume applies it), "
                                f"or check the data of steps {first} to {step}.")
-    newest = last_complete_checkpoint(output_dir, log=lambda *_: None)
+    newest = last_complete_checkpoint(output_dir, quiet=True)
     if newest is None:
         return head + ("The last good checkpoint is none (no checkpoint was written yet): start again with a lower "
                        "--learning_rate, or check the data of this step.")
@@ -310,7 +310,7 @@ class StopOnSignal(transformers.TrainerCallback):
 
 def stopped_error(stop: StopOnSignal, output_dir: str) -> TrainingStopped:
     name = signal.Signals(stop.signum).name
-    newest = last_complete_checkpoint(output_dir, log=lambda _: None)
+    newest = last_complete_checkpoint(output_dir, quiet=True)
     where = f"checkpoint written to {newest}" if newest else "no complete checkpoint could be written"
     return TrainingStopped(f"stopped by {name} at step {stop.stopped_at}, {where}; "
                            "run the same command again to resume", stop.signum)

@@ -119,14 +119,14 @@ def changed_flags(saved: dict, now: dict) -> dict[str, tuple]:
 DATA_FLAGS = frozenset({"data_path", "eval_data_path", "train_files", "validation_files"})
 
 
-def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=say,
+def resume_policy(checkpoint: str, saved: dict | None, now: dict,
                   data_compared: bool = False) -> list[transformers.TrainerCallback]:
     """Say which flags differ from the run being resumed and what is done about each; refuse
     the ones a checkpoint cannot continue with. Returns the callbacks that apply the others.
     `data_compared`: the data files' content was compared, their paths are not."""
     if not saved:
         # No run record beside the checkpoint (a checkpoint copied on its own, or a record deleted).
-        log(f"lmforge: {checkpoint}: no record of the flags its run started with (lmforge_run.json in the output "
+        say(f"lmforge: {checkpoint}: no record of the flags its run started with (lmforge_run.json in the output "
             "directory); they are not compared with these")
         return []
     changes = changed_flags(saved, now)
@@ -140,7 +140,7 @@ def resume_policy(checkpoint: str, saved: dict | None, now: dict, log=say,
             f"trained on ({listed}); run the command it was started with (lmforge_run.json), pass another "
             "--output_dir, or --resume False --overwrite_output_dir True to start over in this one")
     if changes:
-        log("lmforge: resuming with changed flags, applied from the resumed step: "
+        say("lmforge: resuming with changed flags, applied from the resumed step: "
             + ", ".join(f"--{k} {a} → {b}" for k, (a, b) in changes.items()))
     if changes.keys() & SCHEDULE_FLAGS:
         # The restored optimizer holds the rate the old schedule gave the last step; the rate

@@ -272,12 +272,13 @@ def test_the_default_worker_count_builds_the_entry_a_fixed_count_does(tmp_path, 
                 assert a.read() == b.read(), name
 
 
-def test_preparation_progress_lines_and_totals():
+def test_preparation_progress_lines_and_totals(monkeypatch):
     from lmforge.data.encode import PrepareProgress
 
     now = [0.0]
     lines: list[str] = []
-    progress = PrepareProgress("tokenizing", every=10, log=lines.append, clock=lambda: now[0])
+    monkeypatch.setattr(encode, "say", lines.append)  # what the progress says
+    progress = PrepareProgress("tokenizing", every=10, clock=lambda: now[0])
     for _ in range(3):
         now[0] += 4  # a line once 10 s have passed since the last one, not at every record
         progress.update(1, 100)

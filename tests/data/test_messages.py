@@ -11,6 +11,7 @@ import re
 import pytest
 
 from lmforge.config import yaml_to_argv
+from lmforge.data import encode
 from lmforge.data.encode import TEXT, PrepareProgress, prepare
 from lmforge.data.options import DataFormat, OnBadRecord, TextOptions, TextSplit
 from lmforge.data.records import iter_conversations, iter_pairs
@@ -202,10 +203,11 @@ def test_run_file_mapping_for_a_dict_flag_is_still_passed_as_json(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_progress_line_shows_a_rate_that_is_not_rounded_to_zero():
+def test_progress_line_shows_a_rate_that_is_not_rounded_to_zero(monkeypatch):
     now = [0.0]
     lines: list[str] = []
-    progress = PrepareProgress("tokenizing", every=10, log=lines.append, clock=lambda: now[0], unit="document")
+    monkeypatch.setattr(encode, "say", lines.append)  # what the progress says
+    progress = PrepareProgress("tokenizing", every=10, clock=lambda: now[0], unit="document")
     now[0] = 3.0
     progress.update(1, 5000)
     progress.done()
@@ -213,9 +215,10 @@ def test_progress_line_shows_a_rate_that_is_not_rounded_to_zero():
                      "1,667 tokens/s)"]
 
 
-def test_progress_line_under_a_second_has_no_rate():
+def test_progress_line_under_a_second_has_no_rate(monkeypatch):
     lines: list[str] = []
-    progress = PrepareProgress("tokenizing", log=lines.append, clock=lambda: 0.0, unit="document")
+    monkeypatch.setattr(encode, "say", lines.append)  # what the progress says
+    progress = PrepareProgress("tokenizing", clock=lambda: 0.0, unit="document")
     progress.update(2, 40)
     progress.done()
     assert lines == ["lmforge: tokenizing: done, 2 documents, 40 tokens in 0.0 s"]

@@ -79,7 +79,7 @@ def test_entry_json_holds_a_crc32_per_block_of_tokens_arrow(tmp_path, small_bloc
     assert sorted(os.listdir(entry.path)) == ["entry.json", "stats.json", "tokens.arrow"]
 
 
-def test_overwritten_bytes_are_found_on_first_use_and_the_entry_rebuilt(tmp_path, small_blocks):
+def test_overwritten_bytes_are_found_on_first_use_and_the_entry_rebuilt(tmp_path, small_blocks, monkeypatch):
     entry = build_or_load(str(tmp_path), "sft", "k", build_rows())
     tokens = pathlib.Path(entry.path, "tokens.arrow")
     recorded = json.loads(pathlib.Path(entry.path, "entry.json").read_text())["crc32"]
@@ -91,7 +91,8 @@ def test_overwritten_bytes_are_found_on_first_use_and_the_entry_rebuilt(tmp_path
     actual = block_crcs(tokens, BLOCK)[block]
 
     lines: list[str] = []
-    again = build_or_load(str(tmp_path), "sft", "k", build_rows(), log=lines.append)
+    monkeypatch.setattr(store, "say", lines.append)  # what build_or_load says
+    again = build_or_load(str(tmp_path), "sft", "k", build_rows())
     assert lines == [f"lmforge: the cache entry {entry.path} is damaged (tokens.arrow is damaged in bytes "
                      f"{start:,}-{end:,} (block {block + 1} of {blocks}): crc32 {actual}, entry.json records "
                      f"{recorded[block]}); rebuilding it"]
@@ -123,13 +124,14 @@ def test_checksums_are_read_on_build_on_first_use_and_when_tokens_arrow_changes(
     assert len(reads) == 5
 
 
-def test_an_entry_json_without_checksums_is_rebuilt(tmp_path):
+def test_an_entry_json_without_checksums_is_rebuilt(tmp_path, monkeypatch):
     entry = build_or_load(str(tmp_path), "sft", "k", build_rows())
     manifest = pathlib.Path(entry.path, "entry.json")
     manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
                                     if k in ("rows", "bytes")}))
     lines: list[str] = []
-    build_or_load(str(tmp_path), "sft", "k", build_rows(), log=lines.append)
+    monkeypatch.setattr(store, "say", lines.append)  # what build_or_load says
+    build_or_load(str(tmp_path), "sft", "k", build_rows())
     assert lines == [f"lmforge: the cache entry {entry.path} is damaged (entry.json holds no crc32 checksums of "
                      "tokens.arrow); rebuilding it"]
     assert "crc32" in json.loads(manifest.read_text())
@@ -184,7 +186,7 @@ def leftover(parent: pathlib.Path, name: str, owner: dict | None = None, age: fl
         os.utime(path, (then, then))
 
 
-def test_leftovers_of_dead_builds_are_removed_and_no_others(tmp_path):
+def test_leftovers_of_dead_builds_are_removed_and_no_others(tmp_path, monkeypatch):
     parent = tmp_path / "sft"
     host, gone = socket.gethostname(), dead_pid()
     leftover(parent, ".tmp-a-dead", {"pid": gone, "host": host})
@@ -199,7 +201,8 @@ def test_leftovers_of_dead_builds_are_removed_and_no_others(tmp_path):
         return build_rows(3)(tmp)
 
     lines: list[str] = []
-    entry = build_or_load(str(tmp_path), "sft", "k", build, log=lines.append)
+    monkeypatch.setattr(store, "say", lines.append)  # what build_or_load says
+    entry = build_or_load(str(tmp_path), "sft", "k", build)
     assert lines == [f"lmforge: removed 2 leftover temporary cache directories of killed builds under {parent}: "
                      f".tmp-a-dead (its process {gone} is gone), .tmp-d-no-owner-old (no owner.json, unchanged "
                      "for 2.0 h)"]

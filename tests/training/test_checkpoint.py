@@ -138,21 +138,21 @@ def test_sizes_are_checked_before_any_file_is_read(tmp_path, monkeypatch):
     assert checkpoint_problem(path, verify=True) == "optimizer.pt has 100 bytes, its manifest says 12345"
 
 
-def test_resume_falls_back_to_the_older_good_checkpoint_and_says_why(tmp_path):
+def test_resume_falls_back_to_the_older_good_checkpoint_and_says_why(tmp_path, capsys):
     older = make_checkpoint(tmp_path, 2)
     newest = make_checkpoint(tmp_path, 4)
     expected = read_manifest(newest)["crc32"]["model.safetensors"]
     flip_byte(os.path.join(newest, "model.safetensors"), 1234)
     actual = crc32_of(os.path.join(newest, "model.safetensors"))
 
-    messages = []
-    assert last_complete_checkpoint(str(tmp_path), log=messages.append, verify=True) == older
-    assert messages == [f"lmforge: ignoring incomplete checkpoint {newest}: model.safetensors is damaged: "
-                        f"its crc32 is {actual}, its manifest says {expected}"]
+    capsys.readouterr()
+    assert last_complete_checkpoint(str(tmp_path), verify=True) == older
+    assert capsys.readouterr().out.splitlines() == [
+        f"lmforge: ignoring incomplete checkpoint {newest}: model.safetensors is damaged: "
+        f"its crc32 is {actual}, its manifest says {expected}"]
     # Without verify (the other callers: messages, reports) the size check alone decides.
-    messages.clear()
-    assert last_complete_checkpoint(str(tmp_path), log=messages.append) == newest
-    assert messages == []
+    assert last_complete_checkpoint(str(tmp_path)) == newest
+    assert capsys.readouterr().out == ""
 
 
 def test_rotation_never_reads_file_contents(tmp_path, monkeypatch):

@@ -161,7 +161,7 @@ def setup(tmp_path_factory) -> Setup:
 
 
 def newest_step(out: str) -> int:
-    newest = last_complete_checkpoint(out, log=lambda _: None)
+    newest = last_complete_checkpoint(out, quiet=True)
     return int(newest.rsplit("-", 1)[1]) if newest else 0
 
 
@@ -378,7 +378,7 @@ def test_save_total_limit_1_never_deletes_the_good_checkpoint_for_a_corrupt_newe
 
     def checked_rotate(run_dir, limit, protected):
         deleted = rotate(run_dir, limit, protected)
-        assert last_complete_checkpoint(run_dir, log=lambda _: None) is not None
+        assert last_complete_checkpoint(run_dir, quiet=True) is not None
         return deleted
 
     monkeypatch.setattr(step_module, "rotate", checked_rotate)
