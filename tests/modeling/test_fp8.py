@@ -3,6 +3,8 @@ its saving and its resume are in tests/training/test_resume.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -50,3 +52,46 @@ def test_only_plain_linear_layers_of_float8_dimensions_convert():
     assert [type(b[0]).__name__ for b in blocks] == ["Float8Linear"] * 2
     assert [type(b[1]) for b in blocks] == [torch.nn.Linear] * 2 and type(model[2]) is torch.nn.Linear
     assert all(b[0].weight is w for b, w in zip(blocks, weights))  # the optimizer's parameters, unchanged
+
+
+@pytest.mark.gpu
+def test_float8_blocks_compile_once_each_and_train_close_to_bf16():
+    """On a GPU of SM89+: a 6-block model with float8 linear layers in compiled blocks runs a
+    forward + backward with every block compiled (dynamo fails instead of falling back to eager
+    when a limit is hit: the room `compile_settings` gives), and its loss and gradient norm are
+    within float8's rounding of the same model in bf16."""
+    import transformers
+
+    from lmforge.modeling.load import compile_blocks, compile_settings, decoder_blocks
+
+    if torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY:
+        pytest.skip("float8 matmuls need SM89 or newer")
+    pytest.importorskip("torchao")
+    import torch._dynamo.config as dynamo_config
+
+    config = transformers.AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                                               num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
+                                               max_position_embeddings=512)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).cuda().to(torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config).cuda().to(torch.bfloat16)
+    model.load_state_dict(reference.state_dict())
+    assert fp8.convert(model, decoder_blocks(model)) == 6 * 7
+    compile_blocks(model)
+    ids = torch.randint(0, 512, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def step(m) -> tuple[float, float]:
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norm = torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None]).norm()
+        m.zero_grad()
+        return loss.item(), norm.item()
+
+    strict = (dynamo_config.patch(fail_on_recompile_limit_hit=True) if hasattr(dynamo_config, "fail_on_recompile_limit_hit")
+              else contextlib.nullcontext())
+    with compile_settings(0.8, 6, float8=True), strict:
+        got = [step(model) for _ in range(2)]
+    want = step(reference)
+    for loss, norm in got:
+        assert abs(loss - want[0]) <= 0.02 * want[0]
+        assert abs(norm - want[1]) <= 0.1 * want[1]
