@@ -87,8 +87,8 @@ def test_float8_blocks_compile_once_each_and_train_close_to_bf16():
         m.zero_grad()
         return loss.item(), norm.item()
 
-    strict = (dynamo_config.patch(fail_on_recompile_limit_hit=True) if hasattr(dynamo_config, "fail_on_recompile_limit_hit")
-              else contextlib.nullcontext())
+    strict = (dynamo_config.patch(fail_on_recompile_limit_hit=True)
+              if hasattr(dynamo_config, "fail_on_recompile_limit_hit") else contextlib.nullcontext())
     with compile_settings(0.8, 6, float8=True), strict:
         got = [step(model) for _ in range(2)]
     want = step(reference)
