@@ -316,3 +316,30 @@ def test_gradients_non_finite_at_every_loss_scale_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteGradients, match=r"the loss scaler skipped step after step: the gradients were "
                                                  r"non-finite at every scale down to 0\.5"):
         fp16_run(tmp_path, torch.float16, init_scale=4.0, max_steps=10, nan_loss=True)
+
+
+def test_low_bit_optimizers_run_as_chosen_with_stochastic_rounding_over_bf16():
+    """Only torch's AdamW is replaced by the fp32-master AdamW; torchao's low-bit AdamW over bf16
+    weights gets stochastic rounding once, unless the user set it; nothing else is touched."""
+    from types import SimpleNamespace
+
+    from lmforge.modeling.optim import keeps_masters, with_stochastic_rounding
+
+    def args(optim: str, optim_args=None):
+        return SimpleNamespace(optim=optim, optim_args=optim_args, deepspeed=None, fsdp="")
+
+    assert [keeps_masters(args(o)) for o in ("adamw_torch", "adamw_torch_fused", "adamw_torch_8bit",
+                                               "adamw_torch_4bit", "adamw_bnb_8bit", "adafactor")] == \
+        [True, True, False, False, False, False]
+    bf16 = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    a = args("adamw_torch_8bit")
+    assert "stochastic rounding" in with_stochastic_rounding(a, bf16)
+    assert a.optim_args == "bf16_stochastic_round=True"
+    assert with_stochastic_rounding(a, bf16) is None and a.optim_args == "bf16_stochastic_round=True"
+    b = args("adamw_torch_4bit", "block_size=128")
+    with_stochastic_rounding(b, bf16)
+    assert b.optim_args == "block_size=128,bf16_stochastic_round=True"
+    for untouched in (args("adamw_torch_8bit", "bf16_stochastic_round=False"), args("adamw_bnb_8bit")):
+        before = untouched.optim_args
+        assert with_stochastic_rounding(untouched, bf16) is None and untouched.optim_args == before
+    assert with_stochastic_rounding(args("adamw_torch_8bit"), torch.nn.Linear(4, 4)) is None  # fp32 weights
