@@ -20,8 +20,8 @@ from lmforge.config import parse
 from lmforge.data.render import template_end_of_turn
 from lmforge.errors import LmforgeError
 from lmforge.flags import MergeArguments
+from lmforge.logs import library_bars
 from lmforge.modeling.load import DTYPES
-from lmforge.training.progress import library_bars
 from lmforge.training.save import BASE_CONFIG, set_generation_defaults
 
 

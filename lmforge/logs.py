@@ -10,6 +10,7 @@ failure) use print directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -72,3 +73,20 @@ def quiet_library_imports() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropImportNoise) for f in logger.filters):
             logger.addFilter(_DropImportNoise(is_noise))
+
+
+@contextlib.contextmanager
+def library_bars(show: bool):
+    """transformers' own progress bars ("Loading weights" in from_pretrained, "Writing model
+    shards" in save_pretrained) off in the block unless `show`, then as they were (through
+    transformers' switch; never turned on where a user turned them off)."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not show and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()

@@ -17,9 +17,8 @@ import transformers
 from lmforge.config import read_json_object
 from lmforge.errors import LmforgeError
 from lmforge.flags import LoraArguments, ModelArguments
-from lmforge.logs import say
+from lmforge.logs import library_bars, say
 from lmforge.modeling.attention import VARLEN, register_varlen
-from lmforge.training.progress import library_bars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto",
           None: torch.float32}  # None: --torch_dtype not chosen yet (lmforge.training.fast_path chooses it for a run)

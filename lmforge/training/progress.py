@@ -6,7 +6,6 @@ TensorBoard / wandb and the report); eval perplexity; the report rewritten at ea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -329,23 +328,6 @@ class ReportAtCheckpoints(transformers.TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             try_write_report(args.output_dir)
-
-
-@contextlib.contextmanager
-def library_bars(show: bool):
-    """transformers' own progress bars ("Loading weights" in from_pretrained, "Writing model
-    shards" in save_pretrained) off in the block unless `show`, then as they were (through
-    transformers' switch; never turned on where a user turned them off)."""
-    from transformers.utils import logging as hf_logging
-
-    hide = not show and hf_logging.is_progress_bar_enabled()
-    if hide:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            hf_logging.enable_progress_bar()
 
 
 def install(trainer: transformers.Trainer) -> TokenMeter:

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import transformers
 
-from lmforge.logs import say
+from lmforge.logs import library_bars, say
 from lmforge.modeling.load import is_peft
 from lmforge.report import try_write_report
 from lmforge.training.distributed import configure_fsdp_wrapping
@@ -26,7 +26,7 @@ from lmforge.training.guards import (
     StopWhenNothingLeft,
     stopped_error,
 )
-from lmforge.training.progress import ReportAtCheckpoints, library_bars
+from lmforge.training.progress import ReportAtCheckpoints
 from lmforge.training.run_record import record_end, write_run_info
 from lmforge.training.save import save_final
 from lmforge.training.step import Trainer
