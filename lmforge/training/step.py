@@ -307,7 +307,8 @@ class Trainer(transformers.Trainer):
         # its `logits` slot; the [tokens, vocabulary] logits are never made.
         loss = fused_causal_lm_loss(model, self.fused_head, inputs, num_items_in_batch, self.args.loss_kernel,
                                     positions, padded)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        counted = num_items_in_batch is not None
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and counted:
             # As the Trainer does for a model's own loss: the gradients are averaged over
             # processes, while num_items_in_batch counts the labelled tokens of all of them.
             loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
@@ -315,8 +316,8 @@ class Trainer(transformers.Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         # Private: the Trainer's one place that builds the sampler; the public `get_train_dataloader`
-        # would have to be copied whole. Overridden so that the order of an epoch does not depend on the global RNG or on
-        # accelerate's `use_seedable_sampler` (see lmforge/data/sampler.py). Only the default
+        # would have to be copied whole. Overridden so that the order of an epoch does not depend on
+        # the global RNG or on accelerate's `use_seedable_sampler` (see lmforge/data/sampler.py). Only the default
         # shuffled order is replaced; group_by_length and the others stay the Trainer's.
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is torch.utils.data.RandomSampler and not sampler.replacement:
