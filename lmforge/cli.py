@@ -42,7 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _call(command: str, entry: Callable[[list[str]], object], argv: list[str]) -> int:
-    quiet_library_imports()  # for entries called in-process; idempotent
     try:
         entry(argv)
     except LmforgeError as e:

@@ -277,8 +277,10 @@ def state_bytes(args, dtype: torch.dtype) -> int:
     fp32 master of a 16-bit weight where lmforge keeps one; a few bits' worth for the low-bit
     optimizers; DeepSpeed also keeps fp32 masters of its own."""
     name = optim_name(args) if args is not None else "adamw_torch"
-    master = 4 if dtype != torch.float32 and (args is None or keeps_masters(args) or args.deepspeed) else 0
-    return LOW_BIT_STATE_BYTES.get(name, 8) + (0 if name in LOW_BIT_STATE_BYTES else master)
+    if name in LOW_BIT_STATE_BYTES:
+        return LOW_BIT_STATE_BYTES[name]
+    masters = dtype != torch.float32 and (args is None or keeps_masters(args) or bool(args.deepspeed))
+    return 8 + (4 if masters else 0)
 
 
 def with_stochastic_rounding(args, model) -> str | None:

@@ -396,16 +396,15 @@ class GrpoTrainer(Trainer):
         totals, per_function, completions = [], [], []
         # Every process runs the same number of generation batches: sharded weights gather at each forward.
         batches = -(-len(prompts[0::world]) // per_batch)
-        with self.compile_settings():  # lmforge's Trainer enters them around train() and evaluate()
-            for k in range(batches):
-                chunk = mine[k * per_batch:(k + 1) * per_batch] or prompts[:1]  # fewer prompts here: one, not counted
-                counted = len(mine[k * per_batch:(k + 1) * per_batch])
-                repeated = [p for p in chunk for _ in range(g)]
-                seed = seed_of(self.args.seed, -(world * k + rank) - 1)  # negative: never a training batch's
-                out, _, scores, _ = self._sample_and_score(model, repeated, seed)
-                totals.append(torch.as_tensor(scores.total, dtype=torch.float32)[:counted * g])
-                per_function.append(torch.as_tensor(scores.per_function, dtype=torch.float32)[:counted * g])
-                completions += out[:counted * g]
+        for k in range(batches):
+            chunk = mine[k * per_batch:(k + 1) * per_batch] or prompts[:1]  # fewer prompts here: one, not counted
+            counted = len(mine[k * per_batch:(k + 1) * per_batch])
+            repeated = [p for p in chunk for _ in range(g)]
+            seed = seed_of(self.args.seed, -(world * k + rank) - 1)  # negative: never a training batch's
+            out, _, scores, _ = self._sample_and_score(model, repeated, seed)
+            totals.append(torch.as_tensor(scores.total, dtype=torch.float32)[:counted * g])
+            per_function.append(torch.as_tensor(scores.per_function, dtype=torch.float32)[:counted * g])
+            completions += out[:counted * g]
         total, functions = torch.cat(totals), torch.cat(per_function)
         lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         truncated = torch.tensor([float(c.truncated) for c in completions])

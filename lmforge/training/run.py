@@ -86,7 +86,8 @@ def train_to_the_end(trainer: transformers.Trainer, checkpoint: str | None, stop
     if evaluate and last_eval_step(trainer.state) != trainer.state.global_step:
         # The final model's evaluation loss, also when --eval_steps did not fall on the last
         # step or --eval_strategy is no: the report and trainer_state.json end with it.
-        trainer.evaluate()
+        with trainer.compile_settings():  # as train() runs under them
+            trainer.evaluate()
 
 
 def finish_run(args) -> None:

@@ -105,8 +105,8 @@ class Trainer(transformers.Trainer):
         budget = getattr(self.args, "compile_memory_budget", None) or 1.0
         blocks = (compile_blocks(self.model, mode=self.args.compile_mode, memory_budget=budget)
                   if getattr(self.args, "compile_blocks", False) else 0)
-        # Entered around train() and evaluate(): the compiler's settings hold while lmforge's
-        # blocks run, not for the whole process.
+        # Entered around train() (and the final evaluation, lmforge.training.run): the compiler's
+        # settings hold while lmforge's blocks run, not for the whole process.
         self.compile_settings = functools.partial(compile_settings, budget, blocks, self.fp8_layers > 0)
 
     def _fp8(self) -> int:
@@ -210,10 +210,6 @@ class Trainer(transformers.Trainer):
             return {"loss": loss, **self._graph_outputs}
         finally:
             self._graph_outputs = None
-
-    def evaluate(self, *args, **kwargs):
-        with self.compile_settings():
-            return super().evaluate(*args, **kwargs)
 
     def train(self, *args, **kwargs):
         try:
